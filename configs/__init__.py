@@ -1,0 +1,1 @@
+"""ml_collections config files, one per family: `get_config("<preset>")`."""

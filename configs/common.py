@@ -1,0 +1,38 @@
+"""Training, data and optimizer defaults shared by every family's config file."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = model
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 16
+    c.train.seq_len = 256
+    c.train.log_every = 10
+    c.train.eval_every = 250
+    c.train.eval_batches = 8
+    c.train.checkpoint_every = 250
+    c.train.keep_checkpoints = 3
+    c.train.seed = 0
+    c.train.compute_dtype = "float32"   # "bfloat16": bf16 compute on float32 master weights
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 3e-3
+    c.optimizer.warmup_steps = 50
+    c.optimizer.final_lr_fraction = 0.1  # cosine decay from learning_rate to this fraction of it
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.1      # not applied to norms, scalars and embedding tables
+    c.optimizer.grad_clip = 1.0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "stdlib"            # "stdlib" | "text" | "tokens"
+    c.data.paths = ""                   # glob(s), comma separated, for "text" and "tokens"
+    c.data.tokenizer = "bytes"          # "bytes" or a Hugging Face tokenizer.json path
+    c.data.val_fraction = 0.05
+    return c

@@ -1,0 +1,1 @@
+"""Shared Flax NNX layers. Nothing in this package knows a model family's name."""

@@ -1,0 +1,147 @@
+"""Grouped-query attention: the masks, the reference softmax attention, and the attention layer.
+
+Shapes: B batch, T query tokens, S key tokens, N query heads, K kv heads, G = N // K query heads per kv
+head, H head dim, D model width.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers import params
+from layers.norms import RMSNorm
+from layers.rope import RopeSpec, apply_rope
+
+IMPLS = ("xla", "pallas", "auto")
+_MASKED = -1e30
+
+
+def attention_mask(q_positions_BT: jax.Array, kv_positions_BS: jax.Array, *, window: int = 0,
+                   q_segment_ids_BT: jax.Array | None = None, kv_segment_ids_BS: jax.Array | None = None
+                   ) -> jax.Array:
+    """Boolean [B, T, S]: key s is visible to query t iff it is not in the future, lies within the last
+    `window` positions (0 = unlimited) and belongs to the same segment (segment id 0 marks padding)."""
+    q_pos, kv_pos = q_positions_BT[:, :, None], kv_positions_BS[:, None, :]
+    visible = kv_pos <= q_pos
+    if window:
+        visible &= q_pos - kv_pos < window
+    if q_segment_ids_BT is not None:
+        q_seg, kv_seg = q_segment_ids_BT[:, :, None], kv_segment_ids_BS[:, None, :]
+        visible &= (q_seg == kv_seg) & (kv_seg != 0)
+    return visible
+
+
+def reference_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array, *,
+                        scale: float, sinks_N: jax.Array | None = None, softcap: float | None = None
+                        ) -> jax.Array:
+    """softmax(scale * q.k [+ sink column]) v with the logits and the softmax in float32."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    if N % K:
+        raise ValueError(f"{N} query heads are not a multiple of {K} kv heads")
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
+                              preferred_element_type=jnp.float32) * scale
+    if softcap:
+        logits_BKGTS = softcap * jnp.tanh(logits_BKGTS / softcap)
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASKED)
+    if sinks_N is not None:
+        sink_BKGT1 = jnp.broadcast_to(sinks_N.astype(jnp.float32).reshape(1, K, N // K, 1, 1),
+                                      (*logits_BKGTS.shape[:-1], 1))
+        probs = jax.nn.softmax(jnp.concatenate([logits_BKGTS, sink_BKGT1], axis=-1), axis=-1)[..., :-1]
+    else:
+        probs = jax.nn.softmax(logits_BKGTS, axis=-1)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v_BSKH.dtype), v_BSKH)
+    return out_BTKGH.reshape(B, T, N, v_BSKH.shape[-1])
+
+
+def _cudnn_fits(q_BTNH, k_BSKH, sinks_N, softcap, default_positions: bool) -> bool:
+    return (jax.default_backend() == "gpu" and default_positions and sinks_N is None and not softcap
+            and q_BTNH.dtype in (jnp.bfloat16, jnp.float16) and q_BTNH.shape[-1] <= 128
+            and q_BTNH.shape[1] == k_BSKH.shape[1])
+
+
+def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, q_positions_BT, kv_positions_BS, window: int = 0,
+                          q_segment_ids_BT=None, kv_segment_ids_BS=None, scale: float,
+                          sinks_N=None, softcap: float | None = None, impl: str = "xla",
+                          default_positions: bool = False) -> jax.Array:
+    """Causal (optionally windowed) attention through the implementation `impl` names.
+
+    `xla`: the pure-JAX reference. `auto`: cuDNN on GPU where it supports the case (causal self-attention
+    over default positions, bf16/fp16, head_dim <= 128, no sinks or softcap, no segments), otherwise the
+    reference. `pallas`: reserved for the own flash kernel, which dense attention does not have yet.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention_impl {impl!r}; expected one of {IMPLS}")
+    if impl == "pallas":
+        raise NotImplementedError(
+            "attention_impl='pallas' has no dense flash kernel yet; use 'xla' or 'auto' for this layer")
+    if (impl == "auto" and q_segment_ids_BT is None
+            and _cudnn_fits(q_BTNH, k_BSKH, sinks_N, softcap, default_positions)):
+        return jax.nn.dot_product_attention(
+            q_BTNH, k_BSKH, v_BSKH, scale=scale, is_causal=True, implementation="cudnn",
+            local_window_size=(window - 1, 0) if window else None)
+    mask_BTS = attention_mask(q_positions_BT, kv_positions_BS, window=window,
+                              q_segment_ids_BT=q_segment_ids_BT, kv_segment_ids_BS=kv_segment_ids_BS)
+    return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=scale, sinks_N=sinks_N,
+                               softcap=softcap)
+
+
+class Attention(nnx.Module):
+    """GQA/MQA self-attention with optional q/k/v norms, RoPE, sliding window and cross-layer KV sharing.
+
+    `kv_shared=True` makes a layer without k/v projections: it attends over the keys and values that
+    another layer computed (passed in as `shared_kv`). `k_eq_v=True` drops the value projection: the
+    values are the raw key projection (before the key norm and RoPE), then the value norm.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, rope: RopeSpec,
+                 window: int = 0, qk_norm: bool = True, v_norm: bool = False, norm_eps: float = 1e-6,
+                 scale: float | None = None, k_eq_v: bool = False, kv_shared: bool = False,
+                 impl: str = "xla", rngs: nnx.Rngs):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}")
+        if impl not in IMPLS:
+            raise ValueError(f"unknown attention_impl {impl!r}; expected one of {IMPLS}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rope, self.window, self.impl = rope, window, impl
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.kv_shared, self.k_eq_v = kv_shared, k_eq_v
+        D, N, K, H = d_model, num_heads, num_kv_heads, head_dim
+        self.q_proj = params.normal(rngs, (D, N, H), ("embed", "q_heads", "head_dim"))
+        self.q_norm = RMSNorm(H, eps=norm_eps, axis_name="head_dim") if qk_norm else None
+        self.o_proj = params.normal(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), fan_in_dims=2)
+        if kv_shared:
+            self.k_proj = self.v_proj = self.k_norm = self.v_norm = None
+            return
+        self.k_proj = params.normal(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"))
+        self.v_proj = None if k_eq_v else params.normal(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"))
+        self.k_norm = RMSNorm(H, eps=norm_eps, axis_name="head_dim") if qk_norm else None
+        self.v_norm = RMSNorm(H, eps=norm_eps, use_scale=False) if v_norm else None
+
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *, segment_ids_BT: jax.Array | None = None,
+                 shared_kv: tuple[jax.Array, jax.Array] | None = None, default_positions: bool = False
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Returns the output [B, T, D] and this layer's (k [B, T, K, H], v [B, T, K, H])."""
+        q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_proj.value)
+        if self.q_norm is not None:
+            q_BTNH = self.q_norm(q_BTNH)
+        q_BTNH = apply_rope(q_BTNH, positions_BT, self.rope)
+        if self.kv_shared:
+            if shared_kv is None:
+                raise ValueError("a kv-shared attention layer needs the source layer's keys and values")
+            k_BTKH, v_BTKH = shared_kv
+        else:
+            k_raw_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k_proj.value)
+            v_BTKH = k_raw_BTKH if self.k_eq_v else jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v_proj.value)
+            k_BTKH = self.k_norm(k_raw_BTKH) if self.k_norm is not None else k_raw_BTKH
+            k_BTKH = apply_rope(k_BTKH, positions_BT, self.rope)
+            if self.v_norm is not None:
+                v_BTKH = self.v_norm(v_BTKH)
+        out_BTNH = dot_product_attention(
+            q_BTNH, k_BTKH, v_BTKH, q_positions_BT=positions_BT, kv_positions_BS=positions_BT,
+            window=self.window, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT,
+            scale=self.scale, impl=self.impl, default_positions=default_positions)
+        y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj.value)
+        return y_BTD, (k_BTKH, v_BTKH)

@@ -1,0 +1,133 @@
+"""Streaming safetensors reading and writing, one tensor at a time.
+
+Reads memory-map each file and hand out one tensor at a time (bf16 and fp8 through ml_dtypes, which
+the numpy backend of the `safetensors` package lacks). Writes fill one shard at a time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class SafetensorsDir:
+    """The tensors of a checkpoint directory: `model.safetensors`, or shards listed in the index."""
+
+    def __init__(self, path: str):
+        self.path = path
+        index = os.path.join(path, INDEX)
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif os.path.exists(os.path.join(path, SINGLE)):
+            files = [SINGLE]
+        else:
+            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no safetensors weights in {path}")
+        self._where: dict[str, tuple[str, dict, int]] = {}
+        for name in files:
+            file = os.path.join(path, name)
+            if not os.path.exists(file):
+                raise FileNotFoundError(f"checkpoint shard {file} is missing (listed in {INDEX})")
+            with open(file, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                self._where[key] = (file, info, 8 + header_len)
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name][1]["shape"])
+
+    def get(self, name: str) -> np.ndarray:
+        """A copy of one tensor (the file is memory-mapped, so only this tensor is read)."""
+        if name not in self._where:
+            raise KeyError(f"checkpoint has no tensor {name!r}")
+        file, info, base = self._where[name]
+        try:
+            dtype = np.dtype(DTYPES[info["dtype"]])
+        except KeyError:
+            raise ValueError(f"tensor {name!r} has unsupported dtype {info['dtype']}") from None
+        start, end = info["data_offsets"]
+        data = np.memmap(file, dtype=np.uint8, mode="r", offset=base + start, shape=(end - start,))
+        return np.array(data.view(dtype).reshape(info["shape"]))
+
+
+def write_shards(tensors: Iterable[tuple[str, np.ndarray]], path: str, *, max_shard_bytes: int = 2 << 30,
+                 metadata: dict | None = None) -> list[str]:
+    """Writes (name, array) pairs into shards of at most `max_shard_bytes`, holding one shard in memory;
+    adds the index file when there is more than one shard. Returns the file names."""
+    os.makedirs(path, exist_ok=True)
+    files: list[str] = []
+    weight_map: dict[str, str] = {}
+    current: list[tuple[str, np.ndarray]] = []
+    size = total = 0
+
+    def flush():
+        nonlocal current, size
+        if current:
+            name = f"model-{len(files) + 1:05d}.safetensors.part"
+            _write_file(os.path.join(path, name), current, metadata)
+            files.append(name)
+            for key, _ in current:
+                weight_map[key] = name
+            current, size = [], 0
+
+    for key, array in tensors:
+        array = np.ascontiguousarray(array)
+        if current and size + array.nbytes > max_shard_bytes:
+            flush()
+        current.append((key, array))
+        size += array.nbytes
+        total += array.nbytes
+    flush()
+    if len(files) == 1:
+        final = [SINGLE]
+    else:
+        final = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    renames = dict(zip(files, final))
+    for old, new in renames.items():
+        os.replace(os.path.join(path, old), os.path.join(path, new))
+    if len(final) > 1:
+        with open(os.path.join(path, INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total},
+                       "weight_map": {k: renames[v] for k, v in weight_map.items()}}, f, indent=2)
+    return final
+
+
+def _write_file(file: str, tensors: list[tuple[str, np.ndarray]], metadata: dict | None) -> None:
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for key, array in tensors:
+        header[key] = {"dtype": NAMES[array.dtype], "shape": list(array.shape),
+                       "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for _, array in tensors:
+            f.write(array.tobytes())
+
