@@ -124,7 +124,7 @@ class Attention(nnx.Module):
                  shared_kv: tuple[jax.Array, jax.Array] | None = None, default_positions: bool = False
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Returns the output [B, T, D] and this layer's (k [B, T, K, H], v [B, T, K, H])."""
-        q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_proj.value)
+        q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_proj[...])
         if self.q_norm is not None:
             q_BTNH = self.q_norm(q_BTNH)
         q_BTNH = apply_rope(q_BTNH, positions_BT, self.rope)
@@ -133,8 +133,8 @@ class Attention(nnx.Module):
                 raise ValueError("a kv-shared attention layer needs the source layer's keys and values")
             k_BTKH, v_BTKH = shared_kv
         else:
-            k_raw_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k_proj.value)
-            v_BTKH = k_raw_BTKH if self.k_eq_v else jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v_proj.value)
+            k_raw_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k_proj[...])
+            v_BTKH = k_raw_BTKH if self.k_eq_v else jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v_proj[...])
             k_BTKH = self.k_norm(k_raw_BTKH) if self.k_norm is not None else k_raw_BTKH
             k_BTKH = apply_rope(k_BTKH, positions_BT, self.rope)
             if self.v_norm is not None:
@@ -143,5 +143,5 @@ class Attention(nnx.Module):
             q_BTNH, k_BTKH, v_BTKH, q_positions_BT=positions_BT, kv_positions_BS=positions_BT,
             window=self.window, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT,
             scale=self.scale, impl=self.impl, default_positions=default_positions)
-        y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj.value)
+        y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj[...])
         return y_BTD, (k_BTKH, v_BTKH)

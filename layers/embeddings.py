@@ -17,12 +17,12 @@ class Embed(nnx.Module):
         self.table = params.normal(rngs, (vocab_size, dim), ("vocab", "embed"), std=1.0)
 
     def __call__(self, ids_BT: jax.Array) -> jax.Array:
-        table = self.table.value
+        table = self.table[...]
         return jnp.take(table, ids_BT, axis=0) * jnp.asarray(self.scale, table.dtype)
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
         """Logits against the table (a tied output head)."""
-        return jnp.einsum("BTD,VD->BTV", x_BTD, self.table.value.astype(x_BTD.dtype))
+        return jnp.einsum("BTD,VD->BTV", x_BTD, self.table[...].astype(x_BTD.dtype))
 
 
 class PerLayerEmbedding(nnx.Module):
@@ -45,8 +45,8 @@ class PerLayerEmbedding(nnx.Module):
         """Returns [B, T, L, P]."""
         B, T = ids_BT.shape
         L, P = self.num_layers, self.dim
-        table = self.token_table.value
+        table = self.token_table[...]
         token_BTLP = (jnp.take(table, ids_BT, axis=0) * jnp.asarray(P ** 0.5, table.dtype)).reshape(B, T, L, P)
-        context = jnp.einsum("BTD,DE->BTE", h0_BTD, self.context_proj.value) * (self.d_model ** -0.5)
+        context = jnp.einsum("BTD,DE->BTE", h0_BTD, self.context_proj[...]) * (self.d_model ** -0.5)
         context_BTLP = self.context_norm(context.reshape(B, T, L, P))
         return (context_BTLP + token_BTLP.astype(context_BTLP.dtype)) * (2.0 ** -0.5)

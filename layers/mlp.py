@@ -16,6 +16,6 @@ class GatedMLP(nnx.Module):
         self.down_proj = params.normal(rngs, (hidden_dim, d_model), ("mlp", "embed"))
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
-        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_proj.value)
-        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.up_proj.value)
-        return jnp.einsum("BTF,FD->BTD", self.act(gate_BTF) * up_BTF, self.down_proj.value)
+        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_proj[...])
+        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.up_proj[...])
+        return jnp.einsum("BTF,FD->BTD", self.act(gate_BTF) * up_BTF, self.down_proj[...])

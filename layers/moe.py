@@ -32,14 +32,14 @@ class SoftmaxRouter(nnx.Module):
     def __call__(self, x_MD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Returns (weights [M, K] float32, expert ids [M, K], probabilities [M, E] float32)."""
         if self.input_scale is not None:
-            x_MD = (rms_normalize(x_MD, self.eps) * self.input_scale.value.astype(jnp.float32)
+            x_MD = (rms_normalize(x_MD, self.eps) * self.input_scale[...].astype(jnp.float32)
                     * self.d_model ** -0.5).astype(x_MD.dtype)
-        logits_ME = jnp.einsum("MD,DE->ME", x_MD, self.proj.value, preferred_element_type=jnp.float32)
+        logits_ME = jnp.einsum("MD,DE->ME", x_MD, self.proj[...], preferred_element_type=jnp.float32)
         probs_ME = jax.nn.softmax(logits_ME, axis=-1)
         weights_MK, experts_MK = jax.lax.top_k(probs_ME, self.top_k)
         weights_MK = weights_MK / jnp.sum(weights_MK, axis=-1, keepdims=True)
         if self.per_expert_scale is not None:
-            weights_MK = weights_MK * self.per_expert_scale.value.astype(jnp.float32)[experts_MK]
+            weights_MK = weights_MK * self.per_expert_scale[...].astype(jnp.float32)[experts_MK]
         return weights_MK, experts_MK, probs_ME
 
 
@@ -62,8 +62,8 @@ class Experts(nnx.Module):
         token_P = order_P // K
         group_sizes_E = jnp.bincount(flat_expert_P, length=self.num_experts).astype(jnp.int32)
         x_PD = jnp.take(x_MD, token_P, axis=0)
-        gate_PF = jax.lax.ragged_dot(x_PD, self.gate_proj.value, group_sizes_E)
-        up_PF = jax.lax.ragged_dot(x_PD, self.up_proj.value, group_sizes_E)
-        y_PD = jax.lax.ragged_dot(self.act(gate_PF) * up_PF, self.down_proj.value, group_sizes_E)
+        gate_PF = jax.lax.ragged_dot(x_PD, self.gate_proj[...], group_sizes_E)
+        up_PF = jax.lax.ragged_dot(x_PD, self.up_proj[...], group_sizes_E)
+        y_PD = jax.lax.ragged_dot(self.act(gate_PF) * up_PF, self.down_proj[...], group_sizes_E)
         y_PD = y_PD * weights_MK.reshape(-1)[order_P][:, None].astype(y_PD.dtype)
         return jnp.zeros((M, x_MD.shape[-1]), y_PD.dtype).at[token_P].add(y_PD)

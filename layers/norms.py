@@ -29,5 +29,5 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = rms_normalize(x, self.eps)
         if self.scale is not None:
-            y = y * (self.scale_offset + self.scale.value.astype(jnp.float32))
+            y = y * (self.scale_offset + self.scale[...].astype(jnp.float32))
         return y.astype(x.dtype)

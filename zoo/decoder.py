@@ -60,7 +60,7 @@ class Decoder(nnx.Module):
         if self.lm_head is None:
             logits_BTV = self.embed.attend(x_BTD)
         else:
-            logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, self.lm_head.value)
+            logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, self.lm_head[...])
         logits_BTV = logits_BTV.astype(jnp.float32)
         if self.final_softcap:
             logits_BTV = self.final_softcap * jnp.tanh(logits_BTV / self.final_softcap)

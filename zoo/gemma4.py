@@ -174,9 +174,9 @@ class Gemma4Block(nnx.Module):
 
         if self.ple_gate is not None:
             ple_BTP = ctx.layer_inputs_BTLP[:, :, self.index, :]
-            gate_BTP = self.act(jnp.einsum("BTD,DP->BTP", h_BTD, self.ple_gate.value)) * ple_BTP
-            h_BTD = h_BTD + self.post_ple_norm(jnp.einsum("BTP,PD->BTD", gate_BTP, self.ple_proj.value))
-        return h_BTD * self.layer_scalar.value.astype(h_BTD.dtype)
+            gate_BTP = self.act(jnp.einsum("BTD,DP->BTP", h_BTD, self.ple_gate[...])) * ple_BTP
+            h_BTD = h_BTD + self.post_ple_norm(jnp.einsum("BTP,PD->BTD", gate_BTP, self.ple_proj[...]))
+        return h_BTD * self.layer_scalar[...].astype(h_BTD.dtype)
 
 
 Block = Gemma4Block
