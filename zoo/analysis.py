@@ -1,0 +1,279 @@
+"""Parameter, KV-cache and FLOP accounting for any model config the zoo builds.
+
+    python -m zoo.analysis --config=configs/gemma4.py:e2b [--context=131072] [--dtype=bfloat16] [--batch=1]
+    report(get_config("e2b"), context=131_072)   # -> dict of exact integers
+
+Parameters are counted from the shape-only model (`zoo.build_abstract`), so the figures follow the code,
+not a formula. KV-cache and attention figures come from `ATTENTION_KINDS`, a small table keyed by each
+layer's `model.attention_types` entry; a family with a new attention kind adds it with
+`register_attention_kind`, and nothing here names a family.
+
+Units: the table prints decimal units (GB = 1e9 bytes, B = 1e9 parameters), as docs/families/gemma4.md
+does: its "E2B 5.64 GB" is 5,637,144,576 bytes (5.25 GiB).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zoo.models import build_abstract
+
+# Where the decoder keeps its lookup tables and untied head (zoo/decoder.py, layers/embeddings.py), as
+# paths in `nnx.state(model, nnx.Param)`, and the module name of routed experts (layers/moe.py), whose
+# weights have the expert index as their leading dimension.
+TOKEN_TABLE = ("embed", "table")
+PER_LAYER_TABLE = ("per_layer_embed", "token_table")
+LM_HEAD = ("lm_head",)
+EXPERTS = "experts"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionKind:
+    """How the layers of one attention kind cache and attend.
+
+    kv_bytes_per_token(cfg, i, itemsize): bytes one cached token costs layer i.
+    cached_tokens(cfg, i, context): tokens layer i caches at a context length (an int or an integer numpy
+        array of lengths), which is also how many keys the query at that position reads.
+    flops_per_key(cfg, i): forward FLOPs of one query of layer i against one key.
+    """
+    kv_bytes_per_token: Callable[[Any, int, int], int]
+    cached_tokens: Callable[[Any, int, Any], Any]
+    flops_per_key: Callable[[Any, int], int]
+
+
+def _gqa_kv_bytes(cfg, i: int, itemsize: int) -> int:
+    """K and V, each kv heads x head dim. `k_eq_v` layers cache both too: V is the raw key projection
+    after v_norm, K is that projection after k_norm and RoPE, so they differ."""
+    return 2 * cfg.num_kv_heads[i] * cfg.head_dims[i] * itemsize
+
+
+def _windowed_tokens(cfg, i: int, context):
+    """The last `window` tokens (window 0: all of them)."""
+    window = cfg.windows[i]
+    return np.minimum(context, window) if window else context
+
+
+def _gqa_flops_per_key(cfg, i: int) -> int:
+    """q.k and p.v for every query head: 2 multiply-adds of head-dim length, 2 FLOPs each."""
+    return 4 * cfg.num_heads[i] * cfg.head_dims[i]
+
+
+GQA = AttentionKind(_gqa_kv_bytes, _windowed_tokens, _gqa_flops_per_key)
+ATTENTION_KINDS: dict[str, AttentionKind] = {"sliding": GQA, "full": GQA}
+
+
+def register_attention_kind(name: str, kind: AttentionKind) -> None:
+    """Makes layers whose `model.attention_types` entry is `name` countable."""
+    if not isinstance(kind, AttentionKind):
+        raise TypeError(f"attention kind {name!r} must be an AttentionKind, got {type(kind).__name__}")
+    if name in ATTENTION_KINDS and ATTENTION_KINDS[name] is not kind:
+        raise ValueError(f"attention kind {name!r} is already registered")
+    ATTENTION_KINDS[name] = kind
+
+
+def _attention_kind(name: str) -> AttentionKind:
+    try:
+        return ATTENTION_KINDS[name]
+    except KeyError:
+        raise ValueError(f"no KV/FLOP accounting for attention kind {name!r}; known kinds: "
+                         f"{sorted(ATTENTION_KINDS)} (add one with zoo.analysis.register_attention_kind)") from None
+
+
+def _model_config(config):
+    """The model config, given either the full config (with `.model`) or the model config itself."""
+    model = config.get("model", config) if hasattr(config, "get") else None
+    if model is None or not hasattr(model, "get") or "attention_types" not in model:
+        raise ValueError("expected a config with a `.model` entry or a model config (with attention_types), "
+                         f"got {type(config).__name__}")
+    return model
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _dtype(dtype) -> np.dtype:
+    try:
+        return jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected e.g. 'bfloat16', 'float16', 'float32'") from None
+
+
+def count_params(model_cfg) -> dict[str, int]:
+    """Exact parameter counts of the model config by role (see `report` for the definitions), plus
+    `params_matmul_active`: the active parameters that multiply activations (rank >= 2, lookup-only
+    tables left out; a tied token table counts as the output head)."""
+    cfg = _model_config(model_cfg)
+    lookup_only = {PER_LAYER_TABLE} | (set() if cfg.tie_embeddings else {TOKEN_TABLE})
+    counts = dict.fromkeys(("total", "embedding", "per_layer", "inactive", "matmul_active"), 0)
+    for path, var in nnx.to_flat_state(nnx.state(build_abstract(cfg), nnx.Param)):
+        shape = var.get_value().shape
+        size = math.prod(shape)
+        counts["total"] += size
+        if path in (TOKEN_TABLE, PER_LAYER_TABLE, LM_HEAD):
+            counts["embedding"] += size
+        if path == PER_LAYER_TABLE:
+            counts["per_layer"] += size
+        inactive = 0
+        if EXPERTS in path[:-1]:
+            if shape[0] != cfg.num_experts:
+                raise ValueError(f"expert weight {path} has leading dim {shape[0]}, "
+                                 f"expected model.num_experts={cfg.num_experts}")
+            inactive = size // cfg.num_experts * (cfg.num_experts - cfg.top_k)
+        counts["inactive"] += inactive
+        if len(shape) >= 2 and path not in lookup_only:
+            counts["matmul_active"] += size - inactive
+    return {
+        "params_total": counts["total"],
+        "params_embedding": counts["embedding"],
+        "params_non_embedding": counts["total"] - counts["embedding"],
+        "params_per_layer_embedding": counts["per_layer"],
+        "params_effective": counts["total"] - counts["per_layer"],
+        "params_active": counts["total"] - counts["inactive"],
+        "params_matmul_active": counts["matmul_active"],
+    }
+
+
+def kv_cache(model_cfg, context: int, dtype="bfloat16", batch: int = 1) -> dict[str, Any]:
+    """KV-cache bytes at `context` tokens: as the decoder allocates it (only layers with their own k/v,
+    `kv_sources[i] == -1`; each kind keeps its `cached_tokens`), with every allocating layer keeping the
+    whole context, and both again as if every layer had its own k/v. Also the bytes one token costs one
+    layer, by attention type (an int, or the distinct values if layers of a type differ)."""
+    cfg = _model_config(model_cfg)
+    context, batch = _positive_int(context, "context"), _positive_int(batch, "batch")
+    itemsize = _dtype(dtype).itemsize
+    totals = dict.fromkeys(("kv_cache_bytes", "kv_cache_bytes_full_length", "kv_cache_bytes_no_sharing",
+                            "kv_cache_bytes_full_length_no_sharing"), 0)
+    by_type: dict[str, set[int]] = {}
+    for i, name in enumerate(cfg.attention_types):
+        kind = _attention_kind(name)
+        per_token = kind.kv_bytes_per_token(cfg, i, itemsize)
+        by_type.setdefault(name, set()).add(per_token)
+        kept, full = batch * per_token * int(kind.cached_tokens(cfg, i, context)), batch * per_token * context
+        totals["kv_cache_bytes_no_sharing"] += kept
+        totals["kv_cache_bytes_full_length_no_sharing"] += full
+        if cfg.kv_sources[i] < 0:
+            totals["kv_cache_bytes"] += kept
+            totals["kv_cache_bytes_full_length"] += full
+    totals["kv_bytes_per_token_by_type"] = {
+        name: next(iter(values)) if len(values) == 1 else tuple(sorted(values)) for name, values in by_type.items()}
+    return totals
+
+
+def attention_flops(model_cfg, context: int) -> dict[str, float]:
+    """Forward attention FLOPs (q.k and p.v; softmax and masking not counted) of every layer, kv-shared ones
+    included: for the token at position `context` (a decode step with a full cache), and the mean over the
+    positions 1..context of one causal sequence (what a training step of that length pays per token)."""
+    cfg = _model_config(model_cfg)
+    context = _positive_int(context, "context")
+    positions = np.arange(1, context + 1, dtype=np.int64)
+    last = total = 0
+    for i, name in enumerate(cfg.attention_types):
+        kind = _attention_kind(name)
+        per_key = kind.flops_per_key(cfg, i)
+        last += per_key * int(kind.cached_tokens(cfg, i, context))
+        total += per_key * int(np.broadcast_to(kind.cached_tokens(cfg, i, positions), positions.shape).sum())
+    return {"last": last, "mean": total / context}
+
+
+def report(config, context: int | None = None, dtype="bfloat16", batch: int = 1) -> dict[str, Any]:
+    """Parameter, KV-cache and FLOP figures of a config (the full config or its `.model`).
+
+    context: tokens in the cache / sequence length (default: `model.max_positions`); dtype: the KV-cache
+    dtype; batch: sequences in the cache (scales the KV bytes only).
+
+    params_embedding: the token table, the per-layer token table and an untied lm_head (the per-layer
+        context projection is a matmul on the hidden state, so it counts as non-embedding).
+    params_per_layer_embedding: the per-layer token table alone; params_effective: everything else
+        (Gemma's "effective" size).
+    params_active: per token, the total less the weights of the experts a token does not select,
+        (num_experts - top_k) x per-expert weights per MoE layer; routers count as active.
+    kv_cache_bytes*: see `kv_cache`.
+    flops_per_token: forward FLOPs of the token at position `context` = flops_per_token_matmul (2 x the
+        active parameters that multiply activations: no lookups, norms or scalars; the tied head included)
+        + flops_per_token_attention. flops_per_token_seq_mean: the same averaged over a causal sequence of
+        `context` tokens (times 3 for forward + backward when computing training MFU).
+    """
+    cfg = _model_config(config)
+    if context is None:
+        if "max_positions" not in cfg:
+            raise ValueError("pass context=...: the model config has no max_positions to default to")
+        context = cfg.max_positions
+    context, batch = _positive_int(context, "context"), _positive_int(batch, "batch")
+    out: dict[str, Any] = {"family": cfg.family, "num_layers": cfg.num_layers, "context": context,
+                           "dtype": _dtype(dtype).name, "batch": batch}
+    params = count_params(cfg)
+    matmul = 2 * params.pop("params_matmul_active")
+    out.update(params)
+    out.update(kv_cache(cfg, context, dtype, batch))
+    attention = attention_flops(cfg, context)
+    out["flops_per_token_matmul"] = matmul
+    out["flops_per_token_attention"] = attention["last"]
+    out["flops_per_token"] = matmul + attention["last"]
+    out["flops_per_token_seq_mean"] = matmul + attention["mean"]
+    return out
+
+
+_UNITS = {"params": ("", "K", "M", "B", "T"), "kv": ("B", "KB", "MB", "GB", "TB"),
+          "flops": ("FLOP", "KFLOP", "MFLOP", "GFLOP", "TFLOP")}
+
+
+def _human(value: float, units: tuple[str, ...]) -> str:
+    """In decimal units; values below 10,000 as they are."""
+    if abs(value) < 1e4:
+        return f"{value:,.0f} {units[0]}".rstrip()
+    power = min(int(math.log10(abs(value)) // 3), len(units) - 1)
+    return f"{value / 1000 ** power:.2f} {units[power]}"
+
+
+def format_table(rep: dict[str, Any]) -> str:
+    """`report`'s dict as an aligned table: name, value in decimal units, exact value."""
+    header = ("  ".join(f"{k}={rep[k]:,}" if isinstance(rep[k], int) else f"{k}={rep[k]}"
+                        for k in ("family", "num_layers", "context", "dtype", "batch"))
+              + "   (decimal units: B = 1e9 params, GB = 1e9 bytes)")
+    rows = []
+    for key, value in rep.items():
+        units = _UNITS.get(key.split("_")[0])
+        if units is None:
+            continue
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, v in items:
+            name = key if sub is None else f"{key}[{sub}]"
+            if isinstance(v, tuple):
+                rows.append((name, "varies", ", ".join(f"{x:,}" for x in v)))
+            else:
+                rows.append((name, _human(v, units), f"{v:,.0f}" if isinstance(v, float) else f"{v:,}"))
+    widths = [max(len(r[c]) for r in rows) for c in range(3)]
+    lines = [header, ""] + [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def _cli() -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file("config", None, "Config file and preset, e.g. configs/gemma4.py:e2b.")
+    context = flags.DEFINE_integer("context", None, "Context length in tokens (default: model.max_positions).")
+    dtype = flags.DEFINE_string("dtype", "bfloat16", "KV-cache dtype.")
+    batch = flags.DEFINE_integer("batch", 1, "Sequences held in the KV cache.")
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        if config.value is None:
+            raise app.UsageError("--config is required, e.g. --config=configs/gemma4.py:e2b")
+        print(format_table(report(config.value, context=context.value, dtype=dtype.value, batch=batch.value)))
+
+    app.run(main)
+
+
+if __name__ == "__main__":
+    _cli()
