@@ -22,11 +22,11 @@ def _model(preset: str):
             vocab_size=BYTE_VOCAB, d_model=128, attention_types=_pattern(2, 2), num_heads=4, num_kv_heads=2,
             head_dim=32, global_head_dim=64, sliding_window=64, mlp_dim=384, double_wide_mlp=True,
             num_kv_shared_layers=2, ple_dim=16, max_positions=4096)
-    if preset == "small":
+    if preset == "small":  # ~100M parameters
         return model_config(
-            vocab_size=BYTE_VOCAB, d_model=768, attention_types=_pattern(4, 3), num_heads=8, num_kv_heads=2,
-            head_dim=96, global_head_dim=192, sliding_window=512, mlp_dim=3072, double_wide_mlp=True,
-            num_kv_shared_layers=5, ple_dim=64, max_positions=32768)
+            vocab_size=BYTE_VOCAB, d_model=672, attention_types=_pattern(3, 3), num_heads=8, num_kv_heads=2,
+            head_dim=80, global_head_dim=160, sliding_window=512, mlp_dim=2688, double_wide_mlp=True,
+            num_kv_shared_layers=3, ple_dim=64, max_positions=32768)
     if preset == "e2b":
         return model_config(
             vocab_size=262_144, d_model=1536, attention_types=_pattern(4, 7), num_heads=8, num_kv_heads=1,

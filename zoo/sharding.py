@@ -1,0 +1,104 @@
+"""Device meshes and logical-axis sharding rules.
+
+Layers name the axes of their weights logically (`axes=("embed", "mlp")`); this module maps those names
+to mesh axes with a small rule table that lives in the config (`config.sharding_rules`), in the style of
+big_vision and the Flax NNX Gemma example. Modules never see a mesh.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (batch AND parameter/optimizer sharding), `tensor`
+(heads, MLP width, vocab), `expert` (routed experts; also splits the batch outside the experts).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH = ("data", "fsdp", "expert")
+
+# Logical axis -> mesh axes, as data. Activations use `batch`; every other name is a weight axis.
+_BASE = (("batch", BATCH),)
+RULES = {
+    "data": _BASE,
+    "fsdp": _BASE + (("embed", ("fsdp",)), ("experts", ("fsdp",))),
+    "fsdp_tensor": _BASE + (
+        ("embed", ("fsdp",)), ("vocab", ("tensor",)), ("q_heads", ("tensor",)), ("kv_heads", ("tensor",)),
+        ("mlp", ("tensor",)), ("expert_mlp", ("tensor",)), ("layer_embed", ("tensor",)),
+        ("experts", ("fsdp",))),
+    "fsdp_tensor_expert": _BASE + (
+        ("embed", ("fsdp",)), ("vocab", ("tensor",)), ("q_heads", ("tensor",)), ("kv_heads", ("tensor",)),
+        ("mlp", ("tensor",)), ("expert_mlp", ("tensor",)), ("layer_embed", ("tensor",)),
+        ("experts", ("expert",))),
+}
+
+
+def rules_preset(name: str) -> tuple:
+    try:
+        return RULES[name]
+    except KeyError:
+        raise ValueError(f"unknown sharding rules preset {name!r}; expected one of {sorted(RULES)}") from None
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor, expert); one size may be -1 (the remaining devices)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
+    unknown = set(mesh_cfg) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected {MESH_AXES}")
+    if sizes.count(-1) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not split into a mesh with fixed axes of size {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                         f"{len(devices)} are available")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def spec(axes: Sequence[str | None], shape: Sequence[int], rules, mesh: Mesh) -> PartitionSpec:
+    """The partition spec of an array with logical `axes`: each dim takes the mesh axes its rule names,
+    skipping axes of size 1, axes already used, and axes whose size does not divide the dim."""
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name, dim in zip(axes, shape):
+        chosen = []
+        for axis in table.get(name, ()) if name else ():
+            size = mesh.shape[axis]
+            if size > 1 and axis not in used and dim % (math.prod(mesh.shape[a] for a in chosen) * size) == 0:
+                chosen.append(axis)
+        used.update(chosen)
+        out.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+    return PartitionSpec(*out)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules) -> nnx.State:
+    """NamedShardings for every variable of `state` (by its `axes` metadata; replicated without)."""
+    def one(var):
+        axes = getattr(var, "axes", None) or (None,) * len(var.shape)
+        return var.replace(NamedSharding(mesh, spec(axes, var.shape, rules, mesh)))
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
+    """Sharding of a [batch, ...] input: batch over the mesh axes of the `batch` rule."""
+    batch_axes = tuple(a for a in dict(rules).get("batch", ()) if mesh.shape[a] > 1)
+    return NamedSharding(mesh, PartitionSpec(batch_axes or None, *([None] * (ndim - 1))))
+
+
+def create_model(cfg, mesh: Mesh, rules, *, seed: int = 0):
+    """A randomly initialised model whose parameters are created already sharded (never whole on one
+    device)."""
+    from zoo.models import build, build_abstract
+    graphdef, abstract = nnx.split(build_abstract(cfg))
+    shardings = state_shardings(abstract, mesh, rules)
+    state = jax.jit(lambda: nnx.split(build(cfg, seed=seed))[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
