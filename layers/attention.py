@@ -14,6 +14,7 @@ from layers.norms import RMSNorm
 from layers.rope import RopeSpec, apply_rope
 
 IMPLS = ("xla", "pallas", "auto")
+OUTPUT_GATES = ("none", "per_head", "per_element")
 _MASKED = -1e30
 
 
@@ -59,6 +60,7 @@ def reference_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
 def _cudnn_fits(q_BTNH, k_BSKH, sinks_N, softcap, default_positions: bool) -> bool:
     return (jax.default_backend() == "gpu" and default_positions and sinks_N is None and not softcap
             and q_BTNH.dtype in (jnp.bfloat16, jnp.float16) and q_BTNH.shape[-1] <= 128
+            and q_BTNH.shape[-1] % 8 == 0
             and q_BTNH.shape[1] == k_BSKH.shape[1])
 
 
@@ -89,21 +91,28 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, q_positions_BT, kv_position
 
 
 class Attention(nnx.Module):
-    """GQA/MQA self-attention with optional q/k/v norms, RoPE, sliding window and cross-layer KV sharing.
+    """GQA/MQA self-attention with optional q/k/v norms, RoPE, sliding window, cross-layer KV sharing and
+    output gating.
 
     `kv_shared=True` makes a layer without k/v projections: it attends over the keys and values that
     another layer computed (passed in as `shared_kv`). `k_eq_v=True` drops the value projection: the
     values are the raw key projection (before the key norm and RoPE), then the value norm.
+    `output_gate` multiplies the attention output, before the output projection, by softplus(x W_g)
+    computed in float32 from the layer input x: one gate per head broadcast over the head dim
+    (`per_head`, W_g [D, N]) or one per channel (`per_element`, W_g [D, N, H]).
+    Each layer has its own query-head count; only N % K == 0 is required.
     """
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, rope: RopeSpec,
                  window: int = 0, qk_norm: bool = True, v_norm: bool = False, norm_eps: float = 1e-6,
                  scale: float | None = None, k_eq_v: bool = False, kv_shared: bool = False,
-                 impl: str = "xla", rngs: nnx.Rngs):
+                 output_gate: str = "none", impl: str = "xla", rngs: nnx.Rngs):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}")
         if impl not in IMPLS:
             raise ValueError(f"unknown attention_impl {impl!r}; expected one of {IMPLS}")
+        if output_gate not in OUTPUT_GATES:
+            raise ValueError(f"unknown output_gate {output_gate!r}; expected one of {OUTPUT_GATES}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope, self.window, self.impl = rope, window, impl
         self.scale = head_dim ** -0.5 if scale is None else scale
@@ -112,6 +121,12 @@ class Attention(nnx.Module):
         self.q_proj = params.normal(rngs, (D, N, H), ("embed", "q_heads", "head_dim"))
         self.q_norm = RMSNorm(H, eps=norm_eps, axis_name="head_dim") if qk_norm else None
         self.o_proj = params.normal(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), fan_in_dims=2)
+        if output_gate == "per_head":
+            self.g_proj = params.normal(rngs, (D, N), ("embed", "q_heads"))
+        elif output_gate == "per_element":
+            self.g_proj = params.normal(rngs, (D, N, H), ("embed", "q_heads", "head_dim"))
+        else:
+            self.g_proj = None
         if kv_shared:
             self.k_proj = self.v_proj = self.k_norm = self.v_norm = None
             return
@@ -143,5 +158,15 @@ class Attention(nnx.Module):
             q_BTNH, k_BTKH, v_BTKH, q_positions_BT=positions_BT, kv_positions_BS=positions_BT,
             window=self.window, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT,
             scale=self.scale, impl=self.impl, default_positions=default_positions)
+        if self.g_proj is not None:
+            out_BTNH = out_BTNH * self.output_gate(x_BTD).astype(out_BTNH.dtype)
         y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj[...])
         return y_BTD, (k_BTKH, v_BTKH)
+
+    def output_gate(self, x_BTD: jax.Array) -> jax.Array:
+        """softplus(x W_g) in float32: [B, T, N, 1] per head, [B, T, N, H] per element."""
+        g_proj = self.g_proj[...]
+        if g_proj.ndim == 2:
+            gate_BTN1 = jnp.einsum("BTD,DN->BTN", x_BTD, g_proj, preferred_element_type=jnp.float32)[..., None]
+            return jax.nn.softplus(gate_BTN1)
+        return jax.nn.softplus(jnp.einsum("BTD,DNH->BTNH", x_BTD, g_proj, preferred_element_type=jnp.float32))

@@ -43,6 +43,37 @@ class SoftmaxRouter(nnx.Module):
         return weights_MK, experts_MK, probs_ME
 
 
+class SigmoidRouter(nnx.Module):
+    """sigmoid scores -> top-k of (scores + correction bias) -> the chosen scores renormalised -> times
+    `routed_scale`.
+
+    Each expert's score is an independent sigmoid of its logit (in float32; `softcap` > 0 first squashes
+    the logits to softcap * tanh(logits / softcap)). The per-expert correction bias steers only which
+    experts are chosen (auxiliary-loss-free load balancing); the weights come from the unbiased scores,
+    and the bias takes no gradient.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, softcap: float = 0.0,
+                 routed_scale: float = 1.0, rngs: nnx.Rngs):
+        if not 0 < top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        self.top_k, self.softcap, self.routed_scale = top_k, softcap, routed_scale
+        self.proj = params.normal(rngs, (d_model, num_experts), ("embed", "experts"))
+        self.correction_bias = params.zeros((num_experts,), ("experts",))
+
+    def __call__(self, x_MD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Returns (weights [M, K] float32, expert ids [M, K], scores [M, E] float32)."""
+        logits_ME = jnp.einsum("MD,DE->ME", x_MD, self.proj[...], preferred_element_type=jnp.float32)
+        if self.softcap:
+            logits_ME = self.softcap * jnp.tanh(logits_ME / self.softcap)
+        scores_ME = jax.nn.sigmoid(logits_ME)
+        bias_E = jax.lax.stop_gradient(self.correction_bias[...].astype(jnp.float32))
+        _, experts_MK = jax.lax.top_k(scores_ME + bias_E, self.top_k)
+        weights_MK = jnp.take_along_axis(scores_ME, experts_MK, axis=-1)
+        weights_MK = weights_MK / jnp.sum(weights_MK, axis=-1, keepdims=True)
+        return weights_MK * self.routed_scale, experts_MK, scores_ME
+
+
 class Experts(nnx.Module):
     """E gated MLPs. The M*K (token, expert) pairs are sorted by expert and run as ragged matmuls."""
 

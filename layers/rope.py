@@ -5,21 +5,29 @@ Kinds:
 - `proportional`: the frequencies of a full-width rope, theta^(-2i/head_dim), kept for i < fraction *
   head_dim / 2 and set to zero above (those dims pass through). The exponent's denominator is the whole
   head_dim, not the rotated width.
+- `yarn`: YaRN (arXiv:2309.00071) on the first r = fraction * head_dim dims: frequencies that turn fewer
+  than `beta_slow` times over `original_max_positions` are divided by `factor` (interpolated), those that
+  turn more than `beta_fast` times are kept (extrapolated), with a linear ramp between (over frequency
+  index i in [0, r/2), the ramp bounds found from r, theta and the two betas; `truncate` rounds them
+  outwards to whole dims). `attention_factor` defaults to 0.1 ln(factor) + 1.
 - `none`: no rotation.
 Styles: `half` pairs dim j with j + r/2 (rotate-half); `interleaved` pairs 2j with 2j + 1.
-`attention_factor` scales cos and sin (YaRN-style magnitude correction; 1.0 leaves them alone).
+`attention_factor` scales cos and sin (YaRN-style magnitude correction; 1.0 leaves them alone); left
+unset it is 1.0, or YaRN's default for `yarn`.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-KINDS = ("default", "proportional", "none")
+KINDS = ("default", "proportional", "yarn", "none")
 STYLES = ("half", "interleaved")
+YARN_SETTINGS = ("factor", "original_max_positions", "beta_fast", "beta_slow", "truncate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +36,13 @@ class RopeSpec:
     theta: float = 10_000.0
     fraction: float = 1.0
     style: str = "half"
-    attention_factor: float = 1.0
+    attention_factor: float | None = None
+    # kind "yarn" only (YARN_SETTINGS)
+    factor: float = 1.0
+    original_max_positions: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -37,6 +51,18 @@ class RopeSpec:
             raise ValueError(f"unknown rope style {self.style!r}; expected one of {STYLES}")
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"rope fraction must be in (0, 1], got {self.fraction}")
+        if self.kind == "yarn":
+            if self.factor <= 0 or self.original_max_positions <= 0:
+                raise ValueError(f"yarn rope needs factor > 0 and original_max_positions > 0, got "
+                                 f"factor={self.factor}, original_max_positions={self.original_max_positions}")
+        else:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            yarn_only = [k for k in YARN_SETTINGS if getattr(self, k) != defaults[k]]
+            if yarn_only:
+                raise ValueError(f"rope settings {sorted(yarn_only)} apply to kind 'yarn' only, not {self.kind!r}")
+        if self.attention_factor is None:
+            default = yarn_mscale(self.factor) if self.kind == "yarn" else 1.0
+            object.__setattr__(self, "attention_factor", default)
 
     @classmethod
     def from_config(cls, cfg: Mapping | None) -> "RopeSpec":
@@ -65,7 +91,34 @@ class RopeSpec:
             return np.concatenate([rotated, np.zeros(head_dim // 2 - n_rotated, np.float32)])
         dim = self.rotary_dim(head_dim)
         exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-        return (1.0 / (np.float32(self.theta) ** exponent)).astype(np.float32)
+        theta_pow = (np.float32(self.theta) ** exponent).astype(np.float32)   # theta^(2i/r) = 1 / inv_freq
+        if self.kind == "yarn":
+            return self._yarn(theta_pow, dim)
+        return (1.0 / theta_pow).astype(np.float32)
+
+    def _yarn(self, theta_pow: np.ndarray, dim: int) -> np.ndarray:
+        """1 / (factor * theta_pow) (interpolated) below the ramp, 1 / theta_pow (extrapolated) above it,
+        linear in the frequency index between the dims that turn beta_fast and beta_slow times."""
+        def dim_turning(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times
+            return (dim * math.log(self.original_max_positions / (rotations * 2 * math.pi))
+                    / (2 * math.log(self.theta)))
+
+        low, high = dim_turning(self.beta_fast), dim_turning(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # no zero-width ramp
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+        extrapolated = (1 - ramp).astype(np.float32)
+        inv_extrapolation = (1.0 / theta_pow).astype(np.float32)
+        inv_interpolation = (1.0 / (np.float32(self.factor) * theta_pow)).astype(np.float32)
+        return (inv_interpolation * (1 - extrapolated) + inv_extrapolation * extrapolated).astype(np.float32)
+
+
+def yarn_mscale(factor: float) -> float:
+    """YaRN's magnitude correction of cos and sin: 0.1 ln(factor) + 1 (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
 
 
 def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, spec: RopeSpec, *, inverse: bool = False
