@@ -1,7 +1,9 @@
 """The decoder stack shared by every family: embed -> per-layer blocks -> norm -> head, and the loss.
 
 A family module supplies the block (`Block(cfg, layer_index, rngs=...)` called as `block(x_BTD, ctx)`);
-everything else here is family-agnostic and driven by the model config.
+everything else here is family-agnostic and driven by the model config. Optional config keys (absent =
+off): `input_scale_bias` puts a learned `(x + b) * s` on the embedded input; `residual_fp32` keeps the
+residual stream between blocks in float32 whatever the compute dtype (blocks cast what they read).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from flax import nnx
 from layers import params
 from layers.embeddings import Embed, PerLayerEmbedding
 from layers.norms import RMSNorm
+from layers.residual import ScaleBias
 
 
 @dataclasses.dataclass
@@ -26,6 +29,7 @@ class LayerContext:
     default_positions: bool                     # positions are 0..T-1 in every row (enables fused kernels)
     layer_inputs_BTLP: jax.Array | None = None  # per-layer embeddings, when the config has them
     kv_store: dict[int, tuple[jax.Array, jax.Array]] = dataclasses.field(default_factory=dict)
+    carry: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # state a block hands to later ones
 
 
 class Decoder(nnx.Module):
@@ -37,6 +41,8 @@ class Decoder(nnx.Module):
         self.embed = Embed(cfg.vocab_size, D, scale=math.sqrt(D) if cfg.scale_embeddings else 1.0, rngs=rngs)
         self.per_layer_embed = (PerLayerEmbedding(cfg.ple_vocab_size, cfg.num_layers, cfg.ple_dim, D,
                                                   eps=cfg.norm_eps, rngs=rngs) if cfg.ple_dim else None)
+        self.input_scale_bias = ScaleBias(D) if cfg.get("input_scale_bias", False) else None
+        self.residual_fp32 = bool(cfg.get("residual_fp32", False))
         self.blocks = nnx.List([block_cls(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(D, eps=cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else params.normal(rngs, (D, cfg.vocab_size), ("embed", "vocab"))
@@ -54,9 +60,14 @@ class Decoder(nnx.Module):
         ctx = LayerContext(positions_BT, segment_ids_BT, default_positions)
         if self.per_layer_embed is not None:
             ctx.layer_inputs_BTLP = self.per_layer_embed(tokens_BT, x_BTD)
+        if self.input_scale_bias is not None:
+            x_BTD = self.input_scale_bias(x_BTD)
+        compute_dtype = x_BTD.dtype
+        if self.residual_fp32:
+            x_BTD = x_BTD.astype(jnp.float32)
         for block in self.blocks:
             x_BTD = block(x_BTD, ctx)
-        x_BTD = self.final_norm(x_BTD)
+        x_BTD = self.final_norm(x_BTD.astype(compute_dtype))
         if self.lm_head is None:
             logits_BTV = self.embed.attend(x_BTD)
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-FAMILIES = {"gemma4": "zoo.gemma4"}
+FAMILIES = {"gemma4": "zoo.gemma4", "zaya1": "zoo.zaya1", "laguna": "zoo.laguna", "deepseek_v4": "zoo.deepseek_v4"}
 
 
 def get(name: str) -> ModuleType:
