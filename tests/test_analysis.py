@@ -191,3 +191,25 @@ def test_cli_prints_the_table():
         value = rep[key] if "[" not in key else rep["kv_bytes_per_token_by_type"]["full"]
         assert line.split()[-1] == f"{value:,}"
     assert math.isclose(float(out.split("params_total")[1].split()[0]), rep["params_total"] / 1e6, rel_tol=1e-2)
+
+
+def test_zaya1_8b_counts_and_kv_against_mha():
+    from configs.zaya1 import get_config as zaya_config
+    rep = report(zaya_config("8b"), context=131_072)
+    assert round(rep["params_non_embedding"] / 1e9, 1) == 8.3
+    assert round(rep["params_total"] / 1e9, 1) == 8.8
+    assert round((rep["params_active"] - rep["params_embedding"]) / 1e9, 2) == 0.75
+    # 40 layers x 2 kv heads x 128 x (K, V) x 2 bytes per token, against 16-head MHA at width 2048
+    assert rep["kv_cache_bytes"] == 40 * 2 * 128 * 2 * 2 * 131_072
+    assert rep["kv_cache_bytes_mha_equivalent"] == 40 * 2048 * 2 * 2 * 131_072
+    assert rep["kv_cache_bytes_mha_equivalent"] == 8 * rep["kv_cache_bytes"]
+
+
+def test_laguna_xs2_counts_and_kv():
+    from configs.laguna import get_config as laguna_config
+    rep = report(laguna_config("xs2"), context=131_072)
+    assert round(rep["params_total"] / 1e9) == 33 and round(rep["params_active"] / 1e9) == 3
+    global_bytes = 10 * 131_072 * 2 * 8 * 128 * 2          # 10 full layers keep the whole context
+    sliding_bytes = 30 * 512 * 2 * 8 * 128 * 2             # 30 sliding layers keep 512 tokens
+    assert rep["kv_cache_bytes"] == global_bytes + sliding_bytes
+    assert round(global_bytes / 1e9, 1) == 5.4 and round(sliding_bytes / 1e6) == 63

@@ -145,13 +145,16 @@ def count_params(model_cfg) -> dict[str, int]:
 def kv_cache(model_cfg, context: int, dtype="bfloat16", batch: int = 1) -> dict[str, Any]:
     """KV-cache bytes at `context` tokens: as the decoder allocates it (only layers with their own k/v,
     `kv_sources[i] == -1`; each kind keeps its `cached_tokens`), with every allocating layer keeping the
-    whole context, and both again as if every layer had its own k/v. Also the bytes one token costs one
-    layer, by attention type (an int, or the distinct values if layers of a type differ)."""
+    whole context, and both again as if every layer had its own k/v. `kv_cache_bytes_mha_equivalent` is the
+    multi-head baseline at the same width: every layer caching full-width K and V (2 x d_model values per
+    token) for the whole context. Also the bytes one token costs one layer, by attention type (an int, or
+    the distinct values if layers of a type differ)."""
     cfg = _model_config(model_cfg)
     context, batch = _positive_int(context, "context"), _positive_int(batch, "batch")
     itemsize = _dtype(dtype).itemsize
     totals = dict.fromkeys(("kv_cache_bytes", "kv_cache_bytes_full_length", "kv_cache_bytes_no_sharing",
                             "kv_cache_bytes_full_length_no_sharing"), 0)
+    kv_sources = cfg.get("kv_sources") or (-1,) * cfg.num_layers
     by_type: dict[str, set[int]] = {}
     for i, name in enumerate(cfg.attention_types):
         kind = _attention_kind(name)
@@ -160,9 +163,10 @@ def kv_cache(model_cfg, context: int, dtype="bfloat16", batch: int = 1) -> dict[
         kept, full = batch * per_token * int(kind.cached_tokens(cfg, i, context)), batch * per_token * context
         totals["kv_cache_bytes_no_sharing"] += kept
         totals["kv_cache_bytes_full_length_no_sharing"] += full
-        if cfg.kv_sources[i] < 0:
+        if kv_sources[i] < 0:
             totals["kv_cache_bytes"] += kept
             totals["kv_cache_bytes_full_length"] += full
+    totals["kv_cache_bytes_mha_equivalent"] = batch * cfg.num_layers * 2 * cfg.d_model * itemsize * context
     totals["kv_bytes_per_token_by_type"] = {
         name: next(iter(values)) if len(values) == 1 else tuple(sorted(values)) for name, values in by_type.items()}
     return totals

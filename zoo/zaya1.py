@@ -20,6 +20,7 @@ from layers.mlp_router import SKIP_OUTPUTS, SkipMoE
 from layers.norms import RMSNorm
 from layers.residual import ScaledResidual
 from layers.rope import RopeSpec
+from zoo import analysis
 from zoo.decoder import LayerContext
 
 ATTENTION_TYPES = ("cca", "cca_sliding")
@@ -288,3 +289,9 @@ def hf_rules(cfg):
 def hf_ignored(cfg, name: str) -> bool:
     """Checkpoint tensors we accept and drop: none."""
     return False
+
+
+# CCA caches K and V after the convolutions, norm and RoPE: kv heads x head dim each, as grouped-query
+# attention does (the small per-sequence convolution state is not counted).
+for _kind in ATTENTION_TYPES:
+    analysis.register_attention_kind(_kind, analysis.GQA)
