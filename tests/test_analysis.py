@@ -195,7 +195,7 @@ def test_cli_prints_the_table():
 
 def test_zaya1_8b_counts_and_kv_against_mha():
     from configs.zaya1 import get_config as zaya_config
-    rep = report(zaya_config("8b"), context=131_072)
+    rep = analysis.report(zaya_config("8b"), context=131_072)
     assert round(rep["params_non_embedding"] / 1e9, 1) == 8.3
     assert round(rep["params_total"] / 1e9, 1) == 8.8
     assert round((rep["params_active"] - rep["params_embedding"]) / 1e9, 2) == 0.75
@@ -207,7 +207,7 @@ def test_zaya1_8b_counts_and_kv_against_mha():
 
 def test_laguna_xs2_counts_and_kv():
     from configs.laguna import get_config as laguna_config
-    rep = report(laguna_config("xs2"), context=131_072)
+    rep = analysis.report(laguna_config("xs2"), context=131_072)
     assert round(rep["params_total"] / 1e9) == 33 and round(rep["params_active"] / 1e9) == 3
     global_bytes = 10 * 131_072 * 2 * 8 * 128 * 2          # 10 full layers keep the whole context
     sliding_bytes = 30 * 512 * 2 * 8 * 128 * 2             # 30 sliding layers keep 512 tokens
