@@ -1,0 +1,391 @@
+"""Mosaic TPU (Pallas TPU) kernels for one softmax over a raw-token sliding window plus compressed entries.
+
+The same algorithm as `_attention_gpu` (read its docstring first), laid out for the TPU:
+  * one grid step per (batch, token), all H heads as the sublane rows of the [H, D] x [D, n] matmuls;
+  * K=V rows stay in HBM and are DMA'd into VMEM: the window as one contiguous copy, CSA's top-k rows one
+    DMA per index (block_k rows per chunk), HCA's visible prefix one copy per block; compressed chunks are
+    double-buffered so the next chunk streams in while this one is multiplied;
+  * CSA's dK=dV of the gathered rows is a read-modify-write of an fp32 HBM buffer inside the sequential
+    ("arbitrary") dQ grid: repeated indices within a chunk are first summed (an equality-matrix matmul),
+    so duplicate rows write identical values;
+  * the key-major dK=dV kernel keeps keys on sublanes and the (token, head) rows on lanes, so the per-row
+    log-sum-exp, delta, token and bound arrive as compact [1, rows] vectors.
+
+Shapes: B batch, T tokens, H heads, D head dim, S compressed entries (padded to Sp), K top-k slots
+(padded to Kp = Kc * block_k), L = w_pad + padded T raw rows, R rows (t, h) flattened.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels._common import BlockSizes, pad_axis, round_up
+
+_F32 = jnp.float32
+
+
+def _precision(dtype):
+    return lax.Precision.HIGHEST if dtype == _F32 else lax.Precision.DEFAULT
+
+
+def _dot(a, b, precision, contract=((1,), (0,))):
+    return lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=_F32)
+
+
+def _dot_nt(a, b, precision):
+    return _dot(a, b, precision, ((1,), (1,)))
+
+
+def _dot_tn(a, b, precision):
+    return _dot(a, b, precision, ((0,), (0,)))
+
+
+def _cdiv(x, n: int):
+    return lax.div(x + (n - 1), n)
+
+
+def _col_to_row(x_h1):
+    """[H, 1] -> [1, H] without a transpose (masked sublane reduction)."""
+    n = x_h1.shape[0]
+    eye = lax.broadcasted_iota(jnp.int32, (n, n), 0) == lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    return jnp.sum(jnp.where(eye, x_h1, 0.0), axis=0, keepdims=True)
+
+
+def _row_to_col(x_1h):
+    n = x_1h.shape[1]
+    eye = lax.broadcasted_iota(jnp.int32, (n, n), 0) == lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    return jnp.sum(jnp.where(eye, x_1h, 0.0), axis=1, keepdims=True)
+
+
+class _CompressedChunks:
+    """DMA of compressed block j into slot (0/1) of a [2, bk, D] VMEM buffer: CSA gathers one row per
+    top-k index (-1 reads row 0 and is masked later), HCA copies entries [j*bk, (j+1)*bk)."""
+
+    def __init__(self, comp_hbm, buf, sems, b, idx_smem, bk: int):
+        self.comp_hbm, self.buf, self.sems, self.b, self.idx_smem, self.bk = comp_hbm, buf, sems, b, idx_smem, bk
+
+    def _row_copy(self, j, slot, r):
+        i = jnp.maximum(self.idx_smem[0, j * self.bk + r], 0)
+        return pltpu.make_async_copy(self.comp_hbm.at[self.b, pl.ds(i, 1)], self.buf.at[slot, pl.ds(r, 1)],
+                                     self.sems.at[slot])
+
+    def _block_copy(self, j, slot):
+        return pltpu.make_async_copy(self.comp_hbm.at[self.b, pl.ds(j * self.bk, self.bk)], self.buf.at[slot],
+                                     self.sems.at[slot])
+
+    def _each_copy(self, j, slot, action: str):
+        if self.idx_smem is None:
+            getattr(self._block_copy(j, slot), action)()
+            return
+
+        def row(r, carry):
+            getattr(self._row_copy(j, slot, r), action)()
+            return carry
+
+        lax.fori_loop(0, self.bk, row, 0)
+
+    def start(self, j, slot):
+        self._each_copy(j, slot, "start")
+
+    def wait(self, j, slot):
+        self._each_copy(j, slot, "wait")
+
+
+def _walk(kv_hbm, comp_hbm, idx_smem, idx_vmem, win_buf, comp_buf, sems, *, b, t, lo, count,
+          window: int, w_pad: int, bk: int, body, carry):
+    """Runs body(carry, keys [n, D], visible [1, n], chunk) over the window and then over the compressed
+    chunks (chunk = (j, slot) for those, None for the window), overlapping DMAs with compute."""
+    window_copy = pltpu.make_async_copy(kv_hbm.at[b, pl.ds(t + 1, w_pad)], win_buf, sems.at[2])
+    window_copy.start()
+    chunks = _CompressedChunks(comp_hbm, comp_buf, sems, b, idx_smem, bk)
+    n_chunks = _cdiv(count, bk)
+
+    @pl.when(n_chunks > 0)
+    def _():
+        chunks.start(0, 0)
+
+    window_copy.wait()
+    pos_1w = t + 1 - w_pad + lax.broadcasted_iota(jnp.int32, (1, w_pad), 1)
+    carry = body(carry, win_buf[...], pos_1w >= jnp.maximum(lo, t - window + 1), None)
+
+    def chunk(j, carry):
+        slot = lax.rem(j, 2)
+
+        @pl.when(j + 1 < n_chunks)
+        def _():
+            chunks.start(j + 1, 1 - slot)
+
+        chunks.wait(j, slot)
+        if idx_vmem is None:
+            visible_1k = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1) < count
+        else:
+            visible_1k = idx_vmem[pl.ds(j, 1), :] >= 0
+        return body(carry, comp_buf[slot], visible_1k, (j, slot))
+
+    return lax.fori_loop(0, n_chunks, chunk, carry)
+
+
+def _forward_kernel(*refs, sparse: bool, window: int, w_pad: int, scale: float, bk: int):
+    if sparse:
+        (info_ref, idx_smem, idx_vmem, q_ref, sinks_ref, kv_hbm, comp_hbm, o_ref, lse_ref,
+         win_buf, comp_buf, sems) = refs
+    else:
+        info_ref, q_ref, sinks_ref, kv_hbm, comp_hbm, o_ref, lse_ref, win_buf, comp_buf, sems = refs
+        idx_smem = idx_vmem = None
+    q_hd = q_ref[...]
+    precision = _precision(q_hd.dtype)
+
+    def online_softmax(carry, keys_nd, visible_1n, chunk):
+        acc_hd, m_h1, l_h1 = carry
+        s_hn = jnp.where(visible_1n, _dot_nt(q_hd, keys_nd, precision) * scale, -jnp.inf)
+        m_new = jnp.maximum(m_h1, jnp.max(s_hn, axis=1, keepdims=True))
+        alpha_h1 = jnp.exp(m_h1 - m_new)
+        p_hn = jnp.exp(s_hn - m_new)
+        acc_hd = acc_hd * alpha_h1 + _dot(p_hn.astype(keys_nd.dtype), keys_nd, precision)
+        return acc_hd, m_new, l_h1 * alpha_h1 + jnp.sum(p_hn, axis=1, keepdims=True)
+
+    # The sink only enters the denominator: it seeds the running max and sum (exp(sink - sink) = 1).
+    carry = (jnp.zeros(q_hd.shape, _F32), sinks_ref[...], jnp.ones((q_hd.shape[0], 1), _F32))
+    acc_hd, m_h1, l_h1 = _walk(
+        kv_hbm, comp_hbm, idx_smem, idx_vmem, win_buf, comp_buf, sems, b=pl.program_id(0),
+        t=pl.program_id(1), lo=info_ref[0, 0], count=info_ref[0, 1], window=window, w_pad=w_pad, bk=bk,
+        body=online_softmax, carry=carry)
+    o_ref[...] = (acc_hd / l_h1).astype(o_ref.dtype)
+    lse_ref[...] = _col_to_row(m_h1 + jnp.log(l_h1))
+
+
+def _dq_kernel(*refs, sparse: bool, window: int, w_pad: int, scale: float, bk: int):
+    if sparse:
+        (info_ref, idx_smem, idx_vmem, q_ref, do_ref, lse_ref, delta_ref, kv_hbm, comp_hbm, _,
+         dq_ref, dcomp_hbm, win_buf, comp_buf, sems, rmw_buf, rmw_sem) = refs
+    else:
+        (info_ref, q_ref, do_ref, lse_ref, delta_ref, kv_hbm, comp_hbm, dq_ref,
+         win_buf, comp_buf, sems) = refs
+        idx_smem = idx_vmem = None
+    b = pl.program_id(0)
+    q_hd, do_hd = q_ref[...], do_ref[...]
+    lse_h1, delta_h1 = _row_to_col(lse_ref[...]), _row_to_col(delta_ref[...])
+    precision = _precision(q_hd.dtype)
+
+    def accumulate_dq(dq_hd, keys_nd, visible_1n, chunk):
+        s_hn = jnp.where(visible_1n, _dot_nt(q_hd, keys_nd, precision) * scale, -jnp.inf)
+        p_hn = jnp.exp(s_hn - lse_h1)
+        ds_hn = p_hn * (_dot_nt(do_hd, keys_nd, precision) - delta_h1)
+        if sparse and chunk is not None:
+            # dK = scale dS^T Q and dV = P^T dO land on the same gathered K=V rows.
+            g_nd = (scale * _dot_tn(ds_hn.astype(q_hd.dtype), q_hd, precision)
+                    + _dot_tn(p_hn.astype(do_hd.dtype), do_hd, precision))
+            _read_modify_write(dcomp_hbm, rmw_buf, rmw_sem, idx_smem, idx_vmem, b, chunk[0], g_nd, bk)
+        return dq_hd + _dot(ds_hn.astype(keys_nd.dtype), keys_nd, precision)
+
+    dq_hd = _walk(kv_hbm, comp_hbm, idx_smem, idx_vmem, win_buf, comp_buf, sems, b=b,
+                  t=pl.program_id(1), lo=info_ref[0, 0], count=info_ref[0, 1], window=window, w_pad=w_pad,
+                  bk=bk, body=accumulate_dq, carry=jnp.zeros(q_hd.shape, _F32))
+    dq_ref[...] = (dq_hd * scale).astype(dq_ref.dtype)
+
+
+def _read_modify_write(dcomp_hbm, rmw_buf, rmw_sem, idx_smem, idx_vmem, b, j, g_kd, bk: int):
+    """dcomp[idx[j*bk + r]] += g[r] for the valid slots of chunk j: all reads, one add, all writes.
+    Repeated indices are summed first so every copy of a row writes the same total."""
+    idx_kk = jnp.broadcast_to(idx_vmem[pl.ds(j, 1), :], (bk, bk))      # [r, c] = idx[c]
+    same_kk = (idx_kk == idx_kk.T) & (idx_kk >= 0)
+    g_kd = _dot(same_kk.astype(_F32), g_kd, lax.Precision.HIGHEST)
+
+    def for_valid_slots(action: str, to_hbm: bool):
+        def one(r, carry):
+            i = idx_smem[0, j * bk + r]
+            hbm_row, vmem_row = dcomp_hbm.at[b, pl.ds(jnp.maximum(i, 0), 1)], rmw_buf.at[pl.ds(r, 1)]
+            src, dst = (vmem_row, hbm_row) if to_hbm else (hbm_row, vmem_row)
+            pl.when(i >= 0)(getattr(pltpu.make_async_copy(src, dst, rmw_sem), action))
+            return carry
+        lax.fori_loop(0, bk, one, 0)
+
+    for_valid_slots("start", to_hbm=False)
+    for_valid_slots("wait", to_hbm=False)
+    rmw_buf[...] = rmw_buf[...] + g_kd
+    for_valid_slots("start", to_hbm=True)
+    for_valid_slots("wait", to_hbm=True)
+
+
+def _row_range(kb, *, window: int | None, ratio: int | None, bk: int, br: int, heads: int, n_tokens: int,
+               xp=jnp):
+    """[first, end) row blocks of the (token, head) rows that can see key block kb (xp=np: static)."""
+    s0 = kb * bk
+    if window is not None:
+        t_begin, t_end = s0, xp.minimum(n_tokens, s0 + bk + window - 1)
+    else:
+        t_begin, t_end = xp.minimum((s0 + 1) * ratio - 1, n_tokens), n_tokens
+    div = np.floor_divide if xp is np else lax.div  # operands are non-negative
+    return div(t_begin * heads, br), div(t_end * heads + br - 1, br)
+
+
+def _dkv_kernel(keys_ref, q_ref, do_ref, lse_ref, delta_ref, tok_ref, bound_ref, dk_ref, acc_ref, *,
+                window: int | None, ratio: int | None, scale: float, bk: int, br: int, heads: int,
+                n_tokens: int):
+    """dK=dV of key block kb accumulated over grid steps j (row block first(kb) + j); see _attention_gpu."""
+    kb, j = pl.program_id(1), pl.program_id(2)
+    first, end = _row_range(kb, window=window, ratio=ratio, bk=bk, br=br, heads=heads, n_tokens=n_tokens)
+
+    @pl.when(j == 0)
+    def _():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, _F32)
+
+    @pl.when(first + j < end)
+    def _():
+        keys_kd, q_rd, do_rd = keys_ref[...], q_ref[...], do_ref[...]
+        precision = _precision(q_rd.dtype)
+        s_k1 = kb * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
+        t_1r, bound_1r = tok_ref[...], bound_ref[...]
+        if window is not None:
+            visible_kr = (s_k1 >= bound_1r) & (s_k1 <= t_1r) & (s_k1 > t_1r - window)
+        else:
+            visible_kr = s_k1 < bound_1r
+        s_kr = jnp.where(visible_kr, _dot_nt(keys_kd, q_rd, precision) * scale, -jnp.inf)
+        p_kr = jnp.exp(s_kr - lse_ref[...])
+        ds_kr = p_kr * (_dot_nt(keys_kd, do_rd, precision) - delta_ref[...])
+        acc_ref[...] += (scale * _dot(ds_kr.astype(q_rd.dtype), q_rd, precision)
+                         + _dot(p_kr.astype(do_rd.dtype), do_rd, precision))
+
+    @pl.when(j == pl.num_programs(2) - 1)
+    def _():
+        dk_ref[...] = acc_ref[...]
+
+
+def _pad_inputs(kv_BTD, comp_BSD, idx_BTK, *, window: int, blocks: BlockSizes):
+    T = kv_BTD.shape[1]
+    bk, bkv = blocks.block_k, blocks.block_kv_bwd
+    w_pad = round_up(window, max(8, bkv))
+    kv = pad_axis(kv_BTD, 1, w_pad + round_up(T, bkv), before=w_pad)
+    comp = pad_axis(comp_BSD, 1, round_up(max(comp_BSD.shape[1], 1), max(bk, bkv)))
+    idx = None if idx_BTK is None else pad_axis(idx_BTK, 2, round_up(idx_BTK.shape[2], bk), value=-1)
+    return kv, comp, idx, w_pad
+
+
+def _token_operands(q_BTHD, idx_BTK, lo_BT, count_BT, bk: int):
+    """Per-token scalars (window start, compressed count) and CSA's indices, with their BlockSpecs for
+    the (B, T) grid: SMEM copies address the DMAs, a VMEM copy [Kc, bk] masks the -1 slots."""
+    B, T, H, D = q_BTHD.shape
+    info = jnp.stack([lo_BT, count_BT], axis=-1)[:, :, None, :]
+    operands = [info]
+    specs = [pl.BlockSpec((None, None, 1, 2), lambda b, t: (b, t, 0, 0), memory_space=pltpu.SMEM)]
+    if idx_BTK is not None:
+        Kp = idx_BTK.shape[2]
+        operands += [idx_BTK[:, :, None, :], idx_BTK.reshape(B, T, Kp // bk, bk)]
+        specs += [pl.BlockSpec((None, None, 1, Kp), lambda b, t: (b, t, 0, 0), memory_space=pltpu.SMEM),
+                  pl.BlockSpec((None, None, Kp // bk, bk), lambda b, t: (b, t, 0, 0))]
+    return operands, specs
+
+
+def _scratch(kv, comp, w_pad: int, bk: int):
+    D = kv.shape[2]
+    return [pltpu.VMEM((w_pad, D), kv.dtype), pltpu.VMEM((2, bk, D), comp.dtype),
+            pltpu.SemaphoreType.DMA((3,))]
+
+
+def forward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, *, window: int, scale: float,
+            blocks: BlockSizes, interpret) -> tuple[jax.Array, jax.Array]:
+    """O [B, T, H, D] and the log-sum-exp [B, T, H] (float32, sink included)."""
+    B, T, H, D = q_BTHD.shape
+    sparse = idx_BTK is not None
+    bk = blocks.block_k
+    kv, comp, idx, w_pad = _pad_inputs(kv_BTD, comp_BSD, idx_BTK, window=window, blocks=blocks)
+    operands, specs = _token_operands(q_BTHD, idx, lo_BT, count_BT, bk)
+    head_rows = pl.BlockSpec((None, None, H, D), lambda b, t: (b, t, 0, 0))
+    head_vec = pl.BlockSpec((None, None, 1, H), lambda b, t: (b, t, 0, 0))
+    hbm = pl.BlockSpec(memory_space=pl.ANY)
+    kernel = functools.partial(_forward_kernel, sparse=sparse, window=window, w_pad=w_pad, scale=scale, bk=bk)
+    o, lse = pl.pallas_call(
+        kernel, grid=(B, T),
+        in_specs=[*specs, head_rows, pl.BlockSpec((H, 1), lambda b, t: (0, 0)), hbm, hbm],
+        out_specs=[head_rows, head_vec],
+        out_shape=[jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype), jax.ShapeDtypeStruct((B, T, 1, H), _F32)],
+        scratch_shapes=_scratch(kv, comp, w_pad, bk),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        interpret=interpret, name="csa_forward" if sparse else "hca_forward",
+    )(*operands, q_BTHD, sinks_H.astype(_F32)[:, None], kv, comp)
+    return o, lse[:, :, 0]
+
+
+def backward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, do_BTHD, lse_BTH, delta_BTH, *,
+             window: int, ratio: int | None, scale: float, blocks: BlockSizes, interpret
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """dQ [B, T, H, D] (q dtype), dKV [B, T, D] and dKV_comp [B, S, D] (float32)."""
+    del sinks_H  # enters through the log-sum-exp
+    B, T, H, D = q_BTHD.shape
+    S = comp_BSD.shape[1]
+    sparse = idx_BTK is not None
+    bk = blocks.block_k
+    kv, comp, idx, w_pad = _pad_inputs(kv_BTD, comp_BSD, idx_BTK, window=window, blocks=blocks)
+    do_BTHD = do_BTHD.astype(q_BTHD.dtype)
+
+    # dQ per token; CSA also read-modify-writes dK=dV of its gathered rows (sequential grid).
+    operands, specs = _token_operands(q_BTHD, idx, lo_BT, count_BT, bk)
+    head_rows = pl.BlockSpec((None, None, H, D), lambda b, t: (b, t, 0, 0))
+    head_vec = pl.BlockSpec((None, None, 1, H), lambda b, t: (b, t, 0, 0))
+    hbm = pl.BlockSpec(memory_space=pl.ANY)
+    operands += [q_BTHD, do_BTHD, lse_BTH[:, :, None], delta_BTH[:, :, None], kv, comp]
+    specs += [head_rows, head_rows, head_vec, head_vec, hbm, hbm]
+    out_specs, out_shape = [head_rows], [jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype)]
+    scratch = _scratch(kv, comp, w_pad, bk)
+    if sparse:
+        operands.append(jnp.zeros(comp.shape, _F32))
+        specs.append(hbm)
+        out_specs.append(hbm)
+        out_shape.append(jax.ShapeDtypeStruct(comp.shape, _F32))
+        scratch += [pltpu.VMEM((bk, D), _F32), pltpu.SemaphoreType.DMA(())]
+    semantics = ("arbitrary", "arbitrary") if sparse else ("parallel", "parallel")
+    kernel = functools.partial(_dq_kernel, sparse=sparse, window=window, w_pad=w_pad, scale=scale, bk=bk)
+    dq, *dcomp = pl.pallas_call(
+        kernel, grid=(B, T), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
+        scratch_shapes=scratch, input_output_aliases={len(operands) - 1: 1} if sparse else {},
+        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+        interpret=interpret, name="csa_dq" if sparse else "hca_dq",
+    )(*operands)
+
+    # dK=dV key-major: keys on sublanes, (token, head) rows on lanes.
+    br, bkv = blocks.block_rows_bwd, blocks.block_kv_bwd
+    R = round_up(T * H, br)
+    rows = lambda x: pad_axis(x.reshape(B, T * H, D), 1, R)
+    lanes = lambda x_BTH, fill=0: pad_axis(x_BTH.reshape(B, 1, T * H), 2, R, value=fill)
+    per_row = lambda x_BT: lanes(jnp.broadcast_to(x_BT[:, :, None], (B, T, H)))
+    tok = lanes(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :, None], (B, T, H)), fill=-1)
+    row_operands = [rows(q_BTHD), rows(do_BTHD), lanes(lse_BTH), lanes(delta_BTH), tok]
+
+    def key_major(keys, n_keys, bound, key_block_offset, **rule):
+        n_kb = round_up(n_keys, bkv) // bkv
+        row_range = functools.partial(_row_range, bk=bkv, br=br, heads=H, n_tokens=T, **rule)
+        firsts, ends = row_range(np.arange(n_kb), xp=np)
+        n_steps = max(1, int(np.max(ends - firsts)))
+
+        def row_block(b, kb, j):
+            first, end = row_range(kb)
+            return b, jnp.clip(first + j, 0, jnp.maximum(end - 1, 0)), 0
+
+        row_spec = pl.BlockSpec((None, br, D), row_block)
+        lane_spec = pl.BlockSpec((None, 1, br), lambda b, kb, j: (b, 0, row_block(b, kb, j)[1]))
+        kernel = functools.partial(_dkv_kernel, scale=scale, bk=bkv, br=br, heads=H, n_tokens=T, **rule)
+        return pl.pallas_call(
+            kernel, grid=(B, n_kb, n_steps),
+            in_specs=[pl.BlockSpec((None, bkv, D), lambda b, kb, j: (b, kb + key_block_offset, 0)),
+                      row_spec, row_spec, lane_spec, lane_spec, lane_spec, lane_spec],
+            out_specs=pl.BlockSpec((None, bkv, D), lambda b, kb, j: (b, kb, 0)),
+            out_shape=jax.ShapeDtypeStruct((B, n_kb * bkv, D), _F32),
+            scratch_shapes=[pltpu.VMEM((bkv, D), _F32)],
+            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+            interpret=interpret, name="window_dkv" if rule["window"] else "hca_dkv",
+        )(keys, *row_operands, bound)[:, :n_keys]
+
+    dkv = key_major(kv, T, per_row(lo_BT), w_pad // bkv, window=window, ratio=None)
+    if sparse:
+        dcomp = dcomp[0][:, :S]
+    elif S == 0:
+        dcomp = jnp.zeros((B, 0, D), _F32)
+    else:
+        dcomp = key_major(comp, S, per_row(count_BT), 0, window=None, ratio=ratio)
+    return dq, dkv, dcomp

@@ -1,0 +1,96 @@
+"""CSA kernels against the pure-JAX reference: forward and gradients (q, kv, kv_comp, sinks) for the Triton
+lowering (interpret mode on CPU, compiled on a GPU) and the Mosaic lowering (TPU interpreter), odd lengths,
+batch 2, fp32 and bf16, segments with padding, unused (-1) and repeated top-k slots."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import BlockSizes, csa_attention
+from pallas_kernels.csa import csa_attention_reference
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+SMALL_BLOCKS = {"pallas_gpu": BlockSizes(block_h=16, block_k=16, block_kv_bwd=16, block_rows_bwd=16),
+                "pallas_tpu": BlockSizes(block_k=8, block_kv_bwd=8, block_rows_bwd=16)}
+
+
+def make_inputs(dtype, *, B=2, T=13, H=4, D=16, S=5, K=4, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 5)
+    q = jax.random.normal(ks[0], (B, T, H, D), jnp.float32).astype(dtype)
+    kv = jax.random.normal(ks[1], (B, T, D), jnp.float32).astype(dtype)
+    kv_comp = jax.random.normal(ks[2], (B, S, D), jnp.float32).astype(dtype)
+    sinks = jax.random.normal(ks[3], (H,), jnp.float32)
+    indices = jax.random.randint(ks[4], (B, T, K), -1, S, jnp.int32)
+    indices = indices.at[0, 3, :4].set(jnp.array([2, -1, 2, 0]))       # a repeated row and an unused slot
+    indices = indices.at[1, 0].set(-1)                                  # nothing selected at all
+    segment_ids = jnp.ones((B, T), jnp.int32)
+    segment_ids = segment_ids.at[1].set(jnp.array([1] * 5 + [2] * (T - 7) + [0] * 2))  # 2 segments + padding
+    return q, kv, kv_comp, indices, sinks, segment_ids
+
+
+def _output_and_grads(impl, blocks, window, indices, segment_ids):
+    """One jitted program: the output and the VJP of a random probe w.r.t. (q, kv, kv_comp, sinks)."""
+    @jax.jit
+    def run(q, kv, kv_comp, sinks, probe):
+        attend = lambda *args: csa_attention(*args[:3], indices, args[3], window=window, segment_ids=segment_ids,
+                                             impl=impl, block_sizes=blocks)
+        out, vjp = jax.vjp(attend, q, kv, kv_comp, sinks)
+        return out, vjp(probe.astype(out.dtype))
+    return run
+
+
+@pytest.mark.parametrize("impl,dtype", [("pallas_gpu", jnp.float32), ("pallas_gpu", jnp.bfloat16),
+                                        ("pallas_tpu", jnp.float32)])
+def test_matches_reference(impl, dtype, assert_close):
+    q, kv, kv_comp, indices, sinks, segment_ids = make_inputs(dtype)
+    probe = jax.random.normal(jax.random.key(7), q.shape)
+    out, grads = _output_and_grads(impl, SMALL_BLOCKS[impl], 8, indices, segment_ids)(q, kv, kv_comp, sinks, probe)
+    ref, ref_grads = _output_and_grads("xla", None, 8, indices, segment_ids)(q, kv, kv_comp, sinks, probe)
+    assert out.dtype == dtype
+    assert_close(out, ref, TOL[dtype], "out")
+    for name, g, r in zip(("dq", "dkv", "dkv_comp", "dsinks"), grads, ref_grads):
+        assert g.dtype == r.dtype, name
+        assert_close(g, r, TOL[dtype], name)
+
+
+def test_large_head_dim_and_default_scale(assert_close):
+    """head_dim 512 with the DeepSeek default scale D**-0.5, more heads than one head block."""
+    q, kv, kv_comp, indices, sinks, _ = make_inputs(jnp.bfloat16, B=1, T=7, H=24, D=512, S=40, K=24, seed=3)
+    blocks = BlockSizes(block_h=16, block_k=16, block_h_dq=16, block_k_dq=16, block_kv_bwd=16, block_rows_bwd=32)
+    probe = jax.random.normal(jax.random.key(7), q.shape)
+    out, grads = _output_and_grads("pallas_gpu", blocks, 5, indices, None)(q, kv, kv_comp, sinks, probe)
+    ref, ref_grads = _output_and_grads("xla", None, 5, indices, None)(q, kv, kv_comp, sinks, probe)
+    assert_close(out, ref, 1e-2, "out")
+    for name, g, r in zip(("dq", "dkv", "dkv_comp", "dsinks"), grads, ref_grads):
+        assert_close(g, r, 1e-2, name)
+
+
+def test_padding_and_other_segments_are_never_attended():
+    q, kv, kv_comp, indices, sinks, segment_ids = make_inputs(jnp.float32)
+    run = jax.jit(lambda kv: csa_attention(q, kv, kv_comp, indices, sinks, window=8, segment_ids=segment_ids,
+                                           impl="pallas_gpu", block_sizes=SMALL_BLOCKS["pallas_gpu"]))
+    out = run(kv)
+    changed = run(kv.at[1, -2:].set(1e3))                   # the two padding tokens of sequence 1
+    np.testing.assert_array_equal(out[1, :-2], changed[1, :-2])
+    changed = run(kv.at[1, :5].set(1e3))                    # segment 1 of sequence 1
+    np.testing.assert_array_equal(out[1, 5:-2], changed[1, 5:-2])
+    assert not np.array_equal(out[1, :5], changed[1, :5])
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(q=jnp.zeros((2, 13, 4))), "q must be 4-d"),
+    (dict(kv=jnp.zeros((2, 12, 16))), "kv has shape"),
+    (dict(kv_comp=jnp.zeros((2, 5, 8))), "kv_comp has shape"),
+    (dict(indices=jnp.zeros((2, 13, 4), jnp.float32)), "indices must have dtype"),
+    (dict(sinks=jnp.zeros((3,))), "sinks has shape"),
+    (dict(kv=jnp.zeros((2, 13, 16), jnp.bfloat16)), "kv must have dtype"),
+])
+def test_bad_inputs_name_the_tensor(bad, message):
+    q, kv, kv_comp, indices, sinks, _ = make_inputs(jnp.float32)
+    args = dict(q=q, kv=kv, kv_comp=kv_comp, indices=indices, sinks=sinks) | bad
+    with pytest.raises(ValueError, match=message):
+        csa_attention(**args, window=8)
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        csa_attention(q, kv, kv_comp, indices, sinks, window=0)
+    with pytest.raises(ValueError, match="unknown impl"):
+        csa_attention(q, kv, kv_comp, indices, sinks, window=8, impl="triton")
