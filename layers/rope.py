@@ -143,3 +143,11 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, spec: RopeSpec, *, in
         out = jnp.stack([x1 * cos_BT1R - x2 * sin_BT1R, x2 * cos_BT1R + x1 * sin_BT1R], axis=-1)
         out = out.reshape(x_rot.shape)
     return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
+
+
+def apply_rope_tail(x_BTNH: jax.Array, positions_BT: jax.Array, spec: RopeSpec, rope_dim: int, *,
+                    inverse: bool = False) -> jax.Array:
+    """`spec` on the LAST `rope_dim` dims of every head (layout [no rotation | rotation]); `spec`'s
+    fraction then applies within those dims."""
+    keep, rot = x_BTNH[..., :-rope_dim], x_BTNH[..., -rope_dim:]
+    return jnp.concatenate([keep, apply_rope(rot, positions_BT, spec, inverse=inverse)], axis=-1)

@@ -3,7 +3,11 @@
 A family module supplies the block (`Block(cfg, layer_index, rngs=...)` called as `block(x_BTD, ctx)`);
 everything else here is family-agnostic and driven by the model config. Optional config keys (absent =
 off): `input_scale_bias` puts a learned `(x + b) * s` on the embedded input; `residual_fp32` keeps the
-residual stream between blocks in float32 whatever the compute dtype (blocks cast what they read).
+residual stream between blocks in float32 whatever the compute dtype (blocks cast what they read);
+`hc_streams` n > 0 widens the residual into n hyper-connection streams [B, T, n, D] (the embedding copied
+into each; blocks read and write all n; a learned `HyperHead` collapses them before the final norm);
+`mtp_depth` k > 0 adds k multi-token-prediction modules, trained through `train_loss` with weight
+`mtp_loss_weight`.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from flax import nnx
 
 from layers import params
 from layers.embeddings import Embed, PerLayerEmbedding
+from layers.hyper_connections import HyperHead
 from layers.norms import RMSNorm
 from layers.residual import ScaleBias
 
@@ -30,6 +35,35 @@ class LayerContext:
     layer_inputs_BTLP: jax.Array | None = None  # per-layer embeddings, when the config has them
     kv_store: dict[int, tuple[jax.Array, jax.Array]] = dataclasses.field(default_factory=dict)
     carry: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # state a block hands to later ones
+    tokens_BT: jax.Array | None = None          # the token ids the stream started from (token-routed layers)
+
+
+def _hyper_head(cfg, rngs: nnx.Rngs) -> HyperHead | None:
+    n = cfg.get("hc_streams", 0)
+    return HyperHead(n, cfg.d_model, eps=cfg.hc_eps, norm_eps=cfg.norm_eps, rngs=rngs) if n else None
+
+
+class MTPModule(nnx.Module):
+    """One multi-token-prediction depth: from the residual h of the depth before and the embedding e of
+    the token one step further ahead, h' = block(rmsnorm(h) W_h + rmsnorm(e) W_e) (W_e e added to every
+    stream), read out through its own stream collapse and norm and the decoder's output head."""
+
+    def __init__(self, cfg, block_cls, index: int, *, rngs: nnx.Rngs):
+        D = cfg.d_model
+        self.embed_norm = RMSNorm(D, eps=cfg.norm_eps)
+        self.hidden_norm = RMSNorm(D, eps=cfg.norm_eps)
+        self.embed_proj = params.normal(rngs, (D, D), ("embed", None))
+        self.hidden_proj = params.normal(rngs, (D, D), ("embed", None))
+        self.block = block_cls(cfg, index, rngs=rngs)
+        self.hyper_head = _hyper_head(cfg, rngs)
+        self.final_norm = RMSNorm(D, eps=cfg.norm_eps)
+
+    def __call__(self, h: jax.Array, e_BTD: jax.Array, ctx: LayerContext) -> jax.Array:
+        """h: [B, T, D] or streams [B, T, n, D]; returns the same shape."""
+        e_BTD = jnp.einsum("BTD,DE->BTE", self.embed_norm(e_BTD), self.embed_proj[...])
+        h_proj = jnp.einsum("...D,DE->...E", self.hidden_norm(h), self.hidden_proj[...])
+        e = e_BTD[:, :, None, :] if h.ndim == 4 else e_BTD
+        return self.block((h_proj + e).astype(h.dtype), ctx)
 
 
 class Decoder(nnx.Module):
@@ -46,10 +80,52 @@ class Decoder(nnx.Module):
         self.blocks = nnx.List([block_cls(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(D, eps=cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else params.normal(rngs, (D, cfg.vocab_size), ("embed", "vocab"))
+        self.hyper_head = _hyper_head(cfg, rngs)
+        depth = cfg.get("mtp_depth", 0)
+        self.mtp = (nnx.List([MTPModule(cfg, block_cls, cfg.num_layers + k, rngs=rngs) for k in range(depth)])
+                    if depth else None)
 
     def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
                  segment_ids_BT: jax.Array | None = None) -> jax.Array:
         """Logits [B, T, V] (float32) for token ids [B, T]."""
+        x, _, compute_dtype = self._trunk(tokens_BT, positions_BT, segment_ids_BT)
+        return self._logits(x, compute_dtype, self.hyper_head, self.final_norm)
+
+    def forward_with_mtp(self, tokens_BT: jax.Array, targets_BT: jax.Array, *,
+                         positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None
+                         ) -> tuple[jax.Array, list[jax.Array]]:
+        """The logits [B, T, V] and, for each multi-token-prediction depth k = 1.., logits [B, T, V] whose
+        row t predicts targets[t + k] (rows t >= T - k have no target). Depth k embeds targets[t + k - 1]."""
+        x, ctx, compute_dtype = self._trunk(tokens_BT, positions_BT, segment_ids_BT)
+        logits_BTV = self._logits(x, compute_dtype, self.hyper_head, self.final_norm)
+        extra = []
+        for k, module in enumerate(self.mtp or (), start=1):
+            ahead_BT = jnp.pad(targets_BT[:, k - 1:], [(0, 0), (0, k - 1)])
+            x = module(x, self.embed(ahead_BT), dataclasses.replace(ctx, tokens_BT=ahead_BT, kv_store={}, carry={}))
+            extra.append(self._logits(x, compute_dtype, module.hyper_head, module.final_norm))
+        return logits_BTV, extra
+
+    def train_loss(self, tokens_BT: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array | None = None, *,
+                   positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The training objective: next-token cross-entropy plus `mtp_loss_weight` times the mean cross-
+        entropy of the multi-token-prediction depths; returns it and its parts (nats)."""
+        logits_BTV, extra = self.forward_with_mtp(tokens_BT, targets_BT, positions_BT=positions_BT,
+                                                  segment_ids_BT=segment_ids_BT)
+        loss, _ = cross_entropy(logits_BTV, targets_BT, mask_BT)
+        parts = {"loss_next_token": loss}
+        if extra:
+            T = tokens_BT.shape[1]
+            mtp = sum(cross_entropy(logits[:, :T - k], targets_BT[:, k:],
+                                    None if mask_BT is None else mask_BT[:, k:])[0]
+                      for k, logits in enumerate(extra, start=1)) / len(extra)
+            parts["loss_mtp"] = mtp
+            loss = loss + self.config.mtp_loss_weight * mtp
+        return loss, parts
+
+    def _trunk(self, tokens_BT, positions_BT, segment_ids_BT) -> tuple[jax.Array, LayerContext, jnp.dtype]:
+        """The residual after the last block ([B, T, D], or [B, T, n, D] with streams), the blocks'
+        context, and the compute dtype."""
         if tokens_BT.ndim != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tokens_BT.shape}")
         B, T = tokens_BT.shape
@@ -57,7 +133,7 @@ class Decoder(nnx.Module):
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x_BTD = self.embed(tokens_BT)
-        ctx = LayerContext(positions_BT, segment_ids_BT, default_positions)
+        ctx = LayerContext(positions_BT, segment_ids_BT, default_positions, tokens_BT=tokens_BT)
         if self.per_layer_embed is not None:
             ctx.layer_inputs_BTLP = self.per_layer_embed(tokens_BT, x_BTD)
         if self.input_scale_bias is not None:
@@ -65,9 +141,16 @@ class Decoder(nnx.Module):
         compute_dtype = x_BTD.dtype
         if self.residual_fp32:
             x_BTD = x_BTD.astype(jnp.float32)
+        x = self.hyper_head.expand(x_BTD) if self.hyper_head is not None else x_BTD
         for block in self.blocks:
-            x_BTD = block(x_BTD, ctx)
-        x_BTD = self.final_norm(x_BTD.astype(compute_dtype))
+            x = block(x, ctx)
+        return x, ctx, compute_dtype
+
+    def _logits(self, x, compute_dtype, hyper_head: HyperHead | None, norm: RMSNorm) -> jax.Array:
+        """Float32 logits from the residual: collapse the streams, norm, output head, softcap."""
+        if hyper_head is not None:
+            x = hyper_head(x)
+        x_BTD = norm(x.astype(compute_dtype))
         if self.lm_head is None:
             logits_BTV = self.embed.attend(x_BTD)
         else:

@@ -63,26 +63,30 @@ def from_hf(path: str, *, dtype: str = "float32", attention_impl: str = "xla"):
     cfg = family.from_hf_config(hf)
     cfg.attention_impl = attention_impl
     cfg.dtype = dtype
-    model = build_abstract(cfg)
     tensors = SafetensorsDir(path)
+    if hasattr(family, "hf_update_config"):   # settings only the checkpoint's tensor names tell
+        family.hf_update_config(cfg, tensors.names())
+    model = build_abstract(cfg)
     prefix = _prefix(tensors.names())
     slots = _flat_params(model)
     filled: set[tuple] = set()
     used: set[str] = set()
     target = DTYPES[dtype]
     for rule in family.hf_rules(cfg):
-        names = [(prefix if rule.hf_prefix is None else rule.hf_prefix) + n for n in rule.hf]
+        pfx = prefix if rule.hf_prefix is None else rule.hf_prefix
+        names = [next((pfx + s for s in n.split("|") if pfx + s in tensors), pfx + n.split("|")[0])
+                 for n in rule.hf]
         abstract = [slots[p].get_value() for p in rule.ours]
         expected = jax.eval_shape(rule.to_hf, *abstract)
         arrays = []
         for name, want in zip(names, expected):
             if name not in tensors:
                 raise ValueError(f"checkpoint {path} lacks tensor {name!r}")
-            if tensors.shape(name) != tuple(want.shape):
-                raise ValueError(f"tensor {name!r} has shape {tensors.shape(name)}; the config expects "
+            if tensors.logical_shape(name) != tuple(want.shape):
+                raise ValueError(f"tensor {name!r} has shape {tensors.logical_shape(name)}; the config expects "
                                  f"{tuple(want.shape)}")
-            arrays.append(tensors.get(name).astype(np.float32))
-            used.add(name)
+            arrays.append(tensors.get_float32(name))
+            used.update({name, tensors.scale_of(name)} - {None})
         for p, value in zip(rule.ours, rule.to_ours(*arrays)):
             slots[p].set_value(jnp.asarray(value, dtype=target))
             filled.add(p)
@@ -110,7 +114,7 @@ def to_hf(model, path: str, *, max_shard_bytes: int = 2 << 30) -> str:
         for rule in family.hf_rules(cfg):
             ours = [np.asarray(jax.device_get(slots[p].get_value())) for p in rule.ours]
             for name, value in zip(rule.hf, rule.to_hf(*ours)):
-                full = ("model." if rule.hf_prefix is None else rule.hf_prefix) + name
+                full = ("model." if rule.hf_prefix is None else rule.hf_prefix) + name.split("|")[0]
                 yield full, np.asarray(value)
 
     os.makedirs(path, exist_ok=True)

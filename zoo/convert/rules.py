@@ -2,7 +2,8 @@
 
 A rule maps a few HF tensors (usually one) to a few of our parameters (usually one) with a conversion
 in each direction. The conversions use only array methods and `jnp` so `jax.eval_shape` can derive the
-HF shapes a config expects (to name a wrongly-shaped tensor before converting it).
+HF shapes a config expects (to name a wrongly-shaped tensor before converting it). An HF name "a|b"
+accepts either spelling when loading and writes the first.
 """
 from __future__ import annotations
 

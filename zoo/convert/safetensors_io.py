@@ -2,6 +2,11 @@
 
 Reads memory-map each file and hand out one tensor at a time (bf16 and fp8 through ml_dtypes, which
 the numpy backend of the `safetensors` package lacks). Writes fill one shard at a time.
+
+Block-quantised weights are dequantised as they are read: a weight `<p>.weight` with a scale tensor
+`<p>.scale` (DeepSeek) or `<p>.weight_scale_inv` (Hugging Face) is either FP8 e4m3 with one scale per
+128 x 128 block, or FP4 e2m1 packed two to an int8 byte (low nibble first) with one scale per 32 inputs;
+scales are float32, bfloat16 or UE8M0 (a bare power-of-two exponent).
 """
 from __future__ import annotations
 
@@ -15,12 +20,33 @@ import numpy as np
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "F8_E8M0": ml_dtypes.float8_e8m0fnu,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+FP8_BLOCK = 128   # FP8 weights: one scale per FP8_BLOCK x FP8_BLOCK block
+FP4_GROUP = 32    # FP4 weights: one scale per FP4_GROUP consecutive inputs
+FP4_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+def unpack_fp4(packed: np.ndarray) -> np.ndarray:
+    """int8 [..., n] holding two e2m1 codes per byte (low nibble first) -> float32 [..., 2n]."""
+    codes = packed.view(np.uint8)
+    pairs = np.stack([FP4_VALUES[codes & 0xF], FP4_VALUES[codes >> 4]], axis=-1)
+    return pairs.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+def dequantize(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """float32 weight from FP8 (e4m3, scale per 128 x 128 block) or packed FP4 (int8, scale per 32 inputs)."""
+    scale = scale.astype(np.float32)
+    if weight.dtype in (np.int8, np.uint8):
+        values = unpack_fp4(weight)
+        return values * np.repeat(scale, FP4_GROUP, axis=-1)[..., :values.shape[-1]]
+    rows, cols = weight.shape[-2:]
+    scale = np.repeat(np.repeat(scale, FP8_BLOCK, axis=-2), FP8_BLOCK, axis=-1)[..., :rows, :cols]
+    return weight.astype(np.float32) * scale
 
 
 class SafetensorsDir:
@@ -59,6 +85,28 @@ class SafetensorsDir:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._where[name][1]["shape"])
+
+    def scale_of(self, name: str) -> str | None:
+        """The block-scale tensor of a quantised weight, if `name` has one."""
+        stem = name[:-len("weight")] if name.endswith("weight") else None
+        for scale in ((stem + "scale",) if stem else ()) + (name + "_scale_inv",):
+            if scale in self._where:
+                return scale
+        return None
+
+    def logical_shape(self, name: str) -> tuple[int, ...]:
+        """The shape after dequantisation (packed FP4 holds two inputs per byte)."""
+        shape = self.shape(name)
+        if self.scale_of(name) and self._where[name][1]["dtype"] in ("I8", "U8"):
+            return shape[:-1] + (2 * shape[-1],)
+        return shape
+
+    def get_float32(self, name: str) -> np.ndarray:
+        """One tensor as float32, dequantised with its block scales when it has them."""
+        scale = self.scale_of(name)
+        if scale is None:
+            return self.get(name).astype(np.float32)
+        return dequantize(self.get(name), self.get(scale))
 
     def get(self, name: str) -> np.ndarray:
         """A copy of one tensor (the file is memory-mapped, so only this tensor is read)."""

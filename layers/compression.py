@@ -1,0 +1,149 @@
+"""Sequence compression for long-context attention: gated pooling of every `ratio` tokens into one
+compressed entry, and the lightning indexer that picks, per query, the entries worth attending to.
+
+Shapes: B batch, T tokens, R ratio, S = T // R compressed entries, D model width, H entry dim,
+C projected channels (H, or 2H for overlapping windows), N index heads, K selected entries.
+
+Compressor; window s is the tokens [s R, (s + 1) R):
+    kv, z = x W_kv, x W_z + b[t mod R]                 [B, T, C], b: a learned bias per window slot
+    e_s   = sum_t softmax_t(z_t) kv_t                  per channel, over the tokens of the window
+    e_s   = rope(rmsnorm(e_s), position of window s's first token)
+Overlapping windows (C = 2H) pool 2R tokens: the first H channels of window s - 1's tokens and the last
+H channels of window s's own (window 0 has nothing before it). Every entry is complete when its window
+ends, so entry s is visible to query t iff s < (t + 1) // R. With segment ids, an entry belongs to the
+segment of its window's last token: it pools only that segment's tokens (never padding, id 0) and only
+that segment's queries see it.
+
+Lightning indexer (own overlapping compressor K_I at the index width):
+    q_I    = rope(qr W_qI)                             [B, T, N, H_I] from the query's low-rank latent qr
+    w      = x W_w * H_I^-1/2 * N^-1/2                 [B, T, N]
+    I[t,s] = sum_n w[t, n] relu(q_I[t, n] . K_I[s])    over visible entries
+    top-k entries per query; slots left without a visible entry hold -1.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers import params
+from layers.norms import RMSNorm
+from layers.rope import RopeSpec, apply_rope_tail
+
+
+def entry_segments(segment_ids_BT: jax.Array, ratio: int) -> jax.Array:
+    """[B, S]: the segment of each window's last token."""
+    S = segment_ids_BT.shape[1] // ratio
+    return segment_ids_BT[:, ratio - 1:S * ratio:ratio]
+
+
+def entry_visibility(num_tokens: int, num_entries: int, ratio: int, segment_ids_BT: jax.Array | None = None
+                     ) -> jax.Array:
+    """Boolean [B or 1, T, S]: entry s is complete before query t (s < (t + 1) // ratio) and, with
+    segment ids, belongs to t's segment (never to padding)."""
+    t_T1, s_1S = jnp.arange(num_tokens)[:, None], jnp.arange(num_entries)[None, :]
+    visible_1TS = (s_1S < (t_T1 + 1) // ratio)[None]
+    if segment_ids_BT is None:
+        return visible_1TS
+    entry_seg_B1S = entry_segments(segment_ids_BT, ratio)[:, None, :num_entries]
+    return visible_1TS & (entry_seg_B1S == segment_ids_BT[:, :, None]) & (entry_seg_B1S != 0)
+
+
+def _masked_softmax(logits: jax.Array, valid: jax.Array, axis: int) -> jax.Array:
+    """softmax over the valid entries of `axis`; all zeros where none is valid."""
+    logits = jnp.where(valid, logits, -jnp.inf)
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=axis, keepdims=True))
+    e = jnp.where(valid, jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+    total = jnp.sum(e, axis=axis, keepdims=True)
+    return e / jnp.where(total > 0, total, 1.0)
+
+
+class Compressor(nnx.Module):
+    """Pools every `ratio` tokens into one RMS-normalised, rotated entry of width `dim` (see the module
+    docstring); `overlap` makes each entry also pool the previous window with its own channels."""
+
+    def __init__(self, d_model: int, dim: int, ratio: int, *, overlap: bool, rope: RopeSpec, rope_dim: int,
+                 eps: float = 1e-6, rngs: nnx.Rngs):
+        if ratio < 1 or not 0 < rope_dim <= dim:
+            raise ValueError(f"compressor needs ratio >= 1 and 0 < rope_dim <= dim, got ratio={ratio}, "
+                             f"rope_dim={rope_dim}, dim={dim}")
+        self.dim, self.ratio, self.overlap, self.rope, self.rope_dim = dim, ratio, overlap, rope, rope_dim
+        C = 2 * dim if overlap else dim
+        self.kv_proj = params.normal(rngs, (d_model, C), ("embed", "compress_kv"))
+        self.gate_proj = params.normal(rngs, (d_model, C), ("embed", "compress_kv"))
+        self.position_bias = params.zeros((ratio, C), ("compress_slot", "compress_kv"))
+        self.norm = RMSNorm(dim, eps=eps, axis_name="compress_dim")
+
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None
+                 ) -> jax.Array:
+        """Entries [B, S, H] in x's dtype; the tokens after the last complete window are not pooled."""
+        B, T, _ = x_BTD.shape
+        R, H = self.ratio, self.dim
+        S = T // R
+        x_BTD = x_BTD[:, :S * R]
+        kv_BSRC = jnp.einsum("BTD,DC->BTC", x_BTD, self.kv_proj[...],
+                             preferred_element_type=jnp.float32).reshape(B, S, R, -1)
+        gate_BSRC = jnp.einsum("BTD,DC->BTC", x_BTD, self.gate_proj[...],
+                               preferred_element_type=jnp.float32).reshape(B, S, R, -1)
+        gate_BSRC = gate_BSRC + self.position_bias[...].astype(jnp.float32)
+        if segment_ids_BT is None:
+            valid_BSR = jnp.ones((B, S, R), bool)
+        else:
+            seg_BSR = segment_ids_BT[:, :S * R].reshape(B, S, R)
+            entry_seg_BS1 = entry_segments(segment_ids_BT, R)[:, :, None]
+            valid_BSR = (seg_BSR == entry_seg_BS1) & (seg_BSR != 0)
+        if self.overlap:
+            shift = lambda a: jnp.pad(a[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (a.ndim - 2))  # window s-1 at s
+            kv_BSRC = jnp.concatenate([shift(kv_BSRC[..., :H]), kv_BSRC[..., H:]], axis=2)
+            gate_BSRC = jnp.concatenate([shift(gate_BSRC[..., :H]), gate_BSRC[..., H:]], axis=2)
+            prev_valid_BSR = shift(valid_BSR) & (jnp.arange(S) > 0)[None, :, None]
+            if segment_ids_BT is not None:   # the previous window's tokens must be of this entry's segment
+                prev_valid_BSR &= shift(seg_BSR) == entry_seg_BS1
+            valid_BSR = jnp.concatenate([prev_valid_BSR, valid_BSR], axis=2)
+        weights_BSRH = _masked_softmax(gate_BSRC, valid_BSR[..., None], axis=2)
+        entries_BSH = jnp.einsum("BSRH,BSRH->BSH", weights_BSRH, kv_BSRC).astype(x_BTD.dtype)
+        entries_BSH = self.norm(entries_BSH)
+        first_BS = positions_BT[:, R - 1:S * R:R] - (R - 1)   # robust to padding in front of the window
+        return apply_rope_tail(entries_BSH[:, :, None], first_BS, self.rope, self.rope_dim)[:, :, 0]
+
+
+def indexer_scores(q_BTNH: jax.Array, k_BSH: jax.Array, weights_BTN: jax.Array, *, ratio: int,
+                   segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """float32 [B, T, S]: sum_n weights[t, n] relu(q[t, n] . k[s]) over visible entries, -inf elsewhere
+    (the scales are folded into `weights`)."""
+    dots_BTNS = jnp.einsum("BTNH,BSH->BTNS", q_BTNH, k_BSH, preferred_element_type=jnp.float32)
+    scores_BTS = jnp.einsum("BTNS,BTN->BTS", jax.nn.relu(dots_BTNS), weights_BTN.astype(jnp.float32))
+    visible = entry_visibility(q_BTNH.shape[1], k_BSH.shape[1], ratio, segment_ids_BT)
+    return jnp.where(visible, scores_BTS, -jnp.inf)
+
+
+def top_k_entries(scores_BTS: jax.Array, k: int) -> jax.Array:
+    """int32 [B, T, min(k, S)]: the best-scoring entries (-inf scores mark invisible ones), best first;
+    slots without a visible entry hold -1."""
+    top_BTK, idx_BTK = jax.lax.top_k(jax.lax.stop_gradient(scores_BTS), min(k, scores_BTS.shape[-1]))
+    return jnp.where(jnp.isneginf(top_BTK), -1, idx_BTK).astype(jnp.int32)
+
+
+class LightningIndexer(nnx.Module):
+    """Picks the `top_k` compressed entries each query attends to (see the module docstring)."""
+
+    def __init__(self, d_model: int, q_rank: int, num_heads: int, head_dim: int, ratio: int, top_k: int, *,
+                 overlap: bool, rope: RopeSpec, rope_dim: int, eps: float = 1e-6, rngs: nnx.Rngs):
+        self.num_heads, self.head_dim, self.ratio, self.top_k = num_heads, head_dim, ratio, top_k
+        self.rope, self.rope_dim = rope, rope_dim
+        self.compressor = Compressor(d_model, head_dim, ratio, overlap=overlap, rope=rope, rope_dim=rope_dim,
+                                     eps=eps, rngs=rngs)
+        self.q_proj = params.normal(rngs, (q_rank, num_heads, head_dim), ("q_lora", "index_heads", "index_dim"))
+        self.weights_proj = params.normal(rngs, (d_model, num_heads), ("embed", "index_heads"))
+
+    def __call__(self, x_BTD: jax.Array, qr_BTQ: jax.Array, positions_BT: jax.Array,
+                 segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        """int32 [B, T, min(top_k, S)] entry indices, -1 for unused slots."""
+        keys_BSH = self.compressor(x_BTD, positions_BT, segment_ids_BT)
+        q_BTNH = jnp.einsum("BTQ,QNH->BTNH", qr_BTQ, self.q_proj[...])
+        q_BTNH = apply_rope_tail(q_BTNH, positions_BT, self.rope, self.rope_dim)
+        weights_BTN = jnp.einsum("BTD,DN->BTN", x_BTD, self.weights_proj[...],
+                                 preferred_element_type=jnp.float32)
+        weights_BTN = weights_BTN * (self.head_dim ** -0.5 * self.num_heads ** -0.5)
+        scores_BTS = indexer_scores(q_BTNH, keys_BSH, weights_BTN, ratio=self.ratio, segment_ids_BT=segment_ids_BT)
+        return top_k_entries(scores_BTS, self.top_k)

@@ -1,0 +1,152 @@
+"""Attention over one K = V vector per token (MQA) that joins a sliding window of raw tokens with
+compressed entries of the whole past in ONE softmax, plus a learned per-head sink logit.
+
+Shapes: B batch, T tokens, N query heads, H head dim, S compressed entries, K selected entries per query,
+Q query latent (low-rank) width, G output groups, M = N / G heads per group, O output latent width.
+
+    qr  = rmsnorm(x W_qa)                                   [B, T, Q]
+    q   = rope(rmsnorm_unweighted(qr W_qb))                 [B, T, N, H], per head, no weight
+    kv  = rope(rmsnorm(x W_kv))                             [B, T, H], both key and value
+    o   = softmax(q . [window kv ; compressed entries] * H^-1/2 ; sink) [window kv ; entries]
+    o   = rope^-1(o)                                        undoes the rotation the values carried
+    y   = concat_g(o_g W_oa[g]) W_ob                        grouped low-rank output projection
+RoPE acts on the last `rope_dim` dims of each head. The compressed part is empty (sliding-window
+layers), every visible entry (`hca_attention`), or each query's top-k entries from the lightning indexer
+(`csa_attention`). The window holds the `window` most recent raw tokens, the query itself included.
+
+Masks follow token indices, not positions: key j is in query t's window iff t - window < j <= t and both
+are of the same (non-padding) segment; compressed entries follow `compression.entry_visibility`. The
+three functions below are the pure-JAX references (attention_impl "xla"); a kernel for `csa_attention`
+or `hca_attention` takes the same arguments in the same order and computes the same masks.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers import params
+from layers.attention import IMPLS
+from layers.compression import Compressor, LightningIndexer, entry_visibility
+from layers.norms import RMSNorm, rms_normalize
+from layers.rope import RopeSpec, apply_rope_tail
+
+
+def window_visibility(num_tokens: int, window: int, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Boolean [B or 1, T, T]: key j is one of query t's `window` most recent tokens (t itself included),
+    of t's segment and not padding."""
+    t_T1, j_1T = jnp.arange(num_tokens)[:, None], jnp.arange(num_tokens)[None, :]
+    visible_1TT = ((j_1T <= t_T1) & (t_T1 - j_1T < window))[None]
+    if segment_ids_BT is None:
+        return visible_1TT
+    q_seg, kv_seg = segment_ids_BT[:, :, None], segment_ids_BT[:, None, :]
+    return visible_1TT & (q_seg == kv_seg) & (kv_seg != 0)
+
+
+def _attend(q_BTNH: jax.Array, parts: list[tuple[jax.Array, jax.Array]], sinks_N: jax.Array, scale: float
+            ) -> jax.Array:
+    """One float32 softmax over the keys of all `parts` (each: K = V rows [B, S_i, H] and a visibility
+    [B or 1, T, S_i]) plus the per-head sink logit, which enters only the denominator."""
+    B, T, N, _ = q_BTNH.shape
+    logits = [jnp.where(visible[:, None], jnp.einsum("BTNH,BSH->BNTS", q_BTNH, kv_BSH,
+                                                     preferred_element_type=jnp.float32) * scale, -jnp.inf)
+              for kv_BSH, visible in parts]
+    sink_BNT1 = jnp.broadcast_to(sinks_N.astype(jnp.float32)[None, :, None, None], (B, N, T, 1))
+    probs_BNTX = jax.nn.softmax(jnp.concatenate([*logits, sink_BNT1], axis=-1), axis=-1)
+    out_BTNH, offset = 0.0, 0
+    for kv_BSH, _ in parts:
+        p_BNTS = probs_BNTX[..., offset:offset + kv_BSH.shape[1]].astype(kv_BSH.dtype)
+        out_BTNH = out_BTNH + jnp.einsum("BNTS,BSH->BTNH", p_BNTS, kv_BSH, preferred_element_type=jnp.float32)
+        offset += kv_BSH.shape[1]
+    return out_BTNH.astype(q_BTNH.dtype)
+
+
+def sliding_attention(q_BTNH: jax.Array, kv_BTH: jax.Array, sinks_N: jax.Array, *, window: int, scale: float,
+                      segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Window of raw tokens only: [B, T, N, H]."""
+    visible = window_visibility(q_BTNH.shape[1], window, segment_ids_BT)
+    return _attend(q_BTNH, [(kv_BTH, visible)], sinks_N, scale)
+
+
+def hca_attention(q_BTNH: jax.Array, kv_BTH: jax.Array, compressed_BSH: jax.Array, sinks_N: jax.Array, *,
+                  window: int, ratio: int, scale: float, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Window of raw tokens plus every compressed entry visible to the query: [B, T, N, H]."""
+    T, S = q_BTNH.shape[1], compressed_BSH.shape[1]
+    return _attend(q_BTNH, [(kv_BTH, window_visibility(T, window, segment_ids_BT)),
+                            (compressed_BSH, entry_visibility(T, S, ratio, segment_ids_BT))], sinks_N, scale)
+
+
+def csa_attention(q_BTNH: jax.Array, kv_BTH: jax.Array, compressed_BSH: jax.Array, indices_BTK: jax.Array,
+                  sinks_N: jax.Array, *, window: int, scale: float, segment_ids_BT: jax.Array | None = None
+                  ) -> jax.Array:
+    """Window of raw tokens plus the compressed entries `indices` [B, T, K] names for each query (-1 marks
+    an unused slot; the indexer already applied causality; an entry named twice counts once, and the
+    indexer never names one twice): [B, T, N, H]."""
+    B, T, _ = indices_BTK.shape
+    S = compressed_BSH.shape[1]
+    rows_BTK = jnp.where(indices_BTK >= 0, indices_BTK, S)   # unused slots land in a dropped column
+    selected_BTS = jnp.zeros((B, T, S + 1), bool).at[
+        jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], rows_BTK].set(True)[..., :S]
+    return _attend(q_BTNH, [(kv_BTH, window_visibility(T, window, segment_ids_BT)),
+                            (compressed_BSH, selected_BTS)], sinks_N, scale)
+
+
+class CompressedAttention(nnx.Module):
+    """The attention layer of the module docstring. `compress_ratio` 0: sliding window only; with a
+    ratio and `index_top_k` 0: window + all visible entries (HCA); with `index_top_k` > 0: window + the
+    indexer's top-k entries (CSA). `overlap` makes the compressors pool overlapping windows."""
+
+    def __init__(self, d_model: int, num_heads: int, head_dim: int, *, q_rank: int, out_groups: int,
+                 out_rank: int, window: int, rope: RopeSpec, rope_dim: int, compress_ratio: int = 0,
+                 overlap: bool = False, index_heads: int = 0, index_dim: int = 0, index_top_k: int = 0,
+                 eps: float = 1e-6, impl: str = "xla", rngs: nnx.Rngs):
+        if num_heads % out_groups:
+            raise ValueError(f"num_heads={num_heads} is not divisible by out_groups={out_groups}")
+        if impl not in IMPLS:
+            raise ValueError(f"unknown attention_impl {impl!r}; expected one of {IMPLS}")
+        if impl == "pallas":
+            raise NotImplementedError("attention_impl='pallas' is not wired into CompressedAttention yet; use "
+                                      "'xla' or 'auto' (both run the pure-JAX references here)")
+        D, N, H, G = d_model, num_heads, head_dim, out_groups
+        self.num_heads, self.head_dim, self.out_groups, self.window = N, H, G, window
+        self.rope, self.rope_dim, self.ratio, self.eps = rope, rope_dim, compress_ratio, eps
+        self.q_a_proj = params.normal(rngs, (D, q_rank), ("embed", "q_lora"))
+        self.q_norm = RMSNorm(q_rank, eps=eps, axis_name="q_lora")
+        self.q_b_proj = params.normal(rngs, (q_rank, N, H), ("q_lora", "q_heads", "head_dim"))
+        self.kv_proj = params.normal(rngs, (D, H), ("embed", "head_dim"))
+        self.kv_norm = RMSNorm(H, eps=eps, axis_name="head_dim")
+        self.sinks = params.zeros((N,), ("q_heads",))
+        self.o_a_proj = params.normal(rngs, (G, N // G, H, out_rank), ("o_groups", "q_heads", "head_dim", "o_lora"),
+                                      fan_in_dims=3)
+        self.o_b_proj = params.normal(rngs, (G, out_rank, D), ("o_groups", "o_lora", "embed"), fan_in_dims=2)
+        self.compressor = (Compressor(D, H, compress_ratio, overlap=overlap, rope=rope, rope_dim=rope_dim, eps=eps,
+                                      rngs=rngs) if compress_ratio else None)
+        self.indexer = (LightningIndexer(D, q_rank, index_heads, index_dim, compress_ratio, index_top_k,
+                                         overlap=overlap, rope=rope, rope_dim=rope_dim, eps=eps, rngs=rngs)
+                        if compress_ratio and index_top_k else None)
+
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *, segment_ids_BT: jax.Array | None = None
+                 ) -> jax.Array:
+        B, T, _ = x_BTD.shape
+        qr_BTQ = self.q_norm(jnp.einsum("BTD,DQ->BTQ", x_BTD, self.q_a_proj[...]))
+        q_BTNH = jnp.einsum("BTQ,QNH->BTNH", qr_BTQ, self.q_b_proj[...])
+        q_BTNH = apply_rope_tail(rms_normalize(q_BTNH, self.eps).astype(x_BTD.dtype), positions_BT, self.rope,
+                                 self.rope_dim)
+        kv_BTH = self.kv_norm(jnp.einsum("BTD,DH->BTH", x_BTD, self.kv_proj[...]))
+        kv_BTH = apply_rope_tail(kv_BTH[:, :, None], positions_BT, self.rope, self.rope_dim)[:, :, 0]
+        out_BTNH = self._attention(x_BTD, qr_BTQ, q_BTNH, kv_BTH, positions_BT, segment_ids_BT)
+        out_BTNH = apply_rope_tail(out_BTNH, positions_BT, self.rope, self.rope_dim, inverse=True)
+        out_BTGMH = out_BTNH.reshape(B, T, self.out_groups, -1, self.head_dim)
+        latent_BTGO = jnp.einsum("BTGMH,GMHO->BTGO", out_BTGMH, self.o_a_proj[...])
+        return jnp.einsum("BTGO,GOD->BTD", latent_BTGO, self.o_b_proj[...])
+
+    def _attention(self, x_BTD, qr_BTQ, q_BTNH, kv_BTH, positions_BT, segment_ids_BT) -> jax.Array:
+        sinks_N, common = self.sinks[...], dict(window=self.window, scale=self.head_dim ** -0.5,
+                                                segment_ids_BT=segment_ids_BT)
+        if self.compressor is None or x_BTD.shape[1] < self.ratio:   # no complete window yet
+            return sliding_attention(q_BTNH, kv_BTH, sinks_N, **common)
+        entries_BSH = self.compressor(x_BTD, positions_BT, segment_ids_BT)
+        if self.indexer is None:
+            return hca_attention(q_BTNH, kv_BTH, entries_BSH, sinks_N, ratio=self.ratio, **common)
+        indices_BTK = self.indexer(x_BTD, qr_BTQ, positions_BT, segment_ids_BT)
+        return csa_attention(q_BTNH, kv_BTH, entries_BSH, indices_BTK, sinks_N, **common)
