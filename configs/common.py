@@ -34,5 +34,6 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data.source = "stdlib"            # "stdlib" | "text" | "tokens"
     c.data.paths = ""                   # glob(s), comma separated, for "text" and "tokens"
     c.data.tokenizer = "bytes"          # "bytes" or a Hugging Face tokenizer.json path
+    c.data.token_dtype = "uint16"       # "tokens" files: raw little-endian "uint16" or "uint32" ids
     c.data.val_fraction = 0.05
     return c

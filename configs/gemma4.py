@@ -54,7 +54,12 @@ PRESETS = ("tiny", "small", "e2b", "e4b", "26b_a4b", "31b")
 
 
 def get_config(preset: str = "tiny"):
-    config = base_config(_model(preset or "tiny"))
+    preset = preset or "tiny"
+    config = base_config(_model(preset))
+    if preset == "tiny":
+        # ~4 minutes on 2 idle CPU cores, ending near 2.5 validation bits per byte on the stdlib corpus.
+        config.train.update(steps=300, eval_every=100, checkpoint_every=100)
+        config.optimizer.warmup_steps = 20
     if preset == "small":
         config.train.batch_size, config.train.seq_len = 32, 1024
         config.optimizer.learning_rate = 1e-3

@@ -213,3 +213,20 @@ def test_laguna_xs2_counts_and_kv():
     sliding_bytes = 30 * 512 * 2 * 8 * 128 * 2             # 30 sliding layers keep 512 tokens
     assert rep["kv_cache_bytes"] == global_bytes + sliding_bytes
     assert round(global_bytes / 1e9, 1) == 5.4 and round(sliding_bytes / 1e6) == 63
+
+
+def test_deepseek_v4_kv_and_decode_flops_against_the_sheet():
+    from configs.deepseek_v4 import get_config as dsv4_config
+    flash = analysis.report(dsv4_config("flash"), context=2 ** 20)
+    pro = analysis.report(dsv4_config("pro"), context=2 ** 20)
+    # native: CSA layers pay (584 + 68) / 4 B per token, HCA layers 584 / 128 B (Flash 21 + 20, Pro 30 + 31)
+    assert flash["kv_bytes_per_token_native"] == 21 * (584 + 68) / 4 + 20 * 584 / 128
+    assert pro["kv_bytes_per_token_native"] == 30 * (584 + 68) / 4 + 31 * 584 / 128
+    assert flash["kv_bytes_per_token_v32_native"] == 61 * (656 + 132) == 48_068
+    assert round(100 * pro["kv_fraction_of_v32_native"], 1) == 10.5
+    assert round(100 * flash["kv_fraction_of_v32_native"], 1) == 7.3
+    assert round(100 * flash["kv_fraction_of_v32_bf16"], 1) == 7.9
+    assert round(pro["kv_cache_bytes_native"] / 2 ** 30, 2) == 4.92     # sheet: 4.91 GiB without the window
+    assert round(flash["kv_cache_bytes_native"] / 2 ** 30, 2) == 3.43
+    assert round(flash["flops_per_token_v32"] / 1e9) == 1157
+    assert 135e9 < flash["flops_per_token"] < 145e9 and 295e9 < pro["flops_per_token"] < 310e9

@@ -41,10 +41,21 @@ class AttentionKind:
     cached_tokens(cfg, i, context): tokens layer i caches at a context length (an int or an integer numpy
         array of lengths), which is also how many keys the query at that position reads.
     flops_per_key(cfg, i): forward FLOPs of one query of layer i against one key.
+    flops_per_query(cfg, i, context): optional; forward attention FLOPs of the query at position `context`
+        (int or array) when they are not flops_per_key x cached_tokens (sparse selection, an indexer).
+    native_kv_bytes(cfg, i, context): optional; cache bytes in the model's own cache precision (e.g. fp8
+        entries with block scales) at a context length.
     """
     kv_bytes_per_token: Callable[[Any, int, int], int]
     cached_tokens: Callable[[Any, int, Any], Any]
     flops_per_key: Callable[[Any, int], int]
+    flops_per_query: Callable[[Any, int, Any], Any] | None = None
+    native_kv_bytes: Callable[[Any, int, int], int] | None = None
+
+    def query_flops(self, cfg, i: int, context):
+        if self.flops_per_query is not None:
+            return self.flops_per_query(cfg, i, context)
+        return self.flops_per_key(cfg, i) * self.cached_tokens(cfg, i, context)
 
 
 def _gqa_kv_bytes(cfg, i: int, itemsize: int) -> int:
@@ -75,6 +86,15 @@ def register_attention_kind(name: str, kind: AttentionKind) -> None:
     if name in ATTENTION_KINDS and ATTENTION_KINDS[name] is not kind:
         raise ValueError(f"attention kind {name!r} is already registered")
     ATTENTION_KINDS[name] = kind
+
+
+REPORT_EXTRAS: dict[str, Callable[[Any, int, str], dict[str, Any]]] = {}
+
+
+def register_report_extras(family: str, extras: Callable[[Any, int, str], dict[str, Any]]) -> None:
+    """Adds `extras(model_cfg, context, dtype) -> dict` to the report of every config of `family` (for
+    figures only that family has, such as a comparison with its predecessor)."""
+    REPORT_EXTRAS[family] = extras
 
 
 def _attention_kind(name: str) -> AttentionKind:
@@ -145,7 +165,9 @@ def count_params(model_cfg) -> dict[str, int]:
 def kv_cache(model_cfg, context: int, dtype="bfloat16", batch: int = 1) -> dict[str, Any]:
     """KV-cache bytes at `context` tokens: as the decoder allocates it (only layers with their own k/v,
     `kv_sources[i] == -1`; each kind keeps its `cached_tokens`), with every allocating layer keeping the
-    whole context, and both again as if every layer had its own k/v. `kv_cache_bytes_mha_equivalent` is the
+    whole context, and both again as if every layer had its own k/v; `kv_cache_bytes_native` (only for
+    kinds that define a native cache precision) the decoder's cache in that precision.
+    `kv_cache_bytes_mha_equivalent` is the
     multi-head baseline at the same width: every layer caching full-width K and V (2 x d_model values per
     token) for the whole context. Also the bytes one token costs one layer, by attention type (an int, or
     the distinct values if layers of a type differ)."""
@@ -155,6 +177,7 @@ def kv_cache(model_cfg, context: int, dtype="bfloat16", batch: int = 1) -> dict[
     totals = dict.fromkeys(("kv_cache_bytes", "kv_cache_bytes_full_length", "kv_cache_bytes_no_sharing",
                             "kv_cache_bytes_full_length_no_sharing"), 0)
     kv_sources = cfg.get("kv_sources") or (-1,) * cfg.num_layers
+    native, has_native = 0, False
     by_type: dict[str, set[int]] = {}
     for i, name in enumerate(cfg.attention_types):
         kind = _attention_kind(name)
@@ -166,6 +189,13 @@ def kv_cache(model_cfg, context: int, dtype="bfloat16", batch: int = 1) -> dict[
         if kv_sources[i] < 0:
             totals["kv_cache_bytes"] += kept
             totals["kv_cache_bytes_full_length"] += full
+            if kind.native_kv_bytes is not None:
+                has_native = True
+                native += batch * int(kind.native_kv_bytes(cfg, i, context))
+            else:
+                native += kept
+    if has_native:
+        totals["kv_cache_bytes_native"] = native
     totals["kv_cache_bytes_mha_equivalent"] = batch * cfg.num_layers * 2 * cfg.d_model * itemsize * context
     totals["kv_bytes_per_token_by_type"] = {
         name: next(iter(values)) if len(values) == 1 else tuple(sorted(values)) for name, values in by_type.items()}
@@ -182,9 +212,8 @@ def attention_flops(model_cfg, context: int) -> dict[str, float]:
     last = total = 0
     for i, name in enumerate(cfg.attention_types):
         kind = _attention_kind(name)
-        per_key = kind.flops_per_key(cfg, i)
-        last += per_key * int(kind.cached_tokens(cfg, i, context))
-        total += per_key * int(np.broadcast_to(kind.cached_tokens(cfg, i, positions), positions.shape).sum())
+        last += int(kind.query_flops(cfg, i, context))
+        total += int(np.broadcast_to(kind.query_flops(cfg, i, positions), positions.shape).sum())
     return {"last": last, "mean": total / context}
 
 
@@ -223,6 +252,8 @@ def report(config, context: int | None = None, dtype="bfloat16", batch: int = 1)
     out["flops_per_token_attention"] = attention["last"]
     out["flops_per_token"] = matmul + attention["last"]
     out["flops_per_token_seq_mean"] = matmul + attention["mean"]
+    if cfg.family in REPORT_EXTRAS:
+        out.update(REPORT_EXTRAS[cfg.family](cfg, context, dtype))
     return out
 
 

@@ -165,11 +165,22 @@ Block = DeepseekV4Block
 
 
 # ---------------------------------------------------------------------------------------------------
-# KV-cache and FLOP accounting (zoo.analysis). Every entry is one K=V vector of head_dim values; a CSA
-# layer also caches one index key (index_dim values) per compressed entry. The window is `window` tokens.
+# KV-cache and FLOP accounting (zoo.analysis). A layer caches its last `window` raw tokens and one K=V
+# entry (head_dim values) per compressed entry; a CSA layer also one index key (index_dim values) per
+# entry. In the released cache precision an entry is fp8 (no-RoPE part, with 8 bytes of block scales)
+# plus the bf16 RoPE part: 448 + 8 + 128 = 584 B at head_dim 512; an index key is fp4 with one byte of
+# scale per 32 values: 64 + 4 = 68 B.
 
 def _entry_bytes(cfg, i: int, itemsize: int) -> int:
     return cfg.head_dim * itemsize
+
+
+def _native_entry_bytes(cfg) -> int:
+    return (cfg.head_dim - cfg.rope_dim) + 8 + 2 * cfg.rope_dim
+
+
+def _native_index_key_bytes(cfg) -> int:
+    return cfg.index_dim // 2 + cfg.index_dim // 32
 
 
 def _window(cfg, context):
@@ -181,10 +192,9 @@ def _hca_entries(cfg, i: int, context):
     return _window(cfg, context) + np.asarray(context) // cfg.hca_ratio
 
 
-def _csa_entries(cfg, i: int, context):
+def _csa_cached(cfg, i: int, context):
     """Window tokens, compressed entries and their index keys, in units of one head_dim entry (exact KV
-    bytes). The FLOPs count each of them as a full key: an upper bound, since a query reads only its
-    top-k compressed entries (the index keys cost 2 * index_heads * index_dim FLOPs each)."""
+    bytes in any one dtype)."""
     compressed = np.asarray(context) // cfg.csa_ratio
     return _window(cfg, context) + compressed + compressed * cfg.index_dim // cfg.head_dim
 
@@ -194,10 +204,68 @@ def _flops_per_key(cfg, i: int) -> int:
     return 4 * cfg.num_heads * cfg.head_dim
 
 
-analysis.register_attention_kind("swa", analysis.AttentionKind(_entry_bytes, lambda c, i, t: _window(c, t),
-                                                               _flops_per_key))
-analysis.register_attention_kind("hca", analysis.AttentionKind(_entry_bytes, _hca_entries, _flops_per_key))
-analysis.register_attention_kind("csa", analysis.AttentionKind(_entry_bytes, _csa_entries, _flops_per_key))
+def _csa_query_flops(cfg, i: int, context):
+    """Attention over the window and the top-k selected entries, plus the indexer scoring every visible
+    entry (q_I.k_I over index heads: 2 * index_heads * index_dim each)."""
+    entries = np.asarray(context) // cfg.csa_ratio
+    keys = _window(cfg, context) + np.minimum(entries, cfg.index_top_k)
+    return _flops_per_key(cfg, i) * keys + 2 * cfg.index_heads * cfg.index_dim * entries
+
+
+def _native_bytes(ratio_key: str, with_index: bool):
+    def native(cfg, i: int, context: int) -> int:
+        entries = context // cfg[ratio_key] if ratio_key else 0
+        index = _native_index_key_bytes(cfg) if with_index else 0
+        return int(_window(cfg, context)) * _native_entry_bytes(cfg) + entries * (_native_entry_bytes(cfg) + index)
+    return native
+
+
+analysis.register_attention_kind("swa", analysis.AttentionKind(
+    _entry_bytes, lambda c, i, t: _window(c, t), _flops_per_key, native_kv_bytes=_native_bytes("", False)))
+analysis.register_attention_kind("hca", analysis.AttentionKind(
+    _entry_bytes, _hca_entries, _flops_per_key, native_kv_bytes=_native_bytes("hca_ratio", False)))
+analysis.register_attention_kind("csa", analysis.AttentionKind(
+    _entry_bytes, _csa_cached, _flops_per_key, flops_per_query=_csa_query_flops,
+    native_kv_bytes=_native_bytes("csa_ratio", True)))
+
+# DeepSeek-V3.2, the predecessor the family sheet compares with: 61 MLA layers caching a 512-dim latent
+# and a 64-dim RoPE key per token, plus a lightning-indexer key (64 heads x 128, top-k 2048) per token;
+# 37B active parameters. Native: fp8 latent with scales + bf16 RoPE = 656 B, fp8 index key = 132 B.
+V32 = dict(layers=61, latent=512, rope=64, heads=128, index_heads=64, index_dim=128, index_top_k=2048,
+           active_params=37e9, native_entry=656, index_key=132)
+
+
+def _per_token_bytes(cfg, entry: int, index_key: int) -> float:
+    """Steady-state cache bytes per token (the window ignored) with the given entry and index-key sizes."""
+    total = 0.0
+    for kind in cfg.attention_types:
+        if kind == "csa":
+            total += (entry + index_key) / cfg.csa_ratio
+        elif kind == "hca":
+            total += entry / cfg.hca_ratio
+    return total
+
+
+def report_extras(cfg, context: int, dtype) -> dict:
+    """Per-token KV bytes next to DeepSeek-V3.2's, natively (fp8/fp4 as released) and in bf16 (main
+    entries in bf16; index keys in fp8 for both, as the sheet counts them), and decode FLOPs per token
+    at `context` next to V3.2's (2 x active params + attention over the selected keys + the indexer)."""
+    v32_native = V32["layers"] * (V32["native_entry"] + V32["index_key"])
+    v32_bf16 = V32["layers"] * (2 * (V32["latent"] + V32["rope"]) + V32["index_key"])
+    native = _per_token_bytes(cfg, _native_entry_bytes(cfg), _native_index_key_bytes(cfg))
+    bf16 = _per_token_bytes(cfg, 2 * cfg.head_dim, V32["index_key"])
+    v32_attention = V32["heads"] * min(context, V32["index_top_k"]) * 2 * (V32["latent"] + V32["rope"] + V32["latent"])
+    v32_indexer = context * 2 * V32["index_heads"] * V32["index_dim"]
+    v32_flops = 2 * V32["active_params"] + V32["layers"] * (v32_attention + v32_indexer)
+    return {
+        "kv_bytes_per_token_native": native, "kv_bytes_per_token_bf16": bf16,
+        "kv_bytes_per_token_v32_native": v32_native, "kv_bytes_per_token_v32_bf16": v32_bf16,
+        "kv_fraction_of_v32_native": native / v32_native, "kv_fraction_of_v32_bf16": bf16 / v32_bf16,
+        "flops_per_token_v32": v32_flops,
+    }
+
+
+analysis.register_report_extras("deepseek_v4", report_extras)
 
 
 # ---------------------------------------------------------------------------------------------------

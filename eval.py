@@ -1,0 +1,109 @@
+"""Evaluates a training workdir or a converted zoo checkpoint on the validation split.
+
+    python eval.py --workdir=runs/default                      # writes runs/default/eval.json
+    python eval.py --checkpoint=ckpt/gemma4 --seq_lens=128,256,512 --output=sweep.json   # + sweep.csv
+
+Reports validation loss (nats/token), bits per byte and perplexity as JSON and as a table; with
+`--seq_lens`, one row per sequence length, also written as CSV next to the JSON. Data and sizes default
+to the checkpoint's own config.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "training workdir to evaluate (its latest checkpoint)")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "zoo checkpoint directory (e.g. from hf-to-zoo)")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON output file (default: DIR/eval.json)")
+_SEQ_LENS = flags.DEFINE_string("seq_lens", "", "comma-separated sequence lengths to sweep (default: "
+                                "train.seq_len)")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "windows per batch (default: train.batch_size)")
+_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", None, "validation batches (default: train.eval_batches)")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "parameter dtype")
+_ATTENTION_IMPL = flags.DEFINE_string("attention_impl", None, "override model.attention_impl")
+_DATA_SOURCE = flags.DEFINE_string("data_source", None, "override data.source (stdlib, text, tokens)")
+_DATA_PATHS = flags.DEFINE_string("data_paths", None, "override data.paths")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "override data.tokenizer (bytes or a tokenizer.json)")
+
+
+def fail(message) -> None:
+    """Ends the program with one line on stderr."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(1)
+
+
+def parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(e)
+
+
+def parse_seq_lens(text: str) -> list[int]:
+    """`--seq_lens` as a list (empty: the checkpoint's train.seq_len)."""
+    try:
+        seq_lens = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seq_lens must be comma-separated integers, got {text!r}") from None
+    if any(n < 1 for n in seq_lens):
+        raise ValueError(f"--seq_lens must be positive, got {text!r}")
+    return seq_lens
+
+
+def evaluate_checkpoint(path: str, seq_lens: list[int]) -> dict:
+    """The evaluation report of the checkpoint at `path` (JSON-ready); the top-level numbers are those
+    of the first sequence length."""
+    from zoo import checkpoints, data
+    from zoo.evaluate import evaluate
+
+    config = checkpoints.read_config(path)
+    for key, flag in (("source", _DATA_SOURCE), ("paths", _DATA_PATHS), ("tokenizer", _TOKENIZER)):
+        if flag.value is not None:
+            config.data[key] = flag.value
+    seq_lens = seq_lens or [config.train.seq_len]
+    batch_size = _BATCH_SIZE.value or config.train.batch_size
+    num_batches = _EVAL_BATCHES.value or config.train.eval_batches
+    corpus = data.load_corpus(config.data)
+    model = checkpoints.load(path, dtype=_DTYPE.value, attention_impl=_ATTENTION_IMPL.value)
+    rows = evaluate(model, corpus, seq_lens=seq_lens, num_batches=num_batches, batch_size=batch_size)
+    return {"checkpoint": os.path.abspath(path), "step": checkpoints.latest_step(path),
+            "family": config.model.family, "dtype": _DTYPE.value, "data": config.data.to_dict(),
+            "bytes_per_token": corpus.bytes_per_token, "batch_size": batch_size, "eval_batches": num_batches,
+            **rows[0], "sweep": rows}
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}")
+    if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
+        fail("give exactly one of --workdir or --checkpoint")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    from zoo.evaluate import format_table, write_csv
+    from zoo.train import enable_compilation_cache
+
+    enable_compilation_cache()
+    path = _WORKDIR.value or _CHECKPOINT.value
+    try:
+        report = evaluate_checkpoint(path, parse_seq_lens(_SEQ_LENS.value))
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        fail(e)
+    output = _OUTPUT.value or os.path.join(path, "eval.json")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"{report['family']} checkpoint {report['checkpoint']} (step {report['step']}), "
+          f"{report['eval_batches']} batches of {report['batch_size']}:")
+    print(format_table(report["sweep"]))
+    print(f"wrote {output}")
+    if _SEQ_LENS.value:
+        csv_path = os.path.splitext(output)[0] + ".csv"
+        write_csv(report["sweep"], csv_path)
+        print(f"wrote {csv_path}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,81 @@
+"""eval.py and zoo.evaluate: the reported fields, their consistency with training, sweeps and errors."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import pytest
+
+import zoo
+from tests.conftest import get_config, read_metrics, run_script
+from zoo import checkpoints, data
+from zoo.evaluate import COLUMNS, evaluate, format_table
+from zoo.train import train
+
+FIELDS = {"checkpoint", "step", "family", "dtype", "data", "bytes_per_token", "batch_size", "eval_batches",
+          "seq_len", "val_loss", "val_bits_per_byte", "val_perplexity", "tokens", "sweep"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A micro run of 3 steps whose last step is an eval step."""
+    path = str(tmp_path_factory.mktemp("run"))
+    config = get_config()
+    config.train.steps = 3
+    train(config, path)
+    return path
+
+
+def test_eval_workdir_with_sweep(workdir):
+    res = run_script("eval.py", f"--workdir={workdir}", "--seq_lens=32,16")
+    assert res.returncode == 0, res.stderr
+    with open(os.path.join(workdir, "eval.json")) as f:
+        report = json.load(f)
+    assert FIELDS <= set(report)
+    assert report["step"] == 3 and report["seq_len"] == 32 and [r["seq_len"] for r in report["sweep"]] == [32, 16]
+    for row in report["sweep"]:
+        assert row["val_bits_per_byte"] == pytest.approx(row["val_loss"] / math.log(2))
+        assert row["val_perplexity"] == pytest.approx(math.exp(row["val_loss"]))
+        assert row["tokens"] == 2 * 4 * row["seq_len"]    # eval_batches x batch_size x seq_len
+    # The same batches and parameters as the training run's last eval step give the same loss.
+    assert report["val_loss"] == pytest.approx(read_metrics(workdir)[-1]["val_loss"], rel=1e-5)
+    with open(os.path.join(workdir, "eval.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["seq_len"]) for r in rows] == [32, 16] and set(rows[0]) == set(COLUMNS)
+    assert "val_bits_per_byte" in res.stdout and "wrote" in res.stdout
+
+
+def test_eval_converted_checkpoint(tmp_path):
+    model = zoo.build(get_config().model, seed=1)
+    path = checkpoints.save_model(model, str(tmp_path / "ckpt"), config=get_config())
+    output = str(tmp_path / "out" / "report.json")
+    res = run_script("eval.py", f"--checkpoint={path}", f"--output={output}", "--eval_batches=1", "--batch_size=2")
+    assert res.returncode == 0, res.stderr
+    with open(output) as f:
+        report = json.load(f)
+    assert report["step"] == 0 and report["tokens"] == 2 * 32 and len(report["sweep"]) == 1
+    assert not os.path.exists(str(tmp_path / "out" / "report.csv"))    # CSV only for sweeps
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give exactly one of --workdir or --checkpoint"),
+    (["--checkpoint=/nonexistent/ckpt"], "no such checkpoint directory: /nonexistent/ckpt"),
+    (["--checkpoint=/tmp", "--seq_lens=8,x"], "--seq_lens must be comma-separated integers"),
+])
+def test_eval_errors_are_one_line(args, message):
+    res = run_script("eval.py", *args)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 1 and len(lines) == 1 and message in lines[0], res.stderr
+
+
+def test_evaluate_rows_and_table(workdir):
+    model = zoo.load(workdir)
+    corpus = data.load_corpus(get_config().data)
+    rows = evaluate(model, corpus, seq_lens=[8], num_batches=1, batch_size=2)
+    assert list(rows[0]) == list(COLUMNS) and rows[0]["tokens"] == 16
+    table = format_table(rows).splitlines()
+    assert table[0].split() == list(COLUMNS) and table[1].split()[0] == "8"
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        evaluate(model, corpus, seq_lens=[len(corpus.val_N)], num_batches=1, batch_size=1)

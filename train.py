@@ -1,0 +1,89 @@
+"""Trains a decoder from a config file; rerunning the same command resumes from the latest checkpoint.
+
+    python train.py                                    # tiny Gemma-4 on the standard library's sources
+    python train.py --config=configs/gemma4.py:small --workdir=runs/small --config.train.steps=2000
+
+Writes WORKDIR/config.json, WORKDIR/metrics.jsonl and Orbax checkpoints under WORKDIR/checkpoints/.
+SIGTERM or Ctrl-C finishes the current step, saves and exits. Bad input ends with one line on stderr.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def fail(message) -> None:
+    """Ends the program with one line on stderr."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(1)
+
+
+def describe_config_error(error: Exception) -> str:
+    """One line for a config-flag failure: config_flags embeds the config file's whole traceback, and
+    reports an unknown override key as a KeyError/AttributeError naming only the key's last part."""
+    text = str(error)
+    if isinstance(error, (AttributeError, KeyError)):
+        guess = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+        key = guess.group(2) if guess else re.search(r"(\w+)", text).group(1)
+        override = [a for a in sys.argv[1:] if a.startswith("--config.")
+                    and key in a.split("=", 1)[0].split(".")]
+        return (f"unknown config key {key!r} in {override[0] if override else 'an override'}"
+                + (f" (did you mean {guess.group(1)!r}?)" if guess else ""))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback (most recent call last)" in text:
+        return f"{lines[0].split(': ')[0]}: {lines[-1]}"
+    return lines[-1] if isinstance(error, OSError) else " ".join(lines)
+
+
+try:   # without --config on the command line the default is parsed right here, overrides included
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", default=os.path.join(ROOT, "configs", "gemma4.py") + ":tiny",
+        help_string="config file and preset, e.g. configs/gemma4.py:tiny; override keys with --config.KEY=VALUE")
+except Exception as e:  # noqa: BLE001 - any failure here is a bad config or override
+    fail(describe_config_error(e))
+_WORKDIR = flags.DEFINE_string("workdir", "./runs/default", "run directory: config, metrics, checkpoints")
+
+
+def parse_flags(argv):
+    """absl flag parsing with a one-line error (unknown preset, unknown override key, bad value)."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - config files and overrides fail in many ways
+        fail(describe_config_error(e))
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; flags look like --workdir=DIR or --config.train.steps=100")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)   # Orbax logs every checkpoint step at INFO
+    from zoo.train import NonFiniteLoss, enable_compilation_cache, train
+
+    enable_compilation_cache()
+    workdir = _WORKDIR.value
+    config = _CONFIG.value
+    try:
+        config.get("train")   # a config file that could not be loaded reports itself on first use
+    except OSError as e:
+        fail(describe_config_error(e))
+    try:
+        result = train(config, workdir)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, NonFiniteLoss) as e:
+        fail(e)
+    if result.interrupted_by:
+        print(f"stopped by {result.interrupted_by} at step {result.step}; saved a checkpoint in {workdir}; "
+              "rerun the same command to resume")
+        return
+    summary = ", ".join(f"{k} {result.last_metrics[k]:.4f}" for k in ("loss", "val_loss", "val_bits_per_byte")
+                        if k in result.last_metrics)
+    print(f"trained to step {result.step} in {workdir}" + (f": {summary}" if summary else " (already done)"))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
