@@ -225,7 +225,7 @@ def test_deepseek_v4_kv_and_decode_flops_against_the_sheet():
     assert flash["kv_bytes_per_token_v32_native"] == 61 * (656 + 132) == 48_068
     assert round(100 * pro["kv_fraction_of_v32_native"], 1) == 10.5
     assert round(100 * flash["kv_fraction_of_v32_native"], 1) == 7.3
-    assert round(100 * flash["kv_fraction_of_v32_bf16"], 1) == 7.9
+    assert abs(100 * flash["kv_fraction_of_v32_bf16"] - 7.9) < 0.1   # 6229 / 78324 = 7.95%; the sheet says 7.9
     assert round(pro["kv_cache_bytes_native"] / 2 ** 30, 2) == 4.92     # sheet: 4.91 GiB without the window
     assert round(flash["kv_cache_bytes_native"] / 2 ** 30, 2) == 3.43
     assert round(flash["flops_per_token_v32"] / 1e9) == 1157
