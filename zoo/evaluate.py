@@ -18,16 +18,22 @@ from zoo.models import DTYPES
 COLUMNS = ("seq_len", "val_loss", "val_bits_per_byte", "val_perplexity", "tokens")
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, compute_dtype: str | None = None) -> Callable:
+def make_loss_fn(graphdef: nnx.GraphDef, compute_dtype: str | None = None, *, training: bool = False
+                 ) -> Callable:
     """`(params, inputs_BT, targets_BT) -> mean nats` (to be jitted), the parameters (a pure dict) cast
-    to `compute_dtype` first (None: used as stored); gradients taken through it reach the uncast ones."""
+    to `compute_dtype` first (None: used as stored); gradients taken through it reach the uncast ones.
+    `training=True` gives the model's training objective (`Decoder.train_loss`: next-token cross-entropy
+    plus any multi-token-prediction loss); otherwise next-token cross-entropy alone."""
     dtype = DTYPES[compute_dtype] if compute_dtype else None
 
     def loss(params, inputs_BT, targets_BT):
         if dtype is not None:
             params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
                                   params)
-        return cross_entropy(nnx.merge(graphdef, params)(inputs_BT), targets_BT)[0]
+        model = nnx.merge(graphdef, params)
+        if training:
+            return model.train_loss(inputs_BT, targets_BT)[0]
+        return cross_entropy(model(inputs_BT), targets_BT)[0]
 
     return loss
 

@@ -114,7 +114,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
     """The jitted update `(params, opt_state, inputs_BT, targets_BT) -> (params, opt_state, metrics)`,
     donating the old parameters and optimizer state. Master weights stay float32; with bf16 compute
     the cast happens inside the differentiated function."""
-    loss_fn = make_loss_fn(graphdef, compute_dtype)
+    loss_fn = make_loss_fn(graphdef, compute_dtype, training=True)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, inputs_BT, targets_BT):
