@@ -48,6 +48,30 @@ try:   # without --config on the command line the default is parsed right here, 
 except Exception as e:  # noqa: BLE001 - any failure here is a bad config or override
     fail(describe_config_error(e))
 _WORKDIR = flags.DEFINE_string("workdir", "./runs/default", "run directory: config, metrics, checkpoints")
+# Multi-host (README "Sharding"): jax.distributed.initialize runs only when one of these is given.
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with the cluster "
+                                 "auto-detected (SLURM, Cloud TPU, ...) or from JAX_COORDINATOR_ADDRESS, "
+                                 "JAX_NUM_PROCESSES and JAX_PROCESS_ID")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --distributed)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (hosts) in the job")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes)")
+
+
+def maybe_initialize_distributed() -> None:
+    """`jax.distributed.initialize` when asked for (a flag above, or JAX_COORDINATOR_ADDRESS set); before
+    anything touches a device. Unset arguments fall back to JAX's environment variables / auto-detection."""
+    asked = _DISTRIBUTED.value or _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not asked:
+        return
+    import jax
+
+    kwargs = {k: v for k, v in (("coordinator_address", _COORDINATOR.value),
+                                ("num_processes", _NUM_PROCESSES.value),
+                                ("process_id", _PROCESS_ID.value)) if v is not None}
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # noqa: BLE001 - report the cluster problem on one line
+        fail(f"jax.distributed.initialize({kwargs}) failed: {e}")
 
 
 def parse_flags(argv):
@@ -63,6 +87,7 @@ def main(argv) -> None:
         fail(f"unexpected arguments {argv[1:]}; flags look like --workdir=DIR or --config.train.steps=100")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)   # Orbax logs every checkpoint step at INFO
+    maybe_initialize_distributed()
     from zoo.train import NonFiniteLoss, enable_compilation_cache, train
 
     enable_compilation_cache()

@@ -20,6 +20,12 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.seed = 0
     c.train.compute_dtype = "float32"   # "bfloat16": bf16 compute on float32 master weights
 
+    # Device mesh (see README "Sharding"): axis sizes, one of them may be -1 (the remaining devices).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+    # Logical axis -> mesh axes: a preset of zoo.sharding.RULES or the table itself. The default names
+    # every mesh axis, so the mesh sizes alone decide the layout (all-data by default: replicated).
+    c.sharding_rules = "fsdp_tensor_expert"
+
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 3e-3
     c.optimizer.warmup_steps = 50

@@ -1,6 +1,7 @@
 """Gemma-4-like decoders.
 
-Presets: `tiny` (trains on 2 CPU cores in minutes), `small` (~100M-parameter replica), and the released
+Presets: `tiny` (trains on 2 CPU cores in minutes), `small` (~100M-parameter replica), `1b` (~1B, for
+throughput benchmarks), and the released
 text decoders `e2b`, `e4b`, `26b_a4b`, `31b`.
     python train.py --config=configs/gemma4.py:tiny
 """
@@ -27,6 +28,11 @@ def _model(preset: str):
             vocab_size=BYTE_VOCAB, d_model=672, attention_types=_pattern(3, 3), num_heads=8, num_kv_heads=2,
             head_dim=80, global_head_dim=160, sliding_window=512, mlp_dim=2688, double_wide_mlp=True,
             num_kv_shared_layers=3, ple_dim=64, max_positions=32768)
+    if preset == "1b":  # ~1.1B parameters, byte vocabulary: a throughput/MFU benchmark size (one H100)
+        return model_config(
+            vocab_size=BYTE_VOCAB, d_model=2048, attention_types=_pattern(5, 3), num_heads=8, num_kv_heads=2,
+            head_dim=256, global_head_dim=512, sliding_window=1024, mlp_dim=8192, num_kv_shared_layers=6,
+            ple_dim=64, max_positions=32768)
     if preset == "e2b":
         return model_config(
             vocab_size=262_144, d_model=1536, attention_types=_pattern(4, 7), num_heads=8, num_kv_heads=1,
@@ -50,7 +56,7 @@ def _model(preset: str):
     raise ValueError(f"unknown gemma4 preset {preset!r}; expected one of {PRESETS}")
 
 
-PRESETS = ("tiny", "small", "e2b", "e4b", "26b_a4b", "31b")
+PRESETS = ("tiny", "small", "1b", "e2b", "e4b", "26b_a4b", "31b")
 
 
 def get_config(preset: str = "tiny"):

@@ -81,10 +81,14 @@ def save(mngr: ocp.CheckpointManager, step: int, items: dict) -> None:
     mngr.save(step, args=ocp.args.Composite(**args), force=True)
 
 
-def abstract(tree, sharding: jax.sharding.Sharding | None = None, dtype=None):
-    """`tree` (arrays or shape structs) as restore targets: one device unless `sharding` is given."""
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=sharding), tree)
+def abstract(tree, sharding=None, dtype=None):
+    """`tree` (arrays or shape structs) as restore targets: one device unless `sharding` is given,
+    either one sharding for every leaf or a pytree of shardings shaped like `tree` (e.g. the current
+    mesh's parameter shardings: Orbax then reads each device's slice, whatever mesh saved it)."""
+    if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+        one = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=one), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=s), tree, sharding)
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, targets: dict) -> dict:

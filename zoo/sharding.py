@@ -43,6 +43,21 @@ def rules_preset(name: str) -> tuple:
         raise ValueError(f"unknown sharding rules preset {name!r}; expected one of {sorted(RULES)}") from None
 
 
+def resolve_rules(rules) -> tuple:
+    """`config.sharding_rules` as a rule table: a preset name from RULES, or the table itself
+    (pairs of logical axis -> mesh axes; lists, as read back from config.json, are accepted)."""
+    if isinstance(rules, str):
+        return rules_preset(rules)
+    table = []
+    for name, axes in rules:
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad:
+            raise ValueError(f"sharding rule {name!r} names unknown mesh axes {bad}; expected {MESH_AXES}")
+        table.append((name, axes))
+    return tuple(table)
+
+
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh with axes (data, fsdp, tensor, expert); one size may be -1 (the remaining devices)."""
     devices = list(devices if devices is not None else jax.devices())

@@ -18,12 +18,14 @@ import threading
 import time
 
 import jax
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 import zoo
-from zoo import checkpoints, data
+from zoo import checkpoints, data, sharding
 from zoo.evaluate import bits_per_byte, make_loss_fn, validation_loss
 from zoo.train.optimizer import make_optimizer
 
@@ -110,36 +112,90 @@ class StopOnSignal:
             signal.signal(s, handler)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, compute_dtype: str):
+@dataclasses.dataclass
+class Shardings:
+    """Where everything lives: the mesh, its rules, and the shardings of parameters (a pure dict),
+    optimizer state, batches and replicated scalars."""
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    params: dict
+    opt_state: object
+    batch: NamedSharding
+    replicated: NamedSharding
+
+
+def make_shardings(config, model, tx, mesh=None) -> Shardings:
+    """The shardings of `model`'s (possibly abstract) parameters and `tx`'s state on `config.mesh`
+    (or `mesh`) under `config.sharding_rules`. Optimizer-state leaves shaped like the parameters take
+    their parameter's sharding; the rest (step counts) are replicated."""
+    mesh = mesh if mesh is not None else sharding.make_mesh(config.get("mesh", {}))
+    rules = sharding.resolve_rules(config.get("sharding_rules", "fsdp_tensor_expert"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = nnx.to_pure_dict(sharding.state_shardings(nnx.state(model, nnx.Param), mesh, rules))
+    abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+                                   nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    opt_shape = jax.eval_shape(tx.init, abstract_params)
+    opt_state = optax.tree_map_params(tx, lambda _, s: s, opt_shape, params,
+                                      transform_non_params=lambda _: replicated,
+                                      is_leaf=lambda x: isinstance(x, NamedSharding))
+    batch = sharding.batch_sharding(mesh, rules)
+    axes = batch.spec[0] or ()
+    ways = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    if int(config.train.batch_size) % ways:
+        raise ValueError(f"train.batch_size {config.train.batch_size} does not split over the {ways} devices of "
+                         f"the batch axes {batch.spec[0]} of mesh {dict(mesh.shape)}")
+    return Shardings(mesh, rules, params, opt_state, batch, replicated)
+
+
+def shard_batch(batch: np.ndarray, batch_sharding: NamedSharding) -> jax.Array:
+    """A host batch (the same global batch on every process) as a global array laid out by
+    `batch_sharding`; each process only transfers the slices its devices hold."""
+    batch = np.asarray(batch)
+    return jax.make_array_from_callback(batch.shape, batch_sharding, lambda index: batch[index])
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, compute_dtype: str,
+                    shardings: Shardings | None = None):
     """The jitted update `(params, opt_state, inputs_BT, targets_BT) -> (params, opt_state, metrics)`,
     donating the old parameters and optimizer state. Master weights stay float32; with bf16 compute
-    the cast happens inside the differentiated function."""
+    the cast happens inside the differentiated function. With `shardings`, inputs and outputs are
+    pinned to them (parameters and optimizer state keep their layout from step to step)."""
     loss_fn = make_loss_fn(graphdef, compute_dtype, training=True)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, inputs_BT, targets_BT):
         loss, grads = jax.value_and_grad(loss_fn)(params, inputs_BT, targets_BT)
+        if shardings is not None:   # gradients reduce-scattered straight into the parameters' layout
+            grads = jax.lax.with_sharding_constraint(grads, shardings.params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    return train_step
+    if shardings is None:
+        return jax.jit(train_step, donate_argnums=(0, 1))
+    s = shardings
+    return jax.jit(train_step, donate_argnums=(0, 1),
+                   in_shardings=(s.params, s.opt_state, s.batch, s.batch),
+                   out_shardings=(s.params, s.opt_state, s.replicated))
 
 
-def _initial_state(config, mngr):
-    """(graphdef, params, opt_state, tx, schedule, start_step): fresh from `train.seed`, or restored
-    from the latest checkpoint into abstract targets (the model is never materialised twice)."""
-    start = mngr.latest_step()
-    model = zoo.build(config.model, seed=config.train.seed) if start is None else zoo.build_abstract(config.model)
-    graphdef, params_state = nnx.split(model, nnx.Param)
-    tx, schedule = make_optimizer(config, model)
+def _initial_state(config, mngr, mesh=None):
+    """(graphdef, params, opt_state, tx, schedule, start_step, shardings): fresh from `train.seed`
+    (parameters and optimizer state created already sharded), or restored from the latest checkpoint
+    into abstract targets carrying the current mesh's shardings, whatever mesh saved it."""
+    start = mngr.latest_step() if mngr is not None else None
+    abstract_model = zoo.build_abstract(config.model)
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    tx, schedule = make_optimizer(config, abstract_model)
+    s = make_shardings(config, abstract_model, tx, mesh)
     if start is None:
-        params = nnx.to_pure_dict(params_state)
-        return graphdef, params, tx.init(params), tx, schedule, 0
-    params_target = checkpoints.abstract(nnx.to_pure_dict(params_state))
-    opt_target = checkpoints.abstract(jax.eval_shape(tx.init, params_target))
+        model = sharding.create_model(config.model, s.mesh, s.rules, seed=config.train.seed)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        opt_state = jax.jit(tx.init, in_shardings=(s.params,), out_shardings=s.opt_state)(params)
+        return graphdef, params, opt_state, tx, schedule, 0, s
+    params_target = checkpoints.abstract(nnx.to_pure_dict(abstract_params), sharding=s.params)
+    opt_target = checkpoints.abstract(jax.eval_shape(tx.init, params_target), sharding=s.opt_state)
     restored = checkpoints.restore(mngr, start, {"params": params_target, "opt_state": opt_target})
-    return graphdef, restored["params"], restored["opt_state"], tx, schedule, start
+    return graphdef, restored["params"], restored["opt_state"], tx, schedule, start, s
 
 
 def train(config, workdir: str) -> Result:
@@ -153,11 +209,12 @@ def train(config, workdir: str) -> Result:
     os.makedirs(workdir, exist_ok=True)
     mngr = checkpoints.manager(workdir, keep=t.keep_checkpoints)
     try:
-        graphdef, params, opt_state, tx, schedule, start = _initial_state(config, mngr)
+        graphdef, params, opt_state, tx, schedule, start, shardings = _initial_state(config, mngr)
         checkpoints.write_config(config, workdir)
         log = MetricsLog(os.path.join(workdir, METRICS_FILE), keep_through=start)
         try:
-            return _loop(config, workdir, corpus, mngr, log, graphdef, params, opt_state, tx, schedule, start)
+            return _loop(config, workdir, corpus, mngr, log, graphdef, params, opt_state, tx, schedule, start,
+                         shardings)
         finally:
             log.close()
     finally:
@@ -165,10 +222,13 @@ def train(config, workdir: str) -> Result:
         mngr.close()
 
 
-def _loop(config, workdir, corpus, mngr, log, graphdef, params, opt_state, tx, schedule, start) -> Result:
+def _loop(config, workdir, corpus, mngr, log, graphdef, params, opt_state, tx, schedule, start,
+          shardings) -> Result:
     t = config.train
-    train_step = make_train_step(graphdef, tx, t.compute_dtype)
-    eval_loss = jax.jit(make_loss_fn(graphdef, t.compute_dtype))
+    train_step = make_train_step(graphdef, tx, t.compute_dtype, shardings)
+    eval_loss = jax.jit(make_loss_fn(graphdef, t.compute_dtype),
+                        in_shardings=(shardings.params, shardings.batch, shardings.batch),
+                        out_shardings=shardings.replicated)
     tokens_per_step = t.batch_size * t.seq_len
     step, saved, record = start, start, {}
     window_start, window_steps = time.perf_counter(), 0
@@ -177,7 +237,8 @@ def _loop(config, workdir, corpus, mngr, log, graphdef, params, opt_state, tx, s
         while step < t.steps and stop.signal_name is None:
             inputs_BT, targets_BT = data.train_batch(corpus, seed=t.seed, step=step + 1, batch_size=t.batch_size,
                                                      seq_len=t.seq_len)
-            params, opt_state, out = train_step(params, opt_state, inputs_BT, targets_BT)
+            params, opt_state, out = train_step(params, opt_state, shard_batch(inputs_BT, shardings.batch),
+                                                shard_batch(targets_BT, shardings.batch))
             loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
             step += 1
             window_steps += 1

@@ -1,0 +1,120 @@
+"""Training throughput and MFU of a config on a device mesh: tokens/s and model FLOP utilisation.
+
+    python benchmarks/train_throughput.py --config=configs/gemma4.py:1b --seq_len=4096 --batch_size=8 \\
+        --mesh=data=1,fsdp=-1
+    python benchmarks/train_throughput.py --smoke          # a micro config on CPU, to check the script
+
+Model FLOPs per token = 3 x `zoo.analysis.report(config, context=seq_len)["flops_per_token_seq_mean"]`
+(forward + backward; causal attention already halved by that mean over the sequence). MFU = achieved
+model FLOP/s / (`--peak_flops` x devices); the default peak is an H100's dense bf16 989 TFLOP/s.
+Computation runs in bf16 on float32 master weights (`train.compute_dtype="bfloat16"`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def load_config(spec: str):
+    path, _, preset = spec.partition(":")
+    import importlib.util
+    module_spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(preset) if preset else module.get_config()
+
+
+def smoke_config():
+    from configs.gemma4 import get_config
+    from zoo.gemma4 import model_config
+    config = get_config("tiny")
+    config.model = model_config(
+        vocab_size=256, d_model=32, attention_types=("sliding", "full"), num_heads=2, num_kv_heads=1, head_dim=16,
+        global_head_dim=32, sliding_window=8, mlp_dim=64, max_positions=512)
+    return config
+
+
+def parse_mesh(text: str) -> dict:
+    """"data=1,fsdp=-1" -> {"data": 1, "fsdp": -1} (axes not named get size 1)."""
+    mesh = dict(data=1, fsdp=1, tensor=1, expert=1)
+    for part in filter(None, text.split(",")):
+        name, _, size = part.partition("=")
+        if name not in mesh:
+            raise SystemExit(f"error: unknown mesh axis {name!r} in --mesh; expected {sorted(mesh)}")
+        mesh[name] = int(size)
+    return mesh
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/gemma4.py:1b", help="config file and preset")
+    p.add_argument("--seq_len", type=int, default=4096)
+    p.add_argument("--batch_size", type=int, default=8, help="global batch (sequences per step)")
+    p.add_argument("--mesh", default="data=1,fsdp=-1", help="mesh axis sizes, e.g. fsdp=2,tensor=4")
+    p.add_argument("--rules", default="fsdp_tensor_expert", help="a zoo.sharding.RULES preset")
+    p.add_argument("--attention_impl", default=None, help="override model.attention_impl (xla|pallas|auto)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--peak_flops", type=float, default=989e12, help="peak FLOP/s of one device")
+    p.add_argument("--smoke", action="store_true", help="micro config, seq 32, batch 4, 1+2 steps (CPU)")
+    a = p.parse_args()
+
+    from zoo.analysis import report
+    from zoo.train import trainer
+
+    if a.smoke:
+        config, a.seq_len, a.batch_size, a.warmup, a.steps = smoke_config(), 32, 4, 1, 2
+        a.mesh, label = "data=-1", "smoke (micro gemma4)"
+    else:
+        config, label = load_config(a.config), a.config
+    if a.attention_impl:
+        config.model.attention_impl = a.attention_impl
+    config.mesh.update(parse_mesh(a.mesh))
+    config.sharding_rules = a.rules
+    config.train.update(batch_size=a.batch_size, seq_len=a.seq_len, compute_dtype="bfloat16",
+                        steps=a.warmup + a.steps)
+
+    graphdef, params, opt_state, tx, _, _, s = trainer._initial_state(config, None)
+    step = trainer.make_train_step(graphdef, tx, "bfloat16", s)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, config.model.vocab_size, (a.batch_size, a.seq_len + 1), dtype=np.int32)
+    inputs, targets = trainer.shard_batch(tokens[:, :-1], s.batch), trainer.shard_batch(tokens[:, 1:], s.batch)
+
+    t0 = time.perf_counter()
+    for _ in range(a.warmup):
+        params, opt_state, out = step(params, opt_state, inputs, targets)
+    jax.block_until_ready(out)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        params, opt_state, out = step(params, opt_state, inputs, targets)
+    jax.block_until_ready(out)
+    step_s = (time.perf_counter() - t0) / a.steps
+
+    rep = report(config, context=a.seq_len)
+    flops_per_token = 3 * rep["flops_per_token_seq_mean"]
+    devices = s.mesh.size
+    tokens_per_s = a.batch_size * a.seq_len / step_s
+    mfu = tokens_per_s * flops_per_token / (a.peak_flops * devices)
+    rows = [("config", label), ("params", f"{rep['params_total'] / 1e6:,.1f} M"),
+            ("devices", f"{devices} x {jax.devices()[0].device_kind}"), ("mesh", str(dict(s.mesh.shape))),
+            ("batch x seq", f"{a.batch_size} x {a.seq_len}"), ("warmup (incl. compile)", f"{compile_s:.2f} s"),
+            ("step time", f"{step_s * 1e3:.1f} ms"), ("tokens/s", f"{tokens_per_s:,.0f}"),
+            ("tokens/s/device", f"{tokens_per_s / devices:,.0f}"),
+            ("model FLOPs/token (fwd+bwd)", f"{flops_per_token / 1e6:,.1f} MFLOP"),
+            ("peak FLOP/s/device", f"{a.peak_flops / 1e12:.0f} T"), ("MFU", f"{100 * mfu:.2f} %"),
+            ("last loss", f"{float(out['loss']):.4f}")]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    main()

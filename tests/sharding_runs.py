@@ -1,0 +1,138 @@
+"""Multi-device runs for tests/test_sharding.py, executed in a subprocess whose XLA_FLAGS give 8
+simulated CPU devices (the flag must be set before jax starts, so it cannot run inside pytest's process).
+
+    python tests/sharding_runs.py losses FAMILY [MESH...]  -> JSON: per mesh, losses and PartitionSpecs
+    python tests/sharding_runs.py resume WORKDIR      -> JSON: uninterrupted vs resharded-resume losses
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tests import conftest  # noqa: E402
+from zoo.train import trainer  # noqa: E402
+
+STEPS, BATCH, SEQ = 3, 8, 32
+MESHES = {
+    "data8": dict(data=8, fsdp=1, tensor=1, expert=1),
+    "fsdp8": dict(data=1, fsdp=8, tensor=1, expert=1),
+    "fsdp2_tensor4": dict(data=1, fsdp=2, tensor=4, expert=1),
+    "expert2_fsdp4": dict(data=1, fsdp=4, tensor=1, expert=2),
+}
+
+
+def micro_config(family: str):
+    """Each family's `tiny` preset shrunk to micro size (gemma4: the tests' micro config)."""
+    if family == "gemma4":
+        config = conftest.get_config()
+    elif family == "laguna":
+        from configs.laguna import BYTE_IDS, get_config
+        from zoo.laguna import model_config
+        config = get_config("tiny")
+        config.model = model_config(
+            vocab_size=256, d_model=32, attention_types=("full", "sliding"), num_heads=(4, 4), num_kv_heads=2,
+            moe_layers=(False, True), head_dim=8, sliding_window=8, mlp_dim=64, num_experts=4, top_k=2,
+            expert_dim=32, shared_expert_dim=32, routed_scale=2.5, max_positions=512, **BYTE_IDS)
+    elif family == "zaya1":
+        from configs.zaya1 import BYTE_IDS, get_config
+        from zoo.zaya1 import model_config
+        config = get_config("tiny")
+        config.model = model_config(
+            vocab_size=256, d_model=32, attention_types=("cca",) * 2, num_heads=4, num_kv_heads=2, head_dim=8,
+            num_experts=4, expert_dim=64, router_dim=16, max_positions=512, **BYTE_IDS)
+    elif family == "deepseek_v4":
+        from configs.deepseek_v4 import _pattern, get_config
+        from zoo.deepseek_v4 import model_config
+        config = get_config("tiny")
+        config.model = model_config(
+            vocab_size=256, d_model=32, attention_types=_pattern([4, 128]), num_heads=4, head_dim=16, rope_dim=8,
+            q_rank=16, out_groups=2, out_rank=16, window=8, hca_ratio=16, index_heads=2, index_dim=8,
+            index_top_k=4, num_experts=4, top_k=2, expert_dim=32, num_hash_layers=1, hc_streams=2,
+            hc_sinkhorn_iters=4, mtp_depth=1, max_positions=512)
+    else:
+        raise ValueError(family)
+    config.optimizer.warmup_steps = 1
+    config.train.update(steps=STEPS, batch_size=BATCH, seq_len=SEQ)
+    return config
+
+
+def _find(tree, *names):
+    """(keystr, leaf) of the first leaf whose path mentions every name."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = jax.tree_util.keystr(path)
+        if all(f"'{n}'" in key for n in names):
+            return key, leaf
+    return None, None
+
+
+def _opt_leaf(opt_state, param_key, slot="mu"):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+        key = jax.tree_util.keystr(path)
+        if key.endswith(param_key) and f".{slot}" in key:
+            return leaf
+    raise KeyError(f"{slot} of {param_key}")
+
+
+def run(config, mesh):
+    graphdef, params, opt_state, tx, _, _, s = trainer._initial_state(config, None, mesh)
+    step = trainer.make_train_step(graphdef, tx, "float32", s)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(STEPS):
+        tokens = rng.integers(3, config.model.vocab_size, (BATCH, SEQ + 1), dtype=np.int32)
+        params, opt_state, out = step(params, opt_state, trainer.shard_batch(tokens[:, :-1], s.batch),
+                                      trainer.shard_batch(tokens[:, 1:], s.batch))
+        losses.append(float(out["loss"]))
+    specs = {}
+    for label, names in (("q_proj", ("q_proj",)), ("expert_gate", ("experts", "gate_proj"))):
+        key, leaf = _find(params, *names)
+        if key is None or (label == "expert_gate" and leaf.ndim != 3):
+            continue
+        specs[label] = {"path": key, "shape": list(leaf.shape), "param": str(tuple(leaf.sharding.spec)),
+                        "mu": str(tuple(_opt_leaf(opt_state, key).sharding.spec)),
+                        "nu": str(tuple(_opt_leaf(opt_state, key, "nu").sharding.spec))}
+    return {"losses": losses, "specs": specs}
+
+
+def losses(family: str, meshes) -> dict:
+    config = micro_config(family)
+    out = {"single": run(config, jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1),
+                                                   ("data", "fsdp", "tensor", "expert")))}
+    for name in meshes:
+        config.mesh.update(MESHES[name])
+        t0 = time.perf_counter()
+        out[name] = run(config, None)
+        out[name]["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def resume(workdir: str) -> dict:
+    """Trains 4 steps as fsdp=8; then resumes a copy of that run from its step-2 checkpoint as
+    fsdp=2 x tensor=4 and returns both runs' losses of steps 3 and 4."""
+    config = conftest.get_config()
+    config.train.update(steps=4, batch_size=8, eval_every=100, eval_batches=1, checkpoint_every=2,
+                        keep_checkpoints=None)
+    config.mesh.update(MESHES["fsdp8"])
+    whole, part = os.path.join(workdir, "whole"), os.path.join(workdir, "resumed")
+    trainer.train(config, whole)
+    shutil.copytree(whole, part)
+    shutil.rmtree(os.path.join(part, "checkpoints", "4"))
+    config.mesh.update(MESHES["fsdp2_tensor4"])
+    trainer.train(config, part)
+    return {name: [r["loss"] for r in conftest.read_metrics(d) if r["step"] > 2]
+            for name, d in (("whole", whole), ("resumed", part))}
+
+
+if __name__ == "__main__":
+    assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    mode, arg, *meshes = sys.argv[1:]
+    result = losses(arg, meshes or list(MESHES)) if mode == "losses" else resume(arg)
+    print("RESULT " + json.dumps(result))

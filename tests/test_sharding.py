@@ -1,0 +1,111 @@
+"""Sharded training on 8 simulated CPU devices reproduces one device, for every family and several
+meshes; parameters and optimizer state carry the intended PartitionSpecs; checkpoints restore across
+mesh shapes. The multi-device work runs in subprocesses (tests/sharding_runs.py) because
+`--xla_force_host_platform_device_count` must be set before jax starts; they all start at once when the
+first test needs one, so the two CPU cores compile in parallel."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import jax
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+import numpy as np
+
+from tests.conftest import ROOT, SUBPROCESS_ENV
+from zoo import sharding
+
+HELPER = os.path.join(ROOT, "tests", "sharding_runs.py")
+ENV = {**SUBPROCESS_ENV, "XLA_FLAGS": (SUBPROCESS_ENV.get("XLA_FLAGS", "") +
+                                       " --xla_force_host_platform_device_count=8").strip(),
+       "JAX_PLATFORMS": "cpu"}
+FAMILY_MESHES = {   # at least three meshes per family; expert sharding on the two MoE families below
+    "gemma4": ("data8", "fsdp8", "fsdp2_tensor4"),
+    "laguna": ("data8", "fsdp2_tensor4", "expert2_fsdp4"),
+    "zaya1": ("data8", "fsdp8", "fsdp2_tensor4"),
+    "deepseek_v4": ("data8", "fsdp8", "expert2_fsdp4"),
+}
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """Every helper run, started together; each test waits for its own."""
+    tmp = tempfile.TemporaryDirectory()
+    commands = {f: ["losses", f, *meshes] for f, meshes in FAMILY_MESHES.items()}
+    commands["resume"] = ["resume", tmp.name]
+    procs = {k: subprocess.Popen([sys.executable, HELPER, *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for k, args in commands.items()}
+    cache = {}
+
+    def get(key):
+        if key not in cache:
+            out, err = procs[key].communicate(timeout=600)
+            assert procs[key].returncode == 0, err[-3000:]
+            line = [x for x in out.splitlines() if x.startswith("RESULT ")][-1]
+            cache[key] = json.loads(line[len("RESULT "):])
+        return cache[key]
+
+    yield get
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    tmp.cleanup()
+
+
+@pytest.mark.parametrize("family", list(FAMILY_MESHES))
+def test_sharded_losses_match_one_device(runs, family):
+    result = runs(family)
+    single = np.asarray(result["single"]["losses"])
+    assert np.all(np.isfinite(single))
+    for mesh in FAMILY_MESHES[family]:
+        np.testing.assert_allclose(result[mesh]["losses"], single, rtol=RTOL, err_msg=f"{family} on {mesh}")
+        for name, s in result[mesh]["specs"].items():   # optimizer moments live where their parameter does
+            assert s["mu"] == s["param"] == s["nu"], (family, mesh, name, s)
+
+
+def test_partition_specs_of_named_params(runs):
+    """Laguna micro: q_proj [embed 32, q_heads 4, head_dim 8]; experts gate [experts 4, embed 32, mlp 32]."""
+    laguna = runs("laguna")
+    expected = {
+        "single": {"q_proj": (None, None, None), "expert_gate": (None, None, None)},
+        "data8": {"q_proj": (None, None, None), "expert_gate": (None, None, None)},
+        "fsdp2_tensor4": {"q_proj": ("fsdp", "tensor", None), "expert_gate": (None, "fsdp", "tensor")},
+        "expert2_fsdp4": {"q_proj": ("fsdp", None, None), "expert_gate": ("expert", "fsdp", None)},
+    }
+    for mesh, specs in expected.items():
+        for name, spec in specs.items():
+            assert laguna[mesh]["specs"][name]["param"] == str(spec), (mesh, name, laguna[mesh]["specs"][name])
+    gemma = runs("gemma4")   # micro q_proj [32, 2 heads, 16]: 2 heads do not split 4 ways, so stay whole
+    assert gemma["fsdp8"]["specs"]["q_proj"]["param"] == str(("fsdp", None, None))
+    assert gemma["fsdp2_tensor4"]["specs"]["q_proj"]["param"] == str(("fsdp", None, None))
+    deepseek = runs("deepseek_v4")
+    assert deepseek["expert2_fsdp4"]["specs"]["expert_gate"]["param"] == str(("expert", "fsdp", None))
+
+
+def test_resume_on_a_different_mesh(runs):
+    """4 steps as fsdp=8 vs. resuming the step-2 checkpoint as fsdp=2 x tensor=4: same losses."""
+    result = runs("resume")
+    assert len(result["whole"]) == len(result["resumed"]) == 2
+    np.testing.assert_allclose(result["resumed"], result["whole"], rtol=RTOL)
+
+
+def test_spec_rules_on_one_device_mesh():
+    """In-process (one device): every rule set leaves everything replicated; rule tables are data."""
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1), sharding.MESH_AXES)
+    for name in sharding.RULES:
+        rules = sharding.resolve_rules(name)
+        assert sharding.spec(("embed", "q_heads", "head_dim"), (32, 4, 8), rules, mesh) == P(None, None, None)
+    table = sharding.resolve_rules([["embed", ["fsdp"]], ["mlp", "tensor"]])
+    assert table == (("embed", ("fsdp",)), ("mlp", ("tensor",)))
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        sharding.resolve_rules([["embed", ["model"]]])
+    with pytest.raises(ValueError, match="unknown sharding rules preset"):
+        sharding.resolve_rules("nope")
+    with pytest.raises(ValueError, match="needs 8 devices"):
+        sharding.make_mesh({"fsdp": 8}, devices=jax.devices()[:1])
