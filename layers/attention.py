@@ -64,26 +64,102 @@ def _cudnn_fits(q_BTNH, k_BSKH, sinks_N, softcap, default_positions: bool) -> bo
             and q_BTNH.shape[1] == k_BSKH.shape[1])
 
 
+def _splash_fits(q_BTNH, k_BSKH, sinks_N, softcap, segment_ids_BT, default_positions: bool) -> bool:
+    T, H = q_BTNH.shape[1], q_BTNH.shape[3]
+    return (jax.default_backend() == "tpu" and default_positions and sinks_N is None and not softcap
+            and segment_ids_BT is None and T == k_BSKH.shape[1] and T % 128 == 0 and H % 128 == 0)
+
+
+def _own_kernel_fits(q_BTNH, k_BSKH, softcap, default_positions: bool) -> bool:
+    return (default_positions and not softcap and q_BTNH.shape[1] == k_BSKH.shape[1]
+            and q_BTNH.shape[-1] <= 512 and q_BTNH.dtype in (jnp.float32, jnp.bfloat16))
+
+
+def attention_backend(impl: str, q_BTNH, k_BSKH, *, sinks_N=None, softcap: float | None = None,
+                      segment_ids_BT=None, default_positions: bool = False) -> str:
+    """The one choice table: which code runs `dot_product_attention`.
+
+    Returns "reference" (pure JAX), "cudnn" (jax.nn.dot_product_attention), "splash" (JAX's TPU splash
+    attention) or "flash" (our Pallas kernel, pallas_kernels.flash_attention).
+
+      impl     | GPU                      | TPU                       | CPU
+      ---------+--------------------------+---------------------------+-------------------------
+      xla      | reference                | reference                 | reference
+      pallas   | flash                    | flash                     | flash (interpret mode)
+      auto     | cudnn if it fits,        | splash if it fits,        | reference
+               | else flash, else ref.    | else flash, else ref.     |
+
+    "pallas" raises on an attention softcap (the kernel has none) and falls back to the reference where
+    the kernel does not apply: positions other than 0..T-1 in every row (e.g. decoding against a cache),
+    or keys that are not the queries' own tokens. cuDNN fits causal self-attention over default positions
+    in bf16/fp16, head_dim <= 128 (multiple of 8), no sinks, softcap or segments; splash fits default
+    positions, T and head_dim multiples of 128, no sinks, softcap or segments.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention_impl {impl!r}; expected one of {IMPLS}")
+    if impl == "xla":
+        return "reference"
+    if impl == "pallas":
+        if softcap:
+            raise ValueError("attention_impl='pallas': the flash attention kernel has no attention-logit "
+                             "softcap; use attention_impl='xla' for a layer with attn softcap")
+        return "flash" if _own_kernel_fits(q_BTNH, k_BSKH, softcap, default_positions) else "reference"
+    backend = jax.default_backend()
+    if backend == "gpu":
+        if segment_ids_BT is None and _cudnn_fits(q_BTNH, k_BSKH, sinks_N, softcap, default_positions):
+            return "cudnn"
+    elif backend == "tpu":
+        if _splash_fits(q_BTNH, k_BSKH, sinks_N, softcap, segment_ids_BT, default_positions):
+            return "splash"
+    else:
+        return "reference"
+    return "flash" if _own_kernel_fits(q_BTNH, k_BSKH, softcap, default_positions) else "reference"
+
+
+def splash_attention(q_BTNH, k_BTKH, v_BTKH, *, window: int, scale: float, interpret: bool = False
+                     ) -> jax.Array:
+    """Causal (optionally windowed) GQA through JAX's TPU splash attention: one MQA kernel per kv head
+    serving its G query heads, vmapped over batch and kv heads."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+    B, T, N, H = q_BTNH.shape
+    K = k_BTKH.shape[2]
+    G = N // K
+    one = (masks.LocalMask((T, T), window_size=(window - 1, 0), offset=0) if window
+           else masks.CausalMask((T, T)))
+    b = min(512, T)
+    blocks = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                               block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    kernel = splash.make_splash_mqa_single_device(masks.MultiHeadMask([one] * G), block_sizes=blocks,
+                                                  interpret=interpret)
+    q_BKGTH = (q_BTNH * jnp.asarray(scale, q_BTNH.dtype)).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
+    k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+    out_BKGTH = jax.vmap(jax.vmap(kernel))(q_BKGTH, k_BKTH, v_BKTH)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
 def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, q_positions_BT, kv_positions_BS, window: int = 0,
                           q_segment_ids_BT=None, kv_segment_ids_BS=None, scale: float,
                           sinks_N=None, softcap: float | None = None, impl: str = "xla",
                           default_positions: bool = False) -> jax.Array:
-    """Causal (optionally windowed) attention through the implementation `impl` names.
+    """Causal (optionally windowed) attention through the code `attention_backend` picks for `impl`.
 
-    `xla`: the pure-JAX reference. `auto`: cuDNN on GPU where it supports the case (causal self-attention
-    over default positions, bf16/fp16, head_dim <= 128, no sinks or softcap, no segments), otherwise the
-    reference. `pallas`: reserved for the own flash kernel, which dense attention does not have yet.
+    `default_positions=True` promises q and kv positions are 0..T-1 in every row (the fused kernels need
+    it). Segment ids: the fused kernels take the query's; keys must be the same tokens.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"unknown attention_impl {impl!r}; expected one of {IMPLS}")
-    if impl == "pallas":
-        raise NotImplementedError(
-            "attention_impl='pallas' has no dense flash kernel yet; use 'xla' or 'auto' for this layer")
-    if (impl == "auto" and q_segment_ids_BT is None
-            and _cudnn_fits(q_BTNH, k_BSKH, sinks_N, softcap, default_positions)):
+    backend = attention_backend(impl, q_BTNH, k_BSKH, sinks_N=sinks_N, softcap=softcap,
+                                segment_ids_BT=q_segment_ids_BT, default_positions=default_positions)
+    if backend == "cudnn":
         return jax.nn.dot_product_attention(
             q_BTNH, k_BSKH, v_BSKH, scale=scale, is_causal=True, implementation="cudnn",
             local_window_size=(window - 1, 0) if window else None)
+    if backend == "splash":
+        return splash_attention(q_BTNH, k_BSKH, v_BSKH, window=window, scale=scale)
+    if backend == "flash":
+        from pallas_kernels.flash_attention import flash_attention
+        return flash_attention(q_BTNH, k_BSKH, v_BSKH, window=window, sinks_N=sinks_N,
+                               segment_ids_BT=q_segment_ids_BT, scale=scale,
+                               impl="pallas_tpu" if jax.default_backend() == "tpu" else "pallas_gpu")
     mask_BTS = attention_mask(q_positions_BT, kv_positions_BS, window=window,
                               q_segment_ids_BT=q_segment_ids_BT, kv_segment_ids_BS=kv_segment_ids_BS)
     return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=scale, sinks_N=sinks_N,

@@ -1,11 +1,13 @@
-"""Pallas kernels for DeepSeek-V4 compressed attention: CSA (window + top-k compressed entries), HCA
-(window + every visible compressed entry) and the lightning indexer. Each has a pure-JAX reference, a
-Triton (GPU) and a Mosaic (TPU) lowering and a custom VJP whose backward is also a kernel."""
+"""Pallas kernels: dense causal flash attention (GQA, window, sinks, segments) and DeepSeek-V4 compressed
+attention: CSA (window + top-k compressed entries), HCA (window + every visible compressed entry) and the
+lightning indexer. Each has a pure-JAX reference, a Triton (GPU) and a Mosaic (TPU) lowering and a custom
+VJP whose backward is also a kernel."""
 from pallas_kernels._common import BlockSizes, resolve_lowering
 from pallas_kernels.csa import csa_attention, csa_attention_reference
+from pallas_kernels.flash_attention import FlashBlockSizes, flash_attention, flash_attention_reference
 from pallas_kernels.hca import hca_attention, hca_attention_reference
 from pallas_kernels.indexer import (IndexerBlockSizes, indexer_scores, indexer_scores_reference, indexer_topk)
 
-__all__ = ["BlockSizes", "IndexerBlockSizes", "csa_attention", "csa_attention_reference", "hca_attention",
-           "hca_attention_reference", "indexer_scores", "indexer_scores_reference", "indexer_topk",
-           "resolve_lowering"]
+__all__ = ["BlockSizes", "FlashBlockSizes", "IndexerBlockSizes", "csa_attention", "csa_attention_reference",
+           "flash_attention", "flash_attention_reference", "hca_attention", "hca_attention_reference",
+           "indexer_scores", "indexer_scores_reference", "indexer_topk", "resolve_lowering"]

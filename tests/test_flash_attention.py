@@ -1,0 +1,173 @@
+"""The dense flash attention kernel (pallas_kernels/flash_attention.py) against layers.attention's
+reference: forward and gradients (q, k, v, sinks) on random inputs, both lowerings in interpret mode (the
+TPU one under the TPU interpreter, which fills unwritten memory with NaN), window, GQA/MQA, sinks,
+segments, odd lengths, fp32 and bf16; the dispatch table; and the Gemma-4, Laguna and ZAYA1 parity models
+giving the same logits with attention_impl="pallas" as with "xla"."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from layers.attention import attention_backend, attention_mask, dot_product_attention, reference_attention
+from pallas_kernels import FlashBlockSizes, flash_attention
+
+B = 2
+SMALL = {"pallas_gpu": FlashBlockSizes(block_q=16, block_kv=16),
+         "pallas_tpu": FlashBlockSizes(block_q=16, block_kv=8)}
+
+
+def _inputs(T, N, K, H, dtype, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q = jax.random.normal(ks[0], (B, T, N, H), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (B, T, K, H), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (B, T, K, H), jnp.float32).astype(dtype)
+    sinks = jax.random.normal(ks[3], (N,), jnp.float32)
+    cotangent = jax.random.normal(ks[4], (B, T, N, H), jnp.float32)
+    return q, k, v, sinks, cotangent
+
+
+def _segments(T):
+    """Row 0: two packed documents; row 1: one document then padding (id 0)."""
+    cut = T // 2 + 1
+    return jnp.array([[1] * cut + [2] * (T - cut), [3] * (T - 4) + [0] * 4], jnp.int32)
+
+
+def _check(impl, *, T, N, K, H, window, use_sinks, use_segments, dtype, tol):
+    q, k, v, sinks, cot = _inputs(T, N, K, H, dtype)
+    seg = _segments(T) if use_segments else None
+    sinks = sinks if use_sinks else None
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    mask = attention_mask(pos, pos, window=window, q_segment_ids_BT=seg, kv_segment_ids_BS=seg)
+    real = jnp.ones((B, T, 1, 1), bool) if seg is None else (seg != 0)[:, :, None, None]
+    scale = H ** -0.5
+
+    def ours(q, k, v, s):
+        return flash_attention(q, k, v, window=window, sinks_N=s, segment_ids_BT=seg, scale=scale, impl=impl,
+                               block_sizes=SMALL[impl])
+
+    def ref(q, k, v, s):
+        return reference_attention(q, k, v, mask, scale=scale, sinks_N=s)
+
+    out = ours(q, k, v, sinks)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32)))), "unwritten or NaN outputs"
+    expected = ref(q, k, v, sinks)
+    diff = jnp.where(real, out.astype(jnp.float32) - expected.astype(jnp.float32), 0)
+    assert float(jnp.max(jnp.abs(diff))) <= tol, float(jnp.max(jnp.abs(diff)))
+    if seg is not None:   # a token that sees nothing (padding) gets 0
+        assert float(jnp.max(jnp.abs(jnp.where(real, 0, out.astype(jnp.float32))))) == 0.0
+
+    def loss(fn):
+        return lambda *a: jnp.sum(jnp.where(real, fn(*a).astype(jnp.float32) * cot, 0))
+
+    argnums = (0, 1, 2, 3) if use_sinks else (0, 1, 2)
+    args = (q, k, v, sinks)
+    got = jax.grad(loss(ours), argnums=argnums)(*args)
+    want = jax.grad(loss(ref), argnums=argnums)(*args)
+    for name, g, w in zip("qkvs", got, want):
+        g32, w32 = g.astype(jnp.float32), w.astype(jnp.float32)
+        assert bool(jnp.all(jnp.isfinite(g32))), f"d{name} has NaNs"
+        err = float(jnp.max(jnp.abs(g32 - w32)) / (1.0 + float(jnp.max(jnp.abs(w32)))))
+        assert err <= tol * (10 if name == "s" else 1), f"d{name}: {err}"
+
+
+# (T, N, K, H, window, sinks, segments): GQA with odd T and a window, MQA with sinks and segments, MHA
+# with an odd head dim, a window longer than the sequence.
+CASES = [(37, 6, 2, 16, 7, False, False), (29, 4, 1, 24, 0, True, True), (21, 3, 3, 8, 5, True, True),
+         (19, 4, 2, 16, 40, False, True)]
+
+
+@pytest.mark.parametrize("T,N,K,H,window,sinks,segments", CASES)
+def test_gpu_lowering_fp32(T, N, K, H, window, sinks, segments):
+    _check("pallas_gpu", T=T, N=N, K=K, H=H, window=window, use_sinks=sinks, use_segments=segments,
+           dtype=jnp.float32, tol=1e-5)
+
+
+@pytest.mark.parametrize("T,N,K,H,window,sinks,segments", CASES[:2])
+def test_tpu_lowering_fp32(T, N, K, H, window, sinks, segments):
+    _check("pallas_tpu", T=T, N=N, K=K, H=H, window=window, use_sinks=sinks, use_segments=segments,
+           dtype=jnp.float32, tol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_bf16(impl):
+    _check(impl, T=23, N=4, K=2, H=16, window=6, use_sinks=True, use_segments=True, dtype=jnp.bfloat16,
+           tol=2e-2)
+
+
+def test_window_skips_blocks_so_cost_is_flat_in_length():
+    from pallas_kernels._flash_gpu import key_block_range
+    visited = [int(np.subtract(*key_block_range(i, bq=64, bk=64, groups=8, tokens=65536, window=512)[::-1]))
+               for i in (100, 4000, 8000)]
+    assert visited == [visited[0]] * 3 and visited[0] <= 512 // 64 + 2
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(k=jnp.ones((B, 9, 3, 8)), v=jnp.ones((B, 9, 3, 8))), "multiple of the 3 kv heads"),
+    (dict(v=jnp.zeros((B, 7, 2, 8))), "key tokens"),
+    (dict(sinks_N=jnp.zeros((3,))), "sinks_N"),
+    (dict(segment_ids_BT=jnp.zeros((B, 8), jnp.int32)), "segment_ids_BT"),
+    (dict(window=-1), "window"),
+    (dict(q=jnp.zeros((B, 9, 4, 520)), k=jnp.zeros((B, 9, 2, 520)), v=jnp.zeros((B, 9, 2, 520))), "512"),
+])
+def test_bad_input_names_the_problem(bad, message):
+    args = dict(q=jnp.ones((B, 9, 4, 8)), k=jnp.ones((B, 9, 2, 8)), v=jnp.ones((B, 9, 2, 8)))
+    args.update(bad)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(ValueError, match=message):
+        flash_attention(q, k, v, scale=1.0, impl="pallas_gpu", **args)
+
+
+def test_dispatch_table_on_cpu():
+    q, k = jnp.ones((1, 8, 4, 16)), jnp.ones((1, 8, 2, 16))
+    assert attention_backend("xla", q, k, default_positions=True) == "reference"
+    assert attention_backend("auto", q, k, default_positions=True) == "reference"
+    assert attention_backend("pallas", q, k, default_positions=True) == "flash"
+    assert attention_backend("pallas", q, k, default_positions=False) == "reference"
+    with pytest.raises(ValueError, match="softcap"):
+        attention_backend("pallas", q, k, softcap=50.0, default_positions=True)
+
+
+def test_dot_product_attention_pallas_matches_xla():
+    T = 13
+    q, k, v, sinks, _ = _inputs(T, 4, 2, 8, jnp.float32, seed=3)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    seg = _segments(T)
+    kw = dict(q_positions_BT=pos, kv_positions_BS=pos, window=4, q_segment_ids_BT=seg, kv_segment_ids_BS=seg,
+              scale=0.5, sinks_N=sinks, default_positions=True)
+    got = dot_product_attention(q, k, v, impl="pallas", **kw)
+    want = dot_product_attention(q, k, v, impl="xla", **kw)
+    real = (seg != 0)[:, :, None, None]
+    assert float(jnp.max(jnp.abs(jnp.where(real, got - want, 0)))) <= 1e-5
+
+
+# ---- family level: the parity models, "pallas" (interpret mode) against "xla" ------------------------------
+
+def _same_logits(path, ids, **call):
+    import zoo
+    from flax import nnx
+    run = nnx.jit(lambda m, ids_BT: m(ids_BT, **call))
+    xla = np.asarray(run(zoo.from_hf(str(path), dtype="float32", attention_impl="xla"), jnp.asarray(ids)))
+    pallas = np.asarray(run(zoo.from_hf(str(path), dtype="float32", attention_impl="pallas"), jnp.asarray(ids)))
+    assert np.isfinite(pallas).all()
+    assert np.abs(pallas - xla).max() <= 1e-4, np.abs(pallas - xla).max()
+
+
+def test_gemma4_pallas_matches_xla(tmp_path):
+    from tests.test_gemma4_parity import DENSE, _hf_model
+    _hf_model(DENSE, seed=1).save_pretrained(tmp_path)
+    _same_logits(tmp_path, np.random.default_rng(0).integers(0, DENSE["vocab_size"], size=(2, 17)))
+
+
+def test_laguna_pallas_matches_xla(tmp_path):
+    from tests.test_laguna_parity import PER_HEAD, SEQ, _hf_model
+    _hf_model(PER_HEAD, seed=1).save_pretrained(tmp_path)
+    _same_logits(tmp_path, np.random.default_rng(0).integers(0, PER_HEAD["vocab_size"], size=(2, SEQ)))
+
+
+def test_zaya1_pallas_matches_xla(tmp_path):
+    from tests.test_zaya1_parity import IDS, ODD_SHAPE, _hf_model
+    _hf_model(ODD_SHAPE, 1, IDS).save_pretrained(tmp_path)
+    _same_logits(tmp_path, IDS)
