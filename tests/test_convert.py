@@ -124,3 +124,20 @@ def test_safetensors_round_trip_keeps_dtypes(tmp_path):
     for f in sorted(tmp_path.glob("*.safetensors")):
         torch_loaded.update(load_file(f))
     assert torch_loaded["b"].dtype == torch.bfloat16
+
+
+def test_command_line_round_trip(hf_dir, tmp_path):
+    import subprocess
+    import sys
+    src, expected = hf_dir
+    for direction, a, b in (("hf-to-zoo", src, tmp_path / "zoo"), ("zoo-to-hf", tmp_path / "zoo", tmp_path / "hf")):
+        run = subprocess.run([sys.executable, "-m", "zoo.convert", direction, str(a), str(b)],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+    ours = np.asarray(zoo.load(str(tmp_path / "zoo"))(jnp.asarray(IDS)))
+    assert np.abs(ours - expected).max() <= 1e-4
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    assert np.abs(hf_logits(reloaded, IDS) - expected).max() <= 1e-4
+    bad = subprocess.run([sys.executable, "-m", "zoo.convert", "hf-to-zoo", str(tmp_path / "nope"), str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "no such checkpoint directory" in bad.stderr
