@@ -104,9 +104,7 @@ class CompressedAttention(nnx.Module):
             raise ValueError(f"num_heads={num_heads} is not divisible by out_groups={out_groups}")
         if impl not in IMPLS:
             raise ValueError(f"unknown attention_impl {impl!r}; expected one of {IMPLS}")
-        if impl == "pallas":
-            raise NotImplementedError("attention_impl='pallas' is not wired into CompressedAttention yet; use "
-                                      "'xla' or 'auto' (both run the pure-JAX references here)")
+        self.impl = impl
         D, N, H, G = d_model, num_heads, head_dim, out_groups
         self.num_heads, self.head_dim, self.out_groups, self.window = N, H, G, window
         self.rope, self.rope_dim, self.ratio, self.eps = rope, rope_dim, compress_ratio, eps
@@ -140,13 +138,37 @@ class CompressedAttention(nnx.Module):
         latent_BTGO = jnp.einsum("BTGMH,GMHO->BTGO", out_BTGMH, self.o_a_proj[...])
         return jnp.einsum("BTGO,GOD->BTD", latent_BTGO, self.o_b_proj[...])
 
+    def _kernel_lowering(self, segment_ids_BT) -> str | None:
+        """The Pallas lowering to run the attention with, or None for the pure-JAX references.
+
+        `pallas` always uses the kernels (interpret mode on CPU), `auto` on GPU and TPU. Inputs with segment
+        ids stay on the references: there a compressed entry belongs to the segment of its last token,
+        a rule the kernels do not apply to compressed entries.
+        """
+        backend = jax.default_backend()
+        if segment_ids_BT is not None or self.impl == "xla" or (self.impl == "auto" and backend == "cpu"):
+            return None
+        return "pallas_tpu" if backend == "tpu" else "pallas_gpu"
+
     def _attention(self, x_BTD, qr_BTQ, q_BTNH, kv_BTH, positions_BT, segment_ids_BT) -> jax.Array:
-        sinks_N, common = self.sinks[...], dict(window=self.window, scale=self.head_dim ** -0.5,
-                                                segment_ids_BT=segment_ids_BT)
+        from pallas_kernels import csa_attention as csa_kernel, flash_attention, hca_attention as hca_kernel
+        sinks_N, scale = self.sinks[...], self.head_dim ** -0.5
+        common = dict(window=self.window, scale=scale, segment_ids_BT=segment_ids_BT)
+        lowering = self._kernel_lowering(segment_ids_BT)
         if self.compressor is None or x_BTD.shape[1] < self.ratio:   # no complete window yet
+            if lowering:
+                kv_BT1H = kv_BTH[:, :, None]
+                return flash_attention(q_BTNH, kv_BT1H, kv_BT1H, window=self.window, sinks_N=sinks_N, scale=scale,
+                                       impl=lowering)
             return sliding_attention(q_BTNH, kv_BTH, sinks_N, **common)
         entries_BSH = self.compressor(x_BTD, positions_BT, segment_ids_BT)
         if self.indexer is None:
+            if lowering:
+                return hca_kernel(q_BTNH, kv_BTH, entries_BSH, sinks_N, window=self.window, ratio=self.ratio,
+                                  scale=scale, impl=lowering)
             return hca_attention(q_BTNH, kv_BTH, entries_BSH, sinks_N, ratio=self.ratio, **common)
         indices_BTK = self.indexer(x_BTD, qr_BTQ, positions_BT, segment_ids_BT)
+        if lowering:
+            return csa_kernel(q_BTNH, kv_BTH, entries_BSH, indices_BTK, sinks_N, window=self.window, scale=scale,
+                              impl=lowering)
         return csa_attention(q_BTNH, kv_BTH, entries_BSH, indices_BTK, sinks_N, **common)
