@@ -27,6 +27,7 @@ from layers.rope import RopeSpec
 from layers.sparse_attention import CompressedAttention
 from zoo import analysis
 from zoo.decoder import LayerContext
+from zoo.models import check_layers
 
 ATTENTION_TYPES = ("swa", "csa", "hca")
 YARN = {"factor": 16.0, "original_max_positions": 65_536, "beta_fast": 32.0, "beta_slow": 1.0}
@@ -85,15 +86,12 @@ def layer_spec(cfg, i: int) -> tuple[str, bool]:
 def validate(cfg) -> None:
     """Fails with a message naming the first inconsistency in a DeepSeek-V4-like model config."""
     L = cfg.num_layers
-    for key in ("attention_types", "kv_sources"):
-        if len(cfg[key]) != L:
-            raise ValueError(f"model.{key} has {len(cfg[key])} entries but model.num_layers is {L}")
-    for i, kind in enumerate((*cfg.attention_types, cfg.mtp_attention_type)):
-        if kind not in ATTENTION_TYPES:
-            where = f"attention_types[{i}]" if i < L else "mtp_attention_type"
-            raise ValueError(f"model.{where} = {kind!r}; expected one of {ATTENTION_TYPES}")
-        if kind not in cfg.rope:
-            raise ValueError(f"model.rope has no entry for attention type {kind!r}")
+    check_layers(cfg, ("attention_types", "kv_sources"), ATTENTION_TYPES)
+    kind = cfg.mtp_attention_type
+    if kind not in ATTENTION_TYPES:
+        raise ValueError(f"model.mtp_attention_type = {kind!r}; expected one of {ATTENTION_TYPES}")
+    if kind not in cfg.rope:
+        raise ValueError(f"model.rope has no entry for attention type {kind!r}")
     if any(s >= 0 for s in cfg.kv_sources):
         raise ValueError("DeepSeek-V4 layers keep their own K=V cache; model.kv_sources must all be -1")
     if cfg.num_heads % cfg.out_groups:

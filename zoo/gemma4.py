@@ -23,6 +23,7 @@ from layers.moe import Experts, SoftmaxRouter
 from layers.norms import RMSNorm
 from layers.rope import RopeSpec
 from zoo.decoder import LayerContext
+from zoo.models import check_layers
 
 ATTENTION_TYPES = ("sliding", "full")
 PER_LAYER_KEYS = ("attention_types", "num_heads", "num_kv_heads", "head_dims", "windows", "kv_sources",
@@ -95,16 +96,8 @@ def model_config(*, vocab_size: int, d_model: int, attention_types, num_heads: i
 
 def validate(cfg) -> None:
     """Fails with a message naming the first inconsistency in a Gemma-4-like model config."""
-    L = cfg.num_layers
-    for key in PER_LAYER_KEYS:
-        if len(cfg[key]) != L:
-            raise ValueError(f"model.{key} has {len(cfg[key])} entries but model.num_layers is {L}")
-    for i, kind in enumerate(cfg.attention_types):
-        if kind not in ATTENTION_TYPES:
-            raise ValueError(f"model.attention_types[{i}] = {kind!r}; expected one of {ATTENTION_TYPES}")
-        if cfg.num_heads[i] % cfg.num_kv_heads[i]:
-            raise ValueError(f"layer {i}: num_heads={cfg.num_heads[i]} is not divisible by "
-                             f"num_kv_heads={cfg.num_kv_heads[i]}")
+    check_layers(cfg, PER_LAYER_KEYS, ATTENTION_TYPES)
+    for i in range(cfg.num_layers):
         src = cfg.kv_sources[i]
         if src >= 0:
             if src >= i or cfg.kv_sources[src] >= 0:
@@ -113,9 +106,6 @@ def validate(cfg) -> None:
                 raise ValueError(f"layer {i} shares k/v of layer {src} but their head dims or kv heads differ")
     if any(cfg.moe_layers) and not (0 < cfg.top_k <= cfg.num_experts and cfg.expert_dim > 0):
         raise ValueError("MoE layers need 0 < model.top_k <= model.num_experts and model.expert_dim > 0")
-    for kind in set(cfg.attention_types):
-        if kind not in cfg.rope:
-            raise ValueError(f"model.rope has no entry for attention type {kind!r}")
     activations.get(cfg.activation)
 
 

@@ -25,6 +25,7 @@ from layers.moe import Experts, SigmoidRouter
 from layers.norms import RMSNorm
 from layers.rope import RopeSpec, yarn_mscale
 from zoo.decoder import LayerContext
+from zoo.models import check_layers
 
 ATTENTION_TYPES = ("sliding", "full")
 GATINGS = ("per_head", "per_element")
@@ -78,24 +79,13 @@ def model_config(*, vocab_size: int, d_model: int, attention_types: Sequence[str
 
 def validate(cfg) -> None:
     """Fails with a message naming the first inconsistency in a Laguna-like model config."""
-    L = cfg.num_layers
-    for key in PER_LAYER_KEYS:
-        if len(cfg[key]) != L:
-            raise ValueError(f"model.{key} has {len(cfg[key])} entries but model.num_layers is {L}")
-    for i, kind in enumerate(cfg.attention_types):
-        if kind not in ATTENTION_TYPES:
-            raise ValueError(f"model.attention_types[{i}] = {kind!r}: unknown layer kind; expected one of "
-                             f"{ATTENTION_TYPES}")
-        if cfg.num_heads[i] % cfg.num_kv_heads[i]:
-            raise ValueError(f"layer {i}: num_heads={cfg.num_heads[i]} is not divisible by "
-                             f"num_kv_heads={cfg.num_kv_heads[i]}")
+    check_layers(cfg, PER_LAYER_KEYS, ATTENTION_TYPES)
+    for i in range(cfg.num_layers):
         if cfg.kv_sources[i] != -1:
             raise ValueError(f"layer {i}: Laguna layers do not share k/v (model.kv_sources must be -1)")
     if cfg.gating not in GATINGS:
         raise ValueError(f"model.gating = {cfg.gating!r}; expected one of {GATINGS}")
     for kind in set(cfg.attention_types):
-        if kind not in cfg.rope:
-            raise ValueError(f"model.rope has no entry for attention type {kind!r}")
         RopeSpec.from_config(cfg.rope[kind])
     if any(cfg.moe_layers) and not (0 < cfg.top_k <= cfg.num_experts and cfg.expert_dim > 0
                                     and cfg.shared_expert_dim > 0):

@@ -12,6 +12,25 @@ from zoo.decoder import Decoder
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def check_layers(cfg, per_layer_keys, attention_types) -> None:
+    """The checks every family's per-layer config needs: each list in `per_layer_keys` has one entry per
+    layer, each layer's attention type is one of `attention_types` and has RoPE settings in `model.rope`,
+    and where heads are listed per layer, the query heads split evenly over the kv heads."""
+    L = cfg.num_layers
+    for key in per_layer_keys:
+        if len(cfg[key]) != L:
+            raise ValueError(f"model.{key} has {len(cfg[key])} entries but model.num_layers is {L}")
+    for i, kind in enumerate(cfg.attention_types):
+        if kind not in attention_types:
+            raise ValueError(f"model.attention_types[{i}] = {kind!r}: unknown layer kind; expected one of "
+                             f"{attention_types}")
+        if kind not in cfg.rope:
+            raise ValueError(f"model.rope has no entry for attention type {kind!r}")
+        if "num_kv_heads" in per_layer_keys and cfg.num_heads[i] % cfg.num_kv_heads[i]:
+            raise ValueError(f"layer {i}: num_heads={cfg.num_heads[i]} is not divisible by "
+                             f"num_kv_heads={cfg.num_kv_heads[i]}")
+
+
 def validate(cfg) -> None:
     if cfg.attention_impl not in IMPLS:
         raise ValueError(f"unknown model.attention_impl {cfg.attention_impl!r}; expected one of {IMPLS}")

@@ -22,6 +22,7 @@ from layers.residual import ScaledResidual
 from layers.rope import RopeSpec
 from zoo import analysis
 from zoo.decoder import LayerContext
+from zoo.models import check_layers
 
 ATTENTION_TYPES = ("cca", "cca_sliding")
 PER_LAYER_KEYS = ("attention_types", "num_heads", "num_kv_heads", "head_dims", "windows")
@@ -73,18 +74,8 @@ def model_config(*, vocab_size: int, d_model: int, attention_types, num_heads: i
 
 def validate(cfg) -> None:
     """Fails with a message naming the first inconsistency in a ZAYA1-like model config."""
-    L = cfg.num_layers
-    for key in PER_LAYER_KEYS:
-        if len(cfg[key]) != L:
-            raise ValueError(f"model.{key} has {len(cfg[key])} entries but model.num_layers is {L}")
+    check_layers(cfg, PER_LAYER_KEYS, ATTENTION_TYPES)
     for i, kind in enumerate(cfg.attention_types):
-        if kind not in ATTENTION_TYPES:
-            raise ValueError(f"model.attention_types[{i}] = {kind!r}; expected one of {ATTENTION_TYPES}")
-        if kind not in cfg.rope:
-            raise ValueError(f"model.rope has no entry for attention type {kind!r}")
-        if cfg.num_heads[i] % cfg.num_kv_heads[i]:
-            raise ValueError(f"layer {i}: num_heads={cfg.num_heads[i]} is not divisible by "
-                             f"num_kv_heads={cfg.num_kv_heads[i]}")
         if (cfg.num_kv_heads[i] * cfg.head_dims[i]) % 2:
             raise ValueError(f"layer {i}: num_kv_heads * head_dim must be even (the value shift halves it)")
         if kind == "cca_sliding" and cfg.windows[i] <= 0:
