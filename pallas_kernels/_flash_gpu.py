@@ -22,20 +22,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._attention_gpu import _dot, _dot_nt, _dot_tn
+
 _F32 = jnp.float32
-_HIGHEST = lax.Precision.HIGHEST
-
-
-def _dot(a, b, contract=((1,), (0,))):
-    return lax.dot_general(a, b, (contract, ((), ())), precision=_HIGHEST, preferred_element_type=_F32)
-
-
-def _dot_nt(a, b):
-    return _dot(a, b, ((1,), (1,)))
-
-
-def _dot_tn(a, b):
-    return _dot(a, b, ((0,), (0,)))
 
 
 def key_block_range(i, *, bq: int, bk: int, groups: int, tokens: int, window: int):
