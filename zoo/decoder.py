@@ -7,7 +7,8 @@ residual stream between blocks in float32 whatever the compute dtype (blocks cas
 `hc_streams` n > 0 widens the residual into n hyper-connection streams [B, T, n, D] (the embedding copied
 into each; blocks read and write all n; a learned `HyperHead` collapses them before the final norm);
 `mtp_depth` k > 0 adds k multi-token-prediction modules, trained through `train_loss` with weight
-`mtp_loss_weight`.
+`mtp_loss_weight`; `remat` ("none" | "full" | "dots") recomputes each block in the backward pass instead
+of keeping its activations ("full": keep only the block's inputs; "dots": also keep matmul outputs).
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ from layers.embeddings import Embed, PerLayerEmbedding
 from layers.hyper_connections import HyperHead
 from layers.norms import RMSNorm
 from layers.residual import ScaleBias
+
+REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+REMAT = ("none", *REMAT_POLICIES)
 
 
 @dataclasses.dataclass
@@ -77,6 +82,7 @@ class Decoder(nnx.Module):
                                                   eps=cfg.norm_eps, rngs=rngs) if cfg.ple_dim else None)
         self.input_scale_bias = ScaleBias(D) if cfg.get("input_scale_bias", False) else None
         self.residual_fp32 = bool(cfg.get("residual_fp32", False))
+        self.remat = cfg.get("remat", "none")
         self.blocks = nnx.List([block_cls(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(D, eps=cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else params.normal(rngs, (D, cfg.vocab_size), ("embed", "vocab"))
@@ -143,7 +149,7 @@ class Decoder(nnx.Module):
             x_BTD = x_BTD.astype(jnp.float32)
         x = self.hyper_head.expand(x_BTD) if self.hyper_head is not None else x_BTD
         for block in self.blocks:
-            x = block(x, ctx)
+            x = block(x, ctx) if self.remat == "none" else _rematerialised(block, x, ctx, self.remat)
         return x, ctx, compute_dtype
 
     def _logits(self, x, compute_dtype, hyper_head: HyperHead | None, norm: RMSNorm) -> jax.Array:
@@ -159,6 +165,20 @@ class Decoder(nnx.Module):
         if self.final_softcap:
             logits_BTV = self.final_softcap * jnp.tanh(logits_BTV / self.final_softcap)
         return logits_BTV
+
+
+def _rematerialised(block, x, ctx: LayerContext, policy: str) -> jax.Array:
+    """`block(x, ctx)` under `jax.checkpoint` with the named policy. The context's arrays go in as
+    arguments and the entries the block adds to `kv_store`/`carry` come out as results, so nothing
+    traced inside leaks out."""
+    def run(block, x, arrays):
+        inner = dataclasses.replace(ctx, **{**arrays, "kv_store": dict(arrays["kv_store"]),
+                                            "carry": dict(arrays["carry"])})
+        return block(x, inner), inner.kv_store, inner.carry
+
+    arrays = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx) if f.name != "default_positions"}
+    x, ctx.kv_store, ctx.carry = nnx.remat(run, policy=REMAT_POLICIES[policy])(block, x, arrays)
+    return x
 
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array | None = None

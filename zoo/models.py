@@ -7,7 +7,7 @@ from flax import nnx
 
 from layers.attention import IMPLS
 from zoo import families
-from zoo.decoder import Decoder
+from zoo.decoder import REMAT, Decoder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -36,6 +36,8 @@ def validate(cfg) -> None:
         raise ValueError(f"unknown model.attention_impl {cfg.attention_impl!r}; expected one of {IMPLS}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"unknown model.dtype {cfg.dtype!r}; expected one of {sorted(DTYPES)}")
+    if cfg.get("remat", "none") not in REMAT:
+        raise ValueError(f"unknown model.remat {cfg.remat!r}; expected one of {REMAT}")
     families.get(cfg.family).validate(cfg)
 
 
