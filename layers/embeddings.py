@@ -10,11 +10,12 @@ from layers.norms import RMSNorm
 
 
 class Embed(nnx.Module):
-    """`table[ids] * scale`; the scale is rounded to the table's dtype first (bf16: sqrt(1536) -> 39.25)."""
+    """`table[ids] * scale`; the scale is rounded to the table's dtype first (bf16: sqrt(1536) -> 39.25).
+    The table starts at std 1/sqrt(dim), so as a tied head it gives logits of about unit scale."""
 
     def __init__(self, vocab_size: int, dim: int, *, scale: float = 1.0, rngs: nnx.Rngs):
         self.scale = scale
-        self.table = params.normal(rngs, (vocab_size, dim), ("vocab", "embed"), std=1.0)
+        self.table = params.normal(rngs, (vocab_size, dim), ("vocab", "embed"), std=dim ** -0.5)
 
     def __call__(self, ids_BT: jax.Array) -> jax.Array:
         table = self.table[...]
