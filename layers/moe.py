@@ -143,9 +143,75 @@ class SharedExpert(nnx.Module):
         return jnp.einsum("MF,FD->MD", self.act(gate_MF) * up_MF, self.down_proj[...])
 
 
+GROUPED_MATMUL_IMPLS = ("auto", "ragged", "blocked")
+
+
+def grouped_matmul(x_PD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array, *, impl: str = "auto"
+                   ) -> jax.Array:
+    """`jax.lax.ragged_dot(x_PD, w_EDF, group_sizes_E)`: the rows of x come sorted by group, row p of group
+    e multiplies w[e], and rows past sum(group_sizes) give zeros. Returns [P, F] in ragged_dot's dtype.
+
+        impl       runs as
+        "ragged"   jax.lax.ragged_dot (native on TPU; fine on CPU)
+        "blocked"  `_blocked_grouped_matmul`: groups padded to row blocks, one batched einsum
+        "auto"     "blocked" when jax.default_backend() == "gpu" (where ragged_dot lowers densely,
+                   every row against every expert), else "ragged"
+    """
+    if impl not in GROUPED_MATMUL_IMPLS:
+        raise ValueError(f"grouped_matmul: unknown impl {impl!r}; expected one of {GROUPED_MATMUL_IMPLS}")
+    if x_PD.ndim != 2 or w_EDF.ndim != 3 or group_sizes_E.ndim != 1:
+        raise ValueError(f"grouped_matmul: expected x [P, D], w [E, D, F] and group_sizes [E]; got ranks "
+                         f"{x_PD.ndim}, {w_EDF.ndim} and {group_sizes_E.ndim}")
+    if x_PD.shape[1] != w_EDF.shape[1]:
+        raise ValueError(f"grouped_matmul: x's D={x_PD.shape[1]} does not match w's D={w_EDF.shape[1]}")
+    if group_sizes_E.shape[0] != w_EDF.shape[0]:
+        raise ValueError(f"grouped_matmul: group_sizes has length {group_sizes_E.shape[0]} but w has "
+                         f"E={w_EDF.shape[0]} experts")
+    if impl == "auto":
+        impl = "blocked" if jax.default_backend() == "gpu" else "ragged"
+    if impl == "ragged":
+        return jax.lax.ragged_dot(x_PD, w_EDF, group_sizes_E)
+    return _blocked_grouped_matmul(x_PD, w_EDF, group_sizes_E)
+
+
+def _blocked_grouped_matmul(x_PD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+    """Each group padded to a multiple of an R-row block (R = m, a power of two in [8, 128]), so each of
+    the N blocks belongs to one expert and the product is one batched einsum against the blocks' own
+    weights. S = N * R slots hold every padded group. Gathers both ways (slot <- row in, row <- slot out),
+    so plain autodiff gives the backward; all shapes static."""
+    P, _ = x_PD.shape
+    E = w_EDF.shape[0]
+    m = min(128, max(8, 1 << max(0, -(-P // E) - 1).bit_length()))   # next_pow2(ceil(P / E)), clipped
+    S = -(-(P + E * (m - 1)) // m) * m                                # room for every group padded to m
+    N = S // m
+    sizes_E = group_sizes_E.astype(jnp.int32)
+    ends_E = jnp.cumsum(sizes_E)
+    starts_E = ends_E - sizes_E
+    padded_E = -(-sizes_E // m) * m
+    padded_ends_E = jnp.cumsum(padded_E)
+    padded_starts_E = padded_ends_E - padded_E
+    # in: each block's expert (E past the last group: clamped, its rows zero) and each slot's row (P: zero)
+    group_N = jnp.searchsorted(padded_ends_E, jnp.arange(N, dtype=jnp.int32) * m, side="right")
+    expert_N = jnp.minimum(group_N, E - 1)
+    rank_NR = jnp.arange(S, dtype=jnp.int32).reshape(N, m) - padded_starts_E[expert_N][:, None]
+    row_NR = starts_E[expert_N][:, None] + rank_NR
+    filled_NR = (group_N[:, None] < E) & (rank_NR < sizes_E[expert_N][:, None]) & (row_NR < P)
+    x_NRD = jnp.take(x_PD, jnp.where(filled_NR, row_NR, P), axis=0, mode="fill", fill_value=0)
+    # each block's weights picked by a one-hot matmul, not a gather: the gather's backward is a scatter-add
+    # of N blocks into E matrices, 3x slower on an H100 (docs/benchmarks.md); this one's is a matmul
+    w_NDF = jnp.einsum("NE,EDF->NDF", jax.nn.one_hot(expert_N, E, dtype=w_EDF.dtype), w_EDF)
+    y_NRF = jnp.einsum("NRD,NDF->NRF", x_NRD, w_NDF)
+    # out: each row's slot (S, a zero row, for rows past sum(group_sizes))
+    row_P = jnp.arange(P, dtype=jnp.int32)
+    group_P = jnp.searchsorted(ends_E, row_P, side="right")
+    expert_P = jnp.minimum(group_P, E - 1)
+    slot_P = jnp.where(group_P < E, padded_starts_E[expert_P] + row_P - starts_E[expert_P], S)
+    return jnp.take(y_NRF.reshape(S, -1), slot_P, axis=0, mode="fill", fill_value=0)
+
+
 class Experts(nnx.Module):
-    """E gated MLPs. The M*K (token, expert) pairs are sorted by expert and run as ragged matmuls.
-    `limit` > 0 clamps each expert's gate and up pre-activations (`clamp_gate_up`)."""
+    """E gated MLPs. The M*K (token, expert) pairs are sorted by expert and run as grouped matmuls
+    (`grouped_matmul`). `limit` > 0 clamps each expert's gate and up pre-activations (`clamp_gate_up`)."""
 
     def __init__(self, num_experts: int, d_model: int, hidden_dim: int, *, activation: str = "gelu_tanh",
                  limit: float = 0.0, rngs: nnx.Rngs):
@@ -163,9 +229,9 @@ class Experts(nnx.Module):
         token_P = order_P // K
         group_sizes_E = jnp.bincount(flat_expert_P, length=self.num_experts).astype(jnp.int32)
         x_PD = jnp.take(x_MD, token_P, axis=0)
-        gate_PF = jax.lax.ragged_dot(x_PD, self.gate_proj[...], group_sizes_E)
-        up_PF = jax.lax.ragged_dot(x_PD, self.up_proj[...], group_sizes_E)
+        gate_PF = grouped_matmul(x_PD, self.gate_proj[...], group_sizes_E, impl="auto")
+        up_PF = grouped_matmul(x_PD, self.up_proj[...], group_sizes_E, impl="auto")
         gate_PF, up_PF = clamp_gate_up(gate_PF, up_PF, self.limit)
-        y_PD = jax.lax.ragged_dot(self.act(gate_PF) * up_PF, self.down_proj[...], group_sizes_E)
+        y_PD = grouped_matmul(self.act(gate_PF) * up_PF, self.down_proj[...], group_sizes_E, impl="auto")
         y_PD = y_PD * weights_MK.reshape(-1)[order_P][:, None].astype(y_PD.dtype)
         return jnp.zeros((M, x_MD.shape[-1]), y_PD.dtype).at[token_P].add(y_PD)

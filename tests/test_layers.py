@@ -12,7 +12,7 @@ from transformers.models.gemma4.modeling_gemma4 import apply_rotary_pos_emb
 
 from configs.gemma4 import get_config
 from layers.attention import attention_mask, reference_attention
-from layers.moe import Experts
+from layers.moe import Experts, grouped_matmul
 from layers.rope import RopeSpec, apply_rope
 from zoo.gemma4 import kv_share_sources
 
@@ -105,3 +105,46 @@ def test_experts_grouped_matmul_matches_per_token_loop():
     for m in range(7):
         want = sum(w[m, j] * ((jax.nn.silu(x[m] @ g[e]) * (x[m] @ u[e])) @ d[e]) for j, e in enumerate(ids[m]))
         np.testing.assert_allclose(out[m], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("P, D, F, sizes", [
+    (24, 5, 3, [0, 10, 0, 14]),              # empty groups
+    (13, 4, 6, [0, 13, 0]),                  # one group holds every row
+    (21, 3, 4, [4, 0, 7, 2]),                # sum(group_sizes) < P: the last rows give zeros
+    (37, 6, 5, [9, 11, 17]),                 # P not a multiple of the block (m = 16)
+    (5, 4, 3, [1, 0, 2, 0, 0, 1, 0, 1, 0]),  # more experts than rows
+    (300, 8, 4, [130, 0, 1, 150, 19]),       # groups of several blocks (m = 64)
+])
+def test_blocked_grouped_matmul_matches_ragged_dot(P, D, F, sizes):
+    E = len(sizes)
+    kx, kw, kc = jax.random.split(jax.random.key(P), 3)
+    x = jax.random.normal(kx, (P, D), jnp.float32)
+    w = jax.random.normal(kw, (E, D, F), jnp.float32)
+    cot = jax.random.normal(kc, (P, F), jnp.float32)
+    gs = jnp.asarray(sizes, jnp.int32)
+    ref = jax.lax.ragged_dot(x, w, gs)
+    got = jax.jit(lambda x, w, gs: grouped_matmul(x, w, gs, impl="blocked"))(x, w, gs)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+    assert not np.asarray(got[sum(sizes):]).any()
+    loss = lambda f: (lambda x, w: jnp.sum(f(x, w, gs) * cot))
+    ref_grads = jax.grad(loss(jax.lax.ragged_dot), argnums=(0, 1))(x, w)
+    got_grads = jax.grad(loss(lambda x, w, gs: grouped_matmul(x, w, gs, impl="blocked")), argnums=(0, 1))(x, w)
+    for g, r in zip(got_grads, ref_grads):
+        np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    ref, got = jax.lax.ragged_dot(xb, wb, gs), grouped_matmul(xb, wb, gs, impl="blocked")
+    assert got.dtype == ref.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), ref.astype(jnp.float32), atol=1e-2, rtol=1e-2)
+
+
+def test_grouped_matmul_rejects_bad_arguments():
+    x, w, gs = jnp.ones((6, 4)), jnp.ones((3, 4, 5)), jnp.array([2, 2, 2])
+    with pytest.raises(ValueError, match="unknown impl 'pallas'"):
+        grouped_matmul(x, w, gs, impl="pallas")
+    with pytest.raises(ValueError, match="group_sizes has length 2 but w has E=3"):
+        grouped_matmul(x, w, gs[:2])
+    with pytest.raises(ValueError, match="ranks"):
+        grouped_matmul(x[None], w, gs)
+    with pytest.raises(ValueError, match="does not match"):
+        grouped_matmul(x, jnp.ones((3, 5, 5)), gs)
