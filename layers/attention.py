@@ -70,13 +70,24 @@ def _splash_fits(q_BTNH, k_BSKH, sinks_N, softcap, segment_ids_BT, default_posit
             and segment_ids_BT is None and T == k_BSKH.shape[1] and T % 128 == 0 and H % 128 == 0)
 
 
+# On GPU our flash kernel's d-512 tiles are small (32 x 32): measured on an H100 (docs/benchmarks.md),
+# full causal attention at head_dim 512 runs faster through XLA wherever XLA's float32 logits fit this
+# budget (4K and 16K tokens: 1.15-1.45x forward, 2.1-2.7x forward+backward); past it, only the kernel runs.
+XLA_WIDE_HEAD_LOGITS_BYTES = 8 << 30
+
+
+def _xla_beats_own_kernel(q_BTNH, k_BSKH, window: int) -> bool:
+    B, T, N, H = q_BTNH.shape
+    return H > 256 and not window and B * N * T * k_BSKH.shape[1] * 4 <= XLA_WIDE_HEAD_LOGITS_BYTES
+
+
 def _own_kernel_fits(q_BTNH, k_BSKH, softcap, default_positions: bool) -> bool:
     return (default_positions and not softcap and q_BTNH.shape[1] == k_BSKH.shape[1]
             and q_BTNH.shape[-1] <= 512 and q_BTNH.dtype in (jnp.float32, jnp.bfloat16))
 
 
 def attention_backend(impl: str, q_BTNH, k_BSKH, *, sinks_N=None, softcap: float | None = None,
-                      segment_ids_BT=None, default_positions: bool = False) -> str:
+                      segment_ids_BT=None, default_positions: bool = False, window: int = 0) -> str:
     """The one choice table: which code runs `dot_product_attention`.
 
     Returns "reference" (pure JAX), "cudnn" (jax.nn.dot_product_attention), "splash" (JAX's TPU splash
@@ -87,7 +98,10 @@ def attention_backend(impl: str, q_BTNH, k_BSKH, *, sinks_N=None, softcap: float
       xla      | reference                | reference                 | reference
       pallas   | flash                    | flash                     | flash (interpret mode)
       auto     | cudnn if it fits,        | splash if it fits,        | reference
-               | else flash, else ref.    | else flash, else ref.     |
+               | else ref. if head_dim >  | else flash, else ref.     |
+               | 256, full causal and the |                           |
+               | logits fit 8 GiB, else   |                           |
+               | flash, else ref.         |                           |
 
     "pallas" raises on an attention softcap (the kernel has none) and falls back to the reference where
     the kernel does not apply: positions other than 0..T-1 in every row (e.g. decoding against a cache),
@@ -108,6 +122,8 @@ def attention_backend(impl: str, q_BTNH, k_BSKH, *, sinks_N=None, softcap: float
     if backend == "gpu":
         if segment_ids_BT is None and _cudnn_fits(q_BTNH, k_BSKH, sinks_N, softcap, default_positions):
             return "cudnn"
+        if _xla_beats_own_kernel(q_BTNH, k_BSKH, window):
+            return "reference"
     elif backend == "tpu":
         if _splash_fits(q_BTNH, k_BSKH, sinks_N, softcap, segment_ids_BT, default_positions):
             return "splash"
@@ -148,7 +164,8 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, q_positions_BT, kv_position
     it). Segment ids: the fused kernels take the query's; keys must be the same tokens.
     """
     backend = attention_backend(impl, q_BTNH, k_BSKH, sinks_N=sinks_N, softcap=softcap,
-                                segment_ids_BT=q_segment_ids_BT, default_positions=default_positions)
+                                segment_ids_BT=q_segment_ids_BT, default_positions=default_positions,
+                                window=window)
     if backend == "cudnn":
         return jax.nn.dot_product_attention(
             q_BTNH, k_BSKH, v_BSKH, scale=scale, is_causal=True, implementation="cudnn",

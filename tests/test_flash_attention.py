@@ -130,6 +130,21 @@ def test_dispatch_table_on_cpu():
         attention_backend("pallas", q, k, softcap=50.0, default_positions=True)
 
 
+def test_dispatch_table_on_gpu(monkeypatch):
+    """The GPU rows of the table, read with jax.default_backend() reporting "gpu" (shapes only)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    shaped = lambda B, T, N, H, dtype=jnp.bfloat16: jax.ShapeDtypeStruct((B, T, N, H), dtype)
+    auto = lambda q, k, **kw: attention_backend("auto", q, k, default_positions=True, **kw)
+    assert auto(shaped(1, 4096, 8, 128), shaped(1, 4096, 2, 128)) == "cudnn"
+    assert auto(shaped(1, 4096, 8, 128), shaped(1, 4096, 2, 128), sinks_N=jnp.zeros(8)) == "flash"
+    assert auto(shaped(1, 4096, 8, 256), shaped(1, 4096, 1, 256), window=512) == "flash"
+    # head_dim 512, full causal: XLA while its float32 logits fit 8 GiB, then our kernel
+    assert auto(shaped(8, 4096, 8, 512), shaped(8, 4096, 1, 512)) == "reference"   # 4 GiB of logits
+    assert auto(shaped(1, 65536, 8, 512), shaped(1, 65536, 1, 512)) == "flash"    # 128 GiB
+    assert auto(shaped(1, 4096, 8, 512), shaped(1, 4096, 1, 512), window=1024) == "flash"
+    assert auto(shaped(1, 4096, 8, 128), shaped(1, 4096, 2, 128), segment_ids_BT=jnp.ones((1, 4096))) == "flash"
+
+
 def test_dot_product_attention_pallas_matches_xla():
     T = 13
     q, k, v, sinks, _ = _inputs(T, 4, 2, 8, jnp.float32, seed=3)
