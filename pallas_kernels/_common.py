@@ -97,6 +97,24 @@ def check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def check_compressed_attention_inputs(q, kv, kv_comp, sinks, segment_ids, window) -> tuple[int, int, int, int]:
+    """The checks CSA and HCA share: q [B, T, H, D], kv [B, T, D] and kv_comp [B, S, D] in q's dtype,
+    sinks [H], optional int32 segment_ids [B, T], a positive window. Returns (B, T, H, D)."""
+    check_array("q", q, 4, FLOAT_DTYPES, "[B, T, H, D]")
+    B, T, H, D = q.shape
+    check_array("kv", kv, 3, (q.dtype,), "[B, T, D] with q's dtype")
+    check_dim("kv", kv, 0, B, "batch"), check_dim("kv", kv, 1, T, "tokens"), check_dim("kv", kv, 2, D, "head dim")
+    check_array("kv_comp", kv_comp, 3, (q.dtype,), "[B, S, D] with q's dtype")
+    check_dim("kv_comp", kv_comp, 0, B, "batch"), check_dim("kv_comp", kv_comp, 2, D, "head dim")
+    check_array("sinks", sinks, 1, FLOAT_DTYPES, "[H]")
+    check_dim("sinks", sinks, 0, H, "heads")
+    if segment_ids is not None:
+        check_array("segment_ids", segment_ids, 2, (jnp.int32,), "[B, T]")
+        check_dim("segment_ids", segment_ids, 0, B, "batch"), check_dim("segment_ids", segment_ids, 1, T, "tokens")
+    check_positive("window", window)
+    return B, T, H, D
+
+
 def round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _attention_gpu, _attention_tpu
-from pallas_kernels._common import (FLOAT_DTYPES, BlockSizes, Lowering, check_array, check_dim, check_positive,
+from pallas_kernels._common import (BlockSizes, Lowering, check_array, check_compressed_attention_inputs, check_dim,
                                     gather_rows, resolve_lowering, sink_gradient, sink_softmax,
                                     window_keys_reference, window_start)
 
@@ -101,20 +101,9 @@ def csa_attention(q: jax.Array, kv: jax.Array, kv_comp: jax.Array, indices: jax.
     says. impl: "xla" (reference), "pallas_gpu", "pallas_tpu", or "auto" (by platform); a Pallas lowering
     off its platform runs in interpret mode unless `interpret` says otherwise.
     """
-    check_array("q", q, 4, FLOAT_DTYPES, "[B, T, H, D]")
-    B, T, H, D = q.shape
-    check_array("kv", kv, 3, (q.dtype,), "[B, T, D] with q's dtype")
-    check_dim("kv", kv, 0, B, "batch"), check_dim("kv", kv, 1, T, "tokens"), check_dim("kv", kv, 2, D, "head dim")
-    check_array("kv_comp", kv_comp, 3, (q.dtype,), "[B, S, D] with q's dtype")
-    check_dim("kv_comp", kv_comp, 0, B, "batch"), check_dim("kv_comp", kv_comp, 2, D, "head dim")
+    B, T, H, D = check_compressed_attention_inputs(q, kv, kv_comp, sinks, segment_ids, window)
     check_array("indices", indices, 3, (jnp.int32,), "[B, T, K]")
     check_dim("indices", indices, 0, B, "batch"), check_dim("indices", indices, 1, T, "tokens")
-    check_array("sinks", sinks, 1, FLOAT_DTYPES, "[H]")
-    check_dim("sinks", sinks, 0, H, "heads")
-    if segment_ids is not None:
-        check_array("segment_ids", segment_ids, 2, (jnp.int32,), "[B, T]")
-        check_dim("segment_ids", segment_ids, 0, B, "batch"), check_dim("segment_ids", segment_ids, 1, T, "tokens")
-    check_positive("window", window)
     scale = D ** -0.5 if scale is None else float(scale)
     lowering = resolve_lowering(impl, interpret)
     if lowering.impl == "xla":
