@@ -43,3 +43,11 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data.token_dtype = "uint16"       # "tokens" files: raw little-endian "uint16" or "uint32" ids
     c.data.val_fraction = 0.05
     return c
+
+
+def small_replica_training(config: ml_collections.ConfigDict, *, batch_size: int = 32) -> ml_collections.ConfigDict:
+    """The training settings every family's `small` replica uses: batch_size windows of 1024 tokens at a
+    peak learning rate of 1e-3."""
+    config.train.batch_size, config.train.seq_len = batch_size, 1024
+    config.optimizer.learning_rate = 1e-3
+    return config

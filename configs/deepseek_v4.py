@@ -8,7 +8,7 @@ and the released sizes `flash` and `pro` (layer patterns from their `compress_ra
 """
 from __future__ import annotations
 
-from configs.common import base_config
+from configs.common import base_config, small_replica_training
 from zoo.deepseek_v4 import model_config
 
 BYTE_VOCAB = 256
@@ -57,6 +57,5 @@ def get_config(preset: str = "tiny"):
     if preset == "tiny":
         config.train.steps = 300
     if preset == "small":
-        config.train.batch_size, config.train.seq_len = 16, 1024
-        config.optimizer.learning_rate = 1e-3
+        small_replica_training(config, batch_size=16)
     return config

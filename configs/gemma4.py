@@ -7,7 +7,7 @@ text decoders `e2b`, `e4b`, `26b_a4b`, `31b`.
 """
 from __future__ import annotations
 
-from configs.common import base_config
+from configs.common import base_config, small_replica_training
 from zoo.gemma4 import model_config
 
 BYTE_VOCAB = 256
@@ -67,6 +67,5 @@ def get_config(preset: str = "tiny"):
         config.train.update(steps=300, eval_every=100, checkpoint_every=100)
         config.optimizer.warmup_steps = 20
     if preset == "small":
-        config.train.batch_size, config.train.seq_len = 32, 1024
-        config.optimizer.learning_rate = 1e-3
+        small_replica_training(config)
     return config

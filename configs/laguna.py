@@ -7,7 +7,7 @@ four, 3/4 of the sliding layers' query heads on full layers as in 48/64), and th
 """
 from __future__ import annotations
 
-from configs.common import base_config
+from configs.common import base_config, small_replica_training
 from zoo.laguna import model_config
 
 BYTE_VOCAB = 256
@@ -47,6 +47,5 @@ PRESETS = ("tiny", "small", "xs2")
 def get_config(preset: str = "tiny"):
     config = base_config(_model(preset or "tiny"))
     if preset == "small":
-        config.train.batch_size, config.train.seq_len = 32, 1024
-        config.optimizer.learning_rate = 1e-3
+        small_replica_training(config)
     return config

@@ -6,7 +6,7 @@ Presets: `tiny` (trains on 2 CPU cores in minutes), `small` (~100M-parameter rep
 """
 from __future__ import annotations
 
-from configs.common import base_config
+from configs.common import base_config, small_replica_training
 from zoo.zaya1 import model_config
 
 BYTE_VOCAB = 256
@@ -35,6 +35,5 @@ PRESETS = ("tiny", "small", "8b")
 def get_config(preset: str = "tiny"):
     config = base_config(_model(preset or "tiny"))
     if preset == "small":
-        config.train.batch_size, config.train.seq_len = 32, 1024
-        config.optimizer.learning_rate = 1e-3
+        small_replica_training(config)
     return config
