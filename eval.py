@@ -4,8 +4,9 @@
     python eval.py --checkpoint=ckpt/gemma4 --seq_lens=128,256,512 --output=sweep.json   # + sweep.csv
 
 Reports validation loss (nats/token), bits per byte and perplexity as JSON and as a table; with
-`--seq_lens`, one row per sequence length, also written as CSV next to the JSON. Data and sizes default
-to the checkpoint's own config.json.
+`--seq_lens`, one row per sequence length, also written as CSV next to the JSON. Data, sizes and the
+device mesh default to the checkpoint's own config.json; parameters are read straight into their
+shardings on that mesh (or `--mesh=data=2,fsdp=4`), and each batch is split over its batch axes.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ _ATTENTION_IMPL = flags.DEFINE_string("attention_impl", None, "override model.at
 _DATA_SOURCE = flags.DEFINE_string("data_source", None, "override data.source (stdlib, text, tokens)")
 _DATA_PATHS = flags.DEFINE_string("data_paths", None, "override data.paths")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "override data.tokenizer (bytes or a tokenizer.json)")
+_MESH = flags.DEFINE_string("mesh", "", "device mesh axis sizes, e.g. data=2,fsdp=4 (one may be -1: the "
+                            "remaining devices; axes not named: 1) instead of the checkpoint's config.mesh")
 
 
 def fail(message) -> None:
@@ -53,10 +56,20 @@ def parse_seq_lens(text: str) -> list[int]:
     return seq_lens
 
 
-def evaluate_checkpoint(path: str, seq_lens: list[int]) -> dict:
-    """The evaluation report of the checkpoint at `path` (JSON-ready); the top-level numbers are those
-    of the first sequence length."""
-    from zoo import checkpoints, data
+def parse_mesh(text: str) -> dict | None:
+    """`--mesh` as axis sizes (`zoo.sharding.parse_mesh`); empty: None, the checkpoint's config.mesh."""
+    from zoo.sharding import parse_mesh as parse
+
+    try:
+        return parse(text) or None
+    except ValueError as e:
+        raise ValueError(f"--mesh: {e}") from None
+
+
+def evaluate_checkpoint(path: str, seq_lens: list[int], mesh_sizes: dict | None = None) -> dict:
+    """The evaluation report of the checkpoint at `path` (JSON-ready), on a mesh of `mesh_sizes` (None:
+    the checkpoint's config.mesh); the top-level numbers are those of the first sequence length."""
+    from zoo import checkpoints, data, sharding
     from zoo.evaluate import evaluate
 
     config = checkpoints.read_config(path)
@@ -66,9 +79,21 @@ def evaluate_checkpoint(path: str, seq_lens: list[int]) -> dict:
     seq_lens = seq_lens or [config.train.seq_len]
     batch_size = _BATCH_SIZE.value or config.train.batch_size
     num_batches = _EVAL_BATCHES.value or config.train.eval_batches
+    try:
+        mesh = sharding.make_mesh(mesh_sizes if mesh_sizes is not None else config.get("mesh", {}))
+    except ValueError as e:
+        if mesh_sizes is not None:
+            raise
+        raise ValueError(f"the checkpoint's config.mesh: {e}; choose a mesh with --mesh (e.g. --mesh=data=-1)"
+                         ) from None
+    rules = sharding.resolve_rules(config.get("sharding_rules", "fsdp_tensor_expert"))
+    sharding.check_batch_splits(batch_size, sharding.batch_sharding(mesh, rules),   # before the (slow) restore
+                       "--batch_size" if _BATCH_SIZE.value else "train.batch_size")
     corpus = data.load_corpus(config.data)
-    model = checkpoints.load(path, dtype=_DTYPE.value, attention_impl=_ATTENTION_IMPL.value)
-    rows = evaluate(model, corpus, seq_lens=seq_lens, num_batches=num_batches, batch_size=batch_size)
+    model = checkpoints.load(path, dtype=_DTYPE.value, attention_impl=_ATTENTION_IMPL.value, mesh=mesh,
+                             rules=rules)
+    rows = evaluate(model, corpus, seq_lens=seq_lens, num_batches=num_batches, batch_size=batch_size,
+                    mesh=mesh, rules=rules)
     return {"checkpoint": os.path.abspath(path), "step": checkpoints.latest_step(path),
             "family": config.model.family, "dtype": _DTYPE.value, "data": config.data.to_dict(),
             "bytes_per_token": corpus.bytes_per_token, "batch_size": batch_size, "eval_batches": num_batches,
@@ -88,7 +113,7 @@ def main(argv) -> None:
     enable_compilation_cache()
     path = _WORKDIR.value or _CHECKPOINT.value
     try:
-        report = evaluate_checkpoint(path, parse_seq_lens(_SEQ_LENS.value))
+        report = evaluate_checkpoint(path, parse_seq_lens(_SEQ_LENS.value), parse_mesh(_MESH.value))
     except (ValueError, FileNotFoundError, ImportError) as e:
         fail(e)
     output = _OUTPUT.value or os.path.join(path, "eval.json")

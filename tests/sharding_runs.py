@@ -3,6 +3,8 @@ simulated CPU devices (the flag must be set before jax starts, so it cannot run 
 
     python tests/sharding_runs.py losses FAMILY [MESH...]  -> JSON: per mesh, losses and PartitionSpecs
     python tests/sharding_runs.py resume WORKDIR      -> JSON: uninterrupted vs resharded-resume losses
+    python tests/sharding_runs.py evaluate WORKDIR    -> JSON: eval.py's validation loss and embedding
+                                                         table layout per mesh, and on one device
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tests import conftest  # noqa: E402
+from zoo import sharding  # noqa: E402
 from zoo.train import trainer  # noqa: E402
 
 STEPS, BATCH, SEQ = 3, 8, 32
@@ -88,8 +91,8 @@ def run(config, mesh):
     losses = []
     for _ in range(STEPS):
         tokens = rng.integers(3, config.model.vocab_size, (BATCH, SEQ + 1), dtype=np.int32)
-        params, opt_state, out = step(params, opt_state, trainer.shard_batch(tokens[:, :-1], s.batch),
-                                      trainer.shard_batch(tokens[:, 1:], s.batch))
+        params, opt_state, out = step(params, opt_state, sharding.shard_batch(tokens[:, :-1], s.batch),
+                                      sharding.shard_batch(tokens[:, 1:], s.batch))
         losses.append(float(out["loss"]))
     specs = {}
     for label, names in (("q_proj", ("q_proj",)), ("expert_gate", ("experts", "gate_proj"))):
@@ -131,8 +134,53 @@ def resume(workdir: str) -> dict:
             for name, d in (("whole", whole), ("resumed", part))}
 
 
+def evaluate(workdir: str) -> dict:
+    """Trains 2 steps as fsdp=8, then evaluates that checkpoint with eval.py's `evaluate_checkpoint` on the
+    mesh of its config.json and as data=8 and fsdp=2 x tensor=4; per mesh, the validation loss and where
+    the embedding table of the evaluated model lives; also one device's loss and a batch-size error."""
+    from absl import flags
+    from flax import nnx
+
+    import eval as eval_py
+    from zoo import checkpoints, data
+    from zoo import evaluate as zoo_evaluate
+
+    config = conftest.get_config()
+    config.train.update(steps=2, batch_size=8, eval_every=100, eval_batches=2, checkpoint_every=2)
+    config.mesh.update(MESHES["fsdp8"])
+    trainer.train(config, workdir)
+    rows = zoo_evaluate.evaluate(checkpoints.load(workdir), data.load_corpus(config.data), seq_lens=[SEQ],
+                                 num_batches=2, batch_size=8)
+    out = {"single": {"val_loss": rows[0]["val_loss"]}}
+
+    real_evaluate, seen = zoo_evaluate.evaluate, {}
+
+    def spy(model, corpus, **kwargs):   # eval.py imports zoo.evaluate.evaluate when it runs
+        table_VD = nnx.to_pure_dict(nnx.state(model, nnx.Param))["embed"]["table"]
+        seen.update(table_spec=str(tuple(table_VD.sharding.spec)), table_devices=len(table_VD.sharding.device_set))
+        return real_evaluate(model, corpus, **kwargs)
+
+    zoo_evaluate.evaluate = spy
+    flags.FLAGS(["eval.py"])
+    for name, text in (("config", ""), ("data8", "data=8"), ("fsdp2_tensor4", "fsdp=2,tensor=4")):
+        seen.clear()
+        t0 = time.perf_counter()
+        report = eval_py.evaluate_checkpoint(workdir, [], eval_py.parse_mesh(text))
+        out[name] = {"val_loss": report["val_loss"], "seconds": time.perf_counter() - t0, **seen}
+    flags.FLAGS.batch_size = 6   # 6 windows over the 8 batch devices of data=8
+    try:
+        eval_py.evaluate_checkpoint(workdir, [], eval_py.parse_mesh("data=8"))
+        out["batch_error"] = None
+    except ValueError as e:
+        out["batch_error"] = str(e)
+    return out
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     mode, arg, *meshes = sys.argv[1:]
-    result = losses(arg, meshes or list(MESHES)) if mode == "losses" else resume(arg)
+    if mode == "losses":
+        result = losses(arg, meshes or list(MESHES))
+    else:
+        result = {"resume": resume, "evaluate": evaluate}[mode](arg)
     print("RESULT " + json.dumps(result))

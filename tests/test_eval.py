@@ -48,10 +48,18 @@ def test_eval_workdir_with_sweep(workdir):
 
 
 def test_eval_converted_checkpoint(tmp_path):
+    """Its config's mesh (fsdp=2) needs two devices; `--mesh` gives another."""
     model = zoo.build(get_config().model, seed=1)
-    path = checkpoints.save_model(model, str(tmp_path / "ckpt"), config=get_config())
+    config = get_config()
+    config.mesh.update(data=1, fsdp=2)
+    path = checkpoints.save_model(model, str(tmp_path / "ckpt"), config=config)
     output = str(tmp_path / "out" / "report.json")
-    res = run_script("eval.py", f"--checkpoint={path}", f"--output={output}", "--eval_batches=1", "--batch_size=2")
+    args = (f"--checkpoint={path}", f"--output={output}", "--eval_batches=1", "--batch_size=2")
+    res = run_script("eval.py", *args)
+    assert res.returncode == 1 and res.stderr.strip() == (
+        "error: the checkpoint's config.mesh: mesh {'data': 1, 'fsdp': 2, 'tensor': 1, 'expert': 1} needs 2 "
+        "devices, 1 are available; choose a mesh with --mesh (e.g. --mesh=data=-1)"), res.stderr
+    res = run_script("eval.py", *args, "--mesh=fsdp=-1")
     assert res.returncode == 0, res.stderr
     with open(output) as f:
         report = json.load(f)
@@ -63,6 +71,8 @@ def test_eval_converted_checkpoint(tmp_path):
     ([], "give exactly one of --workdir or --checkpoint"),
     (["--checkpoint=/nonexistent/ckpt"], "no such checkpoint directory: /nonexistent/ckpt"),
     (["--checkpoint=/tmp", "--seq_lens=8,x"], "--seq_lens must be comma-separated integers"),
+    (["--checkpoint=/tmp", "--mesh=data=2,model=4"], "--mesh: unknown mesh axis 'model' in 'data=2,model=4'"),
+    (["--checkpoint=/tmp", "--mesh=fsdp"], "--mesh: a mesh must look like data=2,fsdp=4"),
 ])
 def test_eval_errors_are_one_line(args, message):
     res = run_script("eval.py", *args)

@@ -1,6 +1,6 @@
 """Sharded training on 8 simulated CPU devices reproduces one device, for every family and several
 meshes; parameters and optimizer state carry the intended PartitionSpecs; checkpoints restore across
-mesh shapes. The multi-device work runs in subprocesses (tests/sharding_runs.py) because
+mesh shapes, also for sharded evaluation. The multi-device work runs in subprocesses (tests/sharding_runs.py) because
 `--xla_force_host_platform_device_count` must be set before jax starts; they all start at once when the
 first test needs one, so the two CPU cores compile in parallel."""
 from __future__ import annotations
@@ -38,6 +38,7 @@ def runs():
     tmp = tempfile.TemporaryDirectory()
     commands = {f: ["losses", f, *meshes] for f, meshes in FAMILY_MESHES.items()}
     commands["resume"] = ["resume", tmp.name]
+    commands["evaluate"] = ["evaluate", os.path.join(tmp.name, "evaluate")]
     procs = {k: subprocess.Popen([sys.executable, HELPER, *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True) for k, args in commands.items()}
     cache = {}
@@ -93,6 +94,19 @@ def test_resume_on_a_different_mesh(runs):
     result = runs("resume")
     assert len(result["whole"]) == len(result["resumed"]) == 2
     np.testing.assert_allclose(result["resumed"], result["whole"], rtol=RTOL)
+
+
+def test_sharded_evaluation_matches_one_device(runs):
+    """eval.py on a fsdp=8 checkpoint, on its config's mesh and with --mesh data=8 and fsdp=2 x tensor=4:
+    one device's validation loss, the parameters restored into their shardings (micro embedding table
+    [vocab 256, embed 32]: replicated over data, split over fsdp and tensor), and a batch that does not
+    split over the batch axes refused by name."""
+    result = runs("evaluate")
+    expected = {"config": "(None, 'fsdp')", "data8": "(None, None)", "fsdp2_tensor4": "('tensor', 'fsdp')"}
+    for mesh, spec in expected.items():
+        np.testing.assert_allclose(result[mesh]["val_loss"], result["single"]["val_loss"], rtol=RTOL, err_msg=mesh)
+        assert result[mesh]["table_spec"] == spec and result[mesh]["table_devices"] == 8, (mesh, result[mesh])
+    assert "--batch_size 6 does not split over the 8 devices" in result["batch_error"], result["batch_error"]
 
 
 def test_spec_rules_on_one_device_mesh():

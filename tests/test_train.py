@@ -24,6 +24,7 @@ from tests.conftest import (MICRO_CONFIG, ROOT, SUBPROCESS_ENV, checkpoint_steps
 from zoo import checkpoints
 from zoo.evaluate import make_loss_fn
 from zoo.train import decay_mask, learning_rate_schedule, make_optimizer, train
+from zoo.train import trainer
 from zoo.train.trainer import make_train_step
 
 
@@ -97,11 +98,12 @@ def test_bf16_compute_keeps_float32_master_weights(model):
     assert all(jax.tree.leaves(changed))          # every parameter got a gradient through the cast
 
 
-def test_train_writes_metrics_config_checkpoints_and_resumes(tmp_path):
+def test_train_writes_metrics_config_checkpoints_and_resumes(tmp_path, capsys):
     workdir = str(tmp_path)
     config = get_config()
     result = train(config, workdir)
     assert result.step == 6 and result.interrupted_by is None
+    assert "train: 100%" in capsys.readouterr().err      # the progress bar
     lines = read_metrics(workdir)
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
     assert all({"step", "loss", "learning_rate", "tokens_per_second"} <= set(m) for m in lines)
@@ -120,6 +122,18 @@ def test_train_writes_metrics_config_checkpoints_and_resumes(tmp_path):
     assert [m["step"] for m in read_metrics(workdir)] == list(range(1, 9))
     assert train(config, workdir).step == 8             # nothing left to do: nothing changes
     assert [m["step"] for m in read_metrics(workdir)] == list(range(1, 9))
+
+
+def test_other_processes_save_checkpoints_but_write_no_metrics_config_or_bar(tmp_path, monkeypatch, capsys):
+    """In a multi-process run only process 0 writes metrics.jsonl and config.json and shows the bar;
+    every process takes part in saving checkpoints."""
+    monkeypatch.setattr(trainer, "_is_primary", lambda: False)
+    config = get_config()
+    config.train.steps = 2
+    assert train(config, str(tmp_path)).step == 2
+    assert checkpoint_steps(str(tmp_path)) == [2]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
+    assert "train:" not in capsys.readouterr().err
 
 
 def test_sigkill_then_rerun_reproduces_the_uninterrupted_run(tmp_path):

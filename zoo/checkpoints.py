@@ -18,6 +18,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from zoo import sharding
 from zoo.models import DTYPES, build_abstract
 
 CONFIG_FILE = "config.json"
@@ -121,9 +122,11 @@ def save_model(model, path: str, config=None) -> str:
     return path
 
 
-def load(path: str, *, dtype: str = "float32", attention_impl: str | None = None):
+def load(path: str, *, dtype: str = "float32", attention_impl: str | None = None,
+         mesh: jax.sharding.Mesh | None = None, rules="fsdp_tensor_expert"):
     """The model of a zoo checkpoint or training workdir (its latest step), parameters cast to `dtype`
-    as they are read."""
+    as they are read: onto one device, or with `mesh` each read straight into its sharding under `rules`
+    (`zoo.sharding.state_shardings`), never passing through one device."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     model_cfg = read_config(path).model
@@ -131,7 +134,9 @@ def load(path: str, *, dtype: str = "float32", attention_impl: str | None = None
     if attention_impl is not None:
         model_cfg.attention_impl = attention_impl
     graphdef, params, rest = nnx.split(build_abstract(model_cfg), nnx.Param, ...)
-    target = abstract(nnx.to_pure_dict(params), dtype=DTYPES[dtype])
+    shardings = None if mesh is None else nnx.to_pure_dict(
+        sharding.state_shardings(params, mesh, sharding.resolve_rules(rules)))
+    target = abstract(nnx.to_pure_dict(params), sharding=shardings, dtype=DTYPES[dtype])
     mngr, step = _existing_manager(path)
     try:
         restored = restore(mngr, step, {"params": target})["params"]

@@ -1,5 +1,6 @@
 """Validation loss, bits per byte and perplexity on the fixed validation batches, and sequence-length
-sweeps. Used by the training loop (eval steps) and by `eval.py`."""
+sweeps, on a device mesh (parameters and batches sharded as in training). Used by the training loop
+(eval steps) and by `eval.py`."""
 from __future__ import annotations
 
 import csv
@@ -10,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from zoo import data
+from zoo import data, sharding
 from zoo.decoder import cross_entropy
 from zoo.models import DTYPES
 
@@ -44,24 +46,37 @@ def bits_per_byte(nats: float, bytes_per_token: float) -> float:
 
 
 def validation_loss(loss_fn: Callable, params, corpus: data.Corpus, *, num_batches: int, batch_size: int,
-                    seq_len: int) -> float:
-    """Mean nats per token over validation batches 0..num_batches-1 (equal-sized, so a plain mean)."""
-    losses = [loss_fn(params, *data.val_batch(corpus, index=i, batch_size=batch_size, seq_len=seq_len))
-              for i in range(num_batches)]
+                    seq_len: int, batch_sharding: NamedSharding) -> float:
+    """Mean nats per token over validation batches 0..num_batches-1 (equal-sized, so a plain mean), each
+    batch placed by `batch_sharding`."""
+    losses = []
+    for i in range(num_batches):
+        inputs_BT, targets_BT = data.val_batch(corpus, index=i, batch_size=batch_size, seq_len=seq_len)
+        losses.append(loss_fn(params, sharding.shard_batch(inputs_BT, batch_sharding),
+                              sharding.shard_batch(targets_BT, batch_sharding)))
     return float(np.mean(jax.device_get(losses)))
 
 
-def evaluate(model, corpus: data.Corpus, *, seq_lens: Sequence[int], num_batches: int, batch_size: int
-             ) -> list[dict]:
-    """One row of COLUMNS per sequence length, for `model` in its own parameter dtype."""
-    graphdef, params = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(params)
-    loss_fn = jax.jit(make_loss_fn(graphdef))
+def evaluate(model, corpus: data.Corpus, *, seq_lens: Sequence[int], num_batches: int, batch_size: int,
+             mesh: Mesh | None = None, rules="fsdp_tensor_expert") -> list[dict]:
+    """One row of COLUMNS per sequence length, for `model` in its own parameter dtype, on `mesh` (default:
+    the first device alone): parameters laid out by `rules` as `zoo.sharding.state_shardings` places them
+    (load them that way, `checkpoints.load(..., mesh=, rules=)`, and they never move), each batch split
+    over the batch axes."""
+    mesh = mesh if mesh is not None else sharding.make_mesh({}, jax.devices()[:1])
+    rules = sharding.resolve_rules(rules)
+    batch = sharding.batch_sharding(mesh, rules)
+    sharding.check_batch_splits(batch_size, batch, "batch_size")
+    graphdef, state = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(state)
+    params_sharding = nnx.to_pure_dict(sharding.state_shardings(state, mesh, rules))
+    loss_fn = jax.jit(make_loss_fn(graphdef), in_shardings=(params_sharding, batch, batch),
+                      out_shardings=NamedSharding(mesh, PartitionSpec()))
     rows = []
     for seq_len in seq_lens:
         data.check_fits(corpus, model.config.vocab_size, seq_len)
         nats = validation_loss(loss_fn, params, corpus, num_batches=num_batches, batch_size=batch_size,
-                               seq_len=seq_len)
+                               seq_len=seq_len, batch_sharding=batch)
         rows.append({"seq_len": seq_len, "val_loss": nats,
                      "val_bits_per_byte": bits_per_byte(nats, corpus.bytes_per_token),
                      "val_perplexity": math.exp(nats), "tokens": num_batches * batch_size * seq_len})

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax._src import config as jax_config
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -56,6 +57,21 @@ def resolve_rules(rules) -> tuple:
             raise ValueError(f"sharding rule {name!r} names unknown mesh axes {bad}; expected {MESH_AXES}")
         table.append((name, axes))
     return tuple(table)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """Mesh axis sizes from a command-line string: "data=2,fsdp=4" -> {"data": 2, "fsdp": 4} (axes not
+    named are left out: size 1 to `make_mesh`; one size may be -1)."""
+    mesh = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, size = part.partition("=")
+        if name not in MESH_AXES:
+            raise ValueError(f"unknown mesh axis {name!r} in {text!r}; expected one of {MESH_AXES}")
+        try:
+            mesh[name] = int(size)
+        except ValueError:
+            raise ValueError(f"a mesh must look like data=2,fsdp=4 (sizes, one may be -1), got {text!r}") from None
+    return mesh
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -109,11 +125,32 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(batch_axes or None, *([None] * (ndim - 1))))
 
 
+def shard_batch(batch: np.ndarray, batch_sharding: NamedSharding) -> jax.Array:
+    """A host batch (the same global batch on every process) as a global array laid out by
+    `batch_sharding`; each process only transfers the slices its devices hold."""
+    batch = np.asarray(batch)
+    return jax.make_array_from_callback(batch.shape, batch_sharding, lambda index: batch[index])
+
+
+def check_batch_splits(batch_size: int, batch_sharding: NamedSharding, name: str) -> None:
+    """Fails, naming the setting `name`, unless `batch_size` splits evenly over the devices of the batch
+    axes of `batch_sharding`."""
+    axes = batch_sharding.spec[0] or ()
+    mesh = batch_sharding.mesh
+    ways = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    if int(batch_size) % ways:
+        raise ValueError(f"{name} {batch_size} does not split over the {ways} devices of the batch axes "
+                         f"{batch_sharding.spec[0]} of mesh {dict(mesh.shape)}")
+
+
 def create_model(cfg, mesh: Mesh, rules, *, seed: int = 0):
     """A randomly initialised model whose parameters are created already sharded (never whole on one
     device)."""
     from zoo.models import build, build_abstract
     graphdef, abstract = nnx.split(build_abstract(cfg))
     shardings = state_shardings(abstract, mesh, rules)
-    state = jax.jit(lambda: nnx.split(build(cfg, seed=seed))[1], out_shardings=shardings)()
+    # On GPU the default threefry lowering unrolls into one large kernel per weight (minutes to compile
+    # for a ~1B model); the kernel lowering draws the same numbers and compiles in seconds.
+    with jax_config.threefry_gpu_kernel_lowering(True):
+        state = jax.jit(lambda: nnx.split(build(cfg, seed=seed))[1], out_shardings=shardings)()
     return nnx.merge(graphdef, state)

@@ -1,15 +1,15 @@
 """The training loop: resumable, deterministic, and safe to interrupt.
 
-Writes into WORKDIR: `config.json` (the full config), `metrics.jsonl` (one JSON object per logged step)
-and Orbax checkpoints under `checkpoints/<step>/` (items `params`, `opt_state`). Rerunning the same
-command resumes from the latest checkpoint and, because batch `s` is a pure function of (seed, s),
-reproduces the uninterrupted run exactly. SIGTERM/SIGINT finish the current step, save and return.
-A non-finite loss or gradient norm stops the run before anything from that step is saved.
+Writes into WORKDIR: `config.json` (the full config), `metrics.jsonl` (one JSON object per logged step;
+both from process 0 only) and Orbax checkpoints under `checkpoints/<step>/` (items `params`, `opt_state`;
+written by every process together). Rerunning the same command resumes from the latest checkpoint and,
+because batch `s` is a pure function of (seed, s), reproduces the uninterrupted run exactly. SIGTERM/SIGINT
+finish the current step, save and return. A non-finite loss or gradient norm stops the run before anything
+from that step is saved.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -18,7 +18,6 @@ import threading
 import time
 
 import jax
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -27,6 +26,7 @@ from tqdm import tqdm
 import zoo
 from zoo import checkpoints, data, sharding
 from zoo.evaluate import bits_per_byte, make_loss_fn, validation_loss
+from zoo.sharding import check_batch_splits, shard_batch
 from zoo.train.optimizer import make_optimizer
 
 METRICS_FILE = "metrics.jsonl"
@@ -139,19 +139,8 @@ def make_shardings(config, model, tx, mesh=None) -> Shardings:
                                       transform_non_params=lambda _: replicated,
                                       is_leaf=lambda x: isinstance(x, NamedSharding))
     batch = sharding.batch_sharding(mesh, rules)
-    axes = batch.spec[0] or ()
-    ways = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-    if int(config.train.batch_size) % ways:
-        raise ValueError(f"train.batch_size {config.train.batch_size} does not split over the {ways} devices of "
-                         f"the batch axes {batch.spec[0]} of mesh {dict(mesh.shape)}")
+    check_batch_splits(config.train.batch_size, batch, "train.batch_size")
     return Shardings(mesh, rules, params, opt_state, batch, replicated)
-
-
-def shard_batch(batch: np.ndarray, batch_sharding: NamedSharding) -> jax.Array:
-    """A host batch (the same global batch on every process) as a global array laid out by
-    `batch_sharding`; each process only transfers the slices its devices hold."""
-    batch = np.asarray(batch)
-    return jax.make_array_from_callback(batch.shape, batch_sharding, lambda index: batch[index])
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, compute_dtype: str,
@@ -198,6 +187,12 @@ def _initial_state(config, mngr, mesh=None):
     return graphdef, restored["params"], restored["opt_state"], tx, schedule, start, s
 
 
+def _is_primary() -> bool:
+    """Whether this process writes config.json and metrics.jsonl and shows the progress bar: process 0
+    only. Every process runs the loop and saves checkpoints (Orbax coordinates those across processes)."""
+    return jax.process_index() == 0
+
+
 def train(config, workdir: str) -> Result:
     """Trains `config` in `workdir` up to `train.steps`, resuming from the latest checkpoint there."""
     validate(config)
@@ -210,13 +205,16 @@ def train(config, workdir: str) -> Result:
     mngr = checkpoints.manager(workdir, keep=t.keep_checkpoints)
     try:
         graphdef, params, opt_state, tx, schedule, start, shardings = _initial_state(config, mngr)
-        checkpoints.write_config(config, workdir)
-        log = MetricsLog(os.path.join(workdir, METRICS_FILE), keep_through=start)
+        log = None
+        if _is_primary():
+            checkpoints.write_config(config, workdir)
+            log = MetricsLog(os.path.join(workdir, METRICS_FILE), keep_through=start)
         try:
             return _loop(config, workdir, corpus, mngr, log, graphdef, params, opt_state, tx, schedule, start,
                          shardings)
         finally:
-            log.close()
+            if log is not None:
+                log.close()
     finally:
         mngr.wait_until_finished()
         mngr.close()
@@ -224,6 +222,7 @@ def train(config, workdir: str) -> Result:
 
 def _loop(config, workdir, corpus, mngr, log, graphdef, params, opt_state, tx, schedule, start,
           shardings) -> Result:
+    """The steps from `start` to `train.steps`; `log` is None on processes other than the primary one."""
     t = config.train
     train_step = make_train_step(graphdef, tx, t.compute_dtype, shardings)
     eval_loss = jax.jit(make_loss_fn(graphdef, t.compute_dtype),
@@ -232,7 +231,8 @@ def _loop(config, workdir, corpus, mngr, log, graphdef, params, opt_state, tx, s
     tokens_per_step = t.batch_size * t.seq_len
     step, saved, record = start, start, {}
     window_start, window_steps = time.perf_counter(), 0
-    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               disable=not _is_primary())
     with StopOnSignal() as stop, bar:
         while step < t.steps and stop.signal_name is None:
             inputs_BT, targets_BT = data.train_batch(corpus, seed=t.seed, step=step + 1, batch_size=t.batch_size,
@@ -257,9 +257,11 @@ def _loop(config, workdir, corpus, mngr, log, graphdef, params, opt_state, tx, s
                           "tokens_per_second": window_steps * tokens_per_step / max(elapsed, 1e-9)}
                 if is_eval:
                     val = validation_loss(eval_loss, params, corpus, num_batches=t.eval_batches,
-                                          batch_size=t.batch_size, seq_len=t.seq_len)
+                                          batch_size=t.batch_size, seq_len=t.seq_len,
+                                          batch_sharding=shardings.batch)
                     record.update(val_loss=val, val_bits_per_byte=bits_per_byte(val, corpus.bytes_per_token))
-                log.write(record)
+                if log is not None:
+                    log.write(record)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_second']:.0f}",
                                 **({"val_bpb": f"{record['val_bits_per_byte']:.3f}"} if is_eval else {}))
             if step % t.log_every == 0 or is_eval or step == start + 1:
