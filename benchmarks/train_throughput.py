@@ -41,17 +41,6 @@ def smoke_config():
     return config
 
 
-def parse_mesh(text: str) -> dict:
-    """"data=1,fsdp=-1" -> {"data": 1, "fsdp": -1} (axes not named get size 1)."""
-    mesh = dict(data=1, fsdp=1, tensor=1, expert=1)
-    for part in filter(None, text.split(",")):
-        name, _, size = part.partition("=")
-        if name not in mesh:
-            raise SystemExit(f"error: unknown mesh axis {name!r} in --mesh; expected {sorted(mesh)}")
-        mesh[name] = int(size)
-    return mesh
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/gemma4.py:1b", help="config file and preset")
@@ -60,12 +49,16 @@ def main() -> None:
     p.add_argument("--mesh", default="data=1,fsdp=-1", help="mesh axis sizes, e.g. fsdp=2,tensor=4")
     p.add_argument("--rules", default="fsdp_tensor_expert", help="a zoo.sharding.RULES preset")
     p.add_argument("--attention_impl", default=None, help="override model.attention_impl (xla|pallas|auto)")
+    p.add_argument("--remat", default=None, help="override model.remat (none|full|dots)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--peak_flops", type=float, default=989e12, help="peak FLOP/s of one device")
     p.add_argument("--smoke", action="store_true", help="micro config, seq 32, batch 4, 1+2 steps (CPU)")
     a = p.parse_args()
 
+    import ml_collections
+
+    from zoo import sharding
     from zoo.analysis import report
     from zoo.train import trainer
 
@@ -76,21 +69,36 @@ def main() -> None:
         config, label = load_config(a.config), a.config
     if a.attention_impl:
         config.model.attention_impl = a.attention_impl
-    config.mesh.update(parse_mesh(a.mesh))
+    if a.remat:
+        config.model.remat = a.remat
+    try:
+        mesh = sharding.parse_mesh(a.mesh)
+    except ValueError as e:
+        raise SystemExit(f"error: --mesh: {e}") from None
+    config.mesh = ml_collections.ConfigDict({axis: mesh.get(axis, 1) for axis in sharding.MESH_AXES})
     config.sharding_rules = a.rules
     config.train.update(batch_size=a.batch_size, seq_len=a.seq_len, compute_dtype="bfloat16",
                         steps=a.warmup + a.steps)
 
+    trainer.enable_compilation_cache()   # reruns of a config on the same machine skip compiling
+    started = time.perf_counter()
+
+    def progress(what: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {what}", file=sys.stderr, flush=True)
+
+    progress(f"{label}: creating the sharded model and optimizer state")
     graphdef, params, opt_state, tx, _, _, s = trainer._initial_state(config, None)
     step = trainer.make_train_step(graphdef, tx, "bfloat16", s)
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, config.model.vocab_size, (a.batch_size, a.seq_len + 1), dtype=np.int32)
-    inputs, targets = trainer.shard_batch(tokens[:, :-1], s.batch), trainer.shard_batch(tokens[:, 1:], s.batch)
+    inputs, targets = sharding.shard_batch(tokens[:, :-1], s.batch), sharding.shard_batch(tokens[:, 1:], s.batch)
 
+    progress("compiling and running the warm-up steps")
     t0 = time.perf_counter()
     for _ in range(a.warmup):
         params, opt_state, out = step(params, opt_state, inputs, targets)
-    jax.block_until_ready(out)
+        jax.block_until_ready(out)
+        progress("warm-up step done")
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(a.steps):
@@ -105,12 +113,17 @@ def main() -> None:
     mfu = tokens_per_s * flops_per_token / (a.peak_flops * devices)
     rows = [("config", label), ("params", f"{rep['params_total'] / 1e6:,.1f} M"),
             ("devices", f"{devices} x {jax.devices()[0].device_kind}"), ("mesh", str(dict(s.mesh.shape))),
-            ("batch x seq", f"{a.batch_size} x {a.seq_len}"), ("warmup (incl. compile)", f"{compile_s:.2f} s"),
+            ("batch x seq", f"{a.batch_size} x {a.seq_len}"),
+            ("attention / remat", f"{config.model.attention_impl} / {config.model.get('remat', 'none')}"),
+            ("warmup (incl. compile)", f"{compile_s:.2f} s"),
             ("step time", f"{step_s * 1e3:.1f} ms"), ("tokens/s", f"{tokens_per_s:,.0f}"),
             ("tokens/s/device", f"{tokens_per_s / devices:,.0f}"),
             ("model FLOPs/token (fwd+bwd)", f"{flops_per_token / 1e6:,.1f} MFLOP"),
             ("peak FLOP/s/device", f"{a.peak_flops / 1e12:.0f} T"), ("MFU", f"{100 * mfu:.2f} %"),
             ("last loss", f"{float(out['loss']):.4f}")]
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        rows.append(("peak memory (device 0)", f"{stats['peak_bytes_in_use'] / 2**30:.1f} GiB"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
