@@ -1,8 +1,8 @@
 """Sharded training on 8 simulated CPU devices reproduces one device, for every family and several
 meshes; parameters and optimizer state carry the intended PartitionSpecs; checkpoints restore across
-mesh shapes, also for sharded evaluation. The multi-device work runs in subprocesses (tests/sharding_runs.py) because
-`--xla_force_host_platform_device_count` must be set before jax starts; they all start at once when the
-first test needs one, so the two CPU cores compile in parallel."""
+mesh shapes, also for sharded evaluation. The multi-device work runs in subprocesses
+(tests/sharding_runs.py) because `--xla_force_host_platform_device_count` must be set before jax starts;
+they all start at once when the first test needs one, so the two CPU cores compile in parallel."""
 from __future__ import annotations
 
 import json
