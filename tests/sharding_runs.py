@@ -5,6 +5,8 @@ simulated CPU devices (the flag must be set before jax starts, so it cannot run 
     python tests/sharding_runs.py resume WORKDIR      -> JSON: uninterrupted vs resharded-resume losses
     python tests/sharding_runs.py evaluate WORKDIR    -> JSON: eval.py's validation loss and embedding
                                                          table layout per mesh, and on one device
+    python tests/sharding_runs.py convert WORKDIR     -> JSON: from_hf / to_hf / the CLI on fsdp=2 x tensor=4
+                                                         vs one device: logits, layouts, written files
 """
 from __future__ import annotations
 
@@ -176,11 +178,53 @@ def evaluate(workdir: str) -> dict:
     return out
 
 
+def convert(workdir: str) -> dict:
+    """Exports the micro Gemma 4 with to_hf, loads it back with from_hf on one device and sharded as
+    fsdp=2 x tensor=4, and exports the sharded model again; also converts with the CLI's --mesh. Returns
+    the logit differences, every parameter's layout vs. `state_shardings`, and whether the files match."""
+    import filecmp
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import zoo
+    from zoo import checkpoints
+    from zoo.convert.__main__ import main as convert_cli
+
+    first, second, ckpt = (os.path.join(workdir, n) for n in ("hf", "hf_from_sharded", "zoo"))
+    zoo.to_hf(zoo.build(conftest.get_config().model, seed=1), first, max_shard_bytes=40_000)
+    mesh = sharding.make_mesh(MESHES["fsdp2_tensor4"])
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 256, (2, SEQ)), jnp.int32)
+    logits = nnx.jit(lambda model, x: model(x))
+    single = np.asarray(logits(zoo.from_hf(first), ids))
+    t0 = time.perf_counter()
+    model = zoo.from_hf(first, mesh=mesh)
+    seconds = time.perf_counter() - t0
+    params = nnx.state(model, nnx.Param)
+    expected = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(
+        sharding.state_shardings(params, mesh, sharding.resolve_rules("fsdp_tensor_expert")))}
+    layouts = {"/".join(map(str, p)): {"spec": str(tuple(v.get_value().sharding.spec)),
+                                       "expected": str(tuple(expected[tuple(p)].spec)),
+                                       "devices": len(v.get_value().sharding.device_set)}
+               for p, v in nnx.to_flat_state(params)}
+    sharded = np.asarray(logits(model, ids))
+    zoo.to_hf(model, second, max_shard_bytes=40_000)
+    files = sorted(os.listdir(first))
+    convert_cli(["hf-to-zoo", first, ckpt, "--mesh", "fsdp=2,tensor=-1"])
+    cfg = checkpoints.read_config(ckpt)
+    from_cli = np.asarray(logits(checkpoints.load(ckpt, mesh=sharding.make_mesh(cfg.mesh)), ids))
+    return {"single": single.tolist(), "sharded": sharded.tolist(), "cli": from_cli.tolist(),
+            "cli_mesh": cfg.mesh.to_dict(),
+            "layouts": layouts, "files": files, "seconds": seconds,
+            "same_files": files == sorted(os.listdir(second)) and
+            all(filecmp.cmp(os.path.join(first, f), os.path.join(second, f), shallow=False) for f in files)}
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     mode, arg, *meshes = sys.argv[1:]
     if mode == "losses":
         result = losses(arg, meshes or list(MESHES))
     else:
-        result = {"resume": resume, "evaluate": evaluate}[mode](arg)
+        result = {"resume": resume, "evaluate": evaluate, "convert": convert}[mode](arg)
     print("RESULT " + json.dumps(result))

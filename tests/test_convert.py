@@ -141,3 +141,15 @@ def test_command_line_round_trip(hf_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "zoo.convert", "hf-to-zoo", str(tmp_path / "nope"), str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "no such checkpoint directory" in bad.stderr
+
+
+@pytest.mark.parametrize("mesh, message", [("model=2", "--mesh: unknown mesh axis 'model'"),
+                                           ("fsdp=two", "--mesh: a mesh must look like"),
+                                           ("fsdp=16", "needs 16 devices")])
+def test_command_line_refuses_a_bad_mesh(hf_dir, tmp_path, capsys, mesh, message):
+    from zoo.convert.__main__ import main
+    src, _ = hf_dir
+    assert main(["hf-to-zoo", str(src), str(tmp_path / "zoo"), "--mesh", mesh]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.strip().count("\n") == 0 and message in err, err
+    assert not (tmp_path / "zoo").exists()

@@ -1,6 +1,6 @@
 """Sharded training on 8 simulated CPU devices reproduces one device, for every family and several
 meshes; parameters and optimizer state carry the intended PartitionSpecs; checkpoints restore across
-mesh shapes, also for sharded evaluation. The multi-device work runs in subprocesses
+mesh shapes, also for sharded evaluation; Hugging Face conversion loads and writes sharded models. The multi-device work runs in subprocesses
 (tests/sharding_runs.py) because `--xla_force_host_platform_device_count` must be set before jax starts;
 they all start at once when the first test needs one, so the two CPU cores compile in parallel."""
 from __future__ import annotations
@@ -39,6 +39,7 @@ def runs():
     commands = {f: ["losses", f, *meshes] for f, meshes in FAMILY_MESHES.items()}
     commands["resume"] = ["resume", tmp.name]
     commands["evaluate"] = ["evaluate", os.path.join(tmp.name, "evaluate")]
+    commands["convert"] = ["convert", os.path.join(tmp.name, "convert")]
     procs = {k: subprocess.Popen([sys.executable, HELPER, *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True) for k, args in commands.items()}
     cache = {}
@@ -107,6 +108,27 @@ def test_sharded_evaluation_matches_one_device(runs):
         np.testing.assert_allclose(result[mesh]["val_loss"], result["single"]["val_loss"], rtol=RTOL, err_msg=mesh)
         assert result[mesh]["table_spec"] == spec and result[mesh]["table_devices"] == 8, (mesh, result[mesh])
     assert "--batch_size 6 does not split over the 8 devices" in result["batch_error"], result["batch_error"]
+
+
+def test_sharded_hf_conversion(runs):
+    """from_hf onto fsdp=2 x tensor=4 places every parameter in its `state_shardings` layout (micro
+    embedding table [vocab 256, embed 32], MLP gate [embed 32, mlp 64], q_proj [32, 2 heads, 16]: 2 heads
+    do not split 4 ways) and gives one device's logits (the sharded sums add in another order: tolerance
+    relative to the logits' scale); to_hf of the sharded model writes the same files; the CLI's --mesh
+    writes a checkpoint that records its mesh and loads back to the same logits."""
+    result = runs("convert")
+    layouts = result["layouts"]
+    assert len(layouts) > 40 and all(v["spec"] == v["expected"] and v["devices"] == 8 for v in layouts.values()), \
+        {k: v for k, v in layouts.items() if v["spec"] != v["expected"] or v["devices"] != 8}
+    expected = {"embed/table": "('tensor', 'fsdp')", "blocks/0/mlp/gate_proj": "('fsdp', 'tensor')",
+                "blocks/0/attn/q_proj": "('fsdp', None, None)", "final_norm/scale": "(None,)"}
+    for name, spec in expected.items():
+        assert layouts[name]["spec"] == spec, (name, layouts[name])
+    single = np.asarray(result["single"])
+    for name in ("sharded", "cli"):
+        np.testing.assert_allclose(result[name], single, rtol=RTOL, atol=RTOL * np.abs(single).max(), err_msg=name)
+    assert result["same_files"] and "model.safetensors.index.json" in result["files"], result["files"]
+    assert result["cli_mesh"] == {"data": 1, "fsdp": 2, "tensor": -1, "expert": 1}
 
 
 def test_spec_rules_on_one_device_mesh():

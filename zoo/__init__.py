@@ -8,9 +8,9 @@
 from zoo.models import build, build_abstract
 
 
-def from_hf(path, *, dtype="float32", attention_impl="xla"):
+def from_hf(path, *, dtype="float32", attention_impl="xla", mesh=None, rules="fsdp_tensor_expert"):
     from zoo.convert import from_hf as _from_hf
-    return _from_hf(path, dtype=dtype, attention_impl=attention_impl)
+    return _from_hf(path, dtype=dtype, attention_impl=attention_impl, mesh=mesh, rules=rules)
 
 
 def to_hf(model, path, **kwargs):

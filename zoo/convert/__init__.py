@@ -1,8 +1,8 @@
 """Hugging Face <-> zoo conversion, streamed one tensor at a time.
 
 Loading builds the model with shape-only parameters and fills them tensor by tensor from the
-memory-mapped safetensors files; saving converts one shard's worth of tensors at a time. Neither ever
-holds two copies of the model.
+memory-mapped safetensors files (with a mesh, each straight into its sharding); saving converts one
+shard's worth of tensors at a time. Neither ever holds two copies of the model.
 """
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zoo import families
+from zoo import families, sharding
 from zoo.convert.safetensors_io import SafetensorsDir, write_shards
 from zoo.models import DTYPES, build_abstract
 
@@ -54,8 +53,11 @@ def _flat_params(model) -> dict[tuple, nnx.Variable]:
     return {tuple(path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def from_hf(path: str, *, dtype: str = "float32", attention_impl: str = "xla"):
-    """A zoo model from a Hugging Face checkpoint directory (single-file or sharded safetensors)."""
+def from_hf(path: str, *, dtype: str = "float32", attention_impl: str = "xla", mesh=None,
+            rules="fsdp_tensor_expert"):
+    """A zoo model from a Hugging Face checkpoint directory (single-file or sharded safetensors): onto
+    one device, or with `mesh` each tensor placed straight into its sharding under `rules`
+    (`zoo.sharding.state_shardings`) as it is converted, so the model is never whole on one device."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     hf = read_hf_config(path)
@@ -69,6 +71,9 @@ def from_hf(path: str, *, dtype: str = "float32", attention_impl: str = "xla"):
     model = build_abstract(cfg)
     prefix = _prefix(tensors.names())
     slots = _flat_params(model)
+    placements = {} if mesh is None else {
+        tuple(p): s.get_value() for p, s in nnx.to_flat_state(
+            sharding.state_shardings(nnx.state(model, nnx.Param), mesh, sharding.resolve_rules(rules)))}
     filled: set[tuple] = set()
     used: set[str] = set()
     target = DTYPES[dtype]
@@ -88,7 +93,7 @@ def from_hf(path: str, *, dtype: str = "float32", attention_impl: str = "xla"):
             arrays.append(tensors.get_float32(name))
             used.update({name, tensors.scale_of(name)} - {None})
         for p, value in zip(rule.ours, rule.to_ours(*arrays)):
-            slots[p].set_value(jnp.asarray(value, dtype=target))
+            slots[p].set_value(jax.device_put(np.asarray(value, dtype=target), placements.get(p)))
             filled.add(p)
         del arrays
     missing = [p for p in slots if p not in filled]
@@ -102,7 +107,8 @@ def from_hf(path: str, *, dtype: str = "float32", attention_impl: str = "xla"):
 
 
 def to_hf(model, path: str, *, max_shard_bytes: int = 2 << 30) -> str:
-    """Writes `model` as a Hugging Face checkpoint directory that transformers loads."""
+    """Writes `model` as a Hugging Face checkpoint directory that transformers loads. Parameters are
+    fetched to the host one rule's tensors at a time, so a sharded model is fine (never gathered whole)."""
     cfg = model.config
     family = families.get(cfg.family)
     hf = family.to_hf_config(cfg)

@@ -1,4 +1,4 @@
-"""python -m zoo.convert hf-to-zoo SRC DST | zoo-to-hf SRC DST"""
+"""python -m zoo.convert hf-to-zoo SRC DST | zoo-to-hf SRC DST   [--mesh=fsdp=2,tensor=4]"""
 from __future__ import annotations
 
 import argparse
@@ -12,20 +12,49 @@ def main(argv=None) -> int:
     parser.add_argument("dst")
     parser.add_argument("--dtype", default=None, help="parameter dtype of the output (default: keep)")
     parser.add_argument("--max_shard_gb", type=float, default=2.0, help="zoo-to-hf: safetensors shard size")
+    parser.add_argument("--mesh", default="", help="device mesh axis sizes, e.g. fsdp=2,tensor=4 (one may be "
+                        "-1; axes not named: 1): parameters are loaded straight into their shardings and never "
+                        "gathered whole; hf-to-zoo writes each device's shards and records the mesh as "
+                        "config.mesh")
     args = parser.parse_args(argv)
-    from zoo import checkpoints, convert
+    from zoo import checkpoints, convert, sharding
     try:
+        sizes = _parse_mesh(args.mesh)
+        mesh = sharding.make_mesh(sizes) if sizes else None
         if args.direction == "hf-to-zoo":
-            model = convert.from_hf(args.src, dtype=args.dtype or "float32")
-            checkpoints.save_model(model, args.dst)
+            model = convert.from_hf(args.src, dtype=args.dtype or "float32", mesh=mesh)
+            checkpoints.save_model(model, args.dst, config=_config_with_mesh(sizes) if sizes else None)
         else:
-            model = checkpoints.load(args.src, dtype=args.dtype or "float32")
+            model = checkpoints.load(args.src, dtype=args.dtype or "float32", mesh=mesh)
             convert.to_hf(model, args.dst, max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.dst}")
     return 0
+
+
+def _parse_mesh(text: str) -> dict:
+    """`--mesh` as axis sizes (`zoo.sharding.parse_mesh`), the flag named in its error."""
+    from zoo.sharding import parse_mesh
+
+    try:
+        return parse_mesh(text)
+    except ValueError as e:
+        raise ValueError(f"--mesh: {e}") from None
+
+
+def _config_with_mesh(sizes: dict):
+    """The shared training defaults (save_model adds the model) with `config.mesh` the converting mesh
+    (axes not named: 1), so eval.py and train.py use that layout by default."""
+    import ml_collections
+
+    from configs.common import base_config
+    from zoo.sharding import MESH_AXES
+
+    config = base_config(ml_collections.ConfigDict())
+    config.mesh = ml_collections.ConfigDict({a: int(sizes.get(a, 1)) for a in MESH_AXES})
+    return config
 
 
 if __name__ == "__main__":
