@@ -56,7 +56,9 @@ def _attend(q_BTNH: jax.Array, parts: list[tuple[jax.Array, jax.Array]], sinks_N
     out_BTNH, offset = 0.0, 0
     for kv_BSH, _ in parts:
         p_BNTS = probs_BNTX[..., offset:offset + kv_BSH.shape[1]].astype(kv_BSH.dtype)
-        out_BTNH = out_BTNH + jnp.einsum("BNTS,BSH->BTNH", p_BNTS, kv_BSH, preferred_element_type=jnp.float32)
+        # [B, N, T, H] then transposed: XLA:CPU has no bf16 x bf16 -> f32 dot straight into [B, T, N, H]
+        out_BTNH = out_BTNH + jnp.einsum("BNTS,BSH->BNTH", p_BNTS, kv_BSH,
+                                         preferred_element_type=jnp.float32).transpose(0, 2, 1, 3)
         offset += kv_BSH.shape[1]
     return out_BTNH.astype(q_BTNH.dtype)
 

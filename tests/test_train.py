@@ -21,6 +21,7 @@ from flax import nnx, traverse_util
 import zoo
 from tests.conftest import (MICRO_CONFIG, ROOT, SUBPROCESS_ENV, checkpoint_steps, get_config, read_metrics,
                             run_script)
+from tests.sharding_runs import micro_config
 from zoo import checkpoints
 from zoo.evaluate import make_loss_fn
 from zoo.train import decay_mask, learning_rate_schedule, make_optimizer, train
@@ -96,6 +97,23 @@ def test_bf16_compute_keeps_float32_master_weights(model):
     assert {x.dtype for x in jax.tree.leaves(new_params)} == {jnp.dtype(jnp.float32)}
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new_params, params)
     assert all(jax.tree.leaves(changed))          # every parameter got a gradient through the cast
+
+
+@pytest.mark.parametrize("family", ["laguna", "zaya1", "deepseek_v4"])
+def test_bf16_compute_step_for_every_family(family):
+    """A bf16-compute training step runs on CPU (XLA:CPU lacks some bf16 x bf16 -> f32 dot layouts) and
+    gives the float32 loss to bf16 precision, keeping float32 master weights."""
+    config = micro_config(family)
+    model = zoo.build(config.model)
+    graphdef, state = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(state)
+    tx, _ = make_optimizer(config, model)
+    tokens_BT = jnp.asarray(np.random.default_rng(0).integers(3, 256, (2, 25)), jnp.int32)
+    inputs_BT, targets_BT = tokens_BT[:, :-1], tokens_BT[:, 1:]
+    loss32 = float(jax.jit(make_loss_fn(graphdef, "float32", training=True))(params, inputs_BT, targets_BT))
+    new_params, _, out = make_train_step(graphdef, tx, "bfloat16")(params, tx.init(params), inputs_BT, targets_BT)
+    assert float(out["loss"]) == pytest.approx(loss32, rel=0.05)
+    assert {x.dtype for x in jax.tree.leaves(new_params)} == {jnp.dtype(jnp.float32)}
 
 
 def test_train_writes_metrics_config_checkpoints_and_resumes(tmp_path, capsys):
