@@ -7,8 +7,9 @@ residual stream between blocks in float32 whatever the compute dtype (blocks cas
 `hc_streams` n > 0 widens the residual into n hyper-connection streams [B, T, n, D] (the embedding copied
 into each; blocks read and write all n; a learned `HyperHead` collapses them before the final norm);
 `mtp_depth` k > 0 adds k multi-token-prediction modules, trained through `train_loss` with weight
-`mtp_loss_weight`; `remat` ("none" | "full" | "dots") recomputes each block in the backward pass instead
-of keeping its activations ("full": keep only the block's inputs; "dots": also keep matmul outputs).
+`mtp_loss_weight`; `remat` ("none" | "full" | "dots") recomputes each block (and MTP module) in the
+backward pass instead of keeping its activations ("full": keep only its inputs; "dots": also keep matmul
+outputs).
 """
 from __future__ import annotations
 
@@ -107,7 +108,8 @@ class Decoder(nnx.Module):
         extra = []
         for k, module in enumerate(self.mtp or (), start=1):
             ahead_BT = jnp.pad(targets_BT[:, k - 1:], [(0, 0), (0, k - 1)])
-            x = module(x, self.embed(ahead_BT), dataclasses.replace(ctx, tokens_BT=ahead_BT, kv_store={}, carry={}))
+            x = _call(module, (x, self.embed(ahead_BT)),
+                      dataclasses.replace(ctx, tokens_BT=ahead_BT, kv_store={}, carry={}), self.remat)
             extra.append(self._logits(x, compute_dtype, module.hyper_head, module.final_norm))
         return logits_BTV, extra
 
@@ -149,7 +151,7 @@ class Decoder(nnx.Module):
             x_BTD = x_BTD.astype(jnp.float32)
         x = self.hyper_head.expand(x_BTD) if self.hyper_head is not None else x_BTD
         for block in self.blocks:
-            x = block(x, ctx) if self.remat == "none" else _rematerialised(block, x, ctx, self.remat)
+            x = _call(block, (x,), ctx, self.remat)
         return x, ctx, compute_dtype
 
     def _logits(self, x, compute_dtype, hyper_head: HyperHead | None, norm: RMSNorm) -> jax.Array:
@@ -167,18 +169,21 @@ class Decoder(nnx.Module):
         return logits_BTV
 
 
-def _rematerialised(block, x, ctx: LayerContext, policy: str) -> jax.Array:
-    """`block(x, ctx)` under `jax.checkpoint` with the named policy. The context's arrays go in as
-    arguments and the entries the block adds to `kv_store`/`carry` come out as results, so nothing
-    traced inside leaks out."""
-    def run(block, x, arrays):
+def _call(module, inputs: tuple, ctx: LayerContext, policy: str) -> jax.Array:
+    """`module(*inputs, ctx)`; unless `policy` is "none", under `jax.checkpoint` with that policy. The
+    context's arrays then go in as arguments and the entries the module adds to `kv_store`/`carry` come
+    out as results, so nothing traced inside leaks out."""
+    if policy == "none":
+        return module(*inputs, ctx)
+
+    def run(module, inputs, arrays):
         inner = dataclasses.replace(ctx, **{**arrays, "kv_store": dict(arrays["kv_store"]),
                                             "carry": dict(arrays["carry"])})
-        return block(x, inner), inner.kv_store, inner.carry
+        return module(*inputs, inner), inner.kv_store, inner.carry
 
     arrays = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx) if f.name != "default_positions"}
-    x, ctx.kv_store, ctx.carry = nnx.remat(run, policy=REMAT_POLICIES[policy])(block, x, arrays)
-    return x
+    out, ctx.kv_store, ctx.carry = nnx.remat(run, policy=REMAT_POLICIES[policy])(module, inputs, arrays)
+    return out
 
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array | None = None
