@@ -7,11 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import BlockSizes, csa_attention
-from pallas_kernels.csa import csa_attention_reference
-
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
-SMALL_BLOCKS = {"pallas_gpu": BlockSizes(block_h=16, block_k=16, block_kv_bwd=16, block_rows_bwd=16),
-                "pallas_tpu": BlockSizes(block_k=8, block_kv_bwd=8, block_rows_bwd=16)}
+from tests.pallas_kernels.conftest import SMALL_BLOCKS, TOL, output_and_grads
 
 
 def make_inputs(dtype, *, B=2, T=13, H=4, D=16, S=5, K=4, seed=0):
@@ -29,14 +25,8 @@ def make_inputs(dtype, *, B=2, T=13, H=4, D=16, S=5, K=4, seed=0):
 
 
 def _output_and_grads(impl, blocks, window, indices, segment_ids):
-    """One jitted program: the output and the VJP of a random probe w.r.t. (q, kv, kv_comp, sinks)."""
-    @jax.jit
-    def run(q, kv, kv_comp, sinks, probe):
-        attend = lambda *args: csa_attention(*args[:3], indices, args[3], window=window, segment_ids=segment_ids,
-                                             impl=impl, block_sizes=blocks)
-        out, vjp = jax.vjp(attend, q, kv, kv_comp, sinks)
-        return out, vjp(probe.astype(out.dtype))
-    return run
+    return output_and_grads(lambda q, kv, kv_comp, sinks: csa_attention(
+        q, kv, kv_comp, indices, sinks, window=window, segment_ids=segment_ids, impl=impl, block_sizes=blocks))
 
 
 @pytest.mark.parametrize("impl,dtype", [("pallas_gpu", jnp.float32), ("pallas_gpu", jnp.bfloat16),

@@ -6,12 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import BlockSizes, hca_attention
-from pallas_kernels.hca import hca_attention_reference
-
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
-SMALL_BLOCKS = {"pallas_gpu": BlockSizes(block_h=16, block_k=16, block_kv_bwd=16, block_rows_bwd=16),
-                "pallas_tpu": BlockSizes(block_k=8, block_kv_bwd=8, block_rows_bwd=16)}
+from pallas_kernels import hca_attention
+from tests.pallas_kernels.conftest import SMALL_BLOCKS, TOL, output_and_grads
 
 
 def make_inputs(dtype, *, B=2, T=29, H=4, D=32, ratio=4, seed=0):
@@ -25,14 +21,8 @@ def make_inputs(dtype, *, B=2, T=29, H=4, D=32, ratio=4, seed=0):
 
 
 def _output_and_grads(impl, blocks, window, ratio, segment_ids):
-    """One jitted program: the output and the VJP of a random probe w.r.t. (q, kv, kv_comp, sinks)."""
-    @jax.jit
-    def run(q, kv, kv_comp, sinks, probe):
-        attend = lambda *args: hca_attention(*args, window=window, ratio=ratio, segment_ids=segment_ids,
-                                             impl=impl, block_sizes=blocks)
-        out, vjp = jax.vjp(attend, q, kv, kv_comp, sinks)
-        return out, vjp(probe.astype(out.dtype))
-    return run
+    return output_and_grads(lambda q, kv, kv_comp, sinks: hca_attention(
+        q, kv, kv_comp, sinks, window=window, ratio=ratio, segment_ids=segment_ids, impl=impl, block_sizes=blocks))
 
 
 @pytest.mark.parametrize("impl,dtype", [("pallas_gpu", jnp.float32), ("pallas_gpu", jnp.bfloat16),

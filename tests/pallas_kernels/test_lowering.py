@@ -1,7 +1,6 @@
 """Platform plumbing: impl selection, the interpreters' output poisoning the other tests rely on, and that
 the Triton and Mosaic lowerings of every kernel (forward and backward) lower for their real platform at
 DeepSeek-V4-Flash attention shapes (64 heads, head_dim 512, window 128, indexer 64 x 128), even on CPU."""
-import functools
 
 import jax
 import jax.numpy as jnp
