@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._timing import median_seconds  # noqa: E402
 from pallas_kernels import BlockSizes, csa_attention, hca_attention, indexer_scores, indexer_topk  # noqa: E402
 
 
@@ -159,15 +158,9 @@ def measure(fn, args, iters: int) -> tuple[str, float | None, float | None]:
     if nbytes is not None and limit is not None and nbytes > limit:
         return "OOM", None, nbytes
     try:
-        jax.block_until_ready(compiled(*args))
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            times.append(time.perf_counter() - start)
+        return "ok", median_seconds(compiled, args, iters), nbytes
     except Exception as e:  # noqa: BLE001 - reported in the table
         return _failure(e), None, nbytes
-    return "ok", statistics.median(times), nbytes
 
 
 def run(shapes, dtype, iters, impl_kernel, blocks):

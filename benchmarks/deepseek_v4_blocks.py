@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,18 +17,9 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import zoo  # noqa: E402
+from benchmarks._timing import median_seconds  # noqa: E402
 from configs.deepseek_v4 import get_config  # noqa: E402
 from zoo.decoder import LayerContext  # noqa: E402
-
-
-def median_ms(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def first_of_each_kind(cfg) -> list[int]:
@@ -74,8 +63,8 @@ def main(argv=None):
                     ctx = LayerContext(positions_BT, None, True, tokens_BT=tokens_BT)
                     return nnx.merge(graphdef, state)(x, ctx).astype(jnp.float32).sum()
 
-                t_f = median_ms(jax.jit(run), (state, x), args.iters)
-                t_fb = median_ms(jax.jit(jax.grad(run, argnums=(0, 1))), (state, x), args.iters)
+                t_f = median_seconds(jax.jit(run), (state, x), args.iters) * 1e3
+                t_fb = median_seconds(jax.jit(jax.grad(run, argnums=(0, 1))), (state, x), args.iters) * 1e3
                 print(f"{impl:<5} B={B:<3} block {i:<3} {cfg.attention_types[i]:<4} "
                       f"hash={str(i < cfg.num_hash_layers):<5} fwd {t_f:8.2f} ms  fwd+bwd {t_fb:8.2f} ms",
                       flush=True)

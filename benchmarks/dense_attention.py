@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._timing import median_seconds  # noqa: E402
 from layers.attention import attention_mask, reference_attention  # noqa: E402
 from pallas_kernels import FlashBlockSizes, flash_attention  # noqa: E402
 
@@ -77,16 +76,6 @@ def variants(s: Shape, T: int, *, smoke: bool, interpret):
     return out
 
 
-def time_it(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def run(shapes, lengths, *, smoke: bool, iters: int, dtype, interpret):
     rows = []
     for s in shapes:
@@ -106,8 +95,8 @@ def run(shapes, lengths, *, smoke: bool, iters: int, dtype, interpret):
                 fwd_bwd = jax.jit(jax.grad(lambda q, k, v, c, f=fn: jnp.sum(f(q, k, v).astype(jnp.float32)
                                                                                 * c), argnums=(0, 1, 2)))
                 try:
-                    t_f = time_it(fwd, (q, k, v), iters)
-                    t_fb = time_it(fwd_bwd, (q, k, v, cot), iters)
+                    t_f = median_seconds(fwd, (q, k, v), iters)
+                    t_fb = median_seconds(fwd_bwd, (q, k, v, cot), iters)
                 except Exception as e:  # noqa: BLE001 - report and go on (OOM, unsupported shape)
                     rows.append((s.name, T, name, f"error: {type(e).__name__}: {str(e).splitlines()[0][:60]}",
                                  "", "", ""))

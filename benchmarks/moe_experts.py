@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._timing import median_seconds  # noqa: E402
 from layers.moe import grouped_matmul  # noqa: E402
 
 # name, tokens M, d_model D, expert width F, experts E, top-k K
@@ -35,16 +34,6 @@ def experts(x_MD, gate_EDF, up_EDF, down_EFD, experts_MK, impl: str):
             * grouped_matmul(x_PD, up_EDF, sizes_E, impl=impl))
     y_PD = grouped_matmul(h_PF, down_EFD, sizes_E, impl=impl)
     return jnp.zeros_like(x_MD).at[order_P // K].add(y_PD)
-
-
-def median_ms(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main(argv=None):
@@ -67,8 +56,8 @@ def main(argv=None):
             fwd = jax.jit(lambda *a, impl=impl: experts(*a, impl=impl))
             loss = lambda x, g, u, d, c, impl=impl: experts(x, g, u, d, c, impl).astype(jnp.float32).sum()
             fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-            t_f = median_ms(fwd, (x, gate, up, down, chosen), 1 if args.smoke else args.iters)
-            t_fb = median_ms(fwd_bwd, (x, gate, up, down, chosen), 1 if args.smoke else args.iters)
+            t_f = median_seconds(fwd, (x, gate, up, down, chosen), 1 if args.smoke else args.iters) * 1e3
+            t_fb = median_seconds(fwd_bwd, (x, gate, up, down, chosen), 1 if args.smoke else args.iters) * 1e3
             print(f"{name:<20} {impl:<8} {t_f:>8.2f} {flops / t_f / 1e9:>8.1f} {t_fb:>11.2f} "
                   f"{3 * flops / t_fb / 1e9:>8.1f}", flush=True)
 
