@@ -60,10 +60,7 @@ def parse_mesh(text: str) -> dict | None:
     """`--mesh` as axis sizes (`zoo.sharding.parse_mesh`); empty: None, the checkpoint's config.mesh."""
     from zoo.sharding import parse_mesh as parse
 
-    try:
-        return parse(text) or None
-    except ValueError as e:
-        raise ValueError(f"--mesh: {e}") from None
+    return parse(text) or None
 
 
 def evaluate_checkpoint(path: str, seq_lens: list[int], mesh_sizes: dict | None = None) -> dict:

@@ -74,7 +74,7 @@ def main() -> None:
     try:
         mesh = sharding.parse_mesh(a.mesh)
     except ValueError as e:
-        raise SystemExit(f"error: --mesh: {e}") from None
+        raise SystemExit(f"error: {e}") from None
     config.mesh = ml_collections.ConfigDict({axis: mesh.get(axis, 1) for axis in sharding.MESH_AXES})
     config.sharding_rules = a.rules
     config.train.update(batch_size=a.batch_size, seq_len=a.seq_len, compute_dtype="bfloat16",

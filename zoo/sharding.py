@@ -60,17 +60,18 @@ def resolve_rules(rules) -> tuple:
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """Mesh axis sizes from a command-line string: "data=2,fsdp=4" -> {"data": 2, "fsdp": 4} (axes not
-    named are left out: size 1 to `make_mesh`; one size may be -1)."""
+    """Mesh axis sizes from a `--mesh` command-line value: "data=2,fsdp=4" -> {"data": 2, "fsdp": 4} (axes
+    not named are left out: size 1 to `make_mesh`; one size may be -1). Errors name the flag."""
     mesh = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, size = part.partition("=")
         if name not in MESH_AXES:
-            raise ValueError(f"unknown mesh axis {name!r} in {text!r}; expected one of {MESH_AXES}")
+            raise ValueError(f"--mesh: unknown mesh axis {name!r} in {text!r}; expected one of {MESH_AXES}")
         try:
             mesh[name] = int(size)
         except ValueError:
-            raise ValueError(f"a mesh must look like data=2,fsdp=4 (sizes, one may be -1), got {text!r}") from None
+            raise ValueError(f"--mesh: a mesh must look like data=2,fsdp=4 (sizes, one may be -1), got {text!r}"
+                             ) from None
     return mesh
 
 

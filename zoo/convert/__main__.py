@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from zoo import checkpoints, convert, sharding
     try:
-        sizes = _parse_mesh(args.mesh)
+        sizes = sharding.parse_mesh(args.mesh)
         mesh = sharding.make_mesh(sizes) if sizes else None
         if args.direction == "hf-to-zoo":
             model = convert.from_hf(args.src, dtype=args.dtype or "float32", mesh=mesh)
@@ -32,16 +32,6 @@ def main(argv=None) -> int:
         return 1
     print(f"wrote {args.dst}")
     return 0
-
-
-def _parse_mesh(text: str) -> dict:
-    """`--mesh` as axis sizes (`zoo.sharding.parse_mesh`), the flag named in its error."""
-    from zoo.sharding import parse_mesh
-
-    try:
-        return parse_mesh(text)
-    except ValueError as e:
-        raise ValueError(f"--mesh: {e}") from None
 
 
 def _config_with_mesh(sizes: dict):
