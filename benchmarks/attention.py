@@ -163,12 +163,18 @@ def measure(fn, args, iters: int) -> tuple[str, float | None, float | None]:
         return _failure(e), None, nbytes
 
 
-def run(shapes, dtype, iters, impl_kernel, blocks):
+FAMILIES = ("csa", "hca", "indexer", "dense")
+
+
+def run(shapes, dtype, iters, impl_kernel, blocks, families=FAMILIES):
     rows = []
     for s in shapes:
         inputs = make_inputs(s, dtype)
         flops = needed_flops(s)
-        for name, family, fn, arg_names, argnums in variants(s, impl_kernel, blocks, dense_layout(s, inputs)):
+        layout = dense_layout(s, inputs) if "dense" in families else None
+        for name, family, fn, arg_names, argnums in variants(s, impl_kernel, blocks, layout):
+            if family not in families:
+                continue
             args = [inputs[a] for a in arg_names]
             passes = [("fwd", fn, 1.0)]
             if argnums is not None:
@@ -203,10 +209,14 @@ def main():
     parser.add_argument("--seq", default="8192,32768,131072", help="comma-separated token counts")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--only", default=",".join(FAMILIES), help=f"comma-separated subset of {FAMILIES}")
     parser.add_argument("--sweep", action="store_true", help="also time CSA/HCA under a few block sizes")
     parser.add_argument("--profile", metavar="DIR", help="only write a profiler trace of the kernels' fwd+bwd "
                         "at the first --seq to DIR (per-kernel times: perfetto_trace.json.gz)")
     args = parser.parse_args()
+    families = tuple(args.only.split(","))
+    if unknown := set(families) - set(FAMILIES):
+        parser.error(f"--only: unknown {sorted(unknown)}; expected a subset of {FAMILIES}")
     dtype = jnp.dtype(args.dtype)
     platform = jax.default_backend()
     impl_kernel = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "pallas_gpu")
@@ -218,7 +228,7 @@ def main():
           f"kernels {impl_kernel}{' (interpret mode)' if platform == 'cpu' else ''}")
     if args.profile:
         return profile(shapes[0], dtype, impl_kernel, blocks, args.profile)
-    rows = run(shapes, dtype, iters, impl_kernel, blocks)
+    rows = run(shapes, dtype, iters, impl_kernel, blocks, families)
     print_table(rows, "V4-Flash attention (batch 1)")
     if args.sweep:
         print_table(sweep(shapes[0], dtype, iters, impl_kernel), "backward block sizes (CSA / HCA fwd+bwd)")

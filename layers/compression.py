@@ -137,13 +137,19 @@ class LightningIndexer(nnx.Module):
         self.weights_proj = params.normal(rngs, (d_model, num_heads), ("embed", "index_heads"))
 
     def __call__(self, x_BTD: jax.Array, qr_BTQ: jax.Array, positions_BT: jax.Array,
-                 segment_ids_BT: jax.Array | None = None) -> jax.Array:
-        """int32 [B, T, min(top_k, S)] entry indices, -1 for unused slots."""
+                 segment_ids_BT: jax.Array | None = None, *, kernel: str | None = None) -> jax.Array:
+        """int32 [B, T, min(top_k, S)] entry indices, -1 for unused slots. `kernel` ("pallas_gpu" or
+        "pallas_tpu", no segment ids) scores through the Pallas indexer in chunks of tokens, never holding
+        [B, T, S] scores; its result has `top_k` slots."""
         keys_BSH = self.compressor(x_BTD, positions_BT, segment_ids_BT)
         q_BTNH = jnp.einsum("BTQ,QNH->BTNH", qr_BTQ, self.q_proj[...])
         q_BTNH = apply_rope_tail(q_BTNH, positions_BT, self.rope, self.rope_dim)
         weights_BTN = jnp.einsum("BTD,DN->BTN", x_BTD, self.weights_proj[...],
                                  preferred_element_type=jnp.float32)
         weights_BTN = weights_BTN * (self.head_dim ** -0.5 * self.num_heads ** -0.5)
+        if kernel:
+            from pallas_kernels import indexer_topk
+            return indexer_topk(q_BTNH, keys_BSH.astype(q_BTNH.dtype), weights_BTN, ratio=self.ratio,
+                                topk=self.top_k, impl=kernel)
         scores_BTS = indexer_scores(q_BTNH, keys_BSH, weights_BTN, ratio=self.ratio, segment_ids_BT=segment_ids_BT)
         return top_k_entries(scores_BTS, self.top_k)

@@ -169,7 +169,7 @@ class CompressedAttention(nnx.Module):
                 return hca_kernel(q_BTNH, kv_BTH, entries_BSH, sinks_N, window=self.window, ratio=self.ratio,
                                   scale=scale, impl=lowering)
             return hca_attention(q_BTNH, kv_BTH, entries_BSH, sinks_N, ratio=self.ratio, **common)
-        indices_BTK = self.indexer(x_BTD, qr_BTQ, positions_BT, segment_ids_BT)
+        indices_BTK = self.indexer(x_BTD, qr_BTQ, positions_BT, segment_ids_BT, kernel=lowering)
         if lowering:
             return csa_kernel(q_BTNH, kv_BTH, entries_BSH, indices_BTK, sinks_N, window=self.window, scale=scale,
                               impl=lowering)

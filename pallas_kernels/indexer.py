@@ -5,7 +5,9 @@
 and the top-k visible entries per token (int32, -1 for slots beyond the number of visible entries).
 The kernels fuse the head reduction: a tile of (token, head) rows is multiplied against a block of keys
 and reduced over heads in registers/VMEM, so [B, T, heads, entries] never exists; blocks of entries that
-no token of the tile can see are skipped. The top-k is jax.lax.top_k over the [B, T, S] scores.
+no token of the tile can see are skipped. `indexer_topk` scores chunks of tokens (the kernels take the
+chunk's first token as a runtime offset) and keeps each chunk's jax.lax.top_k, so its memory is linear in
+T * top-k; [B, T, S] scores exist only in the differentiable `indexer_scores`.
 Callers fold the softmax and head scales into w (relu is positively homogeneous).
 
 Shapes: B batch, T tokens, H index heads, D index head dim, S compressed entries, K top-k; tiles of bt
@@ -45,7 +47,7 @@ class IndexerBlockSizes:
                 raise ValueError(f"IndexerBlockSizes.{field}={value} must be a power of two")
 
 
-_TOPK_CHUNK_SCORES = 1 << 28   # scores per top-k call (1 GiB of float32)
+_TOPK_CHUNK_BYTES = 1 << 28   # float32 scores (or reference dots) of one chunk of tokens in indexer_topk
 DEFAULT_BLOCKS = {"pallas_gpu": IndexerBlockSizes(block_t=2, block_s=64),
                   "pallas_tpu": IndexerBlockSizes(block_t=8, block_s=128)}
 
@@ -55,30 +57,35 @@ def visible_entries(t, ratio: int, num_entries: int, div=lax.div):
     return jnp.minimum(div(t + 1, ratio), num_entries)
 
 
-def indexer_scores_reference(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, *, ratio: int) -> jax.Array:
-    """Pure JAX (materialises [B, T, H, S]): float32 scores [B, T, S], -inf where invisible."""
+def indexer_scores_reference(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, *, ratio: int,
+                             token_offset=0) -> jax.Array:
+    """Pure JAX (materialises [B, T, H, S]): float32 scores [B, T, S], -inf where invisible. The tokens
+    are token_offset, token_offset + 1, ... (a chunk of a longer sequence)."""
     T, S = q_BTHD.shape[1], k_BSD.shape[1]
     z_BTHS = jnp.einsum("BTHD,BSD->BTHS", q_BTHD, k_BSD, precision=_HIGHEST, preferred_element_type=_F32)
     scores_BTS = jnp.einsum("BTHS,BTH->BTS", jax.nn.relu(z_BTHS), w_BTH.astype(_F32), precision=_HIGHEST)
-    visible_TS = jnp.arange(S)[None, :] < visible_entries(jnp.arange(T), ratio, S, jnp.floor_divide)[:, None]
+    t_T = token_offset + jnp.arange(T)
+    visible_TS = jnp.arange(S)[None, :] < visible_entries(t_T, ratio, S, jnp.floor_divide)[:, None]
     return jnp.where(visible_TS[None], scores_BTS, -jnp.inf)
 
 
 # ----------------------------------------------------------------------------------------------- Triton
-def _gpu_scores_kernel(q_ref, k_ref, w_ref, out_ref, *, ratio: int, bt: int, bs: int, heads: int, n_entries: int):
+def _gpu_scores_kernel(t0_ref, q_ref, k_ref, w_ref, out_ref, *, ratio: int, bt: int, bs: int, heads: int,
+                       n_entries: int):
     tb, sb = pl.program_id(0), pl.program_id(1)
-    t_t = tb * bt + lax.broadcasted_iota(jnp.int32, (bt,), 0)
+    first_t = t0_ref[0] + tb * bt
+    t_t = first_t + lax.broadcasted_iota(jnp.int32, (bt,), 0)
     s_s = sb * bs + lax.broadcasted_iota(jnp.int32, (bs,), 0)
     visible_ts = s_s[None, :] < visible_entries(t_t, ratio, n_entries)[:, None]
 
-    @pl.when(sb * bs < visible_entries(tb * bt + bt - 1, ratio, n_entries))
+    @pl.when(sb * bs < visible_entries(first_t + bt - 1, ratio, n_entries))
     def _():
         z_rs = lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())), precision=_HIGHEST,
                                preferred_element_type=_F32)
         y_rs = jnp.maximum(z_rs, 0.0) * w_ref[...][:, None]
         out_ref[...] = jnp.where(visible_ts, jnp.sum(y_rs.reshape(bt, heads, bs), axis=1), -jnp.inf)
 
-    @pl.when(sb * bs >= visible_entries(tb * bt + bt - 1, ratio, n_entries))
+    @pl.when(sb * bs >= visible_entries(first_t + bt - 1, ratio, n_entries))
     def _():
         out_ref[...] = jnp.full((bt, bs), -jnp.inf, _F32)
 
@@ -163,19 +170,20 @@ class _GpuLayout:
         return dict(bt=self.bt, bs=self.bs, heads=self.heads, n_entries=self.S)
 
 
-def _gpu_scores(q_BTHD, k_BSD, w_BTH, *, ratio, blocks, interpret):
+def _gpu_scores(q_BTHD, k_BSD, w_BTH, t0, *, ratio, blocks, interpret):
     L = _GpuLayout(q_BTHD, k_BSD, blocks)
     B, rows = q_BTHD.shape[0], L.bt * L.heads
     out = pl.pallas_call(
         functools.partial(_gpu_scores_kernel, ratio=ratio, **L.static()),
         grid=(L.Tp // L.bt, L.Sp // L.bs, B),
-        in_specs=[pl.BlockSpec((None, rows, L.Dp), lambda tb, sb, b: (b, tb, 0)),
+        in_specs=[pl.BlockSpec((1,), lambda tb, sb, b: (0,)),
+                  pl.BlockSpec((None, rows, L.Dp), lambda tb, sb, b: (b, tb, 0)),
                   pl.BlockSpec((None, L.bs, L.Dp), lambda tb, sb, b: (b, sb, 0)),
                   pl.BlockSpec((None, rows), lambda tb, sb, b: (b, tb))],
         out_specs=pl.BlockSpec((None, L.bt, L.bs), lambda tb, sb, b: (b, tb, sb)),
         out_shape=jax.ShapeDtypeStruct((B, L.Tp, L.Sp), _F32),
         compiler_params=L.params, interpret=interpret, name="indexer_scores",
-    )(L.rows(q_BTHD), L.keys(k_BSD), L.weights(w_BTH))
+    )(jnp.reshape(t0, (1,)), L.rows(q_BTHD), L.keys(k_BSD), L.weights(w_BTH))
     return out[:, :L.T, :L.S]
 
 
@@ -226,25 +234,25 @@ def _token_selector(bt: int, heads: int):
     return ((r >= c * heads) & (r < (c + 1) * heads)).astype(_F32)
 
 
-def _tpu_tile(q_ref, k_ref, *, tb, sb, ratio, bt, bs, heads, n_entries):
+def _tpu_tile(q_ref, k_ref, *, first_t, sb, ratio, bt, bs, heads, n_entries):
     """Entries on sublanes, (token, head) rows on lanes: z^T [bs, R], the visibility [bt, bs] and the
-    token selector."""
+    token selector; the tile's tokens are first_t, first_t + 1, ..."""
     q_rd, k_sd = q_ref[...], k_ref[...]
     precision = _HIGHEST if q_rd.dtype == _F32 else lax.Precision.DEFAULT
     zt_sr = lax.dot_general(k_sd, q_rd, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=_F32)
-    t_t1 = tb * bt + lax.broadcasted_iota(jnp.int32, (bt, 1), 0)
+    t_t1 = first_t + lax.broadcasted_iota(jnp.int32, (bt, 1), 0)
     s_1s = sb * bs + lax.broadcasted_iota(jnp.int32, (1, bs), 1)
     return zt_sr, s_1s < visible_entries(t_t1, ratio, n_entries), _token_selector(bt, heads), precision
 
 
-def _tpu_scores_kernel(q_ref, k_ref, w_ref, out_ref, *, ratio, bt, bs, heads, n_entries):
-    tb, sb = pl.program_id(1), pl.program_id(2)
-    live = sb * bs < visible_entries(tb * bt + bt - 1, ratio, n_entries)
+def _tpu_scores_kernel(t0_ref, q_ref, k_ref, w_ref, out_ref, *, ratio, bt, bs, heads, n_entries):
+    first_t, sb = t0_ref[0] + pl.program_id(1) * bt, pl.program_id(2)
+    live = sb * bs < visible_entries(first_t + bt - 1, ratio, n_entries)
 
     @pl.when(live)
     def _():
-        zt_sr, visible_ts, select_tr, _ = _tpu_tile(q_ref, k_ref, tb=tb, sb=sb, ratio=ratio, bt=bt, bs=bs,
-                                                    heads=heads, n_entries=n_entries)
+        zt_sr, visible_ts, select_tr, _ = _tpu_tile(q_ref, k_ref, first_t=first_t, sb=sb, ratio=ratio, bt=bt,
+                                                    bs=bs, heads=heads, n_entries=n_entries)
         yt_sr = jnp.maximum(zt_sr, 0.0) * w_ref[...]
         scores_ts = lax.dot_general(select_tr, yt_sr, (((1,), (1,)), ((), ())), precision=_HIGHEST,
                                     preferred_element_type=_F32)
@@ -274,8 +282,8 @@ def _tpu_dq_kernel(q_ref, k_ref, w_ref, ds_ref, dq_ref, dw_ref, dq_acc, dw_acc, 
 
     @pl.when(sb * bs < visible_entries(tb * bt + bt - 1, ratio, n_entries))
     def _():
-        gt_sr, dt_sr, zt_sr, precision = _tpu_tile_grads(q_ref, k_ref, w_ref, ds_ref, tb=tb, sb=sb, ratio=ratio,
-                                                         bt=bt, bs=bs, heads=heads, n_entries=n_entries)
+        gt_sr, dt_sr, zt_sr, precision = _tpu_tile_grads(q_ref, k_ref, w_ref, ds_ref, first_t=tb * bt, sb=sb,
+                                                         ratio=ratio, bt=bt, bs=bs, heads=heads, n_entries=n_entries)
         k_sd = k_ref[...]
         dq_acc[...] += lax.dot_general(gt_sr.astype(k_sd.dtype), k_sd, (((0,), (0,)), ((), ())),
                                        precision=precision, preferred_element_type=_F32)
@@ -296,8 +304,8 @@ def _tpu_dk_kernel(q_ref, k_ref, w_ref, ds_ref, dk_ref, dk_acc, *, ratio, bt, bs
 
     @pl.when(sb * bs < visible_entries(tb * bt + bt - 1, ratio, n_entries))
     def _():
-        gt_sr, _, _, precision = _tpu_tile_grads(q_ref, k_ref, w_ref, ds_ref, tb=tb, sb=sb, ratio=ratio, bt=bt,
-                                                 bs=bs, heads=heads, n_entries=n_entries)
+        gt_sr, _, _, precision = _tpu_tile_grads(q_ref, k_ref, w_ref, ds_ref, first_t=tb * bt, sb=sb, ratio=ratio,
+                                                 bt=bt, bs=bs, heads=heads, n_entries=n_entries)
         q_rd = q_ref[...]
         dk_acc[...] += jnp.dot(gt_sr.astype(q_rd.dtype), q_rd, precision=precision, preferred_element_type=_F32)
 
@@ -326,8 +334,8 @@ class _TpuLayout:
         B = w_BTH.shape[0]
         return pad_axis(w_BTH.astype(_F32), 1, self.Tp).reshape(B, 1, self.Tp * self.H)
 
-    def last_visible_block(self, tb):
-        n = visible_entries(tb * self.bt + self.bt - 1, self.ratio, self.S)
+    def last_visible_block(self, tb, t0=0):
+        n = visible_entries(t0 + tb * self.bt + self.bt - 1, self.ratio, self.S)
         return jnp.maximum(lax.div(n + self.bs - 1, self.bs) - 1, 0)
 
     def first_token_block(self, sb):
@@ -337,21 +345,22 @@ class _TpuLayout:
         return dict(ratio=self.ratio, bt=self.bt, bs=self.bs, heads=self.H, n_entries=self.S)
 
 
-def _tpu_scores(q_BTHD, k_BSD, w_BTH, *, ratio, blocks, interpret):
+def _tpu_scores(q_BTHD, k_BSD, w_BTH, t0, *, ratio, blocks, interpret):
     L = _TpuLayout(q_BTHD, k_BSD, blocks, ratio)
     B, T, H, D = q_BTHD.shape
-    sb_live = lambda tb, sb: jnp.minimum(sb, L.last_visible_block(tb))
+    sb_live = lambda tb, sb, t0_ref: jnp.minimum(sb, L.last_visible_block(tb, t0_ref[0]))
     out = pl.pallas_call(
         functools.partial(_tpu_scores_kernel, **L.static()),
-        grid=(B, L.n_tb, L.n_sb),
-        in_specs=[pl.BlockSpec((None, L.bt * H, D), lambda b, tb, sb: (b, tb, 0)),
-                  pl.BlockSpec((None, L.bs, D), lambda b, tb, sb: (b, sb_live(tb, sb), 0)),
-                  pl.BlockSpec((None, 1, L.bt * H), lambda b, tb, sb: (b, 0, tb))],
-        out_specs=pl.BlockSpec((None, L.bt, L.bs), lambda b, tb, sb: (b, tb, sb)),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(B, L.n_tb, L.n_sb),
+            in_specs=[pl.BlockSpec((None, L.bt * H, D), lambda b, tb, sb, t0_ref: (b, tb, 0)),
+                      pl.BlockSpec((None, L.bs, D), lambda b, tb, sb, t0_ref: (b, sb_live(tb, sb, t0_ref), 0)),
+                      pl.BlockSpec((None, 1, L.bt * H), lambda b, tb, sb, t0_ref: (b, 0, tb))],
+            out_specs=pl.BlockSpec((None, L.bt, L.bs), lambda b, tb, sb, t0_ref: (b, tb, sb))),
         out_shape=jax.ShapeDtypeStruct((B, L.Tp, L.Sp), _F32),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
         interpret=interpret, name="indexer_scores",
-    )(L.rows(q_BTHD), pad_axis(k_BSD, 1, L.Sp), L.weights(w_BTH))
+    )(jnp.reshape(t0, (1,)), L.rows(q_BTHD), pad_axis(k_BSD, 1, L.Sp), L.weights(w_BTH))
     return out[:, :T, :L.S]
 
 
@@ -407,7 +416,7 @@ class _Config:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _scores_kernel(cfg: _Config, q_BTHD, k_BSD, w_BTH):
     forward, _ = _LOWERINGS[cfg.lowering.impl]
-    return forward(q_BTHD, k_BSD, w_BTH, ratio=cfg.ratio, blocks=cfg.blocks, interpret=cfg.lowering.interpret)
+    return forward(q_BTHD, k_BSD, w_BTH, jnp.zeros((), jnp.int32), ratio=cfg.ratio, blocks=cfg.blocks, interpret=cfg.lowering.interpret)
 
 
 def _scores_forward(cfg: _Config, q_BTHD, k_BSD, w_BTH):
@@ -456,16 +465,38 @@ def indexer_topk(q: jax.Array, k: jax.Array, weights: jax.Array, *, ratio: int, 
                  interpret=None, block_sizes: IndexerBlockSizes | None = None) -> jax.Array:
     """int32 [B, T, topk]: the highest-scoring visible entries per token, best first; slots beyond the
     number of visible entries min((t + 1) // ratio, S) hold -1. Arguments as for `indexer_scores`.
-    The top-k runs over chunks of tokens so that its sort buffers stay small next to the scores."""
+
+    Memory stays linear in T * topk, never T * S: the tokens go through in chunks (lax.map), and each
+    chunk's [B, chunk, S] scores are reduced to their top-k before the next chunk is scored. The result
+    is an index set, so nothing here is differentiated (the inputs are cut from the gradient).
+    """
+    _validate(q, k, weights, ratio)
     check_positive("topk", topk)
-    scores_BTS = lax.stop_gradient(indexer_scores(q, k, weights, ratio=ratio, impl=impl, interpret=interpret,
-                                                  block_sizes=block_sizes))
-    B, T, S = scores_BTS.shape
+    lowering = resolve_lowering(impl, interpret)
+    q, k, weights = (lax.stop_gradient(x) for x in (q, k, weights))
+    B, T, H, D = q.shape
+    S = k.shape[1]
     if S == 0:
         return jnp.full((B, T, topk), -1, jnp.int32)
-    chunk = max(1, _TOPK_CHUNK_SCORES // (B * S))
-    idx_BTK = jnp.concatenate([lax.top_k(scores_BTS[:, t0:t0 + chunk], min(topk, S))[1]
-                               for t0 in range(0, T, chunk)], axis=1)
-    n_visible_T1 = visible_entries(jnp.arange(T, dtype=jnp.int32), ratio, S)[:, None]
-    idx_BTK = jnp.where(idx_BTK < n_visible_T1, idx_BTK, -1).astype(jnp.int32)
+    per_token = B * S * 4 * (H if lowering.impl == "xla" else 1)
+    chunk = min(round_up(T, 16), max(16, _TOPK_CHUNK_BYTES // per_token // 16 * 16))
+    n_chunks = -(-T // chunk)
+    to_chunks = lambda x: jnp.moveaxis(pad_axis(x, 1, n_chunks * chunk).reshape(B, n_chunks, chunk, *x.shape[2:]),
+                                       1, 0)
+
+    def chunk_topk(args):
+        t0, q_BCHD, w_BCH = args
+        if lowering.impl == "xla":
+            scores_BCS = indexer_scores_reference(q_BCHD, k, w_BCH, ratio=ratio, token_offset=t0)
+        else:
+            forward, _ = _LOWERINGS[lowering.impl]
+            scores_BCS = forward(q_BCHD, k, w_BCH, t0, ratio=ratio,
+                                 blocks=block_sizes or DEFAULT_BLOCKS[lowering.impl], interpret=lowering.interpret)
+        idx_BCK = lax.top_k(scores_BCS, min(topk, S))[1]
+        n_visible_C1 = visible_entries(t0 + jnp.arange(chunk, dtype=jnp.int32), ratio, S)[:, None]
+        return jnp.where(idx_BCK < n_visible_C1, idx_BCK, -1).astype(jnp.int32)
+
+    starts = jnp.arange(n_chunks, dtype=jnp.int32) * chunk
+    idx_NBCK = lax.map(chunk_topk, (starts, to_chunks(q), to_chunks(weights)))
+    idx_BTK = jnp.moveaxis(idx_NBCK, 0, 1).reshape(B, n_chunks * chunk, -1)[:, :T]
     return pad_axis(idx_BTK, 2, topk, value=-1)
