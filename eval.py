@@ -7,6 +7,8 @@ Reports validation loss (nats/token), bits per byte and perplexity as JSON and a
 `--seq_lens`, one row per sequence length, also written as CSV next to the JSON. Data, sizes and the
 device mesh default to the checkpoint's own config.json; parameters are read straight into their
 shardings on that mesh (or `--mesh=data=2,fsdp=4`), and each batch is split over its batch axes.
+Multi-host: one eval.py per host with `--distributed` (or `--coordinator_address=...`, README
+"Sharding"); every process evaluates, process 0 alone prints and writes the files.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import os
 import sys
 
 from absl import app, flags, logging
+
+from zoo import distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir to evaluate (its latest checkpoint)")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "zoo checkpoint directory (e.g. from hf-to-zoo)")
@@ -30,6 +34,8 @@ _DATA_PATHS = flags.DEFINE_string("data_paths", None, "override data.paths")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "override data.tokenizer (bytes or a tokenizer.json)")
 _MESH = flags.DEFINE_string("mesh", "", "device mesh axis sizes, e.g. data=2,fsdp=4 (one may be -1: the "
                             "remaining devices; axes not named: 1) instead of the checkpoint's config.mesh")
+# Multi-host (README "Sharding"): --distributed, --coordinator_address, --num_processes, --process_id.
+_DISTRIBUTED_FLAGS = distributed.define_flags()
 
 
 def fail(message) -> None:
@@ -104,6 +110,10 @@ def main(argv) -> None:
         fail("give exactly one of --workdir or --checkpoint")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    try:
+        distributed.maybe_initialize_distributed(**_DISTRIBUTED_FLAGS())
+    except distributed.InitializationError as e:
+        fail(e)
     from zoo.evaluate import format_table, write_csv
     from zoo.train import enable_compilation_cache
 
@@ -113,6 +123,8 @@ def main(argv) -> None:
         report = evaluate_checkpoint(path, parse_seq_lens(_SEQ_LENS.value), parse_mesh(_MESH.value))
     except (ValueError, FileNotFoundError, ImportError) as e:
         fail(e)
+    if not distributed.is_primary():   # every process computed the report (collectives); one writes it
+        return
     output = _OUTPUT.value or os.path.join(path, "eval.json")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:

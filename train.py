@@ -15,6 +15,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from zoo import distributed
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -48,30 +50,17 @@ try:   # without --config on the command line the default is parsed right here, 
 except Exception as e:  # noqa: BLE001 - any failure here is a bad config or override
     fail(describe_config_error(e))
 _WORKDIR = flags.DEFINE_string("workdir", "./runs/default", "run directory: config, metrics, checkpoints")
-# Multi-host (README "Sharding"): jax.distributed.initialize runs only when one of these is given.
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with the cluster "
-                                 "auto-detected (SLURM, Cloud TPU, ...) or from JAX_COORDINATOR_ADDRESS, "
-                                 "JAX_NUM_PROCESSES and JAX_PROCESS_ID")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --distributed)")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (hosts) in the job")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes)")
+# Multi-host (README "Sharding"): --distributed, --coordinator_address, --num_processes, --process_id.
+_DISTRIBUTED_FLAGS = distributed.define_flags()
 
 
 def maybe_initialize_distributed() -> None:
-    """`jax.distributed.initialize` when asked for (a flag above, or JAX_COORDINATOR_ADDRESS set); before
-    anything touches a device. Unset arguments fall back to JAX's environment variables / auto-detection."""
-    asked = _DISTRIBUTED.value or _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if not asked:
-        return
-    import jax
-
-    kwargs = {k: v for k, v in (("coordinator_address", _COORDINATOR.value),
-                                ("num_processes", _NUM_PROCESSES.value),
-                                ("process_id", _PROCESS_ID.value)) if v is not None}
+    """`jax.distributed.initialize` when a flag above is given or JAX_COORDINATOR_ADDRESS is set
+    (`zoo.distributed`); before anything touches a device."""
     try:
-        jax.distributed.initialize(**kwargs)
-    except Exception as e:  # noqa: BLE001 - report the cluster problem on one line
-        fail(f"jax.distributed.initialize({kwargs}) failed: {e}")
+        distributed.maybe_initialize_distributed(**_DISTRIBUTED_FLAGS())
+    except distributed.InitializationError as e:
+        fail(e)
 
 
 def parse_flags(argv):

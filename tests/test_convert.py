@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,7 +12,9 @@ from transformers import AutoModelForCausalLM
 
 import zoo
 from tests.hf_utils import hf_logits
+from tests.test_distributed import run_processes
 from tests.test_gemma4_parity import DENSE, _hf_model
+from zoo import distributed
 from zoo.convert.safetensors_io import SafetensorsDir, write_shards
 
 IDS = np.random.default_rng(3).integers(0, DENSE["vocab_size"], size=(1, 11))
@@ -153,3 +156,45 @@ def test_command_line_refuses_a_bad_mesh(hf_dir, tmp_path, capsys, mesh, message
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.strip().count("\n") == 0 and message in err, err
     assert not (tmp_path / "zoo").exists()
+
+
+def test_command_line_takes_the_distributed_flags(hf_dir, tmp_path, monkeypatch, capsys):
+    from zoo.convert.__main__ import main
+    src, _ = hf_dir
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    assert main(["hf-to-zoo", str(src), str(tmp_path / "zoo"), "--distributed"]) == 0
+    assert calls == [{}] and (tmp_path / "zoo" / "config.json").exists()
+
+    def refuse(**kwargs):
+        raise RuntimeError("connection refused\nto host0:1234")
+    monkeypatch.setattr(jax.distributed, "initialize", refuse)
+    args = ["--coordinator_address=host0:1234", "--num_processes=2", "--process_id=1"]
+    assert main(["zoo-to-hf", str(tmp_path / "zoo"), str(tmp_path / "hf"), *args]) == 1
+    assert capsys.readouterr().err == ("error: jax.distributed.initialize(coordinator_address='host0:1234', "
+                                       "num_processes=2, process_id=1) failed: connection refused to host0:1234\n")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_to_hf_writes_nothing_on_other_processes(hf_dir, tmp_path, monkeypatch):
+    src, _ = hf_dir
+    model = zoo.from_hf(str(src))
+    monkeypatch.setattr(distributed, "is_primary", lambda: False)
+    zoo.to_hf(model, str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
+
+
+def test_command_line_round_trip_on_two_processes(hf_dir, tmp_path):
+    """A real two-process CPU job with the model sharded over both processes' devices (fsdp=2): hf-to-zoo
+    saves each process's shards, zoo-to-hf gathers every tensor across them; process 0 writes."""
+    src, expected = hf_dir
+    for direction, a, b in (("hf-to-zoo", src, tmp_path / "zoo"), ("zoo-to-hf", tmp_path / "zoo", tmp_path / "hf")):
+        results = run_processes(["-m", "zoo.convert", direction, str(a), str(b), "--mesh=fsdp=2"])
+        for returncode, _, stderr in results:
+            assert returncode == 0, stderr
+        assert [f"wrote {b}" in out for _, out, _ in results] == [True, False]
+    assert json.loads((tmp_path / "zoo" / "config.json").read_text())["mesh"]["fsdp"] == 2
+    ours = np.asarray(zoo.load(str(tmp_path / "zoo"))(jnp.asarray(IDS)))
+    assert np.abs(ours - expected).max() <= 1e-4
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    assert np.abs(hf_logits(reloaded, IDS) - expected).max() <= 1e-4

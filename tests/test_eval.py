@@ -5,11 +5,14 @@ import csv
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
 import zoo
-from tests.conftest import get_config, read_metrics, run_script
+from tests.conftest import ROOT, SUBPROCESS_ENV, get_config, read_metrics, run_script
+from tests.test_distributed import run_processes
 from zoo import checkpoints, data
 from zoo.evaluate import COLUMNS, evaluate, format_table
 from zoo.train import train
@@ -73,11 +76,51 @@ def test_eval_converted_checkpoint(tmp_path):
     (["--checkpoint=/tmp", "--seq_lens=8,x"], "--seq_lens must be comma-separated integers"),
     (["--checkpoint=/tmp", "--mesh=data=2,model=4"], "--mesh: unknown mesh axis 'model' in 'data=2,model=4'"),
     (["--checkpoint=/tmp", "--mesh=fsdp"], "--mesh: a mesh must look like data=2,fsdp=4"),
+    (["--checkpoint=/tmp", "--distributed"], "jax.distributed.initialize() failed: "),   # no cluster here
 ])
 def test_eval_errors_are_one_line(args, message):
     res = run_script("eval.py", *args)
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode == 1 and len(lines) == 1 and message in lines[0], res.stderr
+
+
+# eval.py as a process other than process 0: zoo.distributed.is_primary() False, evaluate() counted.
+NOT_PRIMARY = """
+import runpy, sys
+import zoo.distributed, zoo.evaluate
+zoo.distributed.is_primary = lambda: False
+evaluate = zoo.evaluate.evaluate
+def counted(*args, **kwargs):
+    rows = evaluate(*args, **kwargs)
+    print("evaluated", len(rows), "rows")
+    return rows
+zoo.evaluate.evaluate = counted
+sys.argv = ["eval.py", *sys.argv[1:]]
+runpy.run_path("eval.py", run_name="__main__")
+"""
+
+
+def test_other_processes_evaluate_but_write_and_print_nothing(workdir, tmp_path):
+    output = tmp_path / "eval.json"
+    res = subprocess.run([sys.executable, "-c", NOT_PRIMARY, f"--workdir={workdir}", f"--output={output}",
+                          "--seq_lens=32,16"], cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True,
+                         timeout=180)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "evaluated 2 rows\n"      # computed (collectives need every process); no table
+    assert os.listdir(tmp_path) == []
+
+
+def test_two_processes_evaluate_together_and_process_zero_writes(workdir, tmp_path):
+    """A real two-process CPU job (one device each; the checkpoint's mesh data=-1 spans both)."""
+    results = run_processes(["eval.py", f"--workdir={workdir}", f"--output={tmp_path}/p{{i}}.json"])
+    for returncode, _, stderr in results:
+        assert returncode == 0, stderr
+    assert os.listdir(tmp_path) == ["p0.json"]
+    printed = [[line for line in out.splitlines() if not line.startswith("[Gloo]")] for _, out, _ in results]
+    assert printed[0][-1] == f"wrote {tmp_path}/p0.json" and printed[1] == []
+    with open(tmp_path / "p0.json") as f:
+        report = json.load(f)
+    assert report["val_loss"] == pytest.approx(read_metrics(workdir)[-1]["val_loss"], rel=1e-5)
 
 
 def test_evaluate_rows_and_table(workdir):

@@ -22,10 +22,9 @@ import zoo
 from tests.conftest import (MICRO_CONFIG, ROOT, SUBPROCESS_ENV, checkpoint_steps, get_config, read_metrics,
                             run_script)
 from tests.sharding_runs import micro_config
-from zoo import checkpoints
+from zoo import checkpoints, distributed
 from zoo.evaluate import make_loss_fn
 from zoo.train import decay_mask, learning_rate_schedule, make_optimizer, train
-from zoo.train import trainer
 from zoo.train.trainer import make_train_step
 
 
@@ -145,7 +144,7 @@ def test_train_writes_metrics_config_checkpoints_and_resumes(tmp_path, capsys):
 def test_other_processes_save_checkpoints_but_write_no_metrics_config_or_bar(tmp_path, monkeypatch, capsys):
     """In a multi-process run only process 0 writes metrics.jsonl and config.json and shows the bar;
     every process takes part in saving checkpoints."""
-    monkeypatch.setattr(trainer, "_is_primary", lambda: False)
+    monkeypatch.setattr(distributed, "is_primary", lambda: False)
     config = get_config()
     config.train.steps = 2
     assert train(config, str(tmp_path)).step == 2
@@ -225,6 +224,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pat
     (["--config.train.stepz=3"], "unknown config key 'stepz' in --config.train.stepz=3 (did you mean 'steps'?)"),
     ([f"--config={MICRO_CONFIG}", "--config.data.source=text", "--config.data.paths=/nonexistent/dir/*.txt"],
      "data.paths: no files match '/nonexistent/dir/*.txt'"),
+    ([f"--config={MICRO_CONFIG}", "--distributed"], "jax.distributed.initialize() failed: "),   # no cluster here
 ])
 def test_bad_input_gives_one_line_and_loses_nothing(tmp_path, args, message):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')

@@ -18,7 +18,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from zoo import sharding
+from zoo import distributed, sharding
 from zoo.models import DTYPES, build_abstract
 
 CONFIG_FILE = "config.json"
@@ -106,7 +106,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, targets: dict) -> dict:
 
 def save_model(model, path: str, config=None) -> str:
     """Writes `model` as a zoo checkpoint (step 0, parameters only); `config` defaults to the shared
-    training defaults around the model's own config."""
+    training defaults around the model's own config. In a multi-process run every process calls it."""
     from configs.common import base_config
 
     model_cfg = ml_collections.ConfigDict(model.config.as_configdict())
@@ -115,7 +115,8 @@ def save_model(model, path: str, config=None) -> str:
     mngr = manager(path)
     if mngr.latest_step() is not None:
         raise FileExistsError(f"{path} already holds checkpoints; refusing to overwrite them")
-    write_config(config, path)
+    if distributed.is_primary():   # every process saves its shards below; one writes config.json
+        write_config(config, path)
     save(mngr, 0, {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))})
     mngr.wait_until_finished()
     mngr.close()

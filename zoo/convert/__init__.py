@@ -13,8 +13,9 @@ import os
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from zoo import families, sharding
+from zoo import distributed, families, sharding
 from zoo.convert.safetensors_io import SafetensorsDir, write_shards
 from zoo.models import DTYPES, build_abstract
 
@@ -106,9 +107,19 @@ def from_hf(path: str, *, dtype: str = "float32", attention_impl: str = "xla", m
     return model
 
 
+def _to_host(array: jax.Array) -> np.ndarray:
+    """The whole of `array` on this host; one that spans other processes' devices is gathered from them
+    (a collective: every process must call this for the same arrays in the same order)."""
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 def to_hf(model, path: str, *, max_shard_bytes: int = 2 << 30) -> str:
     """Writes `model` as a Hugging Face checkpoint directory that transformers loads. Parameters are
-    fetched to the host one rule's tensors at a time, so a sharded model is fine (never gathered whole)."""
+    fetched to the host one rule's tensors at a time, so a sharded model is fine (never gathered whole).
+    In a multi-process run every process must call this (the tensors are gathered across processes);
+    process 0 alone writes the files."""
     cfg = model.config
     family = families.get(cfg.family)
     hf = family.to_hf_config(cfg)
@@ -118,11 +129,15 @@ def to_hf(model, path: str, *, max_shard_bytes: int = 2 << 30) -> str:
 
     def tensors():
         for rule in family.hf_rules(cfg):
-            ours = [np.asarray(jax.device_get(slots[p].get_value())) for p in rule.ours]
+            ours = [_to_host(slots[p].get_value()) for p in rule.ours]
             for name, value in zip(rule.hf, rule.to_hf(*ours)):
                 full = ("model." if rule.hf_prefix is None else rule.hf_prefix) + name.split("|")[0]
                 yield full, np.asarray(value)
 
+    if not distributed.is_primary():
+        for _ in tensors():   # take part in the gathers; process 0 writes
+            pass
+        return path
     os.makedirs(path, exist_ok=True)
     write_shards(tensors(), path, max_shard_bytes=max_shard_bytes)
     with open(os.path.join(path, "config.json"), "w") as f:

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 import zoo
-from zoo import checkpoints, data, sharding
+from zoo import checkpoints, data, distributed, sharding
 from zoo.evaluate import bits_per_byte, make_loss_fn, validation_loss
 from zoo.sharding import check_batch_splits, shard_batch
 from zoo.train.optimizer import make_optimizer
@@ -187,12 +187,6 @@ def _initial_state(config, mngr, mesh=None):
     return graphdef, restored["params"], restored["opt_state"], tx, schedule, start, s
 
 
-def _is_primary() -> bool:
-    """Whether this process writes config.json and metrics.jsonl and shows the progress bar: process 0
-    only. Every process runs the loop and saves checkpoints (Orbax coordinates those across processes)."""
-    return jax.process_index() == 0
-
-
 def train(config, workdir: str) -> Result:
     """Trains `config` in `workdir` up to `train.steps`, resuming from the latest checkpoint there."""
     validate(config)
@@ -206,7 +200,7 @@ def train(config, workdir: str) -> Result:
     try:
         graphdef, params, opt_state, tx, schedule, start, shardings = _initial_state(config, mngr)
         log = None
-        if _is_primary():
+        if distributed.is_primary():
             checkpoints.write_config(config, workdir)
             log = MetricsLog(os.path.join(workdir, METRICS_FILE), keep_through=start)
         try:
@@ -232,7 +226,7 @@ def _loop(config, workdir, corpus, mngr, log, graphdef, params, opt_state, tx, s
     step, saved, record = start, start, {}
     window_start, window_steps = time.perf_counter(), 0
     bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-               disable=not _is_primary())
+               disable=not distributed.is_primary())
     with StopOnSignal() as stop, bar:
         while step < t.steps and stop.signal_name is None:
             inputs_BT, targets_BT = data.train_batch(corpus, seed=t.seed, step=step + 1, batch_size=t.batch_size,
