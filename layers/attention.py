@@ -5,6 +5,8 @@ head, H head dim, D model width.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -132,26 +134,30 @@ def attention_backend(impl: str, q_BTNH, k_BSKH, *, sinks_N=None, softcap: float
     return "flash" if _own_kernel_fits(q_BTNH, k_BSKH, softcap, default_positions) else "reference"
 
 
-def splash_attention(q_BTNH, k_BTKH, v_BTKH, *, window: int, scale: float, interpret: bool = False
+def splash_attention(q_BTNH, k_BTKH, v_BTKH, *, window: int, scale: float, interpret: Any = False
                      ) -> jax.Array:
-    """Causal (optionally windowed) GQA through JAX's TPU splash attention: one MQA kernel per kv head
-    serving its G query heads, vmapped over batch and kv heads."""
+    """Causal (optionally windowed) GQA through JAX's TPU splash attention (T a multiple of 128).
+
+    Batch is folded into the heads (query head b * N + n reads kv head b * K + n // G, splash's own GQA
+    mapping), so one kernel call serves everything with no vmap around it (the TPU interpreter cannot
+    run a vmapped splash kernel). Splash has no logit scale: q is scaled first, in float32.
+    `interpret`: False on TPU; True or `pltpu.InterpretParams()` to run it on CPU.
+    """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
-    G = N // K
     one = (masks.LocalMask((T, T), window_size=(window - 1, 0), offset=0) if window
            else masks.CausalMask((T, T)))
-    b = min(512, T)
+    b = next(b for b in (512, 256, 128) if T % b == 0)   # must divide T
     blocks = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                                block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-    kernel = splash.make_splash_mqa_single_device(masks.MultiHeadMask([one] * G), block_sizes=blocks,
+    kernel = splash.make_splash_mha_single_device(masks.MultiHeadMask([one] * (B * N)), block_sizes=blocks,
                                                   interpret=interpret)
-    q_BKGTH = (q_BTNH * jnp.asarray(scale, q_BTNH.dtype)).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
-    k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
-    out_BKGTH = jax.vmap(jax.vmap(kernel))(q_BKGTH, k_BKTH, v_BKTH)
-    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    heads = lambda x_BTMH: x_BTMH.transpose(0, 2, 1, 3).reshape(-1, T, H)   # [B * M, T, H], batch major
+    q_scaled_BTNH = (q_BTNH.astype(jnp.float32) * scale).astype(q_BTNH.dtype)
+    out_bTH = kernel(heads(q_scaled_BTNH), heads(k_BTKH), heads(v_BTKH))
+    return out_bTH.reshape(B, N, T, H).transpose(0, 2, 1, 3)
 
 
 def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, q_positions_BT, kv_positions_BS, window: int = 0,

@@ -1,7 +1,8 @@
 """The dense flash attention kernel (pallas_kernels/flash_attention.py) against layers.attention's
 reference: forward and gradients (q, k, v, sinks) on random inputs, both lowerings in interpret mode (the
 TPU one under the TPU interpreter, which fills unwritten memory with NaN), window, GQA/MQA, sinks,
-segments, odd lengths, fp32 and bf16; the dispatch table; and the Gemma-4, Laguna and ZAYA1 parity models
+segments, odd lengths, fp32 and bf16; the dispatch table; JAX's TPU splash attention through our wrapper
+(layers.attention.splash_attention) under the TPU interpreter; and the Gemma-4, Laguna and ZAYA1 parity models
 giving the same logits with attention_impl="pallas" as with "xla"."""
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from layers.attention import attention_backend, attention_mask, dot_product_attention, reference_attention
+from layers.attention import attention_backend, attention_mask, dot_product_attention, reference_attention, \
+    splash_attention
 from pallas_kernels import FlashBlockSizes, flash_attention
 
 B = 2
@@ -143,6 +145,64 @@ def test_dispatch_table_on_gpu(monkeypatch):
     assert auto(shaped(1, 65536, 8, 512), shaped(1, 65536, 1, 512)) == "flash"    # 128 GiB
     assert auto(shaped(1, 4096, 8, 512), shaped(1, 4096, 1, 512), window=1024) == "flash"
     assert auto(shaped(1, 4096, 8, 128), shaped(1, 4096, 2, 128), segment_ids_BT=jnp.ones((1, 4096))) == "flash"
+
+
+def test_dispatch_table_on_tpu(monkeypatch):
+    """The TPU rows of the table, read with jax.default_backend() reporting "tpu" (shapes only)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    shaped = lambda B, T, N, H, dtype=jnp.bfloat16: jax.ShapeDtypeStruct((B, T, N, H), dtype)
+    auto = lambda q, k, **kw: attention_backend("auto", q, k, default_positions=True, **kw)
+    assert auto(shaped(1, 4096, 8, 256), shaped(1, 4096, 1, 256), window=512) == "splash"
+    assert auto(shaped(1, 640, 8, 512), shaped(1, 640, 1, 512)) == "splash"
+    assert auto(shaped(1, 4000, 8, 256), shaped(1, 4000, 1, 256)) == "flash"      # T % 128
+    assert auto(shaped(1, 4096, 8, 64), shaped(1, 4096, 2, 64)) == "flash"        # head_dim % 128
+    assert auto(shaped(1, 4096, 8, 128), shaped(1, 4096, 2, 128), sinks_N=jnp.zeros(8)) == "flash"
+    assert auto(shaped(1, 4096, 8, 128), shaped(1, 4096, 2, 128), segment_ids_BT=jnp.ones((1, 4096))) == "flash"
+    assert auto(shaped(1, 4096, 8, 128), shaped(1, 4096, 2, 128), softcap=50.0) == "reference"
+    assert attention_backend("auto", shaped(1, 4096, 8, 128), shaped(1, 4096, 2, 128)) == "reference"
+    assert attention_backend("pallas", shaped(1, 4096, 8, 128), shaped(1, 4096, 2, 128),
+                             default_positions=True) == "flash"
+
+
+# (T, window, dtype, tol): splash runs in blocks of 128 here (5 x 5 and 3 x 3; T = 640 once failed: a
+# 512-block must divide T), so causal skips future blocks and window 77 also whole blocks on the left; GQA
+# 4 q / 2 kv heads, head_dim 128, batch 2. The bf16 error is mostly splash having no logit scale: q * scale
+# is rounded to bf16 before the kernel.
+SPLASH_CASES = [(640, 77, jnp.float32, 1e-5), (384, 0, jnp.bfloat16, 1e-2)]
+
+
+@pytest.mark.parametrize("T,window,dtype,tol", SPLASH_CASES)
+def test_splash_attention_under_tpu_interpreter(T, window, dtype, tol):
+    """Our splash_attention wrapper (layout, scale, window, GQA) against the reference, forward and
+    d(q, k, v), under the TPU interpreter (which fills unwritten memory with NaN)."""
+    from jax.experimental.pallas import tpu as pltpu
+    q, k, v, _, cot = _inputs(T, 4, 2, 128, dtype, seed=5)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    mask = attention_mask(pos, pos, window=window)
+    scale = 0.3    # not head_dim ** -0.5, so a dropped or doubled scale shows
+
+    def ours(q, k, v):
+        return splash_attention(q, k, v, window=window, scale=scale, interpret=pltpu.InterpretParams())
+
+    def ref(q, k, v):   # float32 throughout on the same (rounded) inputs
+        f32 = lambda x: x.astype(jnp.float32)
+        return reference_attention(f32(q), f32(k), f32(v), mask, scale=scale)
+
+    out = ours(q, k, v)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32)))), "unwritten or NaN outputs"
+    expected = ref(q, k, v)
+    err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - expected)) / (1.0 + jnp.max(jnp.abs(expected))))
+    assert err <= tol, err
+
+    loss = lambda fn: lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cot)
+    got = jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+    for name, g, w in zip("qkv", got, want):
+        g32, w32 = g.astype(jnp.float32), w.astype(jnp.float32)
+        assert g.dtype == dtype and bool(jnp.all(jnp.isfinite(g32))), f"d{name} has NaNs"
+        err = float(jnp.max(jnp.abs(g32 - w32)) / (1.0 + float(jnp.max(jnp.abs(w32)))))
+        assert err <= tol, f"d{name}: {err}"
 
 
 def test_dot_product_attention_pallas_matches_xla():
