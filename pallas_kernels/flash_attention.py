@@ -53,17 +53,18 @@ class FlashBlockSizes:
 
 
 def default_block_sizes(impl: str, head_dim: int, dtype=jnp.bfloat16) -> FlashBlockSizes:
-    """Untuned starting points: GPU tiles shrink as the head dim grows (registers, shared memory: fp32 at
-    d 512 with 32 x 32 tiles asks for 256 KiB on H100); TPU tiles are (8, 128)-aligned."""
+    """GPU: the fastest forward+backward tiles of `benchmarks/dense_attention.py --sweep` on the H100 at
+    16K tokens (docs/benchmarks.md); tiles shrink as the head dim grows (registers, shared memory: fp32 at
+    d 512 with 32 x 32 tiles asks for 256 KiB). TPU: (8, 128)-aligned, untuned."""
     if impl == "pallas_tpu":
         return FlashBlockSizes(block_q=128, block_kv=128)
     if head_dim <= 128:
         return FlashBlockSizes(64, 64, num_warps=4, num_stages=2)
     if head_dim <= 256:
-        return FlashBlockSizes(64, 32, num_warps=8, num_stages=2)
+        return FlashBlockSizes(64, 32, num_warps=4, num_stages=2)
     if jnp.dtype(dtype).itemsize > 2:
         return FlashBlockSizes(16, 16, num_warps=4, num_stages=1)
-    return FlashBlockSizes(32, 32, num_warps=8, num_stages=1)
+    return FlashBlockSizes(64, 16, num_warps=8, num_stages=2)
 
 
 def flash_attention_reference(q_BTNH, k_BSKH, v_BSKH, *, window: int = 0, sinks_N=None, segment_ids_BT=None,
