@@ -139,8 +139,8 @@ class LightningIndexer(nnx.Module):
     def __call__(self, x_BTD: jax.Array, qr_BTQ: jax.Array, positions_BT: jax.Array,
                  segment_ids_BT: jax.Array | None = None, *, kernel: str | None = None) -> jax.Array:
         """int32 [B, T, min(top_k, S)] entry indices, -1 for unused slots. `kernel` ("pallas_gpu" or
-        "pallas_tpu", no segment ids) scores through the Pallas indexer in chunks of tokens, never holding
-        [B, T, S] scores; its result has `top_k` slots."""
+        "pallas_tpu") scores through the Pallas indexer in chunks of tokens, never holding [B, T, S]
+        scores; its result has `top_k` slots (segments there are runs of equal ids)."""
         keys_BSH = self.compressor(x_BTD, positions_BT, segment_ids_BT)
         q_BTNH = jnp.einsum("BTQ,QNH->BTNH", qr_BTQ, self.q_proj[...])
         q_BTNH = apply_rope_tail(q_BTNH, positions_BT, self.rope, self.rope_dim)
@@ -150,6 +150,6 @@ class LightningIndexer(nnx.Module):
         if kernel:
             from pallas_kernels import indexer_topk
             return indexer_topk(q_BTNH, keys_BSH.astype(q_BTNH.dtype), weights_BTN, ratio=self.ratio,
-                                topk=self.top_k, impl=kernel)
+                                topk=self.top_k, segment_ids=segment_ids_BT, impl=kernel)
         scores_BTS = indexer_scores(q_BTNH, keys_BSH, weights_BTN, ratio=self.ratio, segment_ids_BT=segment_ids_BT)
         return top_k_entries(scores_BTS, self.top_k)

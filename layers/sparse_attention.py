@@ -140,15 +140,15 @@ class CompressedAttention(nnx.Module):
         latent_BTGO = jnp.einsum("BTGMH,GMHO->BTGO", out_BTGMH, self.o_a_proj[...])
         return jnp.einsum("BTGO,GOD->BTD", latent_BTGO, self.o_b_proj[...])
 
-    def _kernel_lowering(self, segment_ids_BT) -> str | None:
+    def _kernel_lowering(self) -> str | None:
         """The Pallas lowering to run the attention with, or None for the pure-JAX references.
 
-        `pallas` always uses the kernels (interpret mode on CPU), `auto` on GPU and TPU. Inputs with segment
-        ids stay on the references: there a compressed entry belongs to the segment of its last token,
-        a rule the kernels do not apply to compressed entries.
+        `pallas` always uses the kernels (interpret mode on CPU), `auto` on GPU and TPU. With segment ids the
+        kernels take a segment to be a run of equal ids (packed sequences), where the references compare
+        ids; the two agree whenever no id repeats after a different one.
         """
         backend = jax.default_backend()
-        if segment_ids_BT is not None or self.impl == "xla" or (self.impl == "auto" and backend == "cpu"):
+        if self.impl == "xla" or (self.impl == "auto" and backend == "cpu"):
             return None
         return "pallas_tpu" if backend == "tpu" else "pallas_gpu"
 
@@ -156,21 +156,21 @@ class CompressedAttention(nnx.Module):
         from pallas_kernels import csa_attention as csa_kernel, flash_attention, hca_attention as hca_kernel
         sinks_N, scale = self.sinks[...], self.head_dim ** -0.5
         common = dict(window=self.window, scale=scale, segment_ids_BT=segment_ids_BT)
-        lowering = self._kernel_lowering(segment_ids_BT)
+        lowering = self._kernel_lowering()
         if self.compressor is None or x_BTD.shape[1] < self.ratio:   # no complete window yet
             if lowering:
                 kv_BT1H = kv_BTH[:, :, None]
                 return flash_attention(q_BTNH, kv_BT1H, kv_BT1H, window=self.window, sinks_N=sinks_N, scale=scale,
-                                       impl=lowering)
+                                       segment_ids_BT=segment_ids_BT, impl=lowering)
             return sliding_attention(q_BTNH, kv_BTH, sinks_N, **common)
         entries_BSH = self.compressor(x_BTD, positions_BT, segment_ids_BT)
         if self.indexer is None:
             if lowering:
                 return hca_kernel(q_BTNH, kv_BTH, entries_BSH, sinks_N, window=self.window, ratio=self.ratio,
-                                  scale=scale, impl=lowering)
+                                  scale=scale, segment_ids=segment_ids_BT, impl=lowering)
             return hca_attention(q_BTNH, kv_BTH, entries_BSH, sinks_N, ratio=self.ratio, **common)
         indices_BTK = self.indexer(x_BTD, qr_BTQ, positions_BT, segment_ids_BT, kernel=lowering)
         if lowering:
             return csa_kernel(q_BTNH, kv_BTH, entries_BSH, indices_BTK, sinks_N, window=self.window, scale=scale,
-                              impl=lowering)
+                              segment_ids=segment_ids_BT, impl=lowering)
         return csa_attention(q_BTNH, kv_BTH, entries_BSH, indices_BTK, sinks_N, **common)

@@ -2,7 +2,8 @@
 
 Shared by CSA and HCA; only the source of the compressed keys differs:
   CSA ("sparse"): each token's own top-k rows of kv_comp, gathered through int32 indices (-1 = unused);
-  HCA (dense):    the visible prefix kv_comp[:n_comp[t]], walked block by block (invisible blocks skipped).
+  HCA (dense):    the visible entries kv_comp[window_start[t] // ratio : n_comp[t]] (those whose last token
+                  lies in t's segment), walked block by block (invisible blocks skipped).
 The window is the raw keys s in [max(window_start[t], t - W + 1), t]; K = V everywhere (one kv head).
 
 Kernels (heads are the rows of every matmul tile, so one K=V block serves all heads of a token):
@@ -70,24 +71,31 @@ def _walk_window(kv_ref, t, first, *, w_pad: int, bk: int, body, carry):
     return lax.fori_loop(n_blocks - _cdiv(t + 1 - first, bk), n_blocks, step, carry)
 
 
-def _walk_compressed(comp_ref, idx_ref, count, *, bk: int, body, carry):
+def _walk_compressed(comp_ref, idx_ref, first, count, *, bk: int, body, carry):
     """Runs body(carry, keys [bk, Dp], visible [bk], rows [bk] | None) over the compressed blocks:
     CSA (idx_ref given): the token's top-k slots [0, count) gathered by index, -1 slots invisible;
-    HCA: entries [0, count) read in order. Blocks past `count` are skipped."""
+    HCA: entries [first, count) read in order. Blocks outside them are skipped."""
 
     def step(j, carry):
         if idx_ref is None:
             keys_kd = comp_ref[pl.ds(j * bk, bk), :]
-            visible_k = j * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0) < count
-            return body(carry, keys_kd, visible_k, None)
+            s_k = j * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
+            return body(carry, keys_kd, (s_k >= first) & (s_k < count), None)
         rows_k = idx_ref[pl.ds(j * bk, bk)]
         keys_kd = comp_ref[jnp.maximum(rows_k, 0), :]
         return body(carry, keys_kd, rows_k >= 0, rows_k)
 
-    return lax.fori_loop(0, _cdiv(count, bk), step, carry)
+    return lax.fori_loop(lax.div(first, bk), _cdiv(count, bk), step, carry)
 
 
-def _forward_kernel(*refs, sparse: bool, w_pad: int, window: int, scale: float, bk: int):
+def _first_entry(lo, ratio: int | None):
+    """The first compressed entry HCA's token may see: entry s belongs to the segment of its last token
+    (s + 1) * ratio - 1, which lies in the token's segment [lo, t] iff s >= lo // ratio. CSA: 0 (the
+    indexer already chose within the segment)."""
+    return 0 if ratio is None else lax.div(lo, ratio)
+
+
+def _forward_kernel(*refs, sparse: bool, w_pad: int, window: int, ratio: int | None, scale: float, bk: int):
     if sparse:
         lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, sinks_ref, o_ref, lse_ref = refs
     else:
@@ -109,13 +117,13 @@ def _forward_kernel(*refs, sparse: bool, w_pad: int, window: int, scale: float, 
     carry = (jnp.zeros(q_hd.shape, _F32), sinks_ref[...], jnp.ones(q_hd.shape[:1], _F32))
     first = jnp.maximum(lo_ref[t], t - window + 1)
     carry = _walk_window(kv_ref, t, first, w_pad=w_pad, bk=bk, body=online_softmax, carry=carry)
-    acc_hd, m_h, l_h = _walk_compressed(comp_ref, idx_ref, count_ref[t], bk=bk, body=online_softmax,
-                                        carry=carry)
+    acc_hd, m_h, l_h = _walk_compressed(comp_ref, idx_ref, _first_entry(lo_ref[t], ratio), count_ref[t], bk=bk,
+                                        body=online_softmax, carry=carry)
     o_ref[...] = (acc_hd / l_h[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m_h + jnp.log(l_h)
 
 
-def _dq_kernel(*refs, sparse: bool, w_pad: int, window: int, scale: float, bk: int,
+def _dq_kernel(*refs, sparse: bool, w_pad: int, window: int, ratio: int | None, scale: float, bk: int,
                merge_duplicates: bool):
     if sparse:
         (lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, do_ref, lse_ref, delta_ref, _,
@@ -140,7 +148,8 @@ def _dq_kernel(*refs, sparse: bool, w_pad: int, window: int, scale: float, bk: i
     dq_hd = jnp.zeros(q_hd.shape, _F32)
     first = jnp.maximum(lo_ref[t], t - window + 1)
     dq_hd = _walk_window(kv_ref, t, first, w_pad=w_pad, bk=bk, body=accumulate_dq, carry=dq_hd)
-    dq_hd = _walk_compressed(comp_ref, idx_ref, count_ref[t], bk=bk, body=accumulate_dq, carry=dq_hd)
+    dq_hd = _walk_compressed(comp_ref, idx_ref, _first_entry(lo_ref[t], ratio), count_ref[t], bk=bk,
+                             body=accumulate_dq, carry=dq_hd)
     dq_ref[...] = (dq_hd * scale).astype(dq_ref.dtype)
 
 
@@ -164,13 +173,13 @@ def _scatter_add_rows(dcomp_ref, rows_k, visible_k, g_kd, merge_duplicates: bool
                      jnp.where(visible_k[:, None], g_kd, 0.0))
 
 
-def _dkv_kernel(keys_ref, q_ref, do_ref, lse_ref, delta_ref, tok_ref, bound_ref, dk_ref, *,
+def _dkv_kernel(keys_ref, q_ref, do_ref, lse_ref, delta_ref, tok_ref, lo_ref, count_ref, dk_ref, *,
                 window: int | None, ratio: int | None, scale: float, key_offset: int, bk: int, br: int,
                 n_tokens: int, heads: int, split_blocks: int):
     """dK=dV of one block of keys, walking the (token, head) rows that see it (row blocks of split
     pl.program_id(1), `split_blocks` of them per split). Window keys (window set): visible iff
-    bound[t] <= s <= t and s > t - W (bound = window start); compressed entries (ratio set): visible iff
-    s < bound[t] (bound = number of visible entries)."""
+    lo[t] <= s <= t and s > t - W (lo = window start); compressed entries (ratio set): visible iff
+    lo[t] // ratio <= s < count[t] (count = number of complete entries)."""
     s0 = pl.program_id(0) * bk
     keys_kd = keys_ref[pl.ds(key_offset + s0, bk), :]
     s_k = s0 + lax.broadcasted_iota(jnp.int32, (bk,), 0)
@@ -185,11 +194,11 @@ def _dkv_kernel(keys_ref, q_ref, do_ref, lse_ref, delta_ref, tok_ref, bound_ref,
     def accumulate(rb, dk_kd):
         rows = pl.ds(rb * br, br)
         q_rd, do_rd = q_ref[rows, :], do_ref[rows, :]
-        t_r, bound_r = tok_ref[rows][:, None], bound_ref[rows][:, None]
+        t_r, lo_r = tok_ref[rows][:, None], lo_ref[rows][:, None]
         if window is not None:
-            visible_rk = (s_k[None, :] >= bound_r) & (s_k[None, :] <= t_r) & (s_k[None, :] > t_r - window)
+            visible_rk = (s_k[None, :] >= lo_r) & (s_k[None, :] <= t_r) & (s_k[None, :] > t_r - window)
         else:
-            visible_rk = s_k[None, :] < bound_r
+            visible_rk = (s_k[None, :] >= _first_entry(lo_r, ratio)) & (s_k[None, :] < count_ref[rows][:, None])
         s_rk = jnp.where(visible_rk, _dot_nt(q_rd, keys_kd) * scale, -jnp.inf)
         p_rk = jnp.exp(s_rk - lse_ref[rows][:, None])
         ds_rk = p_rk * (_dot_nt(do_rd, keys_kd) - delta_ref[rows][:, None])
@@ -242,17 +251,17 @@ def _token_specs(p: _Padded, sparse: bool, block_h: int):
     return specs, head_rows, head_vec
 
 
-def forward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, *, window: int, scale: float,
-            blocks: BlockSizes, interpret: bool) -> tuple[jax.Array, jax.Array]:
-    """O [B, T, H, D] and the log-sum-exp [B, T, H] (float32, sink included)."""
+def forward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, *, window: int, ratio: int | None,
+            scale: float, blocks: BlockSizes, interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """O [B, T, H, D] and the log-sum-exp [B, T, H] (float32, sink included). ratio: HCA's (None for CSA)."""
     B, T, H, D = q_BTHD.shape
     sparse = idx_BTK is not None
     p = _pad_inputs(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, window=window, blocks=blocks)
     Hp, Dp = p.q.shape[2:]
     specs, head_rows, head_vec = _token_specs(p, sparse, p.block_h)
     specs.append(pl.BlockSpec((p.block_h,), lambda t, h, b: (h,)))
-    kernel = functools.partial(_forward_kernel, sparse=sparse, w_pad=p.w_pad, window=window, scale=scale,
-                               bk=blocks.block_k)
+    kernel = functools.partial(_forward_kernel, sparse=sparse, w_pad=p.w_pad, window=window,
+                               ratio=None if sparse else ratio, scale=scale, bk=blocks.block_k)
     o, lse = pl.pallas_call(
         kernel, grid=(T, Hp // p.block_h, B), in_specs=specs, out_specs=[head_rows, head_vec],
         out_shape=[jax.ShapeDtypeStruct(p.q.shape, q_BTHD.dtype), jax.ShapeDtypeStruct((B, T, Hp), _F32)],
@@ -286,8 +295,9 @@ def backward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, do_BTH
         out_specs.append(dcomp_spec)
         out_shape.append(jax.ShapeDtypeStruct((B, p.comp.shape[1] + 1, Dp), _F32))
         operands.append(jnp.zeros(out_shape[-1].shape, _F32))
-    kernel = functools.partial(_dq_kernel, sparse=sparse, w_pad=p.w_pad, window=window, scale=scale,
-                               bk=blocks.block_k_dq, merge_duplicates=bool(interpret))
+    kernel = functools.partial(_dq_kernel, sparse=sparse, w_pad=p.w_pad, window=window,
+                               ratio=None if sparse else ratio, scale=scale, bk=blocks.block_k_dq,
+                               merge_duplicates=bool(interpret))
     dq, *dcomp = pl.pallas_call(
         kernel, grid=(T, Hp // p.block_h_dq, B), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
         input_output_aliases={len(operands) - 1: 1} if sparse else {}, compiler_params=params,
@@ -303,7 +313,7 @@ def backward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, do_BTH
     tok_R = jnp.where(jnp.arange(R) < T * Hp, tok_R, -1)
     row_operands = [rows(p.q), rows(do), rows(lse), rows(delta), tok_R]
 
-    def key_major(keys, key_offset, n_keys, bound_R, **rule):
+    def key_major(keys, key_offset, n_keys, **rule):
         n_kb = round_up(n_keys, bkv) // bkv
         # A window key is seen by ~(bkv + W) tokens; a compressed entry by up to all of them, so those
         # rows are split over programs (partial sums added below) to keep the GPU busy.
@@ -316,19 +326,19 @@ def backward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, do_BTH
         partial_dk = pl.pallas_call(
             kernel, grid=(n_kb, n_splits, B),
             in_specs=[pl.BlockSpec((None, keys.shape[1], Dp), lambda kb, sp, b: (b, 0, 0)),
-                      row_spec, row_spec, vec_spec, vec_spec, vec_spec, vec_spec],
+                      row_spec, row_spec, vec_spec, vec_spec, vec_spec, vec_spec, vec_spec],
             out_specs=pl.BlockSpec((None, None, bkv, Dp), lambda kb, sp, b: (b, sp, kb, 0)),
             out_shape=jax.ShapeDtypeStruct((B, n_splits, n_kb * bkv, Dp), _F32),
             compiler_params=params, interpret=interpret,
             name="window_dkv" if rule["window"] else "hca_dkv",
-        )(keys, *row_operands, bound_R)
+        )(keys, *row_operands, per_row(lo_BT), per_row(count_BT))
         return jnp.sum(partial_dk, axis=1)[:, :n_keys, :D]
 
-    dkv = key_major(p.kv, p.w_pad, T, per_row(lo_BT), window=window, ratio=None)
+    dkv = key_major(p.kv, p.w_pad, T, window=window, ratio=None)
     if sparse:
         dcomp = dcomp[0][:, :S, :D]
     elif S == 0:
         dcomp = jnp.zeros((B, 0, D), _F32)
     else:
-        dcomp = key_major(p.comp, 0, S, per_row(count_BT), window=None, ratio=ratio)
+        dcomp = key_major(p.comp, 0, S, window=None, ratio=ratio)
     return dq[:, :, :H, :D], dkv, dcomp

@@ -98,17 +98,20 @@ class _CompressedChunks:
 
 
 def _walk(kv_hbm, comp_hbm, idx_smem, idx_vmem, win_buf, comp_buf, sems, *, b, t, lo, count,
-          window: int, w_pad: int, bk: int, body, carry):
+          ratio: int | None, window: int, w_pad: int, bk: int, body, carry):
     """Runs body(carry, keys [n, D], visible [1, n], chunk) over the window and then over the compressed
-    chunks (chunk = (j, slot) for those, None for the window), overlapping DMAs with compute."""
+    chunks (chunk = (j, slot) for those, None for the window), overlapping DMAs with compute. HCA (ratio
+    given) sees entries [lo // ratio, count): an entry belongs to the segment of its last token."""
     window_copy = pltpu.make_async_copy(kv_hbm.at[b, pl.ds(t + 1, w_pad)], win_buf, sems.at[2])
     window_copy.start()
     chunks = _CompressedChunks(comp_hbm, comp_buf, sems, b, idx_smem, bk)
     n_chunks = _cdiv(count, bk)
+    first = 0 if ratio is None else lax.div(lo, ratio)
+    j0 = lax.div(first, bk)
 
-    @pl.when(n_chunks > 0)
+    @pl.when(n_chunks > j0)
     def _():
-        chunks.start(0, 0)
+        chunks.start(j0, lax.rem(j0, 2))
 
     window_copy.wait()
     pos_1w = t + 1 - w_pad + lax.broadcasted_iota(jnp.int32, (1, w_pad), 1)
@@ -123,15 +126,16 @@ def _walk(kv_hbm, comp_hbm, idx_smem, idx_vmem, win_buf, comp_buf, sems, *, b, t
 
         chunks.wait(j, slot)
         if idx_vmem is None:
-            visible_1k = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1) < count
+            s_1k = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+            visible_1k = (s_1k >= first) & (s_1k < count)
         else:
             visible_1k = idx_vmem[pl.ds(j, 1), :] >= 0
         return body(carry, comp_buf[slot], visible_1k, (j, slot))
 
-    return lax.fori_loop(0, n_chunks, chunk, carry)
+    return lax.fori_loop(j0, n_chunks, chunk, carry)
 
 
-def _forward_kernel(*refs, sparse: bool, window: int, w_pad: int, scale: float, bk: int):
+def _forward_kernel(*refs, sparse: bool, window: int, w_pad: int, ratio: int | None, scale: float, bk: int):
     if sparse:
         (info_ref, idx_smem, idx_vmem, q_ref, sinks_ref, kv_hbm, comp_hbm, o_ref, lse_ref,
          win_buf, comp_buf, sems) = refs
@@ -154,13 +158,13 @@ def _forward_kernel(*refs, sparse: bool, window: int, w_pad: int, scale: float, 
     carry = (jnp.zeros(q_hd.shape, _F32), sinks_ref[...], jnp.ones((q_hd.shape[0], 1), _F32))
     acc_hd, m_h1, l_h1 = _walk(
         kv_hbm, comp_hbm, idx_smem, idx_vmem, win_buf, comp_buf, sems, b=pl.program_id(0),
-        t=pl.program_id(1), lo=info_ref[0, 0], count=info_ref[0, 1], window=window, w_pad=w_pad, bk=bk,
-        body=online_softmax, carry=carry)
+        t=pl.program_id(1), lo=info_ref[0, 0], count=info_ref[0, 1], ratio=ratio, window=window, w_pad=w_pad,
+        bk=bk, body=online_softmax, carry=carry)
     o_ref[...] = (acc_hd / l_h1).astype(o_ref.dtype)
     lse_ref[...] = _col_to_row(m_h1 + jnp.log(l_h1))
 
 
-def _dq_kernel(*refs, sparse: bool, window: int, w_pad: int, scale: float, bk: int):
+def _dq_kernel(*refs, sparse: bool, window: int, w_pad: int, ratio: int | None, scale: float, bk: int):
     if sparse:
         (info_ref, idx_smem, idx_vmem, q_ref, do_ref, lse_ref, delta_ref, kv_hbm, comp_hbm, _,
          dq_ref, dcomp_hbm, win_buf, comp_buf, sems, rmw_buf, rmw_sem) = refs
@@ -185,8 +189,8 @@ def _dq_kernel(*refs, sparse: bool, window: int, w_pad: int, scale: float, bk: i
         return dq_hd + _dot(ds_hn.astype(keys_nd.dtype), keys_nd, precision)
 
     dq_hd = _walk(kv_hbm, comp_hbm, idx_smem, idx_vmem, win_buf, comp_buf, sems, b=b,
-                  t=pl.program_id(1), lo=info_ref[0, 0], count=info_ref[0, 1], window=window, w_pad=w_pad,
-                  bk=bk, body=accumulate_dq, carry=jnp.zeros(q_hd.shape, _F32))
+                  t=pl.program_id(1), lo=info_ref[0, 0], count=info_ref[0, 1], ratio=ratio, window=window,
+                  w_pad=w_pad, bk=bk, body=accumulate_dq, carry=jnp.zeros(q_hd.shape, _F32))
     dq_ref[...] = (dq_hd * scale).astype(dq_ref.dtype)
 
 
@@ -225,7 +229,7 @@ def _row_range(kb, *, window: int | None, ratio: int | None, bk: int, br: int, h
     return div(t_begin * heads, br), div(t_end * heads + br - 1, br)
 
 
-def _dkv_kernel(keys_ref, q_ref, do_ref, lse_ref, delta_ref, tok_ref, bound_ref, dk_ref, acc_ref, *,
+def _dkv_kernel(keys_ref, q_ref, do_ref, lse_ref, delta_ref, tok_ref, lo_ref, count_ref, dk_ref, acc_ref, *,
                 window: int | None, ratio: int | None, scale: float, bk: int, br: int, heads: int,
                 n_tokens: int):
     """dK=dV of key block kb accumulated over grid steps j (row block first(kb) + j); see _attention_gpu."""
@@ -241,11 +245,11 @@ def _dkv_kernel(keys_ref, q_ref, do_ref, lse_ref, delta_ref, tok_ref, bound_ref,
         keys_kd, q_rd, do_rd = keys_ref[...], q_ref[...], do_ref[...]
         precision = _precision(q_rd.dtype)
         s_k1 = kb * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
-        t_1r, bound_1r = tok_ref[...], bound_ref[...]
+        t_1r, lo_1r = tok_ref[...], lo_ref[...]
         if window is not None:
-            visible_kr = (s_k1 >= bound_1r) & (s_k1 <= t_1r) & (s_k1 > t_1r - window)
+            visible_kr = (s_k1 >= lo_1r) & (s_k1 <= t_1r) & (s_k1 > t_1r - window)
         else:
-            visible_kr = s_k1 < bound_1r
+            visible_kr = (s_k1 >= lax.div(lo_1r, ratio)) & (s_k1 < count_ref[...])
         s_kr = jnp.where(visible_kr, _dot_nt(keys_kd, q_rd, precision) * scale, -jnp.inf)
         p_kr = jnp.exp(s_kr - lse_ref[...])
         ds_kr = p_kr * (_dot_nt(keys_kd, do_rd, precision) - delta_ref[...])
@@ -288,9 +292,9 @@ def _scratch(kv, comp, w_pad: int, bk: int):
             pltpu.SemaphoreType.DMA((3,))]
 
 
-def forward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, *, window: int, scale: float,
-            blocks: BlockSizes, interpret) -> tuple[jax.Array, jax.Array]:
-    """O [B, T, H, D] and the log-sum-exp [B, T, H] (float32, sink included)."""
+def forward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, *, window: int, ratio: int | None,
+            scale: float, blocks: BlockSizes, interpret) -> tuple[jax.Array, jax.Array]:
+    """O [B, T, H, D] and the log-sum-exp [B, T, H] (float32, sink included). ratio: HCA's (None for CSA)."""
     B, T, H, D = q_BTHD.shape
     sparse = idx_BTK is not None
     bk = blocks.block_k
@@ -299,7 +303,8 @@ def forward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, *, wind
     head_rows = pl.BlockSpec((None, None, H, D), lambda b, t: (b, t, 0, 0))
     head_vec = pl.BlockSpec((None, None, 1, H), lambda b, t: (b, t, 0, 0))
     hbm = pl.BlockSpec(memory_space=pl.ANY)
-    kernel = functools.partial(_forward_kernel, sparse=sparse, window=window, w_pad=w_pad, scale=scale, bk=bk)
+    kernel = functools.partial(_forward_kernel, sparse=sparse, window=window, w_pad=w_pad,
+                               ratio=None if sparse else ratio, scale=scale, bk=bk)
     o, lse = pl.pallas_call(
         kernel, grid=(B, T),
         in_specs=[*specs, head_rows, pl.BlockSpec((H, 1), lambda b, t: (0, 0)), hbm, hbm],
@@ -340,7 +345,8 @@ def backward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, do_BTH
         out_shape.append(jax.ShapeDtypeStruct(comp.shape, _F32))
         scratch += [pltpu.VMEM((bk, D), _F32), pltpu.SemaphoreType.DMA(())]
     semantics = ("arbitrary", "arbitrary") if sparse else ("parallel", "parallel")
-    kernel = functools.partial(_dq_kernel, sparse=sparse, window=window, w_pad=w_pad, scale=scale, bk=bk)
+    kernel = functools.partial(_dq_kernel, sparse=sparse, window=window, w_pad=w_pad,
+                               ratio=None if sparse else ratio, scale=scale, bk=bk)
     dq, *dcomp = pl.pallas_call(
         kernel, grid=(B, T), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
         scratch_shapes=scratch, input_output_aliases={len(operands) - 1: 1} if sparse else {},
@@ -357,7 +363,7 @@ def backward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, do_BTH
     tok = lanes(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :, None], (B, T, H)), fill=-1)
     row_operands = [rows(q_BTHD), rows(do_BTHD), lanes(lse_BTH), lanes(delta_BTH), tok]
 
-    def key_major(keys, n_keys, bound, key_block_offset, **rule):
+    def key_major(keys, n_keys, key_block_offset, **rule):
         n_kb = round_up(n_keys, bkv) // bkv
         row_range = functools.partial(_row_range, bk=bkv, br=br, heads=H, n_tokens=T, **rule)
         firsts, ends = row_range(np.arange(n_kb), xp=np)
@@ -373,19 +379,19 @@ def backward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, do_BTH
         return pl.pallas_call(
             kernel, grid=(B, n_kb, n_steps),
             in_specs=[pl.BlockSpec((None, bkv, D), lambda b, kb, j: (b, kb + key_block_offset, 0)),
-                      row_spec, row_spec, lane_spec, lane_spec, lane_spec, lane_spec],
+                      row_spec, row_spec, lane_spec, lane_spec, lane_spec, lane_spec, lane_spec],
             out_specs=pl.BlockSpec((None, bkv, D), lambda b, kb, j: (b, kb, 0)),
             out_shape=jax.ShapeDtypeStruct((B, n_kb * bkv, D), _F32),
             scratch_shapes=[pltpu.VMEM((bkv, D), _F32)],
             compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
             interpret=interpret, name="window_dkv" if rule["window"] else "hca_dkv",
-        )(keys, *row_operands, bound)[:, :n_keys]
+        )(keys, *row_operands, per_row(lo_BT), per_row(count_BT))[:, :n_keys]
 
-    dkv = key_major(kv, T, per_row(lo_BT), w_pad // bkv, window=window, ratio=None)
+    dkv = key_major(kv, T, w_pad // bkv, window=window, ratio=None)
     if sparse:
         dcomp = dcomp[0][:, :S]
     elif S == 0:
         dcomp = jnp.zeros((B, 0, D), _F32)
     else:
-        dcomp = key_major(comp, S, per_row(count_BT), 0, window=None, ratio=ratio)
+        dcomp = key_major(comp, S, 0, window=None, ratio=ratio)
     return dq, dkv, dcomp

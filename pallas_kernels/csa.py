@@ -71,8 +71,8 @@ def _csa_kernel(cfg: _Config, q_BTHD, kv_BTD, kv_comp_BSD, indices_BTK, sinks_H,
 
 def _csa_forward(cfg: _Config, q_BTHD, kv_BTD, kv_comp_BSD, indices_BTK, sinks_H, lo_BT, count_BT):
     o_BTHD, lse_BTH = _ENGINES[cfg.lowering.impl].forward(
-        q_BTHD, kv_BTD, kv_comp_BSD, indices_BTK, sinks_H, lo_BT, count_BT, window=cfg.window, scale=cfg.scale,
-        blocks=cfg.blocks, interpret=cfg.lowering.interpret)
+        q_BTHD, kv_BTD, kv_comp_BSD, indices_BTK, sinks_H, lo_BT, count_BT, window=cfg.window, ratio=None,
+        scale=cfg.scale, blocks=cfg.blocks, interpret=cfg.lowering.interpret)
     return o_BTHD, (q_BTHD, kv_BTD, kv_comp_BSD, indices_BTK, sinks_H, lo_BT, count_BT, o_BTHD, lse_BTH)
 
 

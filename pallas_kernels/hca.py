@@ -44,14 +44,17 @@ def hca_attention_reference(q_BTHD: jax.Array, kv_BTD: jax.Array, kv_comp_BSD: j
     B, T, H, D = q_BTHD.shape
     S = kv_comp_BSD.shape[1]
     scale = D ** -0.5 if scale is None else scale
-    keys_BTWD, visible_BTW = window_keys_reference(kv_BTD, window, window_start(segment_ids_BT, B, T))
-    visible_TS = jnp.arange(S)[None, :] < visible_entries(T, S, ratio)[:, None]
+    lo_BT = window_start(segment_ids_BT, B, T)
+    keys_BTWD, visible_BTW = window_keys_reference(kv_BTD, window, lo_BT)
+    s_S = jnp.arange(S)
+    visible_BTS = ((s_S < visible_entries(T, S, ratio)[:, None])[None]
+                   & (s_S >= lo_BT[:, :, None] // ratio))          # entry s's last token is in t's segment
     logits_w = jnp.einsum("BTHD,BTWD->BTHW", q_BTHD, keys_BTWD, precision=_HIGHEST,
                           preferred_element_type=jnp.float32) * scale
     logits_c = jnp.einsum("BTHD,BSD->BTHS", q_BTHD, kv_comp_BSD, precision=_HIGHEST,
                           preferred_element_type=jnp.float32) * scale
     p_BTHW, p_BTHS = sink_softmax([jnp.where(visible_BTW[:, :, None], logits_w, -jnp.inf),
-                                   jnp.where(visible_TS[None, :, None], logits_c, -jnp.inf)], sinks_H)
+                                   jnp.where(visible_BTS[:, :, None], logits_c, -jnp.inf)], sinks_H)
     out_BTHD = (jnp.einsum("BTHW,BTWD->BTHD", p_BTHW.astype(kv_BTD.dtype), keys_BTWD, precision=_HIGHEST,
                            preferred_element_type=jnp.float32)
                 + jnp.einsum("BTHS,BSD->BTHD", p_BTHS.astype(kv_BTD.dtype), kv_comp_BSD, precision=_HIGHEST,
@@ -75,8 +78,8 @@ def _hca_kernel(cfg: _Config, q_BTHD, kv_BTD, kv_comp_BSD, sinks_H, lo_BT, count
 
 def _hca_forward(cfg: _Config, q_BTHD, kv_BTD, kv_comp_BSD, sinks_H, lo_BT, count_BT):
     o_BTHD, lse_BTH = _ENGINES[cfg.lowering.impl].forward(
-        q_BTHD, kv_BTD, kv_comp_BSD, None, sinks_H, lo_BT, count_BT, window=cfg.window, scale=cfg.scale,
-        blocks=cfg.blocks, interpret=cfg.lowering.interpret)
+        q_BTHD, kv_BTD, kv_comp_BSD, None, sinks_H, lo_BT, count_BT, window=cfg.window, ratio=cfg.ratio,
+        scale=cfg.scale, blocks=cfg.blocks, interpret=cfg.lowering.interpret)
     return o_BTHD, (q_BTHD, kv_BTD, kv_comp_BSD, sinks_H, lo_BT, count_BT, o_BTHD, lse_BTH)
 
 
@@ -101,8 +104,7 @@ def hca_attention(q: jax.Array, kv: jax.Array, kv_comp: jax.Array, sinks: jax.Ar
     q [B, T, H, D]; kv [B, T, D] raw tokens (K = V); kv_comp [B, S, D], entry s pooling tokens
     [s * ratio, (s + 1) * ratio); sinks [H]. window: raw keys per query (itself included). scale defaults
     to D**-0.5. segment_ids int [B, T] restrict the window to the token's run of equal ids (0 = padding,
-    never attended); compressed entries stay causal only (with right padding no real token sees an entry
-    that pooled padding). impl: "xla" (reference), "pallas_gpu", "pallas_tpu", or "auto" (by platform); a
+    never attended) and the compressed entries to those whose last pooled token is in that run. impl: "xla" (reference), "pallas_gpu", "pallas_tpu", or "auto" (by platform); a
     Pallas lowering off its platform runs in interpret mode unless `interpret` says otherwise.
     """
     B, T, H, D = check_compressed_attention_inputs(q, kv, kv_comp, sinks, segment_ids, window)

@@ -26,7 +26,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (FLOAT_DTYPES, Lowering, check_array, check_dim, check_positive, next_pow2,
-                                    pad_axis, resolve_lowering, round_up)
+                                    pad_axis, resolve_lowering, round_up, window_start)
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
@@ -461,10 +461,13 @@ def indexer_scores(q: jax.Array, k: jax.Array, weights: jax.Array, *, ratio: int
     return _scores_kernel(_Config(lowering, ratio, blocks), q, k, weights)
 
 
-def indexer_topk(q: jax.Array, k: jax.Array, weights: jax.Array, *, ratio: int, topk: int, impl: str = "auto",
-                 interpret=None, block_sizes: IndexerBlockSizes | None = None) -> jax.Array:
+def indexer_topk(q: jax.Array, k: jax.Array, weights: jax.Array, *, ratio: int, topk: int,
+                 segment_ids: jax.Array | None = None, impl: str = "auto", interpret=None,
+                 block_sizes: IndexerBlockSizes | None = None) -> jax.Array:
     """int32 [B, T, topk]: the highest-scoring visible entries per token, best first; slots beyond the
-    number of visible entries min((t + 1) // ratio, S) hold -1. Arguments as for `indexer_scores`.
+    number of visible entries min((t + 1) // ratio, S) hold -1. Arguments as for `indexer_scores`;
+    segment_ids int [B, T] (0 = padding) keep each token to the entries whose last pooled token lies in
+    its run of equal ids.
 
     Memory stays linear in T * topk, never T * S: the tokens go through in chunks (lax.map), and each
     chunk's [B, chunk, S] scores are reduced to their top-k before the next chunk is scored. The result
@@ -472,9 +475,14 @@ def indexer_topk(q: jax.Array, k: jax.Array, weights: jax.Array, *, ratio: int, 
     """
     _validate(q, k, weights, ratio)
     check_positive("topk", topk)
+    if segment_ids is not None:
+        check_array("segment_ids", segment_ids, 2, (jnp.int32,), "[B, T]")
+        check_dim("segment_ids", segment_ids, 0, q.shape[0], "batch")
+        check_dim("segment_ids", segment_ids, 1, q.shape[1], "tokens")
     lowering = resolve_lowering(impl, interpret)
     q, k, weights = (lax.stop_gradient(x) for x in (q, k, weights))
     B, T, H, D = q.shape
+    first_BT = window_start(segment_ids, B, T) // ratio   # entry s ends at token (s + 1) * ratio - 1
     S = k.shape[1]
     if S == 0:
         return jnp.full((B, T, topk), -1, jnp.int32)
@@ -485,18 +493,18 @@ def indexer_topk(q: jax.Array, k: jax.Array, weights: jax.Array, *, ratio: int, 
                                        1, 0)
 
     def chunk_topk(args):
-        t0, q_BCHD, w_BCH = args
+        t0, q_BCHD, w_BCH, first_BC = args
         if lowering.impl == "xla":
             scores_BCS = indexer_scores_reference(q_BCHD, k, w_BCH, ratio=ratio, token_offset=t0)
         else:
             forward, _ = _LOWERINGS[lowering.impl]
             scores_BCS = forward(q_BCHD, k, w_BCH, t0, ratio=ratio,
                                  blocks=block_sizes or DEFAULT_BLOCKS[lowering.impl], interpret=lowering.interpret)
-        idx_BCK = lax.top_k(scores_BCS, min(topk, S))[1]
-        n_visible_C1 = visible_entries(t0 + jnp.arange(chunk, dtype=jnp.int32), ratio, S)[:, None]
-        return jnp.where(idx_BCK < n_visible_C1, idx_BCK, -1).astype(jnp.int32)
+        scores_BCS = jnp.where(jnp.arange(S) >= first_BC[:, :, None], scores_BCS, -jnp.inf)
+        best_BCK, idx_BCK = lax.top_k(scores_BCS, min(topk, S))
+        return jnp.where(jnp.isneginf(best_BCK), -1, idx_BCK).astype(jnp.int32)
 
     starts = jnp.arange(n_chunks, dtype=jnp.int32) * chunk
-    idx_NBCK = lax.map(chunk_topk, (starts, to_chunks(q), to_chunks(weights)))
+    idx_NBCK = lax.map(chunk_topk, (starts, to_chunks(q), to_chunks(weights), to_chunks(first_BT)))
     idx_BTK = jnp.moveaxis(idx_NBCK, 0, 1).reshape(B, n_chunks * chunk, -1)[:, :T]
     return pad_axis(idx_BTK, 2, topk, value=-1)

@@ -248,7 +248,7 @@ def test_pallas_kernels_match_transformers_and_the_reference_gradients(saved):
     root, ids, expected = saved
     inputs, targets = jnp.asarray(ids[:, :40]), jnp.asarray(ids[:, 1:41])
     models = {impl: zoo.from_hf(str(root / "hf"), dtype="float32", attention_impl=impl) for impl in ("xla", "pallas")}
-    assert models["pallas"].blocks[1].attn._kernel_lowering(None) == "pallas_gpu"
+    assert models["pallas"].blocks[1].attn._kernel_lowering() == "pallas_gpu"
     program = str(jax.make_jaxpr(lambda x: models["pallas"](x))(inputs))
     for kernel in ("indexer_scores", "csa_forward", "hca_forward", "flash_attention_forward"):
         assert f"name={kernel}" in program, f"{kernel} is not in the model's program"

@@ -42,6 +42,25 @@ def test_matches_reference(impl, dtype, assert_close):
         assert_close(g, r, TOL[dtype], name)
 
 
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_a_late_segment_skips_the_entries_before_it(impl, assert_close):
+    """Ratio 2, a second segment from token 37: its tokens see entries 18.. only (entry s belongs to the
+    segment of its last token 2s + 1), so the walk starts past one (GPU) / two (TPU) entry blocks. Checked
+    against the model's own reference (layers.sparse_attention), which states the rule by comparing ids."""
+    from layers.sparse_attention import hca_attention as model_hca
+    q, kv, _, sinks, _ = make_inputs(jnp.float32, T=45, ratio=2)
+    kv_comp = jax.random.normal(jax.random.key(3), (2, 22, q.shape[-1]), jnp.float32)
+    segment_ids = jnp.ones((2, 45), jnp.int32).at[1].set(jnp.array([1] * 37 + [2] * 5 + [0] * 3))
+    probe = jax.random.normal(jax.random.key(7), q.shape)
+    out, grads = _output_and_grads(impl, SMALL_BLOCKS[impl], 6, 2, segment_ids)(q, kv, kv_comp, sinks, probe)
+    ref, ref_grads = output_and_grads(lambda q, kv, kv_comp, sinks: model_hca(
+        q, kv, kv_comp, sinks, window=6, ratio=2, scale=q.shape[-1] ** -0.5, segment_ids_BT=segment_ids))(
+        q, kv, kv_comp, sinks, probe)
+    assert_close(out, ref, 1e-5, "out")
+    for name, g, r in zip(("dq", "dkv", "dkv_comp", "dsinks"), grads, ref_grads):
+        assert_close(g, r, 1e-5, name)
+
+
 def test_no_visible_entries_and_a_long_ratio(assert_close):
     """ratio 16 > T: zero compressed entries, the window alone (with the sink) carries the softmax."""
     q, kv, _, sinks, _ = make_inputs(jnp.float32, B=1, T=13)
