@@ -146,7 +146,6 @@ def splash_attention(q_BTNH, k_BTKH, v_BTKH, *, window: int, scale: float, inter
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
     B, T, N, H = q_BTNH.shape
-    K = k_BTKH.shape[2]
     one = (masks.LocalMask((T, T), window_size=(window - 1, 0), offset=0) if window
            else masks.CausalMask((T, T)))
     b = next(b for b in (512, 256, 128) if T % b == 0)   # must divide T
