@@ -53,9 +53,10 @@ def test_a_late_segment_skips_the_entries_before_it(impl, assert_close):
     segment_ids = jnp.ones((2, 45), jnp.int32).at[1].set(jnp.array([1] * 37 + [2] * 5 + [0] * 3))
     probe = jax.random.normal(jax.random.key(7), q.shape)
     out, grads = _output_and_grads(impl, SMALL_BLOCKS[impl], 6, 2, segment_ids)(q, kv, kv_comp, sinks, probe)
-    ref, ref_grads = output_and_grads(lambda q, kv, kv_comp, sinks: model_hca(
-        q, kv, kv_comp, sinks, window=6, ratio=2, scale=q.shape[-1] ** -0.5, segment_ids_BT=segment_ids))(
-        q, kv, kv_comp, sinks, probe)
+    with jax.default_matmul_precision("highest"):   # float32 as float32 (not TF32) on a GPU too
+        ref, ref_grads = output_and_grads(lambda q, kv, kv_comp, sinks: model_hca(
+            q, kv, kv_comp, sinks, window=6, ratio=2, scale=q.shape[-1] ** -0.5, segment_ids_BT=segment_ids))(
+            q, kv, kv_comp, sinks, probe)
     assert_close(out, ref, 1e-5, "out")
     for name, g, r in zip(("dq", "dkv", "dkv_comp", "dsinks"), grads, ref_grads):
         assert_close(g, r, 1e-5, name)
