@@ -1,9 +1,16 @@
 """Mixture of experts: routers and experts computed as one grouped (ragged) matmul.
 
+`use_routed_experts` swaps what the `Experts` layers compute (zoo.sharding's expert-parallel version),
+keeping mesh logic out of the layers.
+
 Shapes: M tokens (batch and time flattened), E experts, K experts chosen per token, D model width,
 F expert hidden width.
 """
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -209,13 +216,53 @@ def _blocked_grouped_matmul(x_PD: jax.Array, w_EDF: jax.Array, group_sizes_E: ja
     return jnp.take(y_NRF.reshape(S, -1), slot_P, axis=0, mode="fill", fill_value=0)
 
 
+def routed_experts(x_MD: jax.Array, experts_MK: jax.Array, weights_MK: jax.Array, gate_EDF: jax.Array,
+                   up_EDF: jax.Array, down_EFD: jax.Array, *, act: Callable[[jax.Array], jax.Array],
+                   limit: float = 0.0) -> jax.Array:
+    """y[m] = sum_k weights[m, k] * expert_{experts[m, k]}(x[m]), expert e computing
+    down_e(act(gate_e x) * up_e x) with the `clamp_gate_up` clamp. The M*K (token, expert) pairs are sorted
+    by expert and run as grouped matmuls (`grouped_matmul`). A pair whose expert id lies outside [0, E)
+    adds nothing: an expert-parallel shard passes every token's ids minus its first expert and so computes
+    only the pairs of its own E experts. Returns [M, D] in the grouped matmul's dtype."""
+    M, K = experts_MK.shape
+    E = gate_EDF.shape[0]
+    expert_P = experts_MK.reshape(-1)                              # P = M * K (token, expert) pairs
+    group_P = jnp.where((expert_P >= 0) & (expert_P < E), expert_P, E)   # E: not ours, sorted last
+    order_P = jnp.argsort(group_P, stable=True)
+    token_P = order_P // K
+    group_sizes_E = jnp.bincount(group_P, length=E + 1)[:E].astype(jnp.int32)
+    x_PD = jnp.take(x_MD, token_P, axis=0)
+    gate_PF = grouped_matmul(x_PD, gate_EDF, group_sizes_E, impl="auto")
+    up_PF = grouped_matmul(x_PD, up_EDF, group_sizes_E, impl="auto")
+    gate_PF, up_PF = clamp_gate_up(gate_PF, up_PF, limit)
+    y_PD = grouped_matmul(act(gate_PF) * up_PF, down_EFD, group_sizes_E, impl="auto")
+    y_PD = y_PD * weights_MK.reshape(-1)[order_P][:, None].astype(y_PD.dtype)
+    return jnp.zeros((M, x_MD.shape[-1]), y_PD.dtype).at[token_P].add(y_PD)
+
+
+_ROUTED_EXPERTS = contextvars.ContextVar("routed_experts", default=routed_experts)
+
+
+@contextlib.contextmanager
+def use_routed_experts(fn: Callable[..., jax.Array]) -> Iterator[None]:
+    """While active, every `Experts` layer called (traced) computes its routed experts with `fn`, a drop-in
+    for `routed_experts` (same arguments, same result). This is the seam through which
+    `zoo.sharding.expert_parallel` swaps in its expert-parallel version, so the layers stay free of mesh
+    logic. A jitted function keeps what it traced: enter this around its first call."""
+    token = _ROUTED_EXPERTS.set(fn)
+    try:
+        yield
+    finally:
+        _ROUTED_EXPERTS.reset(token)
+
+
 class Experts(nnx.Module):
-    """E gated MLPs. The M*K (token, expert) pairs are sorted by expert and run as grouped matmuls
-    (`grouped_matmul`). `limit` > 0 clamps each expert's gate and up pre-activations (`clamp_gate_up`)."""
+    """E gated MLPs, computed by `routed_experts` (or what `use_routed_experts` swaps in). `limit` > 0
+    clamps each expert's gate and up pre-activations (`clamp_gate_up`)."""
 
     def __init__(self, num_experts: int, d_model: int, hidden_dim: int, *, activation: str = "gelu_tanh",
                  limit: float = 0.0, rngs: nnx.Rngs):
-        self.num_experts, self.limit = num_experts, limit
+        self.limit = limit
         self.act = activations.get(activation)
         E, D, F = num_experts, d_model, hidden_dim
         self.gate_proj = params.normal(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), std=D ** -0.5)
@@ -223,15 +270,6 @@ class Experts(nnx.Module):
         self.down_proj = params.normal(rngs, (E, F, D), ("experts", "expert_mlp", "embed"), std=F ** -0.5)
 
     def __call__(self, x_MD: jax.Array, experts_MK: jax.Array, weights_MK: jax.Array) -> jax.Array:
-        M, K = experts_MK.shape
-        flat_expert_P = experts_MK.reshape(-1)                      # P = M * K (token, expert) pairs
-        order_P = jnp.argsort(flat_expert_P, stable=True)
-        token_P = order_P // K
-        group_sizes_E = jnp.bincount(flat_expert_P, length=self.num_experts).astype(jnp.int32)
-        x_PD = jnp.take(x_MD, token_P, axis=0)
-        gate_PF = grouped_matmul(x_PD, self.gate_proj[...], group_sizes_E, impl="auto")
-        up_PF = grouped_matmul(x_PD, self.up_proj[...], group_sizes_E, impl="auto")
-        gate_PF, up_PF = clamp_gate_up(gate_PF, up_PF, self.limit)
-        y_PD = grouped_matmul(self.act(gate_PF) * up_PF, self.down_proj[...], group_sizes_E, impl="auto")
-        y_PD = y_PD * weights_MK.reshape(-1)[order_P][:, None].astype(y_PD.dtype)
-        return jnp.zeros((M, x_MD.shape[-1]), y_PD.dtype).at[token_P].add(y_PD)
+        """x [M, D], expert ids [M, K] in [0, E), routing weights [M, K] -> [M, D]."""
+        return _ROUTED_EXPERTS.get()(x_MD, experts_MK, weights_MK, self.gate_proj[...], self.up_proj[...],
+                                     self.down_proj[...], act=self.act, limit=self.limit)

@@ -1,7 +1,9 @@
 """Multi-device runs for tests/test_sharding.py, executed in a subprocess whose XLA_FLAGS give 8
 simulated CPU devices (the flag must be set before jax starts, so it cannot run inside pytest's process).
 
-    python tests/sharding_runs.py losses FAMILY [MESH...]  -> JSON: per mesh, losses and PartitionSpecs
+    python tests/sharding_runs.py losses FAMILY [MESH[:REMAT]...]  -> JSON: per mesh, losses, PartitionSpecs
+                                                     and the expert counts the grouped matmuls see
+    python tests/sharding_runs.py expert_parallel -> JSON: expert-parallel vs plain routed experts
     python tests/sharding_runs.py resume WORKDIR      -> JSON: uninterrupted vs resharded-resume losses
     python tests/sharding_runs.py evaluate WORKDIR    -> JSON: eval.py's validation loss and embedding
                                                          table layout per mesh, and on one device
@@ -10,6 +12,7 @@ simulated CPU devices (the flag must be set before jax starts, so it cannot run 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -19,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tests import conftest  # noqa: E402
@@ -31,13 +35,19 @@ MESHES = {
     "fsdp8": dict(data=1, fsdp=8, tensor=1, expert=1),
     "fsdp2_tensor4": dict(data=1, fsdp=2, tensor=4, expert=1),
     "expert2_fsdp4": dict(data=1, fsdp=4, tensor=1, expert=2),
+    "expert4_data2": dict(data=2, fsdp=1, tensor=1, expert=4),
+    "fsdp2_expert2_tensor2": dict(data=1, fsdp=2, tensor=2, expert=2),
 }
 
 
 def micro_config(family: str):
-    """Each family's `tiny` preset shrunk to micro size (gemma4: the tests' micro config)."""
-    if family == "gemma4":
+    """Each family's `tiny` preset shrunk to micro size (gemma4: the tests' micro config; gemma4_moe: that
+    with the MoE block of the 26B-A4B preset on its last layer)."""
+    if family in ("gemma4", "gemma4_moe"):
         config = conftest.get_config()
+        if family == "gemma4_moe":
+            L = config.model.num_layers
+            config.model.update(num_experts=4, top_k=2, expert_dim=16, moe_layers=(False,) * (L - 1) + (True,))
     elif family == "laguna":
         from configs.laguna import BYTE_IDS, get_config
         from zoo.laguna import model_config
@@ -86,15 +96,32 @@ def _opt_leaf(opt_state, param_key, slot="mu"):
     raise KeyError(f"{slot} of {param_key}")
 
 
+def _expert_groups(jaxpr) -> list[int]:
+    """The group counts (experts) that the grouped matmuls (ragged_dot) of `jaxpr` and its sub-jaxprs
+    see: E on the plain path, E / n inside an expert-parallel shard_map over n `expert` shards."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "ragged_dot_general":
+            found.add(eqn.invars[2].aval.shape[0])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)   # a ClosedJaxpr's Jaxpr
+                if hasattr(sub, "eqns"):
+                    found.update(_expert_groups(sub))
+    return sorted(found)
+
+
 def run(config, mesh):
     graphdef, params, opt_state, tx, _, _, s = trainer._initial_state(config, None, mesh)
     step = trainer.make_train_step(graphdef, tx, "float32", s)
     rng = np.random.default_rng(0)
+    batches = [rng.integers(3, config.model.vocab_size, (BATCH, SEQ + 1), dtype=np.int32) for _ in range(STEPS)]
     losses = []
-    for _ in range(STEPS):
-        tokens = rng.integers(3, config.model.vocab_size, (BATCH, SEQ + 1), dtype=np.int32)
-        params, opt_state, out = step(params, opt_state, sharding.shard_batch(tokens[:, :-1], s.batch),
-                                      sharding.shard_batch(tokens[:, 1:], s.batch))
+    for tokens in batches:   # make_train_step's loss runs the MoE layers expert-parallel on an `expert` mesh
+        inputs = (sharding.shard_batch(tokens[:, :-1], s.batch), sharding.shard_batch(tokens[:, 1:], s.batch))
+        if not losses:
+            expert_groups = _expert_groups(step.trace(params, opt_state, *inputs).jaxpr.jaxpr)
+        params, opt_state, out = step(params, opt_state, *inputs)
         losses.append(float(out["loss"]))
     specs = {}
     for label, names in (("q_proj", ("q_proj",)), ("expert_gate", ("experts", "gate_proj"))):
@@ -104,18 +131,67 @@ def run(config, mesh):
         specs[label] = {"path": key, "shape": list(leaf.shape), "param": str(tuple(leaf.sharding.spec)),
                         "mu": str(tuple(_opt_leaf(opt_state, key).sharding.spec)),
                         "nu": str(tuple(_opt_leaf(opt_state, key, "nu").sharding.spec))}
-    return {"losses": losses, "specs": specs}
+    return {"losses": losses, "specs": specs, "expert_groups": expert_groups}
 
 
 def losses(family: str, meshes) -> dict:
+    """One device's run, then one per mesh; a mesh named "MESH:POLICY" runs with model.remat = POLICY."""
     config = micro_config(family)
     out = {"single": run(config, jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1),
                                                    ("data", "fsdp", "tensor", "expert")))}
     for name in meshes:
-        config.mesh.update(MESHES[name])
+        mesh, _, remat = name.partition(":")
+        config.mesh.update(MESHES[mesh])
+        config.model.remat = remat or "none"
         t0 = time.perf_counter()
         out[name] = run(config, None)
         out[name]["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def expert_parallel() -> dict:
+    """`sharding.expert_parallel_experts` against `layers.moe.routed_experts` on random inputs (8 experts,
+    top 2, SwiGLU clamp): per mesh and token count, the largest differences of the output and of the
+    gradients of a random projection of it (tokens, routing weights, the three expert weights), the inputs
+    laid out by the fsdp_tensor_expert rules; 6 tokens do not split over `expert` (the psum path). Also the
+    error for 6 experts on an `expert` axis of 4."""
+    from layers import activations, moe
+
+    E, K, D, F = 8, 2, 8, 6
+    rules = sharding.resolve_rules("fsdp_tensor_expert")
+    act = activations.get("silu")
+
+    def loss(routed, x_MD, weights_MK, gate_EDF, up_EDF, down_EFD, experts_MK, probe_MD):
+        y_MD = routed(x_MD, experts_MK, weights_MK, gate_EDF, up_EDF, down_EFD, act=act, limit=0.7)
+        return jnp.einsum("MD,MD->", y_MD, probe_MD), y_MD
+
+    out = {}
+    for mesh_name, M in (("expert4_data2", 16), ("fsdp2_expert2_tensor2", 16), ("expert4_data2", 6)):
+        mesh = sharding.make_mesh(MESHES[mesh_name])
+        k = jax.random.split(jax.random.key(M), 7)
+        args = {("batch", None): [jax.random.normal(k[0], (M, D)), jax.random.uniform(k[1], (M, K))],
+                ("experts", "embed", "expert_mlp"): [jax.random.normal(k[2], (E, D, F)),
+                                                     jax.random.normal(k[3], (E, D, F))],
+                ("experts", "expert_mlp", "embed"): [jax.random.normal(k[4], (E, F, D))]}
+        args = [jax.device_put(a, jax.sharding.NamedSharding(mesh, sharding.spec(axes, a.shape, rules, mesh)))
+                for axes, arrays in args.items() for a in arrays]
+        fixed = (jax.random.randint(k[5], (M, K), 0, E), jax.random.normal(k[6], (M, D)))
+        ep = functools.partial(sharding.expert_parallel_experts, mesh=mesh, rules=rules)
+        results = [jax.jit(jax.value_and_grad(functools.partial(loss, routed), argnums=range(5), has_aux=True))(
+            *args, *fixed) for routed in (moe.routed_experts, ep)]
+        (_, want_y), want_grads = results[0]
+        (_, got_y), got_grads = results[1]
+        out[f"{mesh_name}_M{M}"] = {
+            "y": float(jnp.abs(got_y - want_y).max() / jnp.abs(want_y).max()),
+            "grads": [float(jnp.abs(g - w).max() / jnp.abs(w).max()) for g, w in zip(got_grads, want_grads)]}
+    try:
+        sharding.expert_parallel_experts(
+            jnp.ones((16, D)), jnp.zeros((16, K), jnp.int32), jnp.ones((16, K)), jnp.ones((6, D, F)),
+            jnp.ones((6, D, F)), jnp.ones((6, F, D)), act=act, limit=0.0,
+            mesh=sharding.make_mesh(MESHES["expert4_data2"]), rules=rules)
+        out["error"] = None
+    except ValueError as e:
+        out["error"] = str(e)
     return out
 
 
@@ -222,9 +298,10 @@ def convert(workdir: str) -> dict:
 
 if __name__ == "__main__":
     assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
-    mode, arg, *meshes = sys.argv[1:]
+    mode, *args = sys.argv[1:]
     if mode == "losses":
-        result = losses(arg, meshes or list(MESHES))
+        result = losses(args[0], args[1:] or list(MESHES))
     else:
-        result = {"resume": resume, "evaluate": evaluate, "convert": convert}[mode](arg)
+        result = {"expert_parallel": expert_parallel, "resume": resume, "evaluate": evaluate,
+                  "convert": convert}[mode](*args)
     print("RESULT " + json.dumps(result))

@@ -1,6 +1,8 @@
 """Unit tests of shared layers against transformers' code and against arithmetic."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ from transformers.models.gemma4.modeling_gemma4 import apply_rotary_pos_emb
 
 from configs.gemma4 import get_config
 from layers.attention import attention_mask, reference_attention
-from layers.moe import Experts, grouped_matmul
+from layers.moe import Experts, grouped_matmul, routed_experts, use_routed_experts
 from layers.rope import RopeSpec, apply_rope
 from zoo.gemma4 import kv_share_sources
 
@@ -105,6 +107,36 @@ def test_experts_grouped_matmul_matches_per_token_loop():
     for m in range(7):
         want = sum(w[m, j] * ((jax.nn.silu(x[m] @ g[e]) * (x[m] @ u[e])) @ d[e]) for j, e in enumerate(ids[m]))
         np.testing.assert_allclose(out[m], want, atol=1e-5)
+
+
+def test_routed_experts_seam_and_shards():
+    """`routed_experts` on two halves of the experts (ids shifted by each half's first expert, as an
+    expert-parallel shard computes them) adds up to all experts at once, forward and gradients; and
+    `use_routed_experts` swaps what `Experts` computes only while it is active."""
+    from flax import nnx
+    E, D, F, M, K = 4, 6, 5, 7, 2
+    experts = Experts(E, D, F, activation="silu", limit=0.5, rngs=nnx.Rngs(0))
+    k = jax.random.split(jax.random.key(3), 4)
+    x, w, probe = (jax.random.normal(k[0], (M, D)), jax.random.uniform(k[1], (M, K)),
+                   jax.random.normal(k[2], (M, D)))
+    ids = jax.random.randint(k[3], (M, K), 0, E)
+    weights = tuple(p[...] for p in (experts.gate_proj, experts.up_proj, experts.down_proj))
+
+    def loss(x, w, *weights, shards):
+        """The probed output summed over `shards` shards, each computing its own E / shards experts."""
+        n = E // shards
+        return sum(jnp.einsum("MD,MD->", routed_experts(x, ids - first, w, *(a[first:first + n] for a in weights),
+                                                         act=experts.act, limit=0.5), probe)
+                   for first in range(0, E, n))
+
+    for got, want in zip(jax.value_and_grad(functools.partial(loss, shards=2), argnums=range(5))(x, w, *weights),
+                         jax.value_and_grad(functools.partial(loss, shards=1), argnums=range(5))(x, w, *weights)):
+        for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    plain = experts(x, ids, w)
+    with use_routed_experts(lambda *args, **kwargs: 2 * routed_experts(*args, **kwargs)):
+        np.testing.assert_allclose(experts(x, ids, w), 2 * plain, rtol=1e-6)
+    np.testing.assert_array_equal(experts(x, ids, w), plain)
 
 
 @pytest.mark.parametrize("P, D, F, sizes", [

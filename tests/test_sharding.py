@@ -1,6 +1,7 @@
 """Sharded training on 8 simulated CPU devices reproduces one device, for every family and several
-meshes; parameters and optimizer state carry the intended PartitionSpecs; checkpoints restore across
-mesh shapes, also for sharded evaluation; Hugging Face conversion loads and writes sharded models. The multi-device work runs in subprocesses
+meshes; MoE layers run expert-parallel on meshes with an `expert` axis; parameters and optimizer state
+carry the intended PartitionSpecs; checkpoints restore across mesh shapes, also for sharded evaluation;
+Hugging Face conversion loads and writes sharded models. The multi-device work runs in subprocesses
 (tests/sharding_runs.py) because `--xla_force_host_platform_device_count` must be set before jax starts;
 they all start at once when the first test needs one, so the two CPU cores compile in parallel."""
 from __future__ import annotations
@@ -23,12 +24,15 @@ HELPER = os.path.join(ROOT, "tests", "sharding_runs.py")
 ENV = {**SUBPROCESS_ENV, "XLA_FLAGS": (SUBPROCESS_ENV.get("XLA_FLAGS", "") +
                                        " --xla_force_host_platform_device_count=8").strip(),
        "JAX_PLATFORMS": "cpu"}
-FAMILY_MESHES = {   # at least three meshes per family; expert sharding on the two MoE families below
+FAMILY_MESHES = {   # at least three meshes per family; MoE ones also expert-parallel ("MESH:REMAT": that remat)
     "gemma4": ("data8", "fsdp8", "fsdp2_tensor4"),
-    "laguna": ("data8", "fsdp2_tensor4", "expert2_fsdp4"),
-    "zaya1": ("data8", "fsdp8", "fsdp2_tensor4"),
-    "deepseek_v4": ("data8", "fsdp8", "expert2_fsdp4"),
+    "gemma4_moe": ("fsdp2_expert2_tensor2:dots",),   # Gemma 4 with the 26B-A4B MoE block
+    "laguna": ("data8", "fsdp2_tensor4", "fsdp2_expert2_tensor2:full"),
+    "zaya1": ("data8", "fsdp8", "fsdp2_tensor4", "expert4_data2"),
+    "deepseek_v4": ("data8", "fsdp8", "expert2_fsdp4:dots"),
 }
+EXPERT_SHARDS = {"expert2_fsdp4": 2, "expert4_data2": 4, "fsdp2_expert2_tensor2": 2}   # the `expert` axis
+NUM_EXPERTS = 4   # every MoE micro config
 RTOL = 1e-5
 
 
@@ -37,6 +41,7 @@ def runs():
     """Every helper run, started together; each test waits for its own."""
     tmp = tempfile.TemporaryDirectory()
     commands = {f: ["losses", f, *meshes] for f, meshes in FAMILY_MESHES.items()}
+    commands["expert_parallel"] = ["expert_parallel"]
     commands["resume"] = ["resume", tmp.name]
     commands["evaluate"] = ["evaluate", os.path.join(tmp.name, "evaluate")]
     commands["convert"] = ["convert", os.path.join(tmp.name, "convert")]
@@ -72,13 +77,15 @@ def test_sharded_losses_match_one_device(runs, family):
 
 
 def test_partition_specs_of_named_params(runs):
-    """Laguna micro: q_proj [embed 32, q_heads 4, head_dim 8]; experts gate [experts 4, embed 32, mlp 32]."""
+    """Laguna micro: q_proj [embed 32, q_heads 4, head_dim 8]; experts gate [experts 4, embed 32, mlp 32];
+    the other MoE families' expert weights split over `expert` too."""
     laguna = runs("laguna")
     expected = {
         "single": {"q_proj": (None, None, None), "expert_gate": (None, None, None)},
         "data8": {"q_proj": (None, None, None), "expert_gate": (None, None, None)},
         "fsdp2_tensor4": {"q_proj": ("fsdp", "tensor", None), "expert_gate": (None, "fsdp", "tensor")},
-        "expert2_fsdp4": {"q_proj": ("fsdp", None, None), "expert_gate": ("expert", "fsdp", None)},
+        "fsdp2_expert2_tensor2:full": {"q_proj": ("fsdp", "tensor", None),
+                                       "expert_gate": ("expert", "fsdp", "tensor")},
     }
     for mesh, specs in expected.items():
         for name, spec in specs.items():
@@ -86,8 +93,37 @@ def test_partition_specs_of_named_params(runs):
     gemma = runs("gemma4")   # micro q_proj [32, 2 heads, 16]: 2 heads do not split 4 ways, so stay whole
     assert gemma["fsdp8"]["specs"]["q_proj"]["param"] == str(("fsdp", None, None))
     assert gemma["fsdp2_tensor4"]["specs"]["q_proj"]["param"] == str(("fsdp", None, None))
-    deepseek = runs("deepseek_v4")
-    assert deepseek["expert2_fsdp4"]["specs"]["expert_gate"]["param"] == str(("expert", "fsdp", None))
+    expert_gates = {"gemma4_moe": {"fsdp2_expert2_tensor2:dots": ("expert", "fsdp", "tensor")},
+                    "zaya1": {"expert4_data2": ("expert", None, None)},
+                    "deepseek_v4": {"expert2_fsdp4:dots": ("expert", "fsdp", None)}}
+    for family, specs in expert_gates.items():
+        for mesh, spec in specs.items():
+            assert runs(family)[mesh]["specs"]["expert_gate"]["param"] == str(spec), (family, mesh)
+
+
+def test_moe_layers_run_expert_parallel(runs):
+    """On a mesh whose `expert` axis has n > 1 devices, every grouped matmul of the training step (forward
+    and backward) sees E / n experts: each shard computes only its own. The plain path, which gathers the
+    expert weights, would show all E, as on the other meshes."""
+    for family, meshes in FAMILY_MESHES.items():
+        if family == "gemma4":   # dense
+            continue
+        result = runs(family)
+        assert result["single"]["expert_groups"] == [NUM_EXPERTS], family
+        for mesh in meshes:
+            n = EXPERT_SHARDS.get(mesh.partition(":")[0], 1)
+            assert result[mesh]["expert_groups"] == [NUM_EXPERTS // n], (family, mesh, result[mesh]["expert_groups"])
+
+
+def test_expert_parallel_matches_routed_experts(runs):
+    """`sharding.expert_parallel_experts` vs. `layers.moe.routed_experts` on random inputs, on expert=4 x
+    data=2 and fsdp=2 x expert=2 x tensor=2 (expert_mlp split over tensor), also with 6 tokens that do not
+    split over `expert`: the output and every gradient agree (relative to their largest entry); experts
+    that do not split over the `expert` axis are refused naming both numbers."""
+    result = runs("expert_parallel")
+    for case in ("expert4_data2_M16", "fsdp2_expert2_tensor2_M16", "expert4_data2_M6"):
+        assert max(result[case]["y"], *result[case]["grads"]) <= RTOL, (case, result[case])
+    assert "6 experts do not split over the 4 devices of mesh axis 'expert'" in result["error"], result["error"]
 
 
 def test_resume_on_a_different_mesh(runs):

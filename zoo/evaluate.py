@@ -3,6 +3,7 @@ sweeps, on a device mesh (parameters and batches sharded as in training). Used b
 (eval steps) and by `eval.py`."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 from collections.abc import Callable, Sequence
@@ -20,12 +21,14 @@ from zoo.models import DTYPES
 COLUMNS = ("seq_len", "val_loss", "val_bits_per_byte", "val_perplexity", "tokens")
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, compute_dtype: str | None = None, *, training: bool = False
-                 ) -> Callable:
+def make_loss_fn(graphdef: nnx.GraphDef, compute_dtype: str | None = None, *, training: bool = False,
+                 mesh: Mesh | None = None, rules=None) -> Callable:
     """`(params, inputs_BT, targets_BT) -> mean nats` (to be jitted), the parameters (a pure dict) cast
     to `compute_dtype` first (None: used as stored); gradients taken through it reach the uncast ones.
     `training=True` gives the model's training objective (`Decoder.train_loss`: next-token cross-entropy
-    plus any multi-token-prediction loss); otherwise next-token cross-entropy alone."""
+    plus any multi-token-prediction loss); otherwise next-token cross-entropy alone. With the `mesh` and
+    `rules` the parameters are laid out by, MoE layers run expert-parallel where the rules put the
+    experts on a mesh axis `expert` of size > 1 (`zoo.sharding.expert_parallel`)."""
     dtype = DTYPES[compute_dtype] if compute_dtype else None
 
     def loss(params, inputs_BT, targets_BT):
@@ -33,9 +36,10 @@ def make_loss_fn(graphdef: nnx.GraphDef, compute_dtype: str | None = None, *, tr
             params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
                                   params)
         model = nnx.merge(graphdef, params)
-        if training:
-            return model.train_loss(inputs_BT, targets_BT)[0]
-        return cross_entropy(model(inputs_BT), targets_BT)[0]
+        with sharding.expert_parallel(mesh, rules) if mesh is not None else contextlib.nullcontext():
+            if training:
+                return model.train_loss(inputs_BT, targets_BT)[0]
+            return cross_entropy(model(inputs_BT), targets_BT)[0]
 
     return loss
 
@@ -70,7 +74,7 @@ def evaluate(model, corpus: data.Corpus, *, seq_lens: Sequence[int], num_batches
     graphdef, state = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(state)
     params_sharding = nnx.to_pure_dict(sharding.state_shardings(state, mesh, rules))
-    loss_fn = jax.jit(make_loss_fn(graphdef), in_shardings=(params_sharding, batch, batch),
+    loss_fn = jax.jit(make_loss_fn(graphdef, mesh=mesh, rules=rules), in_shardings=(params_sharding, batch, batch),
                       out_shardings=NamedSharding(mesh, PartitionSpec()))
     rows = []
     for seq_len in seq_lens:

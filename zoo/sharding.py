@@ -5,18 +5,22 @@ to mesh axes with a small rule table that lives in the config (`config.sharding_
 big_vision and the Flax NNX Gemma example. Modules never see a mesh.
 
 Mesh axes: `data` (pure data parallel), `fsdp` (batch AND parameter/optimizer sharding), `tensor`
-(heads, MLP width, vocab), `expert` (routed experts; also splits the batch outside the experts).
+(heads, MLP width, vocab), `expert` (routed experts; also splits the batch outside the experts). Under
+`expert_parallel`, MoE layers compute their experts expert-parallel (each `expert` shard only its own).
 """
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 from jax._src import config as jax_config
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from layers import moe
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH = ("data", "fsdp", "expert")
@@ -155,3 +159,70 @@ def create_model(cfg, mesh: Mesh, rules, *, seed: int = 0):
     with jax_config.threefry_gpu_kernel_lowering(True):
         state = jax.jit(lambda: nnx.split(build(cfg, seed=seed))[1], out_shardings=shardings)()
     return nnx.merge(graphdef, state)
+
+
+def expert_parallel(mesh: Mesh, rules):
+    """A context manager: the MoE layers traced inside it compute their routed experts with
+    `expert_parallel_experts` on `mesh` when `rules` (a table or preset name) split the experts over the
+    mesh axis `expert` and that axis has size > 1; otherwise with the plain `layers.moe.routed_experts`
+    (XLA then gathers whatever expert weights are sharded). Enter it where a model's jitted step is traced
+    (its first call), with the mesh and rules its parameters are laid out by."""
+    rules = resolve_rules(rules)
+    if mesh.shape["expert"] > 1 and "expert" in dict(rules).get("experts", ()):
+        return moe.use_routed_experts(functools.partial(expert_parallel_experts, mesh=mesh, rules=rules))
+    return moe.use_routed_experts(moe.routed_experts)
+
+
+def _mesh_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def expert_parallel_experts(x_MD: jax.Array, experts_MK: jax.Array, weights_MK: jax.Array,
+                            gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array, *,
+                            act: Callable[[jax.Array], jax.Array], limit: float, mesh: Mesh, rules
+                            ) -> jax.Array:
+    """`layers.moe.routed_experts` with each shard of the mesh axis `expert` (size n) computing only its own
+    E / n experts, in one shard_map over the whole mesh:
+
+    1. each shard all-gathers, over `expert`, the tokens of its `expert` group and their routing;
+    2. it runs its E / n experts on the (token, expert) pairs routed to them (`routed_experts` with the ids
+       shifted by its first expert: the grouped matmul sees E / n groups; other pairs add nothing);
+    3. `psum_scatter` over `expert` sums the shards' partial outputs and hands each shard its own tokens.
+
+    Tokens are split as the batch is (the `batch` rule); when they do not split over `expert` (a batch too
+    small), every shard holds them all (step 1 only marks them as varying over `expert`, so that their
+    gradients add up over the shards) and step 3 is a psum. Expert weights enter split over `expert` on E
+    and whole on the embed dim (XLA all-gathers an `fsdp`-split embed dim before the shard_map). Their
+    `expert_mlp` dim F stays split over the mesh axes its rule names that do not split the tokens (`tensor`
+    in the presets): each shard holds a slice of F, and the down projection's partial sums add up with a
+    psum over those axes (F split over token axes is gathered).
+    """
+    E, _, F = gate_EDF.shape
+    n = mesh.shape["expert"]
+    if E % n:
+        raise ValueError(f"expert parallelism: {E} experts do not split over the {n} devices of mesh axis "
+                         f"'expert'; choose an expert axis size that divides {E}")
+    token_axes = _mesh_axes(spec(("batch", None), x_MD.shape, rules, mesh)[0])
+    gathered = "expert" in token_axes
+    f_axes = tuple(a for a in _mesh_axes(spec(("expert_mlp",), (F,), rules, mesh)[0])
+                   if a not in token_axes and a != "expert")
+    tokens = PartitionSpec(token_axes or None, None)
+    f = f_axes or None
+
+    def shard(x_MD, experts_MK, weights_MK, gate_EDF, up_EDF, down_EFD):
+        routed = (x_MD, experts_MK, weights_MK)
+        if gathered:   # step 1: the tokens of this shard's `expert` group, with their routing
+            x_MD, experts_MK, weights_MK = (jax.lax.all_gather(a, "expert", tiled=True) for a in routed)
+        else:
+            x_MD, experts_MK, weights_MK = jax.lax.pcast(routed, "expert", to="varying")
+        first = jax.lax.axis_index("expert") * gate_EDF.shape[0]   # step 2
+        y_MD = moe.routed_experts(x_MD, experts_MK - first, weights_MK, gate_EDF, up_EDF, down_EFD, act=act,
+                                  limit=limit)
+        y_MD = jax.lax.psum_scatter(y_MD, "expert", tiled=True) if gathered else jax.lax.psum(y_MD, "expert")
+        return jax.lax.psum(y_MD, f_axes) if f_axes else y_MD
+
+    return jax.shard_map(shard, mesh=mesh, out_specs=tokens,
+                         in_specs=(tokens, tokens, tokens, PartitionSpec("expert", None, f),
+                                   PartitionSpec("expert", None, f), PartitionSpec("expert", f, None))
+                         )(x_MD, experts_MK, weights_MK, gate_EDF, up_EDF, down_EFD)

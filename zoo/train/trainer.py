@@ -149,7 +149,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
     donating the old parameters and optimizer state. Master weights stay float32; with bf16 compute
     the cast happens inside the differentiated function. With `shardings`, inputs and outputs are
     pinned to them (parameters and optimizer state keep their layout from step to step)."""
-    loss_fn = make_loss_fn(graphdef, compute_dtype, training=True)
+    mesh, rules = (None, None) if shardings is None else (shardings.mesh, shardings.rules)
+    loss_fn = make_loss_fn(graphdef, compute_dtype, training=True, mesh=mesh, rules=rules)
 
     def train_step(params, opt_state, inputs_BT, targets_BT):
         loss, grads = jax.value_and_grad(loss_fn)(params, inputs_BT, targets_BT)
@@ -219,7 +220,7 @@ def _loop(config, workdir, corpus, mngr, log, graphdef, params, opt_state, tx, s
     """The steps from `start` to `train.steps`; `log` is None on processes other than the primary one."""
     t = config.train
     train_step = make_train_step(graphdef, tx, t.compute_dtype, shardings)
-    eval_loss = jax.jit(make_loss_fn(graphdef, t.compute_dtype),
+    eval_loss = jax.jit(make_loss_fn(graphdef, t.compute_dtype, mesh=shardings.mesh, rules=shardings.rules),
                         in_shardings=(shardings.params, shardings.batch, shardings.batch),
                         out_shardings=shardings.replicated)
     tokens_per_step = t.batch_size * t.seq_len
