@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import BlockSizes, next_pow2, pad_axis, round_up
+from pallas_kernels._common import BlockSizes, first_entry, next_pow2, pad_axis, round_up
 
 _F32 = jnp.float32
 # HIGHEST keeps float32 tiles in IEEE float32 (not TF32); bf16 tiles are unaffected.
@@ -89,10 +89,9 @@ def _walk_compressed(comp_ref, idx_ref, first, count, *, bk: int, body, carry):
 
 
 def _first_entry(lo, ratio: int | None):
-    """The first compressed entry HCA's token may see: entry s belongs to the segment of its last token
-    (s + 1) * ratio - 1, which lies in the token's segment [lo, t] iff s >= lo // ratio. CSA: 0 (the
-    indexer already chose within the segment)."""
-    return 0 if ratio is None else lax.div(lo, ratio)
+    """HCA: `first_entry` of the token's segment start; CSA (no ratio): 0, the indexer already chose within
+    the segment."""
+    return 0 if ratio is None else first_entry(lo, ratio)
 
 
 def _forward_kernel(*refs, sparse: bool, w_pad: int, window: int, ratio: int | None, scale: float, bk: int):
@@ -260,8 +259,8 @@ def forward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, *, wind
     Hp, Dp = p.q.shape[2:]
     specs, head_rows, head_vec = _token_specs(p, sparse, p.block_h)
     specs.append(pl.BlockSpec((p.block_h,), lambda t, h, b: (h,)))
-    kernel = functools.partial(_forward_kernel, sparse=sparse, w_pad=p.w_pad, window=window,
-                               ratio=None if sparse else ratio, scale=scale, bk=blocks.block_k)
+    kernel = functools.partial(_forward_kernel, sparse=sparse, w_pad=p.w_pad, window=window, ratio=ratio,
+                               scale=scale, bk=blocks.block_k)
     o, lse = pl.pallas_call(
         kernel, grid=(T, Hp // p.block_h, B), in_specs=specs, out_specs=[head_rows, head_vec],
         out_shape=[jax.ShapeDtypeStruct(p.q.shape, q_BTHD.dtype), jax.ShapeDtypeStruct((B, T, Hp), _F32)],
@@ -295,9 +294,8 @@ def backward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, do_BTH
         out_specs.append(dcomp_spec)
         out_shape.append(jax.ShapeDtypeStruct((B, p.comp.shape[1] + 1, Dp), _F32))
         operands.append(jnp.zeros(out_shape[-1].shape, _F32))
-    kernel = functools.partial(_dq_kernel, sparse=sparse, w_pad=p.w_pad, window=window,
-                               ratio=None if sparse else ratio, scale=scale, bk=blocks.block_k_dq,
-                               merge_duplicates=bool(interpret))
+    kernel = functools.partial(_dq_kernel, sparse=sparse, w_pad=p.w_pad, window=window, ratio=ratio,
+                               scale=scale, bk=blocks.block_k_dq, merge_duplicates=bool(interpret))
     dq, *dcomp = pl.pallas_call(
         kernel, grid=(T, Hp // p.block_h_dq, B), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
         input_output_aliases={len(operands) - 1: 1} if sparse else {}, compiler_params=params,

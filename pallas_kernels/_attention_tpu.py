@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import BlockSizes, pad_axis, round_up
+from pallas_kernels._common import BlockSizes, first_entry, pad_axis, round_up
 
 _F32 = jnp.float32
 
@@ -106,7 +106,7 @@ def _walk(kv_hbm, comp_hbm, idx_smem, idx_vmem, win_buf, comp_buf, sems, *, b, t
     window_copy.start()
     chunks = _CompressedChunks(comp_hbm, comp_buf, sems, b, idx_smem, bk)
     n_chunks = _cdiv(count, bk)
-    first = 0 if ratio is None else lax.div(lo, ratio)
+    first = 0 if ratio is None else first_entry(lo, ratio)
     j0 = lax.div(first, bk)
 
     @pl.when(n_chunks > j0)
@@ -249,7 +249,7 @@ def _dkv_kernel(keys_ref, q_ref, do_ref, lse_ref, delta_ref, tok_ref, lo_ref, co
         if window is not None:
             visible_kr = (s_k1 >= lo_1r) & (s_k1 <= t_1r) & (s_k1 > t_1r - window)
         else:
-            visible_kr = (s_k1 >= lax.div(lo_1r, ratio)) & (s_k1 < count_ref[...])
+            visible_kr = (s_k1 >= first_entry(lo_1r, ratio)) & (s_k1 < count_ref[...])
         s_kr = jnp.where(visible_kr, _dot_nt(keys_kd, q_rd, precision) * scale, -jnp.inf)
         p_kr = jnp.exp(s_kr - lse_ref[...])
         ds_kr = p_kr * (_dot_nt(keys_kd, do_rd, precision) - delta_ref[...])
@@ -303,8 +303,8 @@ def forward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, *, wind
     head_rows = pl.BlockSpec((None, None, H, D), lambda b, t: (b, t, 0, 0))
     head_vec = pl.BlockSpec((None, None, 1, H), lambda b, t: (b, t, 0, 0))
     hbm = pl.BlockSpec(memory_space=pl.ANY)
-    kernel = functools.partial(_forward_kernel, sparse=sparse, window=window, w_pad=w_pad,
-                               ratio=None if sparse else ratio, scale=scale, bk=bk)
+    kernel = functools.partial(_forward_kernel, sparse=sparse, window=window, w_pad=w_pad, ratio=ratio,
+                               scale=scale, bk=bk)
     o, lse = pl.pallas_call(
         kernel, grid=(B, T),
         in_specs=[*specs, head_rows, pl.BlockSpec((H, 1), lambda b, t: (0, 0)), hbm, hbm],
@@ -345,8 +345,8 @@ def backward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, do_BTH
         out_shape.append(jax.ShapeDtypeStruct(comp.shape, _F32))
         scratch += [pltpu.VMEM((bk, D), _F32), pltpu.SemaphoreType.DMA(())]
     semantics = ("arbitrary", "arbitrary") if sparse else ("parallel", "parallel")
-    kernel = functools.partial(_dq_kernel, sparse=sparse, window=window, w_pad=w_pad,
-                               ratio=None if sparse else ratio, scale=scale, bk=bk)
+    kernel = functools.partial(_dq_kernel, sparse=sparse, window=window, w_pad=w_pad, ratio=ratio,
+                               scale=scale, bk=bk)
     dq, *dcomp = pl.pallas_call(
         kernel, grid=(B, T), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
         scratch_shapes=scratch, input_output_aliases={len(operands) - 1: 1} if sparse else {},

@@ -108,11 +108,17 @@ def check_compressed_attention_inputs(q, kv, kv_comp, sinks, segment_ids, window
     check_dim("kv_comp", kv_comp, 0, B, "batch"), check_dim("kv_comp", kv_comp, 2, D, "head dim")
     check_array("sinks", sinks, 1, FLOAT_DTYPES, "[H]")
     check_dim("sinks", sinks, 0, H, "heads")
-    if segment_ids is not None:
-        check_array("segment_ids", segment_ids, 2, (jnp.int32,), "[B, T]")
-        check_dim("segment_ids", segment_ids, 0, B, "batch"), check_dim("segment_ids", segment_ids, 1, T, "tokens")
+    check_segment_ids(segment_ids, B, T)
     check_positive("window", window)
     return B, T, H, D
+
+
+def check_segment_ids(segment_ids, batch: int, length: int) -> None:
+    """ValueError unless segment_ids is None or int32 [batch, length]."""
+    if segment_ids is not None:
+        check_array("segment_ids", segment_ids, 2, (jnp.int32,), "[B, T]")
+        check_dim("segment_ids", segment_ids, 0, batch, "batch")
+        check_dim("segment_ids", segment_ids, 1, length, "tokens")
 
 
 def round_up(x: int, multiple: int) -> int:
@@ -148,6 +154,13 @@ def window_start(segment_ids_BT: jax.Array | None, batch: int, length: int) -> j
         [jnp.ones((batch, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
     run_start_BT = jax.lax.cummax(jnp.where(run_begins_BT, t_T, 0), axis=1)
     return jnp.where(seg != 0, run_start_BT, t_T + 1).astype(jnp.int32)
+
+
+def first_entry(lo, ratio: int):
+    """The first compressed entry a token whose segment starts at `lo` (its `window_start`) may see. Entry s
+    belongs to the segment of its last pooled token (s + 1) * ratio - 1, which lies in [lo, t] iff
+    s >= lo // ratio (a padding token, lo = t + 1, sees none). For int32 scalars (inside kernels) and arrays."""
+    return jax.lax.div(lo, ratio)
 
 
 def window_keys_reference(kv_BTD: jax.Array, window: int, window_start_BT: jax.Array

@@ -22,7 +22,7 @@ from jax import lax
 
 from pallas_kernels import _attention_gpu, _attention_tpu
 from pallas_kernels._common import (BlockSizes, Lowering, check_compressed_attention_inputs, check_positive,
-                                    resolve_lowering, sink_gradient, sink_softmax, window_keys_reference,
+                                    first_entry, resolve_lowering, sink_gradient, sink_softmax, window_keys_reference,
                                     window_start)
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -48,7 +48,7 @@ def hca_attention_reference(q_BTHD: jax.Array, kv_BTD: jax.Array, kv_comp_BSD: j
     keys_BTWD, visible_BTW = window_keys_reference(kv_BTD, window, lo_BT)
     s_S = jnp.arange(S)
     visible_BTS = ((s_S < visible_entries(T, S, ratio)[:, None])[None]
-                   & (s_S >= lo_BT[:, :, None] // ratio))          # entry s's last token is in t's segment
+                   & (s_S >= first_entry(lo_BT, ratio)[:, :, None]))
     logits_w = jnp.einsum("BTHD,BTWD->BTHW", q_BTHD, keys_BTWD, precision=_HIGHEST,
                           preferred_element_type=jnp.float32) * scale
     logits_c = jnp.einsum("BTHD,BSD->BTHS", q_BTHD, kv_comp_BSD, precision=_HIGHEST,
@@ -104,8 +104,9 @@ def hca_attention(q: jax.Array, kv: jax.Array, kv_comp: jax.Array, sinks: jax.Ar
     q [B, T, H, D]; kv [B, T, D] raw tokens (K = V); kv_comp [B, S, D], entry s pooling tokens
     [s * ratio, (s + 1) * ratio); sinks [H]. window: raw keys per query (itself included). scale defaults
     to D**-0.5. segment_ids int [B, T] restrict the window to the token's run of equal ids (0 = padding,
-    never attended) and the compressed entries to those whose last pooled token is in that run. impl: "xla" (reference), "pallas_gpu", "pallas_tpu", or "auto" (by platform); a
-    Pallas lowering off its platform runs in interpret mode unless `interpret` says otherwise.
+    never attended) and the compressed entries to those whose last pooled token is in that run. impl: "xla"
+    (reference), "pallas_gpu", "pallas_tpu", or "auto" (by platform); a Pallas lowering off its platform
+    runs in interpret mode unless `interpret` says otherwise.
     """
     B, T, H, D = check_compressed_attention_inputs(q, kv, kv_comp, sinks, segment_ids, window)
     check_positive("ratio", ratio)

@@ -25,8 +25,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import (FLOAT_DTYPES, Lowering, check_array, check_dim, check_positive, next_pow2,
-                                    pad_axis, resolve_lowering, round_up, window_start)
+from pallas_kernels._common import (FLOAT_DTYPES, Lowering, check_array, check_dim, check_positive,
+                                    check_segment_ids, first_entry, next_pow2, pad_axis, resolve_lowering,
+                                    round_up, window_start)
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
@@ -416,7 +417,8 @@ class _Config:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _scores_kernel(cfg: _Config, q_BTHD, k_BSD, w_BTH):
     forward, _ = _LOWERINGS[cfg.lowering.impl]
-    return forward(q_BTHD, k_BSD, w_BTH, jnp.zeros((), jnp.int32), ratio=cfg.ratio, blocks=cfg.blocks, interpret=cfg.lowering.interpret)
+    return forward(q_BTHD, k_BSD, w_BTH, jnp.zeros((), jnp.int32), ratio=cfg.ratio, blocks=cfg.blocks,
+                   interpret=cfg.lowering.interpret)
 
 
 def _scores_forward(cfg: _Config, q_BTHD, k_BSD, w_BTH):
@@ -475,14 +477,11 @@ def indexer_topk(q: jax.Array, k: jax.Array, weights: jax.Array, *, ratio: int, 
     """
     _validate(q, k, weights, ratio)
     check_positive("topk", topk)
-    if segment_ids is not None:
-        check_array("segment_ids", segment_ids, 2, (jnp.int32,), "[B, T]")
-        check_dim("segment_ids", segment_ids, 0, q.shape[0], "batch")
-        check_dim("segment_ids", segment_ids, 1, q.shape[1], "tokens")
+    check_segment_ids(segment_ids, *q.shape[:2])
     lowering = resolve_lowering(impl, interpret)
     q, k, weights = (lax.stop_gradient(x) for x in (q, k, weights))
     B, T, H, D = q.shape
-    first_BT = window_start(segment_ids, B, T) // ratio   # entry s ends at token (s + 1) * ratio - 1
+    first_BT = first_entry(window_start(segment_ids, B, T), ratio)
     S = k.shape[1]
     if S == 0:
         return jnp.full((B, T, topk), -1, jnp.int32)
