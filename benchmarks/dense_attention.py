@@ -8,11 +8,12 @@ pure-JAX XLA reference.
     python benchmarks/dense_attention.py --sweep --seq 16384 --only laguna   # block sizes of our kernel
 
 Shapes (batch 1, one layer): Gemma 4 E2B sliding (8 q / 1 kv heads, d 256, window 512) and global
-(8 / 1, d 512); Laguna sliding and global layers (64 and 48 q heads / 8 kv, d 128, window 512 on the
-sliding ones); ZAYA1 CCA (8 q / 2 kv, d 128, full causal). Per variant: median wall time of fwd and of
-fwd+bwd (grad w.r.t. q, k, v), and TFLOP/s on the FLOPs actually needed (each token's visible keys;
-fwd+bwd counted as 3.5x fwd). cuDNN takes head_dim <= 128 only ("n/a" otherwise); the XLA reference
-materializes [heads, T, T] float32 logits and is skipped ("mem") where that would not fit.
+(8 / 1, d 512); the sliding layers of the `1b` Gemma-4 preset (8 / 2, d 256, window 1024); Laguna sliding
+and global layers (64 and 48 q heads / 8 kv, d 128, window 512 on the sliding ones); ZAYA1 CCA (8 q / 2 kv,
+d 128, full causal). Per variant: median wall time of fwd and of fwd+bwd (grad w.r.t. q, k, v), and
+TFLOP/s on the FLOPs actually needed (each token's visible keys; fwd+bwd counted as 3.5x fwd). cuDNN takes
+head_dim <= 256 from Hopper on, <= 128 before ("n/a" otherwise); the XLA reference materializes
+[heads, T, T] float32 logits and is skipped ("mem") where that would not fit.
 
 --sweep times only our kernel, fwd and fwd+bwd (the backward uses the same sizes), for each candidate
 FlashBlockSizes of the shape's head dim (SWEEP, plus the default; default 16384 tokens), one row each; a
@@ -32,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._timing import median_seconds  # noqa: E402
-from layers.attention import attention_mask, reference_attention  # noqa: E402
+from layers.attention import attention_mask, cudnn_max_head_dim, reference_attention  # noqa: E402
 from pallas_kernels import FlashBlockSizes, flash_attention  # noqa: E402
 from pallas_kernels.flash_attention import default_block_sizes  # noqa: E402
 
@@ -47,6 +48,7 @@ class Shape:
 
 
 SHAPES = [Shape("gemma4-e2b sliding", 8, 1, 256, 512), Shape("gemma4-e2b global", 8, 1, 512),
+          Shape("gemma4-1b sliding", 8, 2, 256, 1024),
           Shape("laguna sliding (64q)", 64, 8, 128, 512), Shape("laguna global (48q)", 48, 8, 128),
           Shape("zaya1 cca", 8, 2, 128)]
 SMOKE_SHAPES = [Shape("smoke sliding", 4, 1, 32, 8), Shape("smoke global", 4, 2, 16)]
@@ -84,7 +86,7 @@ def ours(s: Shape, blocks: FlashBlockSizes | None, interpret=None):
 def variants(s: Shape, T: int, *, smoke: bool, interpret):
     scale = s.head_dim ** -0.5
     out = {"ours": ours(s, SMOKE_BLOCKS if smoke else None, interpret)}
-    if jax.default_backend() == "gpu" and s.head_dim <= 128:
+    if s.head_dim <= cudnn_max_head_dim():
         out["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=True, implementation="cudnn",
             local_window_size=(s.window - 1, 0) if s.window else None)

@@ -54,6 +54,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--peak_flops", type=float, default=989e12, help="peak FLOP/s of one device")
     p.add_argument("--smoke", action="store_true", help="micro config, seq 32, batch 4, 1+2 steps (CPU)")
+    p.add_argument("--profile", default="", metavar="DIR",
+                   help="after timing, trace 2 more steps into DIR and print the device ops that take the most time")
+    p.add_argument("--top", type=int, default=25, help="how many ops --profile prints")
     a = p.parse_args()
 
     import ml_collections
@@ -127,6 +130,43 @@ def main() -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    if a.profile:
+        with jax.profiler.trace(a.profile, create_perfetto_trace=True):
+            for _ in range(2):
+                params, opt_state, out = step(params, opt_state, inputs, targets)
+            jax.block_until_ready(out)
+        print_device_ops(a.profile, steps=2, top=a.top)
+
+
+def print_device_ops(trace_dir: str, *, steps: int, top: int) -> None:
+    """The device ops of the newest perfetto trace under `trace_dir`, summed by name: ms per step, share
+    of all device time, calls per step; the `top` largest."""
+    import collections
+    import glob
+    import gzip
+    import json
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+                   key=os.path.getmtime)
+    if not paths:
+        raise SystemExit(f"error: --profile: no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(paths[-1]) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    process = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device_pids = {pid for pid, name in process.items() if "/device:" in name}
+    total_us, calls = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in device_pids:
+            total_us[e["name"]] += e.get("dur", 0)
+            calls[e["name"]] += 1
+    all_us = sum(total_us.values())
+    if not all_us:
+        raise SystemExit(f"error: --profile: the trace {paths[-1]} holds no device events (a CPU run has "
+                         "none: --profile reads GPU and TPU traces)")
+    print(f"\ndevice time per step: {all_us / steps / 1e3:.1f} ms (summed over streams; {paths[-1]})")
+    print(f"{'ms/step':>9}  {'share':>6}  {'calls':>5}  op")
+    for name, us in total_us.most_common(top):
+        print(f"{us / steps / 1e3:9.2f}  {100 * us / all_us:5.1f}%  {calls[name] // steps:5d}  {name[:100]}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from layers import attention
 from layers.attention import attention_backend, attention_mask, dot_product_attention, reference_attention, \
     splash_attention
 from pallas_kernels import FlashBlockSizes, flash_attention
@@ -135,6 +136,7 @@ def test_dispatch_table_on_cpu():
 def test_dispatch_table_on_gpu(monkeypatch):
     """The GPU rows of the table, read with jax.default_backend() reporting "gpu" (shapes only)."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention, "cudnn_max_head_dim", lambda: 128)   # before Hopper
     shaped = lambda B, T, N, H, dtype=jnp.bfloat16: jax.ShapeDtypeStruct((B, T, N, H), dtype)
     auto = lambda q, k, **kw: attention_backend("auto", q, k, default_positions=True, **kw)
     assert auto(shaped(1, 4096, 8, 128), shaped(1, 4096, 2, 128)) == "cudnn"
@@ -145,6 +147,12 @@ def test_dispatch_table_on_gpu(monkeypatch):
     assert auto(shaped(1, 65536, 8, 512), shaped(1, 65536, 1, 512)) == "flash"    # 128 GiB
     assert auto(shaped(1, 4096, 8, 512), shaped(1, 4096, 1, 512), window=1024) == "flash"
     assert auto(shaped(1, 4096, 8, 128), shaped(1, 4096, 2, 128), segment_ids_BT=jnp.ones((1, 4096))) == "flash"
+    # from Hopper on, cuDNN also takes head_dim 256, on calls of at least CUDNN_WIDE_HEAD_MIN_TOKENS tokens
+    monkeypatch.setattr(attention, "cudnn_max_head_dim", lambda: 256)
+    assert auto(shaped(1, 4096, 8, 256), shaped(1, 4096, 1, 256), window=512) == "flash"
+    assert auto(shaped(4, 4096, 8, 256), shaped(4, 4096, 1, 256), window=512) == "cudnn"
+    assert auto(shaped(1, 16384, 8, 256), shaped(1, 16384, 2, 256), window=1024) == "cudnn"
+    assert auto(shaped(4, 4096, 8, 512), shaped(4, 4096, 1, 512), window=1024) == "flash"
 
 
 def test_dispatch_table_on_tpu(monkeypatch):
