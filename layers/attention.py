@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers import params
+from layers import params, partitioning
 from layers.norms import RMSNorm
 from layers.rope import RopeSpec, apply_rope
 
@@ -188,21 +188,47 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, q_positions_BT, kv_position
     backend = attention_backend(impl, q_BTNH, k_BSKH, sinks_N=sinks_N, softcap=softcap,
                                 segment_ids_BT=q_segment_ids_BT, default_positions=default_positions,
                                 window=window)
-    if backend == "cudnn":
-        return jax.nn.dot_product_attention(
-            q_BTNH, k_BSKH, v_BSKH, scale=scale, is_causal=True, implementation="cudnn",
-            local_window_size=(window - 1, 0) if window else None)
-    if backend == "splash":
-        return splash_attention(q_BTNH, k_BSKH, v_BSKH, window=window, scale=scale)
-    if backend == "flash":
-        from pallas_kernels.flash_attention import flash_attention
-        return flash_attention(q_BTNH, k_BSKH, v_BSKH, window=window, sinks_N=sinks_N,
-                               segment_ids_BT=q_segment_ids_BT, scale=scale,
-                               impl="pallas_tpu" if jax.default_backend() == "tpu" else "pallas_gpu")
+    if backend != "reference":
+        return _fused_attention(backend, q_BTNH, k_BSKH, v_BSKH, sinks_N, q_segment_ids_BT, window=window,
+                                scale=scale)
     mask_BTS = attention_mask(q_positions_BT, kv_positions_BS, window=window,
                               q_segment_ids_BT=q_segment_ids_BT, kv_segment_ids_BS=kv_segment_ids_BS)
     return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=scale, sinks_N=sinks_N,
                                softcap=softcap)
+
+
+def _fused_attention(backend: str, q_BTNH, k_BTKH, v_BTKH, sinks_N, segment_ids_BT, *, window: int,
+                     scale: float) -> jax.Array:
+    """Self-attention through a fused kernel ("cudnn", "splash" or "flash"), called shard by shard
+    (`partitioning.per_shard`): batch rows and kv-head groups are independent, so a query head travels
+    with its kv head (q seen as [B, T, K, G, H]) wherever the mesh splits the kv heads."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BTKH.shape[2]
+
+    def kernel(q_BTKGH, k_BTKH, v_BTKH, sinks_KG, segment_ids_BT):
+        b, t, k, g, h = q_BTKGH.shape
+        q_BTNH = q_BTKGH.reshape(b, t, k * g, h)
+        sinks_N = None if sinks_KG is None else sinks_KG.reshape(k * g)
+        if backend == "cudnn":
+            out_BTNH = jax.nn.dot_product_attention(
+                q_BTNH, k_BTKH, v_BTKH, scale=scale, is_causal=True, implementation="cudnn",
+                local_window_size=(window - 1, 0) if window else None)
+        elif backend == "splash":
+            out_BTNH = splash_attention(q_BTNH, k_BTKH, v_BTKH, window=window, scale=scale)
+        else:
+            from pallas_kernels.flash_attention import flash_attention
+            out_BTNH = flash_attention(q_BTNH, k_BTKH, v_BTKH, window=window, sinks_N=sinks_N,
+                                       segment_ids_BT=segment_ids_BT, scale=scale,
+                                       impl="pallas_tpu" if jax.default_backend() == "tpu" else "pallas_gpu")
+        return out_BTNH.reshape(b, t, k, g, -1)
+
+    q_axes, kv_axes = ("batch", None, "kv_heads", None, None), ("batch", None, "kv_heads", None)
+    in_axes = (q_axes, kv_axes, kv_axes, None if sinks_N is None else ("kv_heads", None),
+               None if segment_ids_BT is None else ("batch", None))
+    out_BTKGH = partitioning.per_shard(kernel, in_axes, q_axes)(
+        q_BTNH.reshape(B, T, K, N // K, H), k_BTKH, v_BTKH,
+        None if sinks_N is None else sinks_N.reshape(K, N // K), segment_ids_BT)
+    return out_BTKGH.reshape(B, T, N, -1)
 
 
 class Attention(nnx.Module):

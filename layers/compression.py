@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers import params
+from layers import params, partitioning
 from layers.norms import RMSNorm
 from layers.rope import RopeSpec, apply_rope_tail
 
@@ -147,9 +147,13 @@ class LightningIndexer(nnx.Module):
         weights_BTN = jnp.einsum("BTD,DN->BTN", x_BTD, self.weights_proj[...],
                                  preferred_element_type=jnp.float32)
         weights_BTN = weights_BTN * (self.head_dim ** -0.5 * self.num_heads ** -0.5)
-        if kernel:
+        if kernel:   # a token's score sums over the index heads: only rows split over a mesh
             from pallas_kernels import indexer_topk
-            return indexer_topk(q_BTNH, keys_BSH.astype(q_BTNH.dtype), weights_BTN, ratio=self.ratio,
-                                topk=self.top_k, segment_ids=segment_ids_BT, impl=kernel)
+            top = lambda q, keys, weights, seg: indexer_topk(q, keys, weights, ratio=self.ratio, topk=self.top_k,
+                                                             segment_ids=seg, impl=kernel)
+            rows = ("batch", None, None)
+            in_axes = (rows + (None,), rows, rows, None if segment_ids_BT is None else ("batch", None))
+            return partitioning.per_shard(top, in_axes, rows)(q_BTNH, keys_BSH.astype(q_BTNH.dtype), weights_BTN,
+                                                              segment_ids_BT)
         scores_BTS = indexer_scores(q_BTNH, keys_BSH, weights_BTN, ratio=self.ratio, segment_ids_BT=segment_ids_BT)
         return top_k_entries(scores_BTS, self.top_k)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers import params
+from layers import params, partitioning
 from layers.attention import IMPLS
 from layers.compression import Compressor, LightningIndexer, entry_visibility
 from layers.norms import RMSNorm, rms_normalize
@@ -157,20 +157,30 @@ class CompressedAttention(nnx.Module):
         sinks_N, scale = self.sinks[...], self.head_dim ** -0.5
         common = dict(window=self.window, scale=scale, segment_ids_BT=segment_ids_BT)
         lowering = self._kernel_lowering()
+        # the kernels' operands, for `per_shard`: queries and sinks split by head, the shared keys by row
+        heads, rows, segments = ("batch", None, "q_heads", None), ("batch", None, None), ("batch", None)
+        segment_axes = None if segment_ids_BT is None else segments
         if self.compressor is None or x_BTD.shape[1] < self.ratio:   # no complete window yet
             if lowering:
-                kv_BT1H = kv_BTH[:, :, None]
-                return flash_attention(q_BTNH, kv_BT1H, kv_BT1H, window=self.window, sinks_N=sinks_N, scale=scale,
-                                       segment_ids_BT=segment_ids_BT, impl=lowering)
+                sliding = lambda q, kv, sinks, seg: flash_attention(
+                    q, kv[:, :, None], kv[:, :, None], window=self.window, sinks_N=sinks, scale=scale,
+                    segment_ids_BT=seg, impl=lowering)
+                return partitioning.per_shard(sliding, (heads, rows, ("q_heads",), segment_axes), heads)(
+                    q_BTNH, kv_BTH, sinks_N, segment_ids_BT)
             return sliding_attention(q_BTNH, kv_BTH, sinks_N, **common)
         entries_BSH = self.compressor(x_BTD, positions_BT, segment_ids_BT)
         if self.indexer is None:
             if lowering:
-                return hca_kernel(q_BTNH, kv_BTH, entries_BSH, sinks_N, window=self.window, ratio=self.ratio,
-                                  scale=scale, segment_ids=segment_ids_BT, impl=lowering)
+                hca = lambda q, kv, entries, sinks, seg: hca_kernel(
+                    q, kv, entries, sinks, window=self.window, ratio=self.ratio, scale=scale, segment_ids=seg,
+                    impl=lowering)
+                return partitioning.per_shard(hca, (heads, rows, rows, ("q_heads",), segment_axes), heads)(
+                    q_BTNH, kv_BTH, entries_BSH, sinks_N, segment_ids_BT)
             return hca_attention(q_BTNH, kv_BTH, entries_BSH, sinks_N, ratio=self.ratio, **common)
         indices_BTK = self.indexer(x_BTD, qr_BTQ, positions_BT, segment_ids_BT, kernel=lowering)
         if lowering:
-            return csa_kernel(q_BTNH, kv_BTH, entries_BSH, indices_BTK, sinks_N, window=self.window, scale=scale,
-                              segment_ids=segment_ids_BT, impl=lowering)
+            csa = lambda q, kv, entries, indices, sinks, seg: csa_kernel(
+                q, kv, entries, indices, sinks, window=self.window, scale=scale, segment_ids=seg, impl=lowering)
+            return partitioning.per_shard(csa, (heads, rows, rows, rows, ("q_heads",), segment_axes), heads)(
+                q_BTNH, kv_BTH, entries_BSH, indices_BTK, sinks_N, segment_ids_BT)
         return csa_attention(q_BTNH, kv_BTH, entries_BSH, indices_BTK, sinks_N, **common)

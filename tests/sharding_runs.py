@@ -111,6 +111,22 @@ def _expert_groups(jaxpr) -> list[int]:
     return sorted(found)
 
 
+def _kernel_operand_shapes(jaxpr) -> list[list[int]]:
+    """The shapes of the array operands (rank >= 3) of every Pallas call in `jaxpr` and its sub-jaxprs
+    (shard_map bodies, custom_vjp rules, scans): global shapes unless the kernels run per shard."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.update(tuple(v.aval.shape) for v in eqn.invars if len(v.aval.shape) >= 3)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                sub = getattr(sub, "jaxpr", sub)   # custom_vjp: a ClosedJaxpr inside a wrapper
+                if hasattr(sub, "eqns"):
+                    found.update(map(tuple, _kernel_operand_shapes(sub)))
+    return sorted(map(list, found))
+
+
 def run(config, mesh):
     graphdef, params, opt_state, tx, _, _, s = trainer._initial_state(config, None, mesh)
     step = trainer.make_train_step(graphdef, tx, "float32", s)
@@ -120,7 +136,8 @@ def run(config, mesh):
     for tokens in batches:   # make_train_step's loss runs the MoE layers expert-parallel on an `expert` mesh
         inputs = (sharding.shard_batch(tokens[:, :-1], s.batch), sharding.shard_batch(tokens[:, 1:], s.batch))
         if not losses:
-            expert_groups = _expert_groups(step.trace(params, opt_state, *inputs).jaxpr.jaxpr)
+            jaxpr = step.trace(params, opt_state, *inputs).jaxpr.jaxpr
+            expert_groups, kernel_shapes = _expert_groups(jaxpr), _kernel_operand_shapes(jaxpr)
         params, opt_state, out = step(params, opt_state, *inputs)
         losses.append(float(out["loss"]))
     specs = {}
@@ -131,18 +148,26 @@ def run(config, mesh):
         specs[label] = {"path": key, "shape": list(leaf.shape), "param": str(tuple(leaf.sharding.spec)),
                         "mu": str(tuple(_opt_leaf(opt_state, key).sharding.spec)),
                         "nu": str(tuple(_opt_leaf(opt_state, key, "nu").sharding.spec))}
-    return {"losses": losses, "specs": specs, "expert_groups": expert_groups}
+    return {"losses": losses, "specs": specs, "expert_groups": expert_groups, "kernel_shapes": kernel_shapes}
 
 
 def losses(family: str, meshes) -> dict:
-    """One device's run, then one per mesh; a mesh named "MESH:POLICY" runs with model.remat = POLICY."""
+    """One device's run, then one per mesh; a mesh named "MESH:POLICY" runs with model.remat = POLICY,
+    "MESH:POLICY:IMPL" also with model.attention_impl = IMPL (and one device's run with IMPL as
+    "single:IMPL")."""
     config = micro_config(family)
-    out = {"single": run(config, jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1),
-                                                   ("data", "fsdp", "tensor", "expert")))}
+    one_device = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1),
+                                   ("data", "fsdp", "tensor", "expert"))
+    default_impl = config.model.attention_impl
+    out = {"single": run(config, one_device)}
+    for impl in sorted({name.split(":")[2] for name in meshes if name.count(":") == 2}):
+        config.model.attention_impl = impl
+        out[f"single:{impl}"] = run(config, one_device)
     for name in meshes:
-        mesh, _, remat = name.partition(":")
+        mesh, remat, impl = (name.split(":") + ["", ""])[:3]
         config.mesh.update(MESHES[mesh])
         config.model.remat = remat or "none"
+        config.model.attention_impl = impl or default_impl
         t0 = time.perf_counter()
         out[name] = run(config, None)
         out[name]["seconds"] = time.perf_counter() - t0

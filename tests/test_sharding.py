@@ -18,18 +18,21 @@ from jax.sharding import Mesh, PartitionSpec as P
 import numpy as np
 
 from tests.conftest import ROOT, SUBPROCESS_ENV
+from tests.sharding_runs import BATCH, MESHES
 from zoo import sharding
 
 HELPER = os.path.join(ROOT, "tests", "sharding_runs.py")
 ENV = {**SUBPROCESS_ENV, "XLA_FLAGS": (SUBPROCESS_ENV.get("XLA_FLAGS", "") +
                                        " --xla_force_host_platform_device_count=8").strip(),
        "JAX_PLATFORMS": "cpu"}
-FAMILY_MESHES = {   # at least three meshes per family; MoE ones also expert-parallel ("MESH:REMAT": that remat)
+# At least three meshes per family; MoE ones also expert-parallel. "MESH:REMAT": with that remat;
+# "MESH:REMAT:IMPL": also with that attention_impl (pallas: the kernels in interpret mode, per shard).
+FAMILY_MESHES = {
     "gemma4": ("data8", "fsdp8", "fsdp2_tensor4"),
     "gemma4_moe": ("fsdp2_expert2_tensor2:dots",),   # Gemma 4 with the 26B-A4B MoE block
-    "laguna": ("data8", "fsdp2_tensor4", "fsdp2_expert2_tensor2:full"),
+    "laguna": ("data8", "fsdp2_tensor4", "fsdp2_expert2_tensor2:full", "fsdp2_expert2_tensor2::pallas"),
     "zaya1": ("data8", "fsdp8", "fsdp2_tensor4", "expert4_data2"),
-    "deepseek_v4": ("data8", "fsdp8", "expert2_fsdp4:dots"),
+    "deepseek_v4": ("data8", "fsdp8", "expert2_fsdp4:dots", "fsdp2_tensor4::pallas"),
 }
 EXPERT_SHARDS = {"expert2_fsdp4": 2, "expert4_data2": 4, "fsdp2_expert2_tensor2": 2}   # the `expert` axis
 NUM_EXPERTS = 4   # every MoE micro config
@@ -71,6 +74,13 @@ def test_sharded_losses_match_one_device(runs, family):
     single = np.asarray(result["single"]["losses"])
     assert np.all(np.isfinite(single))
     for mesh in FAMILY_MESHES[family]:
+        mesh_name, _, impl = (mesh.split(":") + ["", ""])[:3]
+        if impl:   # against one device with the same kernels; on the mesh each kernel sees its batch slice
+            one = result[f"single:{impl}"]
+            np.testing.assert_allclose(one["losses"], single, rtol=RTOL, err_msg=f"{family}: {impl} kernels")
+            ways = int(np.prod([MESHES[mesh_name][a] for a in sharding.BATCH]))
+            assert one["kernel_shapes"] and {s[0] for s in one["kernel_shapes"]} == {BATCH}, one["kernel_shapes"]
+            assert {s[0] for s in result[mesh]["kernel_shapes"]} == {BATCH // ways}, result[mesh]["kernel_shapes"]
         np.testing.assert_allclose(result[mesh]["losses"], single, rtol=RTOL, err_msg=f"{family} on {mesh}")
         for name, s in result[mesh]["specs"].items():   # optimizer moments live where their parameter does
             assert s["mu"] == s["param"] == s["nu"], (family, mesh, name, s)

@@ -28,7 +28,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, compute_dtype: str | None = None, *, tr
     `training=True` gives the model's training objective (`Decoder.train_loss`: next-token cross-entropy
     plus any multi-token-prediction loss); otherwise next-token cross-entropy alone. With the `mesh` and
     `rules` the parameters are laid out by, MoE layers run expert-parallel where the rules put the
-    experts on a mesh axis `expert` of size > 1 (`zoo.sharding.expert_parallel`)."""
+    experts on a mesh axis `expert` of size > 1, and fused kernels per shard
+    (`zoo.sharding.partitioned_layers`)."""
     dtype = DTYPES[compute_dtype] if compute_dtype else None
 
     def loss(params, inputs_BT, targets_BT):
@@ -36,7 +37,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, compute_dtype: str | None = None, *, tr
             params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
                                   params)
         model = nnx.merge(graphdef, params)
-        with sharding.expert_parallel(mesh, rules) if mesh is not None else contextlib.nullcontext():
+        with sharding.partitioned_layers(mesh, rules) if mesh is not None else contextlib.nullcontext():
             if training:
                 return model.train_loss(inputs_BT, targets_BT)[0]
             return cross_entropy(model(inputs_BT), targets_BT)[0]

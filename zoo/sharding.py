@@ -6,13 +6,15 @@ big_vision and the Flax NNX Gemma example. Modules never see a mesh.
 
 Mesh axes: `data` (pure data parallel), `fsdp` (batch AND parameter/optimizer sharding), `tensor`
 (heads, MLP width, vocab), `expert` (routed experts; also splits the batch outside the experts). Under
-`expert_parallel`, MoE layers compute their experts expert-parallel (each `expert` shard only its own).
+`expert_parallel`, MoE layers compute their experts expert-parallel (each `expert` shard only its own);
+under `kernels_per_shard`, fused kernels run on each device's slice (`layers.partitioning`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -20,7 +22,7 @@ from flax import nnx
 from jax._src import config as jax_config
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from layers import moe
+from layers import moe, partitioning
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH = ("data", "fsdp", "expert")
@@ -171,6 +173,36 @@ def expert_parallel(mesh: Mesh, rules):
     if mesh.shape["expert"] > 1 and "expert" in dict(rules).get("experts", ()):
         return moe.use_routed_experts(functools.partial(expert_parallel_experts, mesh=mesh, rules=rules))
     return moe.use_routed_experts(moe.routed_experts)
+
+
+def kernels_per_shard(mesh: Mesh, rules):
+    """A context manager: the fused kernels traced inside it (attention through cuDNN, splash or our
+    Pallas kernels; the DeepSeek-V4 CSA, HCA and indexer kernels) run in a shard_map on `mesh`, each device
+    on its slice of the batch and heads (`per_shard_on_mesh`), instead of XLA gathering their operands
+    around one opaque call. A no-op on one device. Enter it where a model's jitted step is traced."""
+    if mesh.size == 1:
+        return contextlib.nullcontext()
+    return partitioning.use_per_shard(functools.partial(per_shard_on_mesh, mesh=mesh, rules=resolve_rules(rules)))
+
+
+def per_shard_on_mesh(fn: Callable, in_axes, out_axes, *, mesh: Mesh, rules) -> Callable:
+    """`fn` in a shard_map over `mesh`: each argument split over the mesh axes its logical axes take
+    (`spec`; None for an argument that is None), the result laid out by `out_axes` the same way. Arrays
+    sharing a logical axis of one size split it alike, so a kernel sees matching slices."""
+    def call(*args):
+        in_specs = tuple(PartitionSpec() if a is None else spec(axes, a.shape, rules, mesh)
+                         for a, axes in zip(args, in_axes, strict=True))
+        out_spec = spec(out_axes, jax.eval_shape(fn, *args).shape, rules, mesh)
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
+    return call
+
+
+@contextlib.contextmanager
+def partitioned_layers(mesh: Mesh, rules) -> Iterator[None]:
+    """Both seams at once, as a jitted model step on `mesh` needs them: MoE layers expert-parallel
+    (`expert_parallel`) and fused kernels per shard (`kernels_per_shard`)."""
+    with expert_parallel(mesh, rules), kernels_per_shard(mesh, rules):
+        yield
 
 
 def _mesh_axes(entry) -> tuple[str, ...]:
