@@ -10,10 +10,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
 from layers import params, partitioning
 from layers.norms import RMSNorm
 from layers.rope import RopeSpec, apply_rope
+from pallas_kernels.flash_attention import flash_attention
 
 IMPLS = ("xla", "pallas", "auto")
 OUTPUT_GATES = ("none", "per_head", "per_element")
@@ -160,8 +163,6 @@ def splash_attention(q_BTNH, k_BTKH, v_BTKH, *, window: int, scale: float, inter
     run a vmapped splash kernel). Splash has no logit scale: q is scaled first, in float32.
     `interpret`: False on TPU; True or `pltpu.InterpretParams()` to run it on CPU.
     """
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
     B, T, N, H = q_BTNH.shape
     one = (masks.LocalMask((T, T), window_size=(window - 1, 0), offset=0) if window
            else masks.CausalMask((T, T)))
@@ -216,7 +217,6 @@ def _fused_attention(backend: str, q_BTNH, k_BTKH, v_BTKH, sinks_N, segment_ids_
         elif backend == "splash":
             out_BTNH = splash_attention(q_BTNH, k_BTKH, v_BTKH, window=window, scale=scale)
         else:
-            from pallas_kernels.flash_attention import flash_attention
             out_BTNH = flash_attention(q_BTNH, k_BTKH, v_BTKH, window=window, sinks_N=sinks_N,
                                        segment_ids_BT=segment_ids_BT, scale=scale,
                                        impl="pallas_tpu" if jax.default_backend() == "tpu" else "pallas_gpu")

@@ -29,6 +29,7 @@ from flax import nnx
 from layers import params, partitioning
 from layers.norms import RMSNorm
 from layers.rope import RopeSpec, apply_rope_tail
+from pallas_kernels import indexer_topk
 
 
 def entry_segments(segment_ids_BT: jax.Array, ratio: int) -> jax.Array:
@@ -148,7 +149,6 @@ class LightningIndexer(nnx.Module):
                                  preferred_element_type=jnp.float32)
         weights_BTN = weights_BTN * (self.head_dim ** -0.5 * self.num_heads ** -0.5)
         if kernel:   # a token's score sums over the index heads: only rows split over a mesh
-            from pallas_kernels import indexer_topk
             top = lambda q, keys, weights, seg: indexer_topk(q, keys, weights, ratio=self.ratio, topk=self.top_k,
                                                              segment_ids=seg, impl=kernel)
             rows = ("batch", None, None)

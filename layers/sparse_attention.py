@@ -30,6 +30,7 @@ from layers.attention import IMPLS
 from layers.compression import Compressor, LightningIndexer, entry_visibility
 from layers.norms import RMSNorm, rms_normalize
 from layers.rope import RopeSpec, apply_rope_tail
+from pallas_kernels import csa_attention as csa_kernel, flash_attention, hca_attention as hca_kernel
 
 
 def window_visibility(num_tokens: int, window: int, segment_ids_BT: jax.Array | None = None) -> jax.Array:
@@ -153,7 +154,6 @@ class CompressedAttention(nnx.Module):
         return "pallas_tpu" if backend == "tpu" else "pallas_gpu"
 
     def _attention(self, x_BTD, qr_BTQ, q_BTNH, kv_BTH, positions_BT, segment_ids_BT) -> jax.Array:
-        from pallas_kernels import csa_attention as csa_kernel, flash_attention, hca_attention as hca_kernel
         sinks_N, scale = self.sinks[...], self.head_dim ** -0.5
         common = dict(window=self.window, scale=scale, segment_ids_BT=segment_ids_BT)
         lowering = self._kernel_lowering()
