@@ -10,12 +10,14 @@ pure-JAX XLA reference.
 Shapes (batch 1, one layer): Gemma 4 E2B sliding (8 q / 1 kv heads, d 256, window 512) and global
 (8 / 1, d 512); the sliding layers of the `1b` Gemma-4 preset (8 / 2, d 256, window 1024); Laguna sliding
 and global layers (64 and 48 q heads / 8 kv, d 128, window 512 on the sliding ones); ZAYA1 CCA (8 q / 2 kv,
-d 128, full causal). Per variant: median wall time of fwd and of fwd+bwd (grad w.r.t. q, k, v), and
-TFLOP/s on the FLOPs actually needed (each token's visible keys; fwd+bwd counted as 3.5x fwd). cuDNN takes
-head_dim <= 256 from Hopper on, <= 128 before ("n/a" otherwise); the XLA reference materializes
-[heads, T, T] float32 logits and is skipped ("mem") where that would not fit.
+d 128, full causal). Variants: ours, cuDNN, `auto` (what the layers run:
+`layers.attention.dot_product_attention`) and the XLA reference. Per variant: median wall time of fwd and
+of fwd+bwd (grad w.r.t. q, k, v), and TFLOP/s on the FLOPs actually needed (each token's visible keys;
+fwd+bwd counted as 3.5x fwd). cuDNN takes head_dim <= 256 from Hopper on, <= 128 before ("n/a"
+otherwise); the XLA reference materializes [heads, T, T] float32 logits and is skipped ("mem") where that
+would not fit.
 
---sweep times only our kernel, fwd and fwd+bwd (the backward uses the same sizes), for each candidate
+--sweep times only our kernel, fwd and fwd+bwd (the backward uses the same sizes unless a candidate names its own), for each candidate
 FlashBlockSizes of the shape's head dim (SWEEP, plus the default; default 16384 tokens), one row each; a
 candidate that does not compile or run prints "fails: <reason>"; "*" marks the best per shape and direction.
 """
@@ -33,7 +35,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._timing import median_seconds  # noqa: E402
-from layers.attention import attention_mask, cudnn_max_head_dim, reference_attention  # noqa: E402
+from layers.attention import (attention_mask, cudnn_max_head_dim, dot_product_attention,  # noqa: E402
+                              reference_attention)
 from pallas_kernels import FlashBlockSizes, flash_attention  # noqa: E402
 from pallas_kernels.flash_attention import default_block_sizes  # noqa: E402
 
@@ -92,6 +95,10 @@ def variants(s: Shape, T: int, *, smoke: bool, interpret):
             local_window_size=(s.window - 1, 0) if s.window else None)
     else:
         out["cudnn"] = None
+    pos = jnp.arange(T)[None]
+    out["auto"] = lambda q, k, v: dot_product_attention(
+        q, k, v, q_positions_BT=pos, kv_positions_BS=pos, window=s.window, scale=scale, impl="auto",
+        default_positions=True)
     if s.heads * T * T * 4 * 3 <= XLA_LOGIT_BYTES_LIMIT:
         def xla(q, k, v):
             pos = jnp.arange(T)[None]
@@ -151,7 +158,8 @@ def timed(fn, args, iters: int):
 
 
 def label(b: FlashBlockSizes) -> str:
-    return f"q {b.block_q} kv {b.block_kv} warps {b.num_warps} stages {b.num_stages}"
+    text = f"q {b.block_q} kv {b.block_kv} warps {b.num_warps} stages {b.num_stages}"
+    return text + (f"; backward {label(b.backward)}" if b.backward else "")
 
 
 def sweep(shapes, lengths, candidates, *, iters: int, dtype):

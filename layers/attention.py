@@ -91,9 +91,9 @@ def _splash_fits(q_BTNH, k_BSKH, sinks_N, softcap, segment_ids_BT, default_posit
             and segment_ids_BT is None and T == k_BSKH.shape[1] and T % 128 == 0 and H % 128 == 0)
 
 
-# On GPU our flash kernel's d-512 tiles are small (32 x 32): measured on an H100 (docs/benchmarks.md),
-# full causal attention at head_dim 512 runs faster through XLA wherever XLA's float32 logits fit this
-# budget (4K and 16K tokens: 1.15-1.45x forward, 2.1-2.7x forward+backward); past it, only the kernel runs.
+# Full causal attention at head_dim 512 on an H100 (docs/benchmarks.md): our kernel's forward is faster
+# than XLA's (1.3x at 4K tokens, 1.5x at 16K), XLA's forward+backward faster than ours (1.7-1.8x) wherever
+# its float32 logits fit this budget; past it, only the kernel runs.
 XLA_WIDE_HEAD_LOGITS_BYTES = 8 << 30
 
 
@@ -112,17 +112,20 @@ def attention_backend(impl: str, q_BTNH, k_BSKH, *, sinks_N=None, softcap: float
     """The one choice table: which code runs `dot_product_attention`.
 
     Returns "reference" (pure JAX), "cudnn" (jax.nn.dot_product_attention), "splash" (JAX's TPU splash
-    attention) or "flash" (our Pallas kernel, pallas_kernels.flash_attention).
+    attention), "flash" (our Pallas kernel, pallas_kernels.flash_attention) or "flash_xla_vjp" (our kernel
+    for the value, the reference's forward and backward where it is differentiated).
 
       impl     | GPU                      | TPU                       | CPU
       ---------+--------------------------+---------------------------+-------------------------
       xla      | reference                | reference                 | reference
       pallas   | flash                    | flash                     | flash (interpret mode)
       auto     | cudnn if it fits,        | splash if it fits,        | reference
-               | else ref. if head_dim >  | else flash, else ref.     |
-               | 256, full causal and the |                           |
-               | logits fit 8 GiB, else   |                           |
-               | flash, else ref.         |                           |
+               | else flash_xla_vjp (or   | else flash, else ref.     |
+               | ref. with sinks or seg.) |                           |
+               | if head_dim > 256, full  |                           |
+               | causal and the logits    |                           |
+               | fit 8 GiB, else flash,   |                           |
+               | else ref.                |                           |
 
     "pallas" raises on an attention softcap (the kernel has none) and falls back to the reference where
     the kernel does not apply: positions other than 0..T-1 in every row (e.g. decoding against a cache),
@@ -145,7 +148,9 @@ def attention_backend(impl: str, q_BTNH, k_BSKH, *, sinks_N=None, softcap: float
         if segment_ids_BT is None and _cudnn_fits(q_BTNH, k_BSKH, sinks_N, softcap, default_positions):
             return "cudnn"
         if _xla_beats_own_kernel(q_BTNH, k_BSKH, window):
-            return "reference"
+            plain = sinks_N is None and segment_ids_BT is None
+            return "flash_xla_vjp" if plain and _own_kernel_fits(q_BTNH, k_BSKH, softcap, default_positions) \
+                else "reference"
     elif backend == "tpu":
         if _splash_fits(q_BTNH, k_BSKH, sinks_N, softcap, segment_ids_BT, default_positions):
             return "splash"
@@ -198,9 +203,29 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, q_positions_BT, kv_position
                                softcap=softcap)
 
 
+def _flash_value_xla_gradient(q_BTNH, k_BTKH, v_BTKH, *, scale: float) -> jax.Array:
+    """Full causal attention: our kernel computes the value; differentiated, the reference computes it and
+    its gradient instead (faster than the kernel's backward where its logits fit, see above)."""
+    T = q_BTNH.shape[1]
+
+    def reference(q_BTNH, k_BTKH, v_BTKH):
+        positions_1T = jnp.arange(T)[None]
+        return reference_attention(q_BTNH, k_BTKH, v_BTKH, attention_mask(positions_1T, positions_1T), scale=scale)
+
+    @jax.custom_vjp
+    def attend(q_BTNH, k_BTKH, v_BTKH):
+        return flash_attention(q_BTNH, k_BTKH, v_BTKH, scale=scale, impl="pallas_gpu")
+
+    def forward(q_BTNH, k_BTKH, v_BTKH):
+        return jax.vjp(reference, q_BTNH, k_BTKH, v_BTKH)   # the value, and the reference's backward
+
+    attend.defvjp(forward, lambda reference_vjp, d_out_BTNH: reference_vjp(d_out_BTNH))
+    return attend(q_BTNH, k_BTKH, v_BTKH)
+
+
 def _fused_attention(backend: str, q_BTNH, k_BTKH, v_BTKH, sinks_N, segment_ids_BT, *, window: int,
                      scale: float) -> jax.Array:
-    """Self-attention through a fused kernel ("cudnn", "splash" or "flash"), called shard by shard
+    """Self-attention through a fused kernel ("cudnn", "splash", "flash", "flash_xla_vjp"), called shard by shard
     (`partitioning.per_shard`): batch rows and kv-head groups are independent, so a query head travels
     with its kv head (q seen as [B, T, K, G, H]) wherever the mesh splits the kv heads."""
     B, T, N, H = q_BTNH.shape
@@ -216,6 +241,8 @@ def _fused_attention(backend: str, q_BTNH, k_BTKH, v_BTKH, sinks_N, segment_ids_
                 local_window_size=(window - 1, 0) if window else None)
         elif backend == "splash":
             out_BTNH = splash_attention(q_BTNH, k_BTKH, v_BTKH, window=window, scale=scale)
+        elif backend == "flash_xla_vjp":
+            out_BTNH = _flash_value_xla_gradient(q_BTNH, k_BTKH, v_BTKH, scale=scale)
         else:
             out_BTNH = flash_attention(q_BTNH, k_BTKH, v_BTKH, window=window, sinks_N=sinks_N,
                                        segment_ids_BT=segment_ids_BT, scale=scale,

@@ -38,18 +38,27 @@ _ENGINES = {"pallas_gpu": _flash_gpu, "pallas_tpu": _flash_tpu}
 
 @dataclasses.dataclass(frozen=True)
 class FlashBlockSizes:
-    """block_q: (token, head) rows per tile; block_kv: keys per tile (both kernels and directions).
-    num_warps / num_stages: Triton launch parameters (GPU only)."""
+    """block_q: (token, head) rows per tile; block_kv: keys per tile. num_warps / num_stages: Triton
+    launch parameters (GPU only). `backward`: other sizes for the backward kernels (None: these)."""
     block_q: int = 64
     block_kv: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    backward: FlashBlockSizes | None = None
 
     def __post_init__(self):
         for field in ("block_q", "block_kv"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 8 or value & (value - 1):
                 raise ValueError(f"FlashBlockSizes.{field}={value!r} must be a power of two >= 8")
+        if self.backward is not None and (not isinstance(self.backward, FlashBlockSizes)
+                                          or self.backward.backward is not None):
+            raise ValueError(f"FlashBlockSizes.backward must be a FlashBlockSizes without its own backward, "
+                             f"got {self.backward!r}")
+
+    @property
+    def for_backward(self) -> FlashBlockSizes:
+        return self.backward or self
 
 
 def default_block_sizes(impl: str, head_dim: int, dtype=jnp.bfloat16) -> FlashBlockSizes:
@@ -64,7 +73,9 @@ def default_block_sizes(impl: str, head_dim: int, dtype=jnp.bfloat16) -> FlashBl
         return FlashBlockSizes(64, 32, num_warps=4, num_stages=2)
     if jnp.dtype(dtype).itemsize > 2:
         return FlashBlockSizes(16, 16, num_warps=4, num_stages=1)
-    return FlashBlockSizes(64, 16, num_warps=8, num_stages=2)
+    # bf16 d 512: the forward's best tiles; the backward's do not fit shared memory with them
+    return FlashBlockSizes(64, 32, num_warps=8, num_stages=2,
+                           backward=FlashBlockSizes(64, 16, num_warps=8, num_stages=2))
 
 
 def flash_attention_reference(q_BTNH, k_BSKH, v_BSKH, *, window: int = 0, sinks_N=None, segment_ids_BT=None,
@@ -126,12 +137,12 @@ def _from_rows(x_BKR, T: int, N: int):
     return x.reshape(B, T, N, *x.shape[4:])
 
 
-def _prepare(cfg: _Config, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT) -> _Prepared:
+def _prepare(blocks: FlashBlockSizes, head_pad: int, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT) -> _Prepared:
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     G = N // K
-    bq, bk = cfg.blocks.block_q, cfg.blocks.block_kv
-    R, Sp, Hp = round_up(T * G, bq), round_up(T, bk), cfg.head_pad
+    bq, bk = blocks.block_q, blocks.block_kv
+    R, Sp, Hp = round_up(T * G, bq), round_up(T, bk), head_pad
     kv = lambda x: pad_axis(pad_axis(x.transpose(0, 2, 1, 3), 2, Sp), 3, Hp)
     qseg = pad_axis(jnp.repeat(seg_BT, G, axis=1), 1, R)
     sinks_KR = jnp.tile(sinks_N.astype(_F32).reshape(K, G), (1, R // G + 1))[:, :R]
@@ -145,7 +156,7 @@ def _flash(cfg: _Config, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT):
 
 
 def _flash_forward(cfg: _Config, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT):
-    p = _prepare(cfg, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT)
+    p = _prepare(cfg.blocks, cfg.head_pad, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT)
     o_rows, lse_rows = _ENGINES[cfg.lowering.impl].forward(
         p, scale=cfg.scale, window=cfg.window, blocks=cfg.blocks, interpret=cfg.lowering.interpret)
     N, H = q_BTNH.shape[2], q_BTNH.shape[3]
@@ -157,11 +168,14 @@ def _flash_backward(cfg: _Config, residuals, do_BTNH):
     q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT, o_rows, lse_rows = residuals
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
-    p = _prepare(cfg, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT)
-    do_rows = _to_rows(do_BTNH.astype(q_BTNH.dtype), K, p.q.shape[2], cfg.head_pad)
+    blocks = cfg.blocks.for_backward
+    p = _prepare(blocks, cfg.head_pad, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT)
+    R = p.q.shape[2]   # rows padded for the backward's tiles; past T * G rows are padding (do = 0)
+    o_rows, lse_rows = (pad_axis(x[:, :, :R], 2, R) for x in (o_rows, lse_rows))
+    do_rows = _to_rows(do_BTNH.astype(q_BTNH.dtype), K, R, cfg.head_pad)
     delta_rows = jnp.einsum("BKRH,BKRH->BKR", o_rows.astype(_F32), do_rows.astype(_F32))
     dq, dk, dv = _ENGINES[cfg.lowering.impl].backward(
-        p, do_rows, lse_rows, delta_rows, scale=cfg.scale, window=cfg.window, blocks=cfg.blocks,
+        p, do_rows, lse_rows, delta_rows, scale=cfg.scale, window=cfg.window, blocks=blocks,
         interpret=cfg.lowering.interpret)
     kv_back = lambda x: x[:, :, :T, :H].transpose(0, 2, 1, 3)
     # d loss / d sink_n = -sum_{b,t} p_sink * delta, p_sink = exp(sink - lse) (its value vector is zero).

@@ -37,7 +37,7 @@ def _segments(T):
     return jnp.array([[1] * cut + [2] * (T - cut), [3] * (T - 4) + [0] * 4], jnp.int32)
 
 
-def _check(impl, *, T, N, K, H, window, use_sinks, use_segments, dtype, tol):
+def _check(impl, *, T, N, K, H, window, use_sinks, use_segments, dtype, tol, blocks=None):
     q, k, v, sinks, cot = _inputs(T, N, K, H, dtype)
     seg = _segments(T) if use_segments else None
     sinks = sinks if use_sinks else None
@@ -48,7 +48,7 @@ def _check(impl, *, T, N, K, H, window, use_sinks, use_segments, dtype, tol):
 
     def ours(q, k, v, s):
         return flash_attention(q, k, v, window=window, sinks_N=s, segment_ids_BT=seg, scale=scale, impl=impl,
-                               block_sizes=SMALL[impl])
+                               block_sizes=blocks or SMALL[impl])
 
     def ref(q, k, v, s):
         return reference_attention(q, k, v, mask, scale=scale, sinks_N=s)
@@ -92,6 +92,43 @@ def test_gpu_lowering_fp32(T, N, K, H, window, sinks, segments):
 def test_tpu_lowering_fp32(T, N, K, H, window, sinks, segments):
     _check("pallas_tpu", T=T, N=N, K=K, H=H, window=window, use_sinks=sinks, use_segments=segments,
            dtype=jnp.float32, tol=1e-5)
+
+
+def _kernel_grids(jaxpr) -> dict[str, tuple]:
+    grids = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            grids[eqn.params["name"]] = tuple(eqn.params["grid_mapping"].grid)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)   # a ClosedJaxpr, or a custom_vjp's wrapper of one
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    grids.update(_kernel_grids(sub))
+    return grids
+
+
+@pytest.mark.parametrize("impl,blocks,grids", [
+    # GPU grids (B, K, blocks): 111 rows / 16 forward; 111 rows / 32 for dq, 37 keys / 8 for dk, dv
+    ("pallas_gpu", FlashBlockSizes(16, 16, backward=FlashBlockSizes(32, 8, num_warps=8)),
+     {"flash_attention_forward": (B, 2, 7), "flash_attention_dq": (B, 2, 4), "flash_attention_dkv": (B, 2, 5)}),
+    # TPU grids (B, K, outer blocks, inner blocks)
+    ("pallas_tpu", FlashBlockSizes(16, 8, backward=FlashBlockSizes(32, 16)),
+     {"flash_attention_forward": (B, 2, 7, 5), "flash_attention_dq": (B, 2, 4, 3),
+      "flash_attention_dkv": (B, 2, 3, 4)})])
+def test_backward_tiles_of_their_own(impl, blocks, grids):
+    """Backward kernels with other tiles than the forward's: 111 (token, head) rows pad to 112 rows
+    forward and to 128 backward, so the forward's residuals are re-padded."""
+    _check(impl, T=37, N=6, K=2, H=16, window=7, use_sinks=True, use_segments=True, dtype=jnp.float32,
+           tol=1e-5, blocks=blocks)
+    q, k = jnp.ones((B, 37, 6, 16)), jnp.ones((B, 37, 2, 16))
+    loss = lambda q, k, v: flash_attention(q, k, v, scale=0.25, impl=impl, block_sizes=blocks).sum()
+    assert _kernel_grids(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, k).jaxpr) == grids
+
+
+def test_backward_block_sizes_are_checked():
+    with pytest.raises(ValueError, match="backward"):
+        FlashBlockSizes(16, 16, backward=FlashBlockSizes(16, 16, backward=FlashBlockSizes()))
 
 
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
@@ -142,8 +179,9 @@ def test_dispatch_table_on_gpu(monkeypatch):
     assert auto(shaped(1, 4096, 8, 128), shaped(1, 4096, 2, 128)) == "cudnn"
     assert auto(shaped(1, 4096, 8, 128), shaped(1, 4096, 2, 128), sinks_N=jnp.zeros(8)) == "flash"
     assert auto(shaped(1, 4096, 8, 256), shaped(1, 4096, 1, 256), window=512) == "flash"
-    # head_dim 512, full causal: XLA while its float32 logits fit 8 GiB, then our kernel
-    assert auto(shaped(8, 4096, 8, 512), shaped(8, 4096, 1, 512)) == "reference"   # 4 GiB of logits
+    # head_dim 512, full causal: our kernel's value and XLA's gradient while its float32 logits fit 8 GiB
+    assert auto(shaped(8, 4096, 8, 512), shaped(8, 4096, 1, 512)) == "flash_xla_vjp"   # 4 GiB of logits
+    assert auto(shaped(8, 4096, 8, 512), shaped(8, 4096, 1, 512), sinks_N=jnp.zeros(8)) == "reference"
     assert auto(shaped(1, 65536, 8, 512), shaped(1, 65536, 1, 512)) == "flash"    # 128 GiB
     assert auto(shaped(1, 4096, 8, 512), shaped(1, 4096, 1, 512), window=1024) == "flash"
     assert auto(shaped(1, 4096, 8, 128), shaped(1, 4096, 2, 128), segment_ids_BT=jnp.ones((1, 4096))) == "flash"
@@ -153,6 +191,28 @@ def test_dispatch_table_on_gpu(monkeypatch):
     assert auto(shaped(4, 4096, 8, 256), shaped(4, 4096, 1, 256), window=512) == "cudnn"
     assert auto(shaped(1, 16384, 8, 256), shaped(1, 16384, 2, 256), window=1024) == "cudnn"
     assert auto(shaped(4, 4096, 8, 512), shaped(4, 4096, 1, 512), window=1024) == "flash"
+
+
+def test_kernel_value_with_reference_gradient():
+    """"flash_xla_vjp": the value comes from our kernel (its forward alone in the program), the gradient
+    from the reference (no kernel in the differentiated program), both equal to the reference's."""
+    q, k, v, _, cot = _inputs(T=24, N=4, K=2, H=32, dtype=jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(24), (B, 24))
+    attend = lambda backend: lambda q, k, v: attention._fused_attention(backend, q, k, v, None, None, window=0,
+                                                                       scale=0.2)
+    mask = attention_mask(pos, pos)
+    want = reference_attention(q, k, v, mask, scale=0.2)
+    got = attend("flash_xla_vjp")(q, k, v)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(got, attend("flash")(q, k, v), atol=1e-6)
+    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
+    grads = jax.grad(loss(attend("flash_xla_vjp")), argnums=(0, 1, 2))(q, k, v)
+    want_grads = jax.grad(loss(lambda q, k, v: reference_attention(q, k, v, mask, scale=0.2)), argnums=(0, 1, 2))(
+        q, k, v)
+    for g, w in zip(grads, want_grads):
+        np.testing.assert_allclose(g, w, atol=1e-5)
+    assert set(_kernel_grids(jax.make_jaxpr(attend("flash_xla_vjp"))(q, k, v).jaxpr)) == {"flash_attention_forward"}
+    assert not _kernel_grids(jax.make_jaxpr(jax.grad(loss(attend("flash_xla_vjp"))))(q, k, v).jaxpr)
 
 
 def test_dispatch_table_on_tpu(monkeypatch):
