@@ -210,7 +210,8 @@ def _flash_value_xla_gradient(q_BTNH, k_BTKH, v_BTKH, *, scale: float) -> jax.Ar
 
     def reference(q_BTNH, k_BTKH, v_BTKH):
         positions_1T = jnp.arange(T)[None]
-        return reference_attention(q_BTNH, k_BTKH, v_BTKH, attention_mask(positions_1T, positions_1T), scale=scale)
+        mask_1TT = attention_mask(positions_1T, positions_1T)
+        return reference_attention(q_BTNH, k_BTKH, v_BTKH, mask_1TT, scale=scale)
 
     @jax.custom_vjp
     def attend(q_BTNH, k_BTKH, v_BTKH):
@@ -225,9 +226,9 @@ def _flash_value_xla_gradient(q_BTNH, k_BTKH, v_BTKH, *, scale: float) -> jax.Ar
 
 def _fused_attention(backend: str, q_BTNH, k_BTKH, v_BTKH, sinks_N, segment_ids_BT, *, window: int,
                      scale: float) -> jax.Array:
-    """Self-attention through a fused kernel ("cudnn", "splash", "flash", "flash_xla_vjp"), called shard by shard
-    (`partitioning.per_shard`): batch rows and kv-head groups are independent, so a query head travels
-    with its kv head (q seen as [B, T, K, G, H]) wherever the mesh splits the kv heads."""
+    """Self-attention through a fused kernel ("cudnn", "splash", "flash", "flash_xla_vjp"), called shard
+    by shard (`partitioning.per_shard`): batch rows and kv-head groups are independent, so a query head
+    travels with its kv head (q seen as [B, T, K, G, H]) wherever the mesh splits the kv heads."""
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
 

@@ -45,28 +45,66 @@ def row_block_range(j, *, bq: int, bk: int, groups: int, tokens: int, window: in
     return lo, jnp.maximum(hi, lo)
 
 
+def _split(lo, hi, lo_full, hi_full):
+    """[lo, hi) cut into [lo, a) + [a, b) + [b, hi), where [a, b) lies within [lo_full, hi_full)."""
+    a = jnp.clip(lo_full, lo, hi)
+    return a, jnp.clip(hi_full, a, hi)
+
+
+def whole_key_blocks(i, lo, hi, *, bq: int, bk: int, groups: int, window: int):
+    """[a, b) within the key blocks [lo, hi) of row block i that every row sees whole (no mask needed):
+    each key at or before the block's first token and, with a window, within it of its last token."""
+    first_t, last_t = lax.div(i * bq, groups), lax.div(i * bq + bq - 1, groups)
+    lo_full = lax.div(jnp.maximum(last_t - window + 1, 0) + bk - 1, bk) if window else lo
+    return _split(lo, hi, lo_full, lax.div(first_t + 1, bk))
+
+
+def whole_row_blocks(j, lo, hi, *, bq: int, bk: int, groups: int, window: int):
+    """[a, b) within the row blocks [lo, hi) that see all of key block j: each row's token at or after the
+    block's last key and, with a window, within it of the block's first key."""
+    lo_full = lax.div((j * bk + bk - 1) * groups + bq - 1, bq)
+    return _split(lo, hi, lo_full, lax.div((j * bk + window) * groups, bq) if window else hi)
+
+
 def _visible(t_r, s_k, qseg_r, kvseg_k, window: int):
-    vis = (s_k[None, :] <= t_r[:, None]) & (qseg_r[:, None] == kvseg_k[None, :]) & (kvseg_k[None, :] != 0)
+    """Causal (and window) visibility of keys s_k to rows of tokens t_r; with segment ids (not None), only
+    within equal non-zero ids."""
+    vis = s_k[None, :] <= t_r[:, None]
+    if qseg_r is not None:
+        vis &= (qseg_r[:, None] == kvseg_k[None, :]) & (kvseg_k[None, :] != 0)
     if window:
         vis &= t_r[:, None] - s_k[None, :] < window
     return vis
 
 
+def _walk(lo, hi, whole, step, carry, segmented: bool):
+    """fori_loop of step(j, carry, masked) over blocks [lo, hi): unmasked over the `whole` range (a, b)
+    unless segment ids call for the mask everywhere."""
+    if segmented:
+        return lax.fori_loop(lo, hi, functools.partial(step, masked=True), carry)
+    a, b = whole
+    carry = lax.fori_loop(lo, a, functools.partial(step, masked=True), carry)
+    carry = lax.fori_loop(a, b, functools.partial(step, masked=False), carry)
+    return lax.fori_loop(b, hi, functools.partial(step, masked=True), carry)
+
+
 def _forward_kernel(qseg_ref, sink_ref, q_ref, k_ref, v_ref, kvseg_ref, o_ref, lse_ref, *, scale, bq, bk,
-                    groups, tokens, window):
+                    groups, tokens, window, segmented):
     i = pl.program_id(2)
     q = q_ref[...]
     t_r = lax.div(i * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0), groups)
-    qseg_r = qseg_ref[...]
+    qseg_r = qseg_ref[...] if segmented else None
     lo, hi = key_block_range(i, bq=bq, bk=bk, groups=groups, tokens=tokens, window=window)
 
-    def step(j, carry):
+    def step(j, carry, masked):
         acc, m, l = carry
         keys = k_ref[pl.ds(j * bk, bk), :]
         vals = v_ref[pl.ds(j * bk, bk), :]
-        s_k = j * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
-        vis = _visible(t_r, s_k, qseg_r, kvseg_ref[pl.ds(j * bk, bk)], window)
-        s = jnp.where(vis, _dot_nt(q, keys) * scale, -jnp.inf)
+        s = _dot_nt(q, keys) * scale
+        if masked:
+            s_k = j * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
+            kvseg_k = kvseg_ref[pl.ds(j * bk, bk)] if segmented else None
+            s = jnp.where(_visible(t_r, s_k, qseg_r, kvseg_k, window), s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
@@ -74,67 +112,76 @@ def _forward_kernel(qseg_ref, sink_ref, q_ref, k_ref, v_ref, kvseg_ref, o_ref, l
         return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
     carry = (jnp.zeros(q.shape, _F32), sink_ref[...], jnp.ones((bq,), _F32))
-    acc, m, l = lax.fori_loop(lo, hi, step, carry)
+    whole = whole_key_blocks(i, lo, hi, bq=bq, bk=bk, groups=groups, window=window)
+    acc, m, l = _walk(lo, hi, whole, step, carry, segmented)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
 
 
 def _dq_kernel(qseg_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, kvseg_ref, dq_ref, *, scale, bq, bk,
-               groups, tokens, window):
+               groups, tokens, window, segmented):
     i = pl.program_id(2)
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
     t_r = lax.div(i * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0), groups)
-    qseg_r = qseg_ref[...]
+    qseg_r = qseg_ref[...] if segmented else None
     lo, hi = key_block_range(i, bq=bq, bk=bk, groups=groups, tokens=tokens, window=window)
 
-    def step(j, dq):
+    def step(j, dq, masked):
         keys = k_ref[pl.ds(j * bk, bk), :]
         vals = v_ref[pl.ds(j * bk, bk), :]
-        s_k = j * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
-        vis = _visible(t_r, s_k, qseg_r, kvseg_ref[pl.ds(j * bk, bk)], window)
-        s = jnp.where(vis, _dot_nt(q, keys) * scale, -jnp.inf)
+        s = _dot_nt(q, keys) * scale
+        if masked:
+            s_k = j * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
+            kvseg_k = kvseg_ref[pl.ds(j * bk, bk)] if segmented else None
+            s = jnp.where(_visible(t_r, s_k, qseg_r, kvseg_k, window), s, -jnp.inf)
         p = jnp.exp(s - lse[:, None])
         ds = p * (_dot_nt(do, vals) - delta[:, None])
         return dq + _dot(ds.astype(keys.dtype), keys)
 
-    dq = lax.fori_loop(lo, hi, step, jnp.zeros(q.shape, _F32))
+    whole = whole_key_blocks(i, lo, hi, bq=bq, bk=bk, groups=groups, window=window)
+    dq = _walk(lo, hi, whole, step, jnp.zeros(q.shape, _F32), segmented)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(k_ref, v_ref, kvseg_ref, qseg_ref, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale,
-                bq, bk, groups, tokens, window, n_row_blocks):
+                bq, bk, groups, tokens, window, n_row_blocks, segmented):
     j = pl.program_id(2)
     keys, vals = k_ref[...], v_ref[...]
     s_k = j * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
-    kvseg_k = kvseg_ref[...]
+    kvseg_k = kvseg_ref[...] if segmented else None
     lo, hi = row_block_range(j, bq=bq, bk=bk, groups=groups, tokens=tokens, window=window,
                              n_row_blocks=n_row_blocks)
 
-    def step(i, carry):
+    def step(i, carry, masked):
         dk, dv = carry
         rows = pl.ds(i * bq, bq)
         q, do = q_ref[rows, :], do_ref[rows, :]
-        t_r = lax.div(i * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0), groups)
-        vis = _visible(t_r, s_k, qseg_ref[rows], kvseg_k, window)
-        s = jnp.where(vis, _dot_nt(q, keys) * scale, -jnp.inf)
+        s = _dot_nt(q, keys) * scale
+        if masked:
+            t_r = lax.div(i * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0), groups)
+            qseg_r = qseg_ref[rows] if segmented else None
+            s = jnp.where(_visible(t_r, s_k, qseg_r, kvseg_k, window), s, -jnp.inf)
         p = jnp.exp(s - lse_ref[rows][:, None])
         dv = dv + _dot_tn(p.astype(do.dtype), do)
         ds = p * (_dot_nt(do, vals) - delta_ref[rows][:, None])
         return dk + _dot_tn(ds.astype(q.dtype), q), dv
 
     zeros = jnp.zeros(keys.shape, _F32)
-    dk, dv = lax.fori_loop(lo, hi, step, (zeros, zeros))
+    whole = whole_row_blocks(j, lo, hi, bq=bq, bk=bk, groups=groups, window=window)
+    dk, dv = _walk(lo, hi, whole, step, (zeros, zeros), segmented)
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def forward(p, *, scale, window, blocks, interpret):
-    """p: the padded row-layout operands (flash_attention._Prepared). Returns O [B, K, R, Hp], lse [B, K, R]."""
+    """p: the padded row-layout operands (flash_attention._Prepared). Returns O [B, K, R, Hp], lse [B, K, R].
+    Without segment ids (p.segmented False) the kernels never read them, and mask only the blocks that
+    hold an invisible key."""
     B, K, R, Hp = p.q.shape
     Sp = p.k.shape[2]
     bq, bk = blocks.block_q, blocks.block_kv
-    kw = dict(scale=scale, bq=bq, bk=bk, groups=p.groups, tokens=p.tokens, window=window)
+    kw = dict(scale=scale, bq=bq, bk=bk, groups=p.groups, tokens=p.tokens, window=window, segmented=p.segmented)
     rows = pl.BlockSpec((None, None, bq, Hp), lambda b, k, i: (b, k, i, 0))
     row_vec = pl.BlockSpec((None, None, bq), lambda b, k, i: (b, k, i))
     whole = pl.BlockSpec((None, None, Sp, Hp), lambda b, k, i: (b, k, 0, 0))
@@ -156,7 +203,7 @@ def backward(p, do, lse, delta, *, scale, window, blocks, interpret):
     B, K, R, Hp = p.q.shape
     Sp = p.k.shape[2]
     bq, bk = blocks.block_q, blocks.block_kv
-    kw = dict(scale=scale, bq=bq, bk=bk, groups=p.groups, tokens=p.tokens, window=window)
+    kw = dict(scale=scale, bq=bq, bk=bk, groups=p.groups, tokens=p.tokens, window=window, segmented=p.segmented)
     params = plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     rows = pl.BlockSpec((None, None, bq, Hp), lambda b, k, i: (b, k, i, 0))
     row_vec = pl.BlockSpec((None, None, bq), lambda b, k, i: (b, k, i))

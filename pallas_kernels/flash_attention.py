@@ -111,6 +111,7 @@ class _Prepared(NamedTuple):
     sinks: jax.Array   # f32 [K, R]      the sink logit of each row's head
     groups: int
     tokens: int
+    segmented: bool    # whether segment ids were given (without, qseg/kvseg only mark padding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +121,7 @@ class _Config:
     scale: float
     blocks: FlashBlockSizes
     head_pad: int       # padded head dim
+    segmented: bool
 
 
 def _to_rows(x_BTNH, K: int, R: int, Hp: int):
@@ -137,17 +139,17 @@ def _from_rows(x_BKR, T: int, N: int):
     return x.reshape(B, T, N, *x.shape[4:])
 
 
-def _prepare(blocks: FlashBlockSizes, head_pad: int, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT) -> _Prepared:
+def _prepare(cfg: _Config, blocks: FlashBlockSizes, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT) -> _Prepared:
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     G = N // K
     bq, bk = blocks.block_q, blocks.block_kv
-    R, Sp, Hp = round_up(T * G, bq), round_up(T, bk), head_pad
+    R, Sp, Hp = round_up(T * G, bq), round_up(T, bk), cfg.head_pad
     kv = lambda x: pad_axis(pad_axis(x.transpose(0, 2, 1, 3), 2, Sp), 3, Hp)
     qseg = pad_axis(jnp.repeat(seg_BT, G, axis=1), 1, R)
     sinks_KR = jnp.tile(sinks_N.astype(_F32).reshape(K, G), (1, R // G + 1))[:, :R]
     return _Prepared(_to_rows(q_BTNH, K, R, Hp), kv(k_BTKH), kv(v_BTKH), qseg, pad_axis(seg_BT, 1, Sp),
-                     sinks_KR, G, T)
+                     sinks_KR, G, T, cfg.segmented)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -156,7 +158,7 @@ def _flash(cfg: _Config, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT):
 
 
 def _flash_forward(cfg: _Config, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT):
-    p = _prepare(cfg.blocks, cfg.head_pad, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT)
+    p = _prepare(cfg, cfg.blocks, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT)
     o_rows, lse_rows = _ENGINES[cfg.lowering.impl].forward(
         p, scale=cfg.scale, window=cfg.window, blocks=cfg.blocks, interpret=cfg.lowering.interpret)
     N, H = q_BTNH.shape[2], q_BTNH.shape[3]
@@ -169,7 +171,7 @@ def _flash_backward(cfg: _Config, residuals, do_BTNH):
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     blocks = cfg.blocks.for_backward
-    p = _prepare(blocks, cfg.head_pad, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT)
+    p = _prepare(cfg, blocks, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT)
     R = p.q.shape[2]   # rows padded for the backward's tiles; past T * G rows are padding (do = 0)
     o_rows, lse_rows = (pad_axis(x[:, :, :R], 2, R) for x in (o_rows, lse_rows))
     do_rows = _to_rows(do_BTNH.astype(q_BTNH.dtype), K, R, cfg.head_pad)
@@ -235,7 +237,7 @@ def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, 
     blocks = block_sizes or default_block_sizes(lowering.impl, H, q_BTNH.dtype)
     head_pad = next_pow2(max(H, 16)) if lowering.impl == "pallas_gpu" else H
     window = 0 if window >= T else window
-    cfg = _Config(lowering, window, scale, blocks, head_pad)
+    cfg = _Config(lowering, window, scale, blocks, head_pad, segmented=segment_ids_BT is not None)
     seg = (jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32))
     sinks = jnp.full((N,), _NO_SINK, _F32) if sinks_N is None else sinks_N
     if sinks_N is None:

@@ -77,9 +77,10 @@ def _check(impl, *, T, N, K, H, window, use_sinks, use_segments, dtype, tol, blo
 
 
 # (T, N, K, H, window, sinks, segments): GQA with odd T and a window, MQA with sinks and segments, MHA
-# with an odd head dim, a window longer than the sequence.
+# with an odd head dim, a window longer than the sequence; without segments, blocks seen whole (no mask) in
+# full causal attention and inside a window.
 CASES = [(37, 6, 2, 16, 7, False, False), (29, 4, 1, 24, 0, True, True), (21, 3, 3, 8, 5, True, True),
-         (19, 4, 2, 16, 40, False, True)]
+         (19, 4, 2, 16, 40, False, True), (70, 4, 2, 16, 0, True, False), (70, 2, 1, 16, 33, False, False)]
 
 
 @pytest.mark.parametrize("T,N,K,H,window,sinks,segments", CASES)
@@ -135,6 +136,34 @@ def test_backward_block_sizes_are_checked():
 def test_bf16(impl):
     _check(impl, T=23, N=4, K=2, H=16, window=6, use_sinks=True, use_segments=True, dtype=jnp.bfloat16,
            tol=2e-2)
+
+
+@pytest.mark.parametrize("bq,bk,groups,tokens,window", [(16, 16, 2, 70, 0), (16, 16, 1, 70, 33), (64, 32, 8, 200, 0),
+                                                       (32, 64, 3, 150, 100), (16, 8, 4, 41, 17)])
+def test_blocks_seen_whole_need_no_mask(bq, bk, groups, tokens, window):
+    """The kernels skip the mask on the blocks of `whole_key_blocks` / `whole_row_blocks`: every key of those
+    blocks must be visible to every real row of the block they pair with; the masked rest covers the walk."""
+    from pallas_kernels._flash_gpu import key_block_range, row_block_range, whole_key_blocks, whole_row_blocks
+    n_rows, n_keys = -(-tokens * groups // bq), -(-tokens // bk)
+    visible = lambda t, s: s <= t < tokens and (not window or t - s < window)
+    kw = dict(bq=bq, bk=bk, groups=groups, window=window)
+    unmasked = 0
+    for i in range(n_rows):
+        lo, hi = map(int, key_block_range(i, tokens=tokens, **kw))
+        a, b = map(int, whole_key_blocks(i, lo, hi, **kw))
+        assert lo <= a <= b <= hi
+        rows = [t for t in range(i * bq // groups, (i * bq + bq - 1) // groups + 1) if t < tokens]
+        assert all(visible(t, s) for j in range(a, b) for s in range(j * bk, j * bk + bk) for t in rows)
+        unmasked += b - a
+    for j in range(n_keys):
+        lo, hi = map(int, row_block_range(j, tokens=tokens, n_row_blocks=n_rows, **kw))
+        a, b = map(int, whole_row_blocks(j, lo, hi, **kw))
+        assert lo <= a <= b <= hi
+        for i in range(a, b):
+            rows = [t for t in range(i * bq // groups, (i * bq + bq - 1) // groups + 1) if t < tokens]
+            assert all(visible(t, s) for s in range(j * bk, j * bk + bk) for t in rows)
+        unmasked += b - a
+    assert unmasked > 0   # the shapes above all have blocks seen whole
 
 
 def test_window_skips_blocks_so_cost_is_flat_in_length():
