@@ -88,12 +88,6 @@ def _walk_compressed(comp_ref, idx_ref, first, count, *, bk: int, body, carry):
     return lax.fori_loop(lax.div(first, bk), _cdiv(count, bk), step, carry)
 
 
-def _first_entry(lo, ratio: int | None):
-    """HCA: `first_entry` of the token's segment start; CSA (no ratio): 0, the indexer already chose within
-    the segment."""
-    return 0 if ratio is None else first_entry(lo, ratio)
-
-
 def _forward_kernel(*refs, sparse: bool, w_pad: int, window: int, ratio: int | None, scale: float, bk: int):
     if sparse:
         lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, sinks_ref, o_ref, lse_ref = refs
@@ -116,7 +110,7 @@ def _forward_kernel(*refs, sparse: bool, w_pad: int, window: int, ratio: int | N
     carry = (jnp.zeros(q_hd.shape, _F32), sinks_ref[...], jnp.ones(q_hd.shape[:1], _F32))
     first = jnp.maximum(lo_ref[t], t - window + 1)
     carry = _walk_window(kv_ref, t, first, w_pad=w_pad, bk=bk, body=online_softmax, carry=carry)
-    acc_hd, m_h, l_h = _walk_compressed(comp_ref, idx_ref, _first_entry(lo_ref[t], ratio), count_ref[t], bk=bk,
+    acc_hd, m_h, l_h = _walk_compressed(comp_ref, idx_ref, first_entry(lo_ref[t], ratio), count_ref[t], bk=bk,
                                         body=online_softmax, carry=carry)
     o_ref[...] = (acc_hd / l_h[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m_h + jnp.log(l_h)
@@ -147,7 +141,7 @@ def _dq_kernel(*refs, sparse: bool, w_pad: int, window: int, ratio: int | None, 
     dq_hd = jnp.zeros(q_hd.shape, _F32)
     first = jnp.maximum(lo_ref[t], t - window + 1)
     dq_hd = _walk_window(kv_ref, t, first, w_pad=w_pad, bk=bk, body=accumulate_dq, carry=dq_hd)
-    dq_hd = _walk_compressed(comp_ref, idx_ref, _first_entry(lo_ref[t], ratio), count_ref[t], bk=bk,
+    dq_hd = _walk_compressed(comp_ref, idx_ref, first_entry(lo_ref[t], ratio), count_ref[t], bk=bk,
                              body=accumulate_dq, carry=dq_hd)
     dq_ref[...] = (dq_hd * scale).astype(dq_ref.dtype)
 
@@ -197,7 +191,7 @@ def _dkv_kernel(keys_ref, q_ref, do_ref, lse_ref, delta_ref, tok_ref, lo_ref, co
         if window is not None:
             visible_rk = (s_k[None, :] >= lo_r) & (s_k[None, :] <= t_r) & (s_k[None, :] > t_r - window)
         else:
-            visible_rk = (s_k[None, :] >= _first_entry(lo_r, ratio)) & (s_k[None, :] < count_ref[rows][:, None])
+            visible_rk = (s_k[None, :] >= first_entry(lo_r, ratio)) & (s_k[None, :] < count_ref[rows][:, None])
         s_rk = jnp.where(visible_rk, _dot_nt(q_rd, keys_kd) * scale, -jnp.inf)
         p_rk = jnp.exp(s_rk - lse_ref[rows][:, None])
         ds_rk = p_rk * (_dot_nt(do_rd, keys_kd) - delta_ref[rows][:, None])

@@ -106,7 +106,7 @@ def _walk(kv_hbm, comp_hbm, idx_smem, idx_vmem, win_buf, comp_buf, sems, *, b, t
     window_copy.start()
     chunks = _CompressedChunks(comp_hbm, comp_buf, sems, b, idx_smem, bk)
     n_chunks = _cdiv(count, bk)
-    first = 0 if ratio is None else first_entry(lo, ratio)
+    first = first_entry(lo, ratio)
     j0 = lax.div(first, bk)
 
     @pl.when(n_chunks > j0)

@@ -156,11 +156,12 @@ def window_start(segment_ids_BT: jax.Array | None, batch: int, length: int) -> j
     return jnp.where(seg != 0, run_start_BT, t_T + 1).astype(jnp.int32)
 
 
-def first_entry(lo, ratio: int):
+def first_entry(lo, ratio: int | None):
     """The first compressed entry a token whose segment starts at `lo` (its `window_start`) may see. Entry s
     belongs to the segment of its last pooled token (s + 1) * ratio - 1, which lies in [lo, t] iff
-    s >= lo // ratio (a padding token, lo = t + 1, sees none). For int32 scalars (inside kernels) and arrays."""
-    return jax.lax.div(lo, ratio)
+    s >= lo // ratio (a padding token, lo = t + 1, sees none). ratio None (CSA, whose indexer already chose
+    within the segment): 0. For int32 scalars (inside kernels) and arrays."""
+    return 0 if ratio is None else jax.lax.div(lo, ratio)
 
 
 def window_keys_reference(kv_BTD: jax.Array, window: int, window_start_BT: jax.Array
