@@ -187,13 +187,18 @@ def kernels_per_shard(mesh: Mesh, rules):
 
 def per_shard_on_mesh(fn: Callable, in_axes, out_axes, *, mesh: Mesh, rules) -> Callable:
     """`fn` in a shard_map over `mesh`: each argument split over the mesh axes its logical axes take
-    (`spec`; None for an argument that is None), the result laid out by `out_axes` the same way. Arrays
-    sharing a logical axis of one size split it alike, so a kernel sees matching slices."""
+    (`spec`; None for an argument that is None). Arrays sharing a logical axis of one size split it alike,
+    so a kernel sees matching slices; each axis of the result is split as the arguments split that name
+    (whole if none of them has it)."""
     def call(*args):
-        in_specs = tuple(PartitionSpec() if a is None else spec(axes, a.shape, rules, mesh)
-                         for a, axes in zip(args, in_axes, strict=True))
-        out_spec = spec(out_axes, jax.eval_shape(fn, *args).shape, rules, mesh)
-        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
+        in_specs, split = [], {}
+        for a, axes in zip(args, in_axes, strict=True):
+            in_specs.append(PartitionSpec() if a is None else spec(axes, a.shape, rules, mesh))
+            if a is not None:
+                for name, entry in zip(axes, in_specs[-1]):
+                    split.setdefault(name, entry)
+        out_spec = PartitionSpec(*(split.get(name) if name else None for name in out_axes))
+        return jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_spec, check_vma=False)(*args)
     return call
 
 
