@@ -23,6 +23,19 @@ SUBPROCESS_ENV = {**os.environ,
                   "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
+def all_eqns(jaxpr):
+    """Every equation of `jaxpr` and of the jaxprs inside it (shard_map and scan bodies, custom_vjp rules,
+    pallas_call bodies), depth first."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)   # a ClosedJaxpr's Jaxpr,
+                sub = getattr(sub, "jaxpr", sub)   # or one inside a custom_vjp's wrapper
+                if hasattr(sub, "eqns"):
+                    yield from all_eqns(sub)
+
+
 def get_config():
     """Tiny's features (PLE, kv sharing, sliding + full layers with different head dims) at toy size."""
     config = gemma4_config("tiny")

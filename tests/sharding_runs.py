@@ -99,32 +99,15 @@ def _opt_leaf(opt_state, param_key, slot="mu"):
 def _expert_groups(jaxpr) -> list[int]:
     """The group counts (experts) that the grouped matmuls (ragged_dot) of `jaxpr` and its sub-jaxprs
     see: E on the plain path, E / n inside an expert-parallel shard_map over n `expert` shards."""
-    found = set()
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "ragged_dot_general":
-            found.add(eqn.invars[2].aval.shape[0])
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                sub = getattr(sub, "jaxpr", sub)   # a ClosedJaxpr's Jaxpr
-                if hasattr(sub, "eqns"):
-                    found.update(_expert_groups(sub))
-    return sorted(found)
+    return sorted({eqn.invars[2].aval.shape[0] for eqn in conftest.all_eqns(jaxpr)
+                   if eqn.primitive.name == "ragged_dot_general"})
 
 
 def _kernel_operand_shapes(jaxpr) -> list[list[int]]:
     """The shapes of the array operands (rank >= 3) of every Pallas call in `jaxpr` and its sub-jaxprs
     (shard_map bodies, custom_vjp rules, scans): global shapes unless the kernels run per shard."""
-    found = set()
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            found.update(tuple(v.aval.shape) for v in eqn.invars if len(v.aval.shape) >= 3)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                sub = getattr(sub, "jaxpr", sub)
-                sub = getattr(sub, "jaxpr", sub)   # custom_vjp: a ClosedJaxpr inside a wrapper
-                if hasattr(sub, "eqns"):
-                    found.update(map(tuple, _kernel_operand_shapes(sub)))
-    return sorted(map(list, found))
+    return sorted(map(list, {tuple(v.aval.shape) for eqn in conftest.all_eqns(jaxpr)
+                             if eqn.primitive.name == "pallas_call" for v in eqn.invars if len(v.aval.shape) >= 3}))
 
 
 def run(config, mesh):

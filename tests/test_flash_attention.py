@@ -15,6 +15,7 @@ from layers import attention
 from layers.attention import attention_backend, attention_mask, dot_product_attention, reference_attention, \
     splash_attention
 from pallas_kernels import FlashBlockSizes, flash_attention
+from tests.conftest import all_eqns
 
 B = 2
 SMALL = {"pallas_gpu": FlashBlockSizes(block_q=16, block_kv=16),
@@ -96,17 +97,9 @@ def test_tpu_lowering_fp32(T, N, K, H, window, sinks, segments):
 
 
 def _kernel_grids(jaxpr) -> dict[str, tuple]:
-    grids = {}
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            grids[eqn.params["name"]] = tuple(eqn.params["grid_mapping"].grid)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                sub = getattr(sub, "jaxpr", sub)   # a ClosedJaxpr, or a custom_vjp's wrapper of one
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    grids.update(_kernel_grids(sub))
-    return grids
+    """Pallas call name -> grid, over `jaxpr` and its sub-jaxprs."""
+    return {eqn.params["name"]: tuple(eqn.params["grid_mapping"].grid) for eqn in all_eqns(jaxpr)
+            if eqn.primitive.name == "pallas_call"}
 
 
 @pytest.mark.parametrize("impl,blocks,grids", [
