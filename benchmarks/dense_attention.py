@@ -17,9 +17,10 @@ fwd+bwd counted as 3.5x fwd). cuDNN takes head_dim <= 256 from Hopper on, <= 128
 otherwise); the XLA reference materializes [heads, T, T] float32 logits and is skipped ("mem") where that
 would not fit.
 
---sweep times only our kernel, fwd and fwd+bwd (the backward uses the same sizes unless a candidate names its own), for each candidate
-FlashBlockSizes of the shape's head dim (SWEEP, plus the default; default 16384 tokens), one row each; a
-candidate that does not compile or run prints "fails: <reason>"; "*" marks the best per shape and direction.
+--sweep times only our kernel, fwd and fwd+bwd (the backward uses the same sizes unless a candidate names
+its own), for each candidate FlashBlockSizes of the shape's head dim (SWEEP, plus the default; default
+16384 tokens), one row each; a candidate that does not compile or run prints "fails: <reason>"; "*" marks
+the best per shape and direction.
 """
 from __future__ import annotations
 
@@ -101,7 +102,6 @@ def variants(s: Shape, T: int, *, smoke: bool, interpret):
         default_positions=True)
     if s.heads * T * T * 4 * 3 <= XLA_LOGIT_BYTES_LIMIT:
         def xla(q, k, v):
-            pos = jnp.arange(T)[None]
             return reference_attention(q, k, v, attention_mask(pos, pos, window=s.window), scale=scale)
         out["xla"] = xla
     else:
