@@ -10,7 +10,8 @@ pure-JAX XLA reference.
 Shapes (batch 1, one layer): Gemma 4 E2B sliding (8 q / 1 kv heads, d 256, window 512) and global
 (8 / 1, d 512); the sliding layers of the `1b` Gemma-4 preset (8 / 2, d 256, window 1024); Laguna sliding
 and global layers (64 and 48 q heads / 8 kv, d 128, window 512 on the sliding ones); ZAYA1 CCA (8 q / 2 kv,
-d 128, full causal). Variants: ours, cuDNN, `auto` (what the layers run:
+d 128, full causal). Variants: ours (on a Hopper GPU its forward runs on Mosaic GPU where it fits, and
+"ours, triton fwd" keeps it on Triton; the backward is Triton's), cuDNN, `auto` (what the layers run:
 `layers.attention.dot_product_attention`) and the XLA reference. Per variant: median wall time of fwd and
 of fwd+bwd (grad w.r.t. q, k, v), and TFLOP/s on the FLOPs actually needed (each token's visible keys;
 fwd+bwd counted as 3.5x fwd). cuDNN takes head_dim <= 256 from Hopper on, <= 128 before ("n/a"
@@ -38,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._timing import median_seconds  # noqa: E402
 from layers.attention import (attention_mask, cudnn_max_head_dim, dot_product_attention,  # noqa: E402
                               reference_attention)
-from pallas_kernels import FlashBlockSizes, flash_attention  # noqa: E402
+from pallas_kernels import FlashBlockSizes, _flash_hopper, flash_attention  # noqa: E402
 from pallas_kernels.flash_attention import default_block_sizes  # noqa: E402
 
 
@@ -87,9 +88,12 @@ def ours(s: Shape, blocks: FlashBlockSizes | None, interpret=None):
                                            interpret=interpret, block_sizes=blocks)
 
 
-def variants(s: Shape, T: int, *, smoke: bool, interpret):
+def variants(s: Shape, T: int, *, smoke: bool, interpret, dtype):
     scale = s.head_dim ** -0.5
     out = {"ours": ours(s, SMOKE_BLOCKS if smoke else None, interpret)}
+    if not smoke and own_impl() == "pallas_gpu" and _flash_hopper.runs_on_this_device():
+        # explicit tiles keep the forward on Triton ("ours" runs the Mosaic GPU forward where it fits)
+        out["ours, triton fwd"] = ours(s, default_block_sizes(own_impl(), s.head_dim, dtype), interpret)
     if s.head_dim <= cudnn_max_head_dim():
         out["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=True, implementation="cudnn",
@@ -131,7 +135,7 @@ def run(shapes, lengths, *, smoke: bool, iters: int, dtype, interpret):
         for T in lengths:
             q, k, v, cot = make_inputs(s, T, dtype)
             flops = needed_flops(s, T)
-            for name, fn in variants(s, T, smoke=smoke, interpret=interpret).items():
+            for name, fn in variants(s, T, smoke=smoke, interpret=interpret, dtype=dtype).items():
                 if fn is None or isinstance(fn, str):
                     rows.append((s.name, T, name, fn or "n/a", "", "", ""))
                     continue

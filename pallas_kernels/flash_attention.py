@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _flash_gpu, _flash_tpu
+from pallas_kernels import _flash_gpu, _flash_hopper, _flash_tpu
 from pallas_kernels._common import FLOAT_DTYPES, Lowering, check_array, check_dim, next_pow2, pad_axis, \
     resolve_lowering, round_up
 
@@ -122,6 +122,7 @@ class _Config:
     blocks: FlashBlockSizes
     head_pad: int       # padded head dim
     segmented: bool
+    hopper_forward: bool = False   # the forward runs `_flash_hopper` (GPU lowering only)
 
 
 def _to_rows(x_BTNH, K: int, R: int, Hp: int):
@@ -157,23 +158,37 @@ def _flash(cfg: _Config, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT):
     return _flash_forward(cfg, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT)[0]
 
 
+def _lse_heads_to_rows(lse_BNT, K: int):
+    """[B, N, T] -> the row layout [B, K, T * G] (row t * G + g)."""
+    B, N, T = lse_BNT.shape
+    return lse_BNT.reshape(B, K, N // K, T).transpose(0, 1, 3, 2).reshape(B, K, T * (N // K))
+
+
 def _flash_forward(cfg: _Config, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT):
-    p = _prepare(cfg, cfg.blocks, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT)
-    o_rows, lse_rows = _ENGINES[cfg.lowering.impl].forward(
-        p, scale=cfg.scale, window=cfg.window, blocks=cfg.blocks, interpret=cfg.lowering.interpret)
-    N, H = q_BTNH.shape[2], q_BTNH.shape[3]
-    o_BTNH = _from_rows(o_rows, q_BTNH.shape[1], N)[..., :H]
-    return o_BTNH, (q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT, o_rows, lse_rows)
+    """o [B, T, N, H], residuals for the backward (the log-sum-exp in rows [B, K, T * G])."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BTKH.shape[2]
+    if cfg.hopper_forward:
+        o_BTNH, lse_BNT = _flash_hopper.forward(q_BTNH, k_BTKH, v_BTKH, scale=cfg.scale, window=cfg.window)
+        lse_BKR = _lse_heads_to_rows(lse_BNT, K)
+    else:
+        p = _prepare(cfg, cfg.blocks, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT)
+        o_rows, lse_rows = _ENGINES[cfg.lowering.impl].forward(
+            p, scale=cfg.scale, window=cfg.window, blocks=cfg.blocks, interpret=cfg.lowering.interpret)
+        o_BTNH = _from_rows(o_rows, T, N)[..., :H]
+        lse_BKR = lse_rows[:, :, :T * (N // K)]
+    return o_BTNH, (q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT, o_BTNH, lse_BKR)
 
 
 def _flash_backward(cfg: _Config, residuals, do_BTNH):
-    q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT, o_rows, lse_rows = residuals
+    q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT, o_BTNH, lse_BKR = residuals
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     blocks = cfg.blocks.for_backward
     p = _prepare(cfg, blocks, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT)
     R = p.q.shape[2]   # rows padded for the backward's tiles; past T * G rows are padding (do = 0)
-    o_rows, lse_rows = (pad_axis(x[:, :, :R], 2, R) for x in (o_rows, lse_rows))
+    o_rows = _to_rows(o_BTNH, K, R, cfg.head_pad)
+    lse_rows = pad_axis(lse_BKR, 2, R)
     do_rows = _to_rows(do_BTNH.astype(q_BTNH.dtype), K, R, cfg.head_pad)
     delta_rows = jnp.einsum("BKRH,BKRH->BKR", o_rows.astype(_F32), do_rows.astype(_F32))
     dq, dk, dv = _ENGINES[cfg.lowering.impl].backward(
@@ -190,6 +205,14 @@ def _flash_backward(cfg: _Config, residuals, do_BTNH):
 _flash.defvjp(_flash_forward, _flash_backward)
 
 
+def use_hopper_forward(lowering: Lowering, q_BTNH, *, sinks: bool, segmented: bool,
+                       block_sizes: FlashBlockSizes | None) -> bool:
+    """The Triton lowering's forward runs on Mosaic GPU when compiled for a Hopper GPU, no Triton tiles were
+    asked for, and the call fits it."""
+    return (lowering.impl == "pallas_gpu" and lowering.interpret is False and block_sizes is None
+            and _flash_hopper.runs_on_this_device() and _flash_hopper.fits(q_BTNH, sinks=sinks, segmented=segmented))
+
+
 def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, window: int = 0,
                     sinks_N: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
                     scale: float, impl: str = "auto", interpret: Any = None,
@@ -201,7 +224,8 @@ def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, 
     segment_ids_BT: optional int [B, T]; tokens attend within equal non-zero ids, 0 marks padding (its
     output is 0). impl: "xla" (pure-JAX reference), "pallas_gpu", "pallas_tpu" or "auto" (by platform; the
     reference on CPU); a Pallas lowering off its platform runs in interpret mode unless `interpret` says
-    otherwise. Logits, softmax and accumulation are float32.
+    otherwise. Logits, softmax and accumulation are float32. block_sizes: Triton/TPU tiles (None: the
+    defaults, and on a Hopper GPU the Mosaic GPU forward wherever it fits; given: the Triton forward).
     """
     check_array("q", q_BTNH, 4, FLOAT_DTYPES, "[B, T, N, H]")
     B, T, N, H = q_BTNH.shape
@@ -237,7 +261,10 @@ def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, 
     blocks = block_sizes or default_block_sizes(lowering.impl, H, q_BTNH.dtype)
     head_pad = next_pow2(max(H, 16)) if lowering.impl == "pallas_gpu" else H
     window = 0 if window >= T else window
-    cfg = _Config(lowering, window, scale, blocks, head_pad, segmented=segment_ids_BT is not None)
+    segmented = segment_ids_BT is not None
+    hopper = use_hopper_forward(lowering, q_BTNH, sinks=sinks_N is not None, segmented=segmented,
+                                block_sizes=block_sizes)
+    cfg = _Config(lowering, window, scale, blocks, head_pad, segmented, hopper_forward=hopper)
     seg = (jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32))
     sinks = jnp.full((N,), _NO_SINK, _F32) if sinks_N is None else sinks_N
     if sinks_N is None:

@@ -6,6 +6,8 @@ segments, odd lengths, fp32 and bf16; the dispatch table; JAX's TPU splash atten
 giving the same logits with attention_impl="pallas" as with "xla"."""
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,10 @@ from layers import attention
 from layers.attention import attention_backend, attention_mask, dot_product_attention, reference_attention, \
     splash_attention
 from pallas_kernels import FlashBlockSizes, flash_attention
+from pallas_kernels._common import Lowering
 from tests.conftest import all_eqns
+
+flash_module = importlib.import_module("pallas_kernels.flash_attention")
 
 B = 2
 SMALL = {"pallas_gpu": FlashBlockSizes(block_q=16, block_kv=16),
@@ -38,7 +43,7 @@ def _segments(T):
     return jnp.array([[1] * cut + [2] * (T - cut), [3] * (T - 4) + [0] * 4], jnp.int32)
 
 
-def _check(impl, *, T, N, K, H, window, use_sinks, use_segments, dtype, tol, blocks=None):
+def _check(impl, *, T, N, K, H, window, use_sinks, use_segments, dtype, tol, blocks="small"):
     q, k, v, sinks, cot = _inputs(T, N, K, H, dtype)
     seg = _segments(T) if use_segments else None
     sinks = sinks if use_sinks else None
@@ -49,7 +54,7 @@ def _check(impl, *, T, N, K, H, window, use_sinks, use_segments, dtype, tol, blo
 
     def ours(q, k, v, s):
         return flash_attention(q, k, v, window=window, sinks_N=s, segment_ids_BT=seg, scale=scale, impl=impl,
-                               block_sizes=blocks or SMALL[impl])
+                               block_sizes=SMALL[impl] if blocks == "small" else blocks)
 
     def ref(q, k, v, s):
         return reference_attention(q, k, v, mask, scale=scale, sinks_N=s)
@@ -129,6 +134,68 @@ def test_backward_block_sizes_are_checked():
 def test_bf16(impl):
     _check(impl, T=23, N=4, K=2, H=16, window=6, use_sinks=True, use_segments=True, dtype=jnp.bfloat16,
            tol=2e-2)
+
+
+def _reference_with_lse(q, k, v, *, scale, window):
+    """(o, lse [B, N, T]) in float32 from the definition."""
+    B_, T, N, H = q.shape
+    k_full, v_full = (jnp.repeat(x.astype(jnp.float32), N // k.shape[2], axis=2) for x in (k, v))
+    s = jnp.einsum("BTNH,BSNH->BNTS", q.astype(jnp.float32), k_full, precision="highest") * scale
+    t, key = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
+    s = jnp.where((key <= t) & ((t - key < window) if window else True), s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    o = jnp.einsum("BNTS,BSNH->BTNH", jnp.exp(s - lse[..., None]), v_full, precision="highest")
+    return o.astype(q.dtype), lse
+
+
+def test_hopper_forward_feeds_the_triton_backward(monkeypatch):
+    """The Mosaic GPU forward hands its output and [B, N, T] log-sum-exp to the Triton backward. Its kernel
+    needs a Hopper GPU (no interpreter runs it), so here the definition stands in for it and the Triton
+    backward (interpreted) must still give the reference gradients: the residual plumbing is what is tested."""
+    calls = []
+
+    def stand_in(q, k, v, *, scale, window):
+        calls.append((scale, window))
+        return _reference_with_lse(q, k, v, scale=scale, window=window)
+
+    monkeypatch.setattr(flash_module._flash_hopper, "forward", stand_in)
+    monkeypatch.setattr(flash_module, "use_hopper_forward", lambda *a, **kw: True)
+    _check("pallas_gpu", T=37, N=6, K=2, H=16, window=7, use_sinks=False, use_segments=False,
+           dtype=jnp.float32, tol=1e-5)
+    assert calls and all(c == (0.25, 7) for c in calls)
+
+
+def test_use_hopper_forward_rules(monkeypatch):
+    compiled = Lowering("pallas_gpu", interpret=False)
+    q = jnp.zeros((1, 8, 4, 128), jnp.bfloat16)
+    fits = lambda lowering=compiled, q=q, sinks=False, segmented=False, block_sizes=None: \
+        flash_module.use_hopper_forward(lowering, q, sinks=sinks, segmented=segmented, block_sizes=block_sizes)
+    assert fits() == flash_module._flash_hopper.runs_on_this_device()   # False on CPU
+    monkeypatch.setattr(flash_module._flash_hopper, "runs_on_this_device", lambda: True)
+    assert fits() and fits(q=q[..., :64]) and fits(q=jnp.zeros((1, 8, 4, 256), jnp.float16))
+    assert not fits(Lowering("pallas_gpu", interpret=True)) and not fits(Lowering("pallas_tpu"))
+    assert not fits(sinks=True) and not fits(segmented=True) and not fits(block_sizes=FlashBlockSizes())
+    assert not fits(q=q.astype(jnp.float32)) and not fits(q=q[..., :96])
+    assert not fits(q=jnp.zeros((1, 8, 4, 512), jnp.bfloat16))
+
+
+@pytest.mark.skipif(not flash_module._flash_hopper.runs_on_this_device(), reason="the kernel needs a Hopper GPU")
+@pytest.mark.parametrize("T,N,K,H,window", [(300, 6, 2, 128, 0), (300, 6, 2, 128, 100), (256, 4, 1, 64, 0),
+                                            (200, 2, 1, 256, 64), (130, 8, 8, 128, 0)])
+def test_hopper_forward_on_gpu(T, N, K, H, window, monkeypatch):
+    """Compiled on a Hopper GPU: output and log-sum-exp against the definition, and gradients through the
+    Triton backward against the reference."""
+    q, k, v, _, _ = _inputs(T, N, K, H, jnp.bfloat16)
+    o, lse = flash_module._flash_hopper.forward(q, k, v, scale=H ** -0.5, window=window)
+    o_ref, lse_ref = _reference_with_lse(q, k, v, scale=H ** -0.5, window=window)
+    assert float(jnp.max(jnp.abs(o.astype(jnp.float32) - o_ref.astype(jnp.float32)))) <= 2e-2
+    assert float(jnp.max(jnp.abs(lse - lse_ref))) <= 1e-4
+    calls = []
+    real_forward = flash_module._flash_hopper.forward
+    monkeypatch.setattr(flash_module._flash_hopper, "forward", lambda *a, **kw: calls.append(1) or real_forward(*a, **kw))
+    _check("pallas_gpu", T=T, N=N, K=K, H=H, window=window, use_sinks=False, use_segments=False,
+           dtype=jnp.bfloat16, tol=2e-2, blocks=None)
+    assert calls, "the Mosaic GPU forward did not run"
 
 
 @pytest.mark.parametrize("bq,bk,groups,tokens,window", [(16, 16, 2, 70, 0), (16, 16, 1, 70, 33), (64, 32, 8, 200, 0),
