@@ -12,7 +12,9 @@ major (row r = t * G + g), so one K/V block serves every head that reads it. Key
 visible key for a row block (the future, or entirely left of the window) are skipped, so the cost per
 token of a sliding-window layer does not grow with the sequence. Lowerings: Triton (`_flash_gpu`) and
 Mosaic TPU (`_flash_tpu`) behind one custom VJP whose backward is also a kernel (dQ walk + key-major
-dK/dV walk); the pure-JAX `flash_attention_reference` is the "xla" path.
+dK/dV walk). On a Hopper GPU the forward of 16-bit calls without sinks or segments (d 64-512) runs on
+Mosaic GPU instead (`_flash_hopper`: TMA + wgmma, in the caller's layout); the backward stays Triton. The
+pure-JAX `flash_attention_reference` is the "xla" path.
 
 Shapes: B batch, T tokens, N query heads, K kv heads, G = N // K, H head dim (<= 512), R rows.
 """

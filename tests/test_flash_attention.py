@@ -173,15 +173,17 @@ def test_use_hopper_forward_rules(monkeypatch):
     assert fits() == flash_module._flash_hopper.runs_on_this_device()   # False on CPU
     monkeypatch.setattr(flash_module._flash_hopper, "runs_on_this_device", lambda: True)
     assert fits() and fits(q=q[..., :64]) and fits(q=jnp.zeros((1, 8, 4, 256), jnp.float16))
+    assert fits(q=jnp.zeros((1, 8, 4, 512), jnp.bfloat16))
     assert not fits(Lowering("pallas_gpu", interpret=True)) and not fits(Lowering("pallas_tpu"))
     assert not fits(sinks=True) and not fits(segmented=True) and not fits(block_sizes=FlashBlockSizes())
     assert not fits(q=q.astype(jnp.float32)) and not fits(q=q[..., :96])
-    assert not fits(q=jnp.zeros((1, 8, 4, 512), jnp.bfloat16))
+    assert not fits(q=jnp.zeros((1, 8, 4, 320), jnp.bfloat16))
 
 
 @pytest.mark.skipif(not flash_module._flash_hopper.runs_on_this_device(), reason="the kernel needs a Hopper GPU")
 @pytest.mark.parametrize("T,N,K,H,window", [(300, 6, 2, 128, 0), (300, 6, 2, 128, 100), (256, 4, 1, 64, 0),
-                                            (200, 2, 1, 256, 64), (130, 8, 8, 128, 0)])
+                                            (200, 2, 1, 256, 64), (130, 8, 8, 128, 0), (200, 2, 1, 512, 0),
+                                            (256, 4, 2, 512, 100)])
 def test_hopper_forward_on_gpu(T, N, K, H, window, monkeypatch):
     """Compiled on a Hopper GPU: output and log-sum-exp against the definition, and gradients through the
     Triton backward against the reference."""
