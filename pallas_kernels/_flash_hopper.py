@@ -57,7 +57,10 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_sme
     """parts = 1: each compute warpgroup owns 64 tokens. parts = 2 (d 512): both own the same 64 tokens, the
     head dim is held in two column parts (each TMA copy and smem buffer contiguous), the scores sum both
     parts and warpgroup w accumulates the output columns of part w."""
-    n, tile, b = lax.axis_index("heads"), lax.axis_index("tiles"), lax.axis_index("batch")
+    n, b = lax.axis_index("heads"), lax.axis_index("batch")
+    # CTAs launch in grid order, heads fastest: the last (longest, under causality) tiles go first, so
+    # the short ones fill the tail of the last wave
+    tile = lax.axis_size("tiles") - 1 - lax.axis_index("tiles")
     wg = lax.axis_index("wg")
     split = parts > 1
     width = q_ref.shape[-1] // parts
