@@ -1,9 +1,11 @@
 """The dense flash attention kernel (pallas_kernels/flash_attention.py) against layers.attention's
 reference: forward and gradients (q, k, v, sinks) on random inputs, both lowerings in interpret mode (the
 TPU one under the TPU interpreter, which fills unwritten memory with NaN), window, GQA/MQA, sinks,
-segments, odd lengths, fp32 and bf16; the dispatch table; JAX's TPU splash attention through our wrapper
-(layers.attention.splash_attention) under the TPU interpreter; and the Gemma-4, Laguna and ZAYA1 parity models
-giving the same logits with attention_impl="pallas" as with "xla"."""
+segments, odd lengths, fp32 and bf16; the Hopper (Mosaic GPU) forward's plumbing into the Triton backward
+on CPU, and the kernel itself where a Hopper GPU runs the tests; the dispatch table; JAX's TPU splash
+attention through our wrapper (layers.attention.splash_attention) under the TPU interpreter; and the
+Gemma-4, Laguna and ZAYA1 parity models giving the same logits with attention_impl="pallas" as with
+"xla"."""
 from __future__ import annotations
 
 import importlib
@@ -194,7 +196,8 @@ def test_hopper_forward_on_gpu(T, N, K, H, window, monkeypatch):
     assert float(jnp.max(jnp.abs(lse - lse_ref))) <= 1e-4
     calls = []
     real_forward = flash_module._flash_hopper.forward
-    monkeypatch.setattr(flash_module._flash_hopper, "forward", lambda *a, **kw: calls.append(1) or real_forward(*a, **kw))
+    monkeypatch.setattr(flash_module._flash_hopper, "forward",
+                        lambda *a, **kw: calls.append(1) or real_forward(*a, **kw))
     _check("pallas_gpu", T=T, N=N, K=K, H=H, window=window, use_sinks=False, use_segments=False,
            dtype=jnp.bfloat16, tol=2e-2, blocks=None)
     assert calls, "the Mosaic GPU forward did not run"
