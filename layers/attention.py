@@ -16,6 +16,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from layers import params, partitioning
 from layers.norms import RMSNorm
 from layers.rope import RopeSpec, apply_rope
+from pallas_kernels._common import gpu_compute_capability
 from pallas_kernels.flash_attention import flash_attention
 
 IMPLS = ("xla", "pallas", "auto")
@@ -67,8 +68,7 @@ def cudnn_max_head_dim() -> int:
     (compute capability 9.0) on, 128 before it, 0 without a GPU."""
     if jax.default_backend() != "gpu":
         return 0
-    major = int(str(getattr(jax.devices()[0], "compute_capability", "0")).split(".")[0])
-    return 256 if major >= 9 else 128
+    return 256 if gpu_compute_capability() >= 9 else 128
 
 
 # cuDNN's head-dim-256 kernels (Hopper) pay off on large calls only: measured on an H100 (docs/benchmarks.md),

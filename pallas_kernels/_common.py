@@ -121,6 +121,13 @@ def check_segment_ids(segment_ids, batch: int, length: int) -> None:
         check_dim("segment_ids", segment_ids, 1, length, "tokens")
 
 
+def gpu_compute_capability() -> int:
+    """The major compute capability of this machine's first GPU (9 on Hopper); 0 without a GPU."""
+    if jax.default_backend() != "gpu":
+        return 0
+    return int(str(getattr(jax.devices()[0], "compute_capability", "0")).split(".")[0])
+
+
 def round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 

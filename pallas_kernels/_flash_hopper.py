@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._common import pad_axis, round_up
+from pallas_kernels._common import gpu_compute_capability, pad_axis, round_up
 from pallas_kernels._flash_gpu import key_block_range, whole_key_blocks
 
 _F32 = jnp.float32
@@ -178,8 +178,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_sme
 
 def runs_on_this_device() -> bool:
     """wgmma exists only on Hopper (compute capability 9.x)."""
-    device = jax.devices()[0]
-    return device.platform == "gpu" and getattr(device, "compute_capability", "").split(".")[0] == "9"
+    return gpu_compute_capability() == 9
 
 
 def fits(q_BTNH, *, sinks: bool, segmented: bool) -> bool:
@@ -199,7 +198,8 @@ def forward(q_BTNH, k_BTKH, v_BTKH, *, scale: float, window: int, block_kv: int 
     come after every real query, so causality hides them; padding queries are cut off)."""
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
-    block_kv, stages = block_kv or default_tiles(H)[0], stages or default_tiles(H)[1]
+    default_block_kv, default_stages = default_tiles(H)
+    block_kv, stages = block_kv or default_block_kv, stages or default_stages
     # d 512: a 64 x 512 float32 accumulator does not fit one warpgroup's registers, so both warpgroups take
     # the same 64 tokens, each half of the value columns (and both compute the full scores)
     parts = -(-H // MAX_WARPGROUP_COLUMNS)
