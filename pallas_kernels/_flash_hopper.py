@@ -12,6 +12,11 @@ Up to d 256 each compute warpgroup owns 64 query tokens (tile 128). At d 512 a 6
 does not fit one warpgroup's registers: both own the same 64 tokens, each accumulates half of the output
 columns, and both compute the full scores (tile 64; one ring slot, as Q and a K/V block take 192 KiB).
 
+Programs of neighbouring query heads of one kv head run as a cluster of `CLUSTER` CTAs: they walk the same key
+blocks, so each CTA loads 1/CLUSTER of every K/V block and TMA multicasts it into all of them (a slot is
+refilled once every compute warpgroup of the cluster has released it). This halves the L2 traffic per
+program, which bounds d 512 (64 query tokens per 128 KiB K/V block).
+
 Key blocks are walked over the program's range (the union of both warpgroups' visible blocks, so the cost
 per token of a sliding window is flat in the sequence); a warpgroup waits for and releases the blocks
 outside its own range without computing, and masks only the blocks it does not see whole. Queries read
@@ -42,6 +47,7 @@ WARPGROUPS = 2       # compute warpgroups per program
 MAX_WARPGROUP_COLUMNS = 256   # float32 accumulator columns one warpgroup holds in registers
 HEAD_DIMS = (64, 128, 256, 512)
 DTYPES = (jnp.bfloat16, jnp.float16)
+CLUSTER = 2          # query heads per cluster sharing K/V loads (1 where a kv head has an odd number of them)
 _LOG2E = math.log2(math.e)
 _UNSEEN = -1e30      # running max before any visible key: finite, so a fully masked block adds exp2(-inf) = 0
 
@@ -53,11 +59,14 @@ def _smem_tiled(shape, dtype):
 
 def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, q_ready, k_ready, v_ready,
             k_free, v_free, both_done, *, scale: float, window: int, tokens: int, groups: int, block_kv: int,
-            stages: int, parts: int):
+            stages: int, parts: int, cluster: int):
     """parts = 1: each compute warpgroup owns 64 tokens. parts = 2 (d 512): both own the same 64 tokens, the
     head dim is held in two column parts (each TMA copy and smem buffer contiguous), the scores sum both
     parts and warpgroup w accumulates the output columns of part w."""
-    n, b = lax.axis_index("heads"), lax.axis_index("batch")
+    # a cluster holds `cluster` neighbouring query heads of one kv head: they walk the same key blocks, so
+    # each CTA loads 1/cluster of every K/V block and TMA multicasts it to all of them
+    n = lax.axis_index("heads") * cluster + lax.axis_index("cluster")
+    b = lax.axis_index("batch")
     # CTAs launch in grid order, heads fastest: the last (longest, under causality) tiles go first, so
     # the short ones fill the tail of the last wave
     tile = lax.axis_size("tiles") - 1 - lax.axis_index("tiles")
@@ -166,7 +175,8 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_sme
                 if wait_free:
                     plgpu.barrier_wait(free.at[slot])
                 for h in range(parts):
-                    plgpu.copy_gmem_to_smem(part(src.at[keys], h), dst.at[slot, h], ready.at[slot * parts + h])
+                    plgpu.copy_gmem_to_smem(part(src.at[keys], h), dst.at[slot, h], ready.at[slot * parts + h],
+                                        collective_axes="cluster")
 
         for first in range(stages):
             pl.when(lo_p + first < hi_p)(functools.partial(load, lo_p + first, wait_free=False))
@@ -174,6 +184,14 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_sme
         @pl.loop(lo_p + stages, hi_p)
         def _refill(j):
             load(j, wait_free=True)
+
+        # the last blocks' releases, peers' included: no CTA of the cluster exits while another still
+        # signals its barriers
+        @pl.loop(lax.max(lo_p, hi_p - stages), hi_p)
+        def _drain(j):
+            slot = lax.rem(j - lo_p, stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
 
 
 def runs_on_this_device() -> bool:
@@ -193,11 +211,16 @@ def default_tiles(head_dim: int) -> tuple[int, int]:
 
 
 def forward(q_BTNH, k_BTKH, v_BTKH, *, scale: float, window: int, block_kv: int | None = None,
-            stages: int | None = None):
+            stages: int | None = None, cluster: int | None = None):
     """(o [B, T, N, H] in q's dtype, lse [B, N, T] float32); T is padded to whole tiles here (padding keys
-    come after every real query, so causality hides them; padding queries are cut off)."""
+    come after every real query, so causality hides them; padding queries are cut off). `cluster` query heads
+    share each K/V load; it must divide the query heads per kv head (default CLUSTER where it does, else 1)."""
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
+    if cluster is None:
+        cluster = CLUSTER if (N // K) % CLUSTER == 0 else 1
+    elif (N // K) % cluster:
+        raise ValueError(f"cluster={cluster} must divide the {N // K} query heads per kv head")
     default_block_kv, default_stages = default_tiles(H)
     block_kv, stages = block_kv or default_block_kv, stages or default_stages
     # d 512: a 64 x 512 float32 accumulator does not fit one warpgroup's registers, so both warpgroups take
@@ -207,11 +230,11 @@ def forward(q_BTNH, k_BTKH, v_BTKH, *, scale: float, window: int, block_kv: int 
     Tp = round_up(T, math.lcm(tile, block_kv))
     if Tp != T:
         o, lse = forward(*(pad_axis(x, 1, Tp) for x in (q_BTNH, k_BTKH, v_BTKH)), scale=scale, window=window,
-                         block_kv=block_kv, stages=stages)
+                         block_kv=block_kv, stages=stages, cluster=cluster)
         return o[:, :T], lse[:, :, :T]
     dtype, width = q_BTNH.dtype, H // parts
     kernel = functools.partial(_kernel, scale=scale, window=window, tokens=T, groups=N // K, block_kv=block_kv,
-                               stages=stages, parts=parts)
+                               stages=stages, parts=parts, cluster=cluster)
     q_bufs = 1 if parts > 1 else WARPGROUPS
     return plgpu.kernel(
         kernel,
@@ -224,12 +247,15 @@ def forward(q_BTNH, k_BTKH, v_BTKH, *, scale: float, window: int, block_kv: int 
             plgpu.Barrier(num_barriers=q_bufs * parts),          # Q landed
             plgpu.Barrier(num_barriers=stages * parts),          # key slot filled (per part)
             plgpu.Barrier(num_barriers=stages * parts),          # value slot filled (per part)
-            plgpu.Barrier(num_arrivals=WARPGROUPS, num_barriers=stages),   # key slot released by both
-            plgpu.Barrier(num_arrivals=WARPGROUPS, num_barriers=stages),   # value slot released by both
+            # key / value slot released by both compute warpgroups of every CTA in the cluster
+            plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=WARPGROUPS, num_barriers=stages),
+            plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=WARPGROUPS, num_barriers=stages),
             plgpu.Barrier(num_arrivals=WARPGROUPS),              # both done with the shared Q (parts > 1)
         ),
-        grid=(N, T // tile, B),
+        grid=(N // cluster, T // tile, B),
         grid_names=("heads", "tiles", "batch"),
+        cluster=(cluster,),
+        cluster_names=("cluster",),
         num_threads=WARPGROUPS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),

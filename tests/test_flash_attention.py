@@ -180,17 +180,21 @@ def test_use_hopper_forward_rules(monkeypatch):
     assert not fits(sinks=True) and not fits(segmented=True) and not fits(block_sizes=FlashBlockSizes())
     assert not fits(q=q.astype(jnp.float32)) and not fits(q=q[..., :96])
     assert not fits(q=jnp.zeros((1, 8, 4, 320), jnp.bfloat16))
+    with pytest.raises(ValueError, match="cluster=4 must divide the 6 query heads per kv head"):
+        flash_module._flash_hopper.forward(jnp.zeros((1, 64, 6, 128), jnp.bfloat16), *[jnp.zeros((1, 64, 1, 128),
+                                           jnp.bfloat16)] * 2, scale=1.0, window=0, cluster=4)
 
 
 @pytest.mark.skipif(not flash_module._flash_hopper.runs_on_this_device(), reason="the kernel needs a Hopper GPU")
-@pytest.mark.parametrize("T,N,K,H,window", [(300, 6, 2, 128, 0), (300, 6, 2, 128, 100), (256, 4, 1, 64, 0),
-                                            (200, 2, 1, 256, 64), (130, 8, 8, 128, 0), (200, 2, 1, 512, 0),
-                                            (256, 4, 2, 512, 100)])
-def test_hopper_forward_on_gpu(T, N, K, H, window, monkeypatch):
-    """Compiled on a Hopper GPU: output and log-sum-exp against the definition, and gradients through the
-    Triton backward against the reference."""
+@pytest.mark.parametrize("T,N,K,H,window,cluster", [
+    (300, 6, 2, 128, 0, None), (300, 6, 2, 128, 100, None), (256, 4, 1, 64, 0, None), (200, 2, 1, 256, 64, None),
+    (130, 8, 8, 128, 0, None), (200, 2, 1, 512, 0, None), (256, 4, 2, 512, 100, None), (256, 8, 2, 512, 100, 4),
+    (300, 8, 1, 128, 100, 4), (200, 8, 2, 256, 0, 1)])
+def test_hopper_forward_on_gpu(T, N, K, H, window, cluster, monkeypatch):
+    """Compiled on a Hopper GPU: output and log-sum-exp against the definition (query heads sharing K/V loads
+    in clusters of 1, 2 and 4), and gradients through the Triton backward against the reference."""
     q, k, v, _, _ = _inputs(T, N, K, H, jnp.bfloat16)
-    o, lse = flash_module._flash_hopper.forward(q, k, v, scale=H ** -0.5, window=window)
+    o, lse = flash_module._flash_hopper.forward(q, k, v, scale=H ** -0.5, window=window, cluster=cluster)
     o_ref, lse_ref = _reference_with_lse(q, k, v, scale=H ** -0.5, window=window)
     assert float(jnp.max(jnp.abs(o.astype(jnp.float32) - o_ref.astype(jnp.float32)))) <= 2e-2
     assert float(jnp.max(jnp.abs(lse - lse_ref))) <= 1e-4
