@@ -17,7 +17,7 @@ from layers import params, partitioning
 from layers.norms import RMSNorm
 from layers.rope import RopeSpec, apply_rope
 from pallas_kernels._common import gpu_compute_capability
-from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.flash_attention import flash_attention, hopper_kernel_runs_both_ways
 
 IMPLS = ("xla", "pallas", "auto")
 OUTPUT_GATES = ("none", "per_head", "per_element")
@@ -85,6 +85,15 @@ def _cudnn_fits(q_BTNH, k_BSKH, sinks_N, softcap, default_positions: bool) -> bo
             and T == k_BSKH.shape[1])
 
 
+# Sliding-window layers on a Hopper GPU where our Mosaic GPU kernel runs forward and backward (head dim
+# 64/128): 1.3-1.4x faster than cuDNN forward+backward (Laguna sliding, 4K and 16K tokens; docs/benchmarks.md).
+# On full-causal layers cuDNN stays ahead (1.05x) and keeps them.
+def _own_hopper_kernel_beats_cudnn(q_BTNH, k_BSKH, sinks_N, softcap, segment_ids_BT, default_positions: bool,
+                                   window: int) -> bool:
+    return (0 < window < q_BTNH.shape[1] and _own_kernel_fits(q_BTNH, k_BSKH, softcap, default_positions)
+            and hopper_kernel_runs_both_ways(q_BTNH, sinks=sinks_N is not None, segmented=segment_ids_BT is not None))
+
+
 def _splash_fits(q_BTNH, k_BSKH, sinks_N, softcap, segment_ids_BT, default_positions: bool) -> bool:
     T, H = q_BTNH.shape[1], q_BTNH.shape[3]
     return (jax.default_backend() == "tpu" and default_positions and sinks_N is None and not softcap
@@ -119,8 +128,11 @@ def attention_backend(impl: str, q_BTNH, k_BSKH, *, sinks_N=None, softcap: float
       ---------+--------------------------+---------------------------+-------------------------
       xla      | reference                | reference                 | reference
       pallas   | flash                    | flash                     | flash (interpret mode)
-      auto     | cudnn if it fits,        | splash if it fits,        | reference
-               | else flash_xla_vjp (or   | else flash, else ref.     |
+      auto     | flash for sliding-window | splash if it fits,        | reference
+               | layers our Hopper kernel |  else flash, else ref.    |
+               | runs both ways, else     |                           |
+               | cudnn if it fits,        |                           |
+               | else flash_xla_vjp (or   |                           |
                | ref. with sinks or seg.) |                           |
                | if head_dim > 256, full  |                           |
                | causal and the logits    |                           |
@@ -145,6 +157,8 @@ def attention_backend(impl: str, q_BTNH, k_BSKH, *, sinks_N=None, softcap: float
         return "flash" if _own_kernel_fits(q_BTNH, k_BSKH, softcap, default_positions) else "reference"
     backend = jax.default_backend()
     if backend == "gpu":
+        if _own_hopper_kernel_beats_cudnn(q_BTNH, k_BSKH, sinks_N, softcap, segment_ids_BT, default_positions, window):
+            return "flash"
         if segment_ids_BT is None and _cudnn_fits(q_BTNH, k_BSKH, sinks_N, softcap, default_positions):
             return "cudnn"
         if _xla_beats_own_kernel(q_BTNH, k_BSKH, window):

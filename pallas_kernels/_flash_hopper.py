@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels._common import gpu_compute_capability, pad_axis, round_up
-from pallas_kernels._flash_gpu import key_block_range, whole_key_blocks
+from pallas_kernels._flash_gpu import key_block_range, row_block_range, whole_key_blocks, whole_row_blocks
 
 _F32 = jnp.float32
 ROWS = 64            # query tokens per compute warpgroup (one wgmma M tile)
@@ -55,6 +55,39 @@ _UNSEEN = -1e30      # running max before any visible key: finite, so a fully ma
 def _smem_tiled(shape, dtype):
     """Shared memory in the 128-byte-swizzled (8, 64) tiling that TMA writes and wgmma reads."""
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def _masked(s_XY, t_first, key_first, *, keys_axis: int, window: int):
+    """Scores (WGMMA layout) of consecutive query tokens from t_first and keys from key_first, keys along
+    `keys_axis`: -inf where the key is in the query's future or outside its window."""
+    iota = lambda axis: plgpu.broadcasted_iota(jnp.int32, s_XY.shape, axis, layout=plgpu.Layout.WGMMA)
+    t, key = t_first + iota(1 - keys_axis), key_first + iota(keys_axis)
+    visible = key <= t
+    if window:
+        visible &= t - key < window
+    return jnp.where(visible, s_XY, -jnp.inf)
+
+
+def _feed_ring(lo, hi, stages: int, streams):
+    """The memory warpgroup's loop: for each step j in [lo, hi), each stream's copy(j, slot) into ring slot
+    (j - lo) % stages, once the stream's `free` barrier reports the slot's previous step released. At the end
+    it waits for the last releases too, so no CTA of a cluster exits while a peer still signals its barriers.
+    streams: (free barriers [stages], copy) pairs."""
+    def fill(j, wait: bool):
+        slot = lax.rem(j - lo, stages)
+        for free, copy in streams:
+            if wait:
+                plgpu.barrier_wait(free.at[slot])
+            copy(j, slot)
+
+    for first in range(stages):
+        pl.when(lo + first < hi)(functools.partial(fill, lo + first, wait=False))
+    pl.loop(lo + stages, hi)(functools.partial(fill, wait=True))
+
+    @pl.loop(lax.max(lo, hi - stages), hi)
+    def _drain(j):
+        for free, _ in streams:
+            plgpu.barrier_wait(free.at[lax.rem(j - lo, stages)])
 
 
 def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, q_ready, k_ready, v_ready,
@@ -119,12 +152,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_sme
             plgpu.barrier_arrive(k_free.at[slot])
             s_RS = s_RS * (scale * _LOG2E)
             if masked:
-                t_RS = q0 + plgpu.broadcasted_iota(jnp.int32, s_RS.shape, 0, layout=plgpu.Layout.WGMMA)
-                s_RS_key = j * block_kv + plgpu.broadcasted_iota(jnp.int32, s_RS.shape, 1, layout=plgpu.Layout.WGMMA)
-                visible = s_RS_key <= t_RS
-                if window:
-                    visible &= t_RS - s_RS_key < window
-                s_RS = jnp.where(visible, s_RS, -jnp.inf)
+                s_RS = _masked(s_RS, q0, j * block_kv, keys_axis=1, window=window)
             m_new = jnp.maximum(m_R, s_RS.max(axis=1))
             alpha_R = jnp.exp2(m_R - m_new)
             p_RS = jnp.exp2(s_RS - lax.broadcast_in_dim(m_new, s_RS.shape, [0]))
@@ -168,30 +196,13 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_sme
         plgpu.set_max_registers(40, action="decrease")
         kv_head = lax.div(n, groups)
 
-        def load(j, wait_free: bool):
-            slot = lax.rem(j - lo_p, stages)
-            keys = (b, pl.ds(j * block_kv, block_kv), kv_head)
-            for src, dst, ready, free in ((k_ref, k_smem, k_ready, k_free), (v_ref, v_smem, v_ready, v_free)):
-                if wait_free:
-                    plgpu.barrier_wait(free.at[slot])
+        def load(src, dst, ready):
+            def copy(j, slot):
                 for h in range(parts):
-                    plgpu.copy_gmem_to_smem(part(src.at[keys], h), dst.at[slot, h], ready.at[slot * parts + h],
-                                        collective_axes="cluster")
-
-        for first in range(stages):
-            pl.when(lo_p + first < hi_p)(functools.partial(load, lo_p + first, wait_free=False))
-
-        @pl.loop(lo_p + stages, hi_p)
-        def _refill(j):
-            load(j, wait_free=True)
-
-        # the last blocks' releases, peers' included: no CTA of the cluster exits while another still
-        # signals its barriers
-        @pl.loop(lax.max(lo_p, hi_p - stages), hi_p)
-        def _drain(j):
-            slot = lax.rem(j - lo_p, stages)
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
+                    plgpu.copy_gmem_to_smem(part(src.at[b, pl.ds(j * block_kv, block_kv), kv_head], h),
+                                            dst.at[slot, h], ready.at[slot * parts + h], collective_axes="cluster")
+            return copy
+        _feed_ring(lo_p, hi_p, stages, [(k_free, load(k_ref, k_smem, k_ready)), (v_free, load(v_ref, v_smem, v_ready))])
 
 
 def runs_on_this_device() -> bool:
@@ -260,3 +271,257 @@ def forward(q_BTNH, k_BTKH, v_BTKH, *, scale: float, window: int, block_kv: int 
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q_BTNH, k_BTKH, v_BTKH)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backward (d <= 128): dQ walks key blocks like the forward; dK/dV walks, for each key tile, the query blocks
+# of every query head of its kv head (so GQA needs no reduction over heads afterwards). Both recompute
+# P = exp2(S - lse) from the forward's log-sum-exp; delta = rowsum(O * dO) comes in precomputed.
+#   dP = dO V^T,  dS = P * (dP - delta),  dQ = scale dS K,  dK = scale dS^T Q,  dV = P^T dO.
+BACKWARD_HEAD_DIMS = (64, 128)   # dK and dV accumulators of 64 x 256 would not fit one warpgroup's registers
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref, q_smem, do_smem, k_smem, v_smem, vec_smem,
+               row_ready, k_ready, v_ready, k_free, v_free, *, scale: float, window: int, tokens: int, groups: int,
+               block_kv: int, stages: int, cluster: int):
+    """One program per (query head, 128-token tile, batch); warpgroup w owns the tile's 64-token row block w.
+    K/V blocks stream through a ring as in the forward (shared by a cluster of query heads)."""
+    n = lax.axis_index("heads") * cluster + lax.axis_index("cluster")
+    b, wg = lax.axis_index("batch"), lax.axis_index("wg")
+    tile = lax.axis_size("tiles") - 1 - lax.axis_index("tiles")    # longest first
+    blocks = functools.partial(key_block_range, bq=ROWS, bk=block_kv, groups=1, tokens=tokens, window=window)
+    lo_p, hi_p = blocks(tile * WARPGROUPS)[0], blocks(tile * WARPGROUPS + WARPGROUPS - 1)[1]
+
+    @pl.when(wg < WARPGROUPS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        i = tile * WARPGROUPS + wg
+        q0 = i * ROWS
+        rows = (b, pl.ds(q0, ROWS), n)
+        q_buf, do_buf = q_smem.at[wg], do_smem.at[wg]
+        copies = ((q_ref.at[rows], q_buf), (do_ref.at[rows], do_buf),
+                  (lse2_ref.at[b, n, pl.ds(q0, ROWS)], vec_smem.at[wg, 0]),
+                  (delta_ref.at[b, n, pl.ds(q0, ROWS)], vec_smem.at[wg, 1]))
+        for src, dst in copies:
+            plgpu.copy_gmem_to_smem(src, dst, row_ready.at[wg])
+        plgpu.barrier_wait(row_ready.at[wg])
+        lse2_R, delta_R = (plgpu.load(vec_smem.at[wg, c], (), layout=plgpu.Layout.WGMMA.reduce(1)) for c in (0, 1))
+        lo, hi = blocks(i)
+
+        def release(j):
+            slot = lax.rem(j - lo_p, stages)
+            for ready, free in ((k_ready, k_free), (v_ready, v_free)):
+                plgpu.barrier_wait(ready.at[slot])
+                plgpu.barrier_arrive(free.at[slot])
+
+        def step(j, dq_RH, masked: bool):
+            slot = lax.rem(j - lo_p, stages)
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
+
+            def scores(s_ref, dp_ref):     # S = Q K^T and dP = dO V^T, issued together
+                plgpu.wgmma(s_ref, q_buf, k_smem.at[slot].transpose((1, 0)))
+                plgpu.wgmma(dp_ref, do_buf, v_smem.at[slot].transpose((1, 0)))
+                return s_ref[...], dp_ref[...]
+            s_RS, dp_RS = pl.run_scoped(scores, plgpu.ACC((ROWS, block_kv), _F32), plgpu.ACC((ROWS, block_kv), _F32))
+            plgpu.barrier_arrive(v_free.at[slot])
+            s_RS = s_RS * (scale * _LOG2E)
+            if masked:
+                s_RS = _masked(s_RS, q0, j * block_kv, keys_axis=1, window=window)
+            p_RS = jnp.exp2(s_RS - lax.broadcast_in_dim(lse2_R, s_RS.shape, [0]))
+            ds_RS = p_RS * (dp_RS - lax.broadcast_in_dim(delta_R, s_RS.shape, [0]))
+
+            def grad(acc_ref):
+                plgpu.wgmma(acc_ref, ds_RS.astype(q_ref.dtype), k_smem.at[slot])
+            dq_RH = pl.run_state(grad)(plgpu.ACC.init(dq_RH))
+            plgpu.barrier_arrive(k_free.at[slot])
+            return dq_RH
+
+        dq_RH = plgpu.layout_cast(jnp.zeros((ROWS, q_ref.shape[-1]), _F32), plgpu.Layout.WGMMA)
+        whole_lo, whole_hi = whole_key_blocks(i, lo, hi, bq=ROWS, bk=block_kv, groups=1, window=window)
+        lax.fori_loop(lo_p, lo, lambda j, c: (release(j), c)[1], None)
+        dq_RH = lax.fori_loop(lo, whole_lo, functools.partial(step, masked=True), dq_RH)
+        dq_RH = lax.fori_loop(whole_lo, whole_hi, functools.partial(step, masked=False), dq_RH)
+        dq_RH = lax.fori_loop(whole_hi, hi, functools.partial(step, masked=True), dq_RH)
+        lax.fori_loop(hi, hi_p, lambda j, c: (release(j), c)[1], None)
+        q_buf[...] = (dq_RH * scale).astype(dq_ref.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_buf, dq_ref.at[rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == WARPGROUPS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(n, groups)
+
+        def load(src, dst, ready):
+            return lambda j, slot: plgpu.copy_gmem_to_smem(src.at[b, pl.ds(j * block_kv, block_kv), kv_head],
+                                                           dst.at[slot], ready.at[slot], collective_axes="cluster")
+        _feed_ring(lo_p, hi_p, stages, [(k_free, load(k_ref, k_smem, k_ready)), (v_free, load(v_ref, v_smem, v_ready))])
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem,
+                vec_smem, key_ready, q_ready, do_ready, q_free, do_free, *, scale: float, window: int, tokens: int,
+                groups: int, block_q: int, stages: int):
+    """One program per (kv head, 128-key tile, batch); warpgroup w owns the tile's 64-key block w and
+    accumulates its dK and dV in registers. The memory warpgroup streams, for each query head g of the kv
+    head in turn, the query blocks that see the tile (Q with its lse and delta, and dO) through a ring."""
+    kv_head, b, wg = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("wg")
+    tile = lax.axis_index("tiles")     # the first key tiles have the most queries and go first
+    queries = functools.partial(row_block_range, bq=block_q, bk=ROWS, groups=1, tokens=tokens, window=window,
+                                n_row_blocks=tokens // block_q)
+    lo_p, hi_p = queries(tile * WARPGROUPS)[0], queries(tile * WARPGROUPS + WARPGROUPS - 1)[1]
+    per_head = hi_p - lo_p         # query blocks walked per query head; step g * per_head + (i - lo_p)
+    head_and_block = lambda step: (kv_head * groups + lax.div(step, per_head), lo_p + lax.rem(step, per_head))
+
+    @pl.when(wg < WARPGROUPS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        j = tile * WARPGROUPS + wg
+        s0 = j * ROWS
+        k_buf, v_buf = k_smem.at[wg], v_smem.at[wg]
+        for src, dst in ((k_ref, k_buf), (v_ref, v_buf)):
+            plgpu.copy_gmem_to_smem(src.at[b, pl.ds(s0, ROWS), kv_head], dst, key_ready.at[wg])
+        plgpu.barrier_wait(key_ready.at[wg])
+        lo, hi = queries(j)
+        whole_lo, whole_hi = whole_row_blocks(j, lo, hi, bq=block_q, bk=ROWS, groups=1, window=window)
+        zeros_KQ = plgpu.layout_cast(jnp.zeros((ROWS, block_q), _F32), plgpu.Layout.WGMMA)
+
+        def release(step):
+            slot = lax.rem(step, stages)
+            for ready, free in ((q_ready, q_free), (do_ready, do_free)):
+                plgpu.barrier_wait(ready.at[slot])
+                plgpu.barrier_arrive(free.at[slot])
+
+        def step(i, carry, masked: bool, head: int):
+            dk_KH, dv_KH = carry
+            slot = lax.rem(head * per_head + i - lo_p, stages)
+            plgpu.barrier_wait(q_ready.at[slot])
+
+            def scores(st_ref):            # S^T = K Q^T: keys in rows, queries in columns
+                plgpu.wgmma(st_ref, k_buf, q_smem.at[slot].transpose((1, 0)))
+                return st_ref[...]
+            st_KQ = pl.run_scoped(scores, plgpu.ACC((ROWS, block_q), _F32)) * (scale * _LOG2E)
+            if masked:
+                st_KQ = _masked(st_KQ, i * block_q, s0, keys_axis=0, window=window)
+            lse2_Q, delta_Q = (plgpu.load(vec_smem.at[slot, c], (), layout=plgpu.Layout.WGMMA.reduce(0)) for c in (0, 1))
+            pt_KQ = jnp.exp2(st_KQ - lax.broadcast_in_dim(lse2_Q, st_KQ.shape, [1]))
+            plgpu.barrier_wait(do_ready.at[slot])
+
+            def values(refs):              # dV += P^T dO and dP^T = V dO^T, issued together
+                dv_ref, dpt_ref = refs
+                plgpu.wgmma(dv_ref, pt_KQ.astype(q_ref.dtype), do_smem.at[slot])
+                plgpu.wgmma(dpt_ref, v_buf, do_smem.at[slot].transpose((1, 0)))
+            dv_KH, dpt_KQ = pl.run_state(values)((plgpu.ACC.init(dv_KH), plgpu.ACC.init(zeros_KQ)))
+            plgpu.barrier_arrive(do_free.at[slot])
+            dst_KQ = pt_KQ * (dpt_KQ - lax.broadcast_in_dim(delta_Q, st_KQ.shape, [1]))
+
+            def keys(acc_ref):             # dK += dS^T Q
+                plgpu.wgmma(acc_ref, dst_KQ.astype(q_ref.dtype), q_smem.at[slot])
+            dk_KH = pl.run_state(keys)(plgpu.ACC.init(dk_KH))
+            plgpu.barrier_arrive(q_free.at[slot])
+            return dk_KH, dv_KH
+
+        def one_head(head, carry):
+            skip = lambda i, c: (release(head * per_head + i - lo_p), c)[1]
+            walk = lambda a, z, masked, c: lax.fori_loop(a, z, functools.partial(step, masked=masked, head=head), c)
+            lax.fori_loop(lo_p, lo, skip, None)
+            carry = walk(whole_hi, hi, True, walk(whole_lo, whole_hi, False, walk(lo, whole_lo, True, carry)))
+            lax.fori_loop(hi, hi_p, skip, None)
+            return carry
+
+        zeros_KH = plgpu.layout_cast(jnp.zeros((ROWS, q_ref.shape[-1]), _F32), plgpu.Layout.WGMMA)
+        dk_KH, dv_KH = lax.fori_loop(0, groups, one_head, (zeros_KH, zeros_KH))
+        k_buf[...] = (dk_KH * scale).astype(dk_ref.dtype)
+        v_buf[...] = dv_KH.astype(dv_ref.dtype)
+        plgpu.commit_smem()
+        for buf, dst in ((k_buf, dk_ref), (v_buf, dv_ref)):
+            plgpu.copy_smem_to_gmem(buf, dst.at[b, pl.ds(s0, ROWS), kv_head])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == WARPGROUPS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def load_q(step, slot):            # Q with its rows' lse and delta
+            n, i = head_and_block(step)
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(i * block_q, block_q), n], q_smem.at[slot], q_ready.at[slot])
+            for c, src in enumerate((lse2_ref, delta_ref)):
+                plgpu.copy_gmem_to_smem(src.at[b, n, pl.ds(i * block_q, block_q)], vec_smem.at[slot, c],
+                                        q_ready.at[slot])
+
+        def load_do(step, slot):
+            n, i = head_and_block(step)
+            plgpu.copy_gmem_to_smem(do_ref.at[b, pl.ds(i * block_q, block_q), n], do_smem.at[slot],
+                                    do_ready.at[slot])
+        _feed_ring(0, groups * per_head, stages, [(q_free, load_q), (do_free, load_do)])
+
+
+def backward_fits(q_BTNH) -> bool:
+    """Whether the Mosaic GPU backward takes the call (on top of `fits`): head dim 64 or 128."""
+    return q_BTNH.shape[-1] in BACKWARD_HEAD_DIMS
+
+
+def backward(q_BTNH, k_BTKH, v_BTKH, o_BTNH, lse_BNT, do_BTNH, *, scale: float, window: int,
+             block_kv: int = 64, stages_dq: int = 3, block_q: int = 64, stages_dkv: int = 3,
+             cluster: int | None = None):
+    """(dq, dk, dv) in the inputs' layouts and dtype, from the forward's output and natural-log log-sum-exp
+    [B, N, T]. dQ takes `block_kv` keys per ring slot (`stages_dq` slots, `cluster` query heads sharing the
+    loads as in the forward); dK/dV `block_q` query tokens per slot (`stages_dkv` slots)."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BTKH.shape[2]
+    G = N // K
+    if H not in BACKWARD_HEAD_DIMS:
+        raise ValueError(f"the Mosaic GPU backward takes head dim {BACKWARD_HEAD_DIMS}, got {H}")
+    if cluster is None:
+        cluster = CLUSTER if G % CLUSTER == 0 else 1
+    elif G % cluster:
+        raise ValueError(f"cluster={cluster} must divide the {G} query heads per kv head")
+    delta_BNT = jnp.einsum("BTNH,BTNH->BNT", o_BTNH.astype(_F32), do_BTNH.astype(_F32))
+    lse2_BNT = lse_BNT * _LOG2E
+    tile = ROWS * WARPGROUPS
+    Tp = round_up(T, math.lcm(tile, block_kv, block_q))
+    # padding: queries get dO = 0 and lse = +inf (P = 0, so they add nothing); keys come after every real query
+    q, k, v, do = (pad_axis(x, 1, Tp) for x in (q_BTNH, k_BTKH, v_BTKH, do_BTNH.astype(q_BTNH.dtype)))
+    lse2 = jnp.pad(lse2_BNT, ((0, 0), (0, 0), (0, Tp - T)), constant_values=jnp.inf)
+    delta = pad_axis(delta_BNT, 2, Tp)
+    dtype = q.dtype
+    common = dict(scale=scale, window=window, tokens=Tp, groups=G)
+    mesh = dict(num_threads=WARPGROUPS + 1, thread_name="wg",
+                compiler_params=plgpu.CompilerParams(approx_math=True))
+    dq = plgpu.kernel(
+        functools.partial(_dq_kernel, block_kv=block_kv, stages=stages_dq, cluster=cluster, **common),
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        scratch_types=(
+            _smem_tiled((WARPGROUPS, ROWS, H), dtype),                 # Q, then dQ
+            _smem_tiled((WARPGROUPS, ROWS, H), dtype),                 # dO
+            _smem_tiled((stages_dq, block_kv, H), dtype),              # key ring
+            _smem_tiled((stages_dq, block_kv, H), dtype),              # value ring
+            plgpu.SMEM((WARPGROUPS, 2, ROWS), _F32),                   # the rows' lse (base 2) and delta
+            plgpu.Barrier(num_arrivals=4, num_barriers=WARPGROUPS),    # a warpgroup's rows landed
+            plgpu.Barrier(num_barriers=stages_dq),                     # key slot filled
+            plgpu.Barrier(num_barriers=stages_dq),                     # value slot filled
+            plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=WARPGROUPS, num_barriers=stages_dq),
+            plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=WARPGROUPS, num_barriers=stages_dq),
+        ),
+        grid=(N // cluster, Tp // tile, B), grid_names=("heads", "tiles", "batch"),
+        cluster=(cluster,), cluster_names=("cluster",), **mesh,
+    )(q, k, v, do, lse2, delta)
+    dk, dv = plgpu.kernel(
+        functools.partial(_dkv_kernel, block_q=block_q, stages=stages_dkv, **common),
+        out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
+        scratch_types=(
+            _smem_tiled((WARPGROUPS, ROWS, H), dtype),                 # K, then dK
+            _smem_tiled((WARPGROUPS, ROWS, H), dtype),                 # V, then dV
+            _smem_tiled((stages_dkv, block_q, H), dtype),              # query ring
+            _smem_tiled((stages_dkv, block_q, H), dtype),              # dO ring
+            plgpu.SMEM((stages_dkv, 2, block_q), _F32),                # lse (base 2) and delta ring
+            plgpu.Barrier(num_arrivals=2, num_barriers=WARPGROUPS),    # a warpgroup's keys and values landed
+            plgpu.Barrier(num_arrivals=3, num_barriers=stages_dkv),    # query slot filled (Q, lse, delta)
+            plgpu.Barrier(num_barriers=stages_dkv),                    # dO slot filled
+            plgpu.Barrier(num_arrivals=WARPGROUPS, num_barriers=stages_dkv),   # query slot released
+            plgpu.Barrier(num_arrivals=WARPGROUPS, num_barriers=stages_dkv),   # dO slot released
+        ),
+        grid=(K, Tp // tile, B), grid_names=("heads", "tiles", "batch"), **mesh,
+    )(q, k, v, do, lse2, delta)
+    return dq[:, :T], dk[:, :T], dv[:, :T]

@@ -13,8 +13,8 @@ visible key for a row block (the future, or entirely left of the window) are ski
 token of a sliding-window layer does not grow with the sequence. Lowerings: Triton (`_flash_gpu`) and
 Mosaic TPU (`_flash_tpu`) behind one custom VJP whose backward is also a kernel (dQ walk + key-major
 dK/dV walk). On a Hopper GPU the forward of 16-bit calls without sinks or segments (d 64-512) runs on
-Mosaic GPU instead (`_flash_hopper`: TMA + wgmma, in the caller's layout); the backward stays Triton. The
-pure-JAX `flash_attention_reference` is the "xla" path.
+Mosaic GPU instead (`_flash_hopper`: TMA + wgmma, in the caller's layout), and so does the backward at
+d 64/128 (Triton's otherwise). The pure-JAX `flash_attention_reference` is the "xla" path.
 
 Shapes: B batch, T tokens, N query heads, K kv heads, G = N // K, H head dim (<= 512), R rows.
 """
@@ -125,6 +125,7 @@ class _Config:
     head_pad: int       # padded head dim
     segmented: bool
     hopper_forward: bool = False   # the forward runs `_flash_hopper` (GPU lowering only)
+    hopper_backward: bool = False  # and so does the backward (head dim <= 128)
 
 
 def _to_rows(x_BTNH, K: int, R: int, Hp: int):
@@ -167,11 +168,14 @@ def _lse_heads_to_rows(lse_BNT, K: int):
 
 
 def _flash_forward(cfg: _Config, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT):
-    """o [B, T, N, H], residuals for the backward (the log-sum-exp in rows [B, K, T * G])."""
+    """o [B, T, N, H], residuals for the backward (the log-sum-exp in its backward's layout: [B, N, T] for
+    Mosaic GPU's, rows [B, K, T * G] for the others)."""
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     if cfg.hopper_forward:
         o_BTNH, lse_BNT = _flash_hopper.forward(q_BTNH, k_BTKH, v_BTKH, scale=cfg.scale, window=cfg.window)
+        if cfg.hopper_backward:
+            return o_BTNH, (q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT, o_BTNH, lse_BNT)
         lse_BKR = _lse_heads_to_rows(lse_BNT, K)
     else:
         p = _prepare(cfg, cfg.blocks, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT)
@@ -183,7 +187,12 @@ def _flash_forward(cfg: _Config, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT):
 
 
 def _flash_backward(cfg: _Config, residuals, do_BTNH):
-    q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT, o_BTNH, lse_BKR = residuals
+    q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT, o_BTNH, lse = residuals
+    if cfg.hopper_backward:    # no sinks here: their cotangent is zero
+        dq, dk, dv = _flash_hopper.backward(q_BTNH, k_BTKH, v_BTKH, o_BTNH, lse, do_BTNH, scale=cfg.scale,
+                                            window=cfg.window)
+        return dq, dk, dv, jnp.zeros_like(sinks_N), None
+    lse_BKR = lse
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     blocks = cfg.blocks.for_backward
@@ -213,6 +222,13 @@ def use_hopper_forward(lowering: Lowering, q_BTNH, *, sinks: bool, segmented: bo
     asked for, and the call fits it."""
     return (lowering.impl == "pallas_gpu" and lowering.interpret is False and block_sizes is None
             and _flash_hopper.runs_on_this_device() and _flash_hopper.fits(q_BTNH, sinks=sinks, segmented=segmented))
+
+
+def hopper_kernel_runs_both_ways(q_BTNH, *, sinks: bool, segmented: bool) -> bool:
+    """Whether, compiled for this machine's GPU with default tiles, the call's forward and backward both run
+    on Mosaic GPU (a Hopper GPU; 16-bit, head dim 64/128, no sinks or segments)."""
+    return (_flash_hopper.runs_on_this_device() and _flash_hopper.fits(q_BTNH, sinks=sinks, segmented=segmented)
+            and _flash_hopper.backward_fits(q_BTNH))
 
 
 def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, window: int = 0,
@@ -266,7 +282,8 @@ def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, 
     segmented = segment_ids_BT is not None
     hopper = use_hopper_forward(lowering, q_BTNH, sinks=sinks_N is not None, segmented=segmented,
                                 block_sizes=block_sizes)
-    cfg = _Config(lowering, window, scale, blocks, head_pad, segmented, hopper_forward=hopper)
+    cfg = _Config(lowering, window, scale, blocks, head_pad, segmented, hopper_forward=hopper,
+                  hopper_backward=hopper and _flash_hopper.backward_fits(q_BTNH))
     seg = (jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32))
     sinks = jnp.full((N,), _NO_SINK, _F32) if sinks_N is None else sinks_N
     if sinks_N is None:

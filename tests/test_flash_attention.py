@@ -167,6 +167,46 @@ def test_hopper_forward_feeds_the_triton_backward(monkeypatch):
     assert calls and all(c == (0.25, 7) for c in calls)
 
 
+def _backward_from_residuals(q, k, v, o, lse, do, *, scale, window):
+    """dq, dk, dv from the forward's output and [B, N, T] log-sum-exp, by the flash-attention backward's
+    formulas written out in float32 (P = exp(S - lse), dS = P (dP - rowsum(O dO)))."""
+    T, N, G = q.shape[1], q.shape[2], q.shape[2] // k.shape[2]
+    f32 = lambda x: x.astype(jnp.float32)
+    k_full, v_full = (jnp.repeat(f32(x), G, axis=2) for x in (k, v))
+    s = jnp.einsum("BTNH,BSNH->BNTS", f32(q), k_full, precision="highest") * scale
+    t, key = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
+    p = jnp.where((key <= t) & ((t - key < window) if window else True), jnp.exp(s - lse[..., None]), 0)
+    dp = jnp.einsum("BTNH,BSNH->BNTS", f32(do), v_full, precision="highest")
+    ds = p * (dp - jnp.einsum("BTNH,BTNH->BNT", f32(o), f32(do))[..., None])
+    dq = jnp.einsum("BNTS,BSNH->BTNH", ds, k_full, precision="highest") * scale
+    per_head = lambda x: x.reshape(*x.shape[:2], k.shape[2], G, x.shape[-1]).sum(3)
+    dk = per_head(jnp.einsum("BNTS,BTNH->BSNH", ds, f32(q), precision="highest")) * scale
+    dv = per_head(jnp.einsum("BNTS,BTNH->BSNH", p, f32(do), precision="highest"))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def test_hopper_backward_gets_the_forwards_residuals(monkeypatch):
+    """At head dim 64/128 the Mosaic GPU backward takes the forward's output and [B, N, T] log-sum-exp
+    directly. Stand-ins (the definition forward, the written-out formulas backward) replace both kernels,
+    which need a Hopper GPU; the gradients must match the reference's, so the residuals must arrive in the
+    layout the backward reads."""
+    calls = []
+
+    def forward(q, k, v, *, scale, window):
+        return _reference_with_lse(q, k, v, scale=scale, window=window)
+
+    def backward(q, k, v, o, lse, do, *, scale, window):
+        calls.append(lse.shape)
+        return _backward_from_residuals(q, k, v, o, lse, do, scale=scale, window=window)
+
+    monkeypatch.setattr(flash_module._flash_hopper, "forward", forward)
+    monkeypatch.setattr(flash_module._flash_hopper, "backward", backward)
+    monkeypatch.setattr(flash_module, "use_hopper_forward", lambda *a, **kw: True)
+    _check("pallas_gpu", T=37, N=6, K=2, H=64, window=7, use_sinks=False, use_segments=False,
+           dtype=jnp.float32, tol=1e-5)
+    assert calls and all(shape == (B, 6, 37) for shape in calls)
+
+
 def test_use_hopper_forward_rules(monkeypatch):
     compiled = Lowering("pallas_gpu", interpret=False)
     q = jnp.zeros((1, 8, 4, 128), jnp.bfloat16)
@@ -192,7 +232,8 @@ def test_use_hopper_forward_rules(monkeypatch):
     (300, 8, 1, 128, 100, 4), (200, 8, 2, 256, 0, 1)])
 def test_hopper_forward_on_gpu(T, N, K, H, window, cluster, monkeypatch):
     """Compiled on a Hopper GPU: output and log-sum-exp against the definition (query heads sharing K/V loads
-    in clusters of 1, 2 and 4), and gradients through the Triton backward against the reference."""
+    in clusters of 1, 2 and 4), and gradients through `flash_attention`'s backward (Mosaic GPU's at d 64/128,
+    Triton's above) against the reference."""
     q, k, v, _, _ = _inputs(T, N, K, H, jnp.bfloat16)
     o, lse = flash_module._flash_hopper.forward(q, k, v, scale=H ** -0.5, window=window, cluster=cluster)
     o_ref, lse_ref = _reference_with_lse(q, k, v, scale=H ** -0.5, window=window)
@@ -205,6 +246,29 @@ def test_hopper_forward_on_gpu(T, N, K, H, window, cluster, monkeypatch):
     _check("pallas_gpu", T=T, N=N, K=K, H=H, window=window, use_sinks=False, use_segments=False,
            dtype=jnp.bfloat16, tol=2e-2, blocks=None)
     assert calls, "the Mosaic GPU forward did not run"
+
+
+@pytest.mark.skipif(not flash_module._flash_hopper.runs_on_this_device(), reason="the kernel needs a Hopper GPU")
+@pytest.mark.parametrize("T,N,K,H,window,cluster", [
+    (384, 4, 2, 128, 0, None), (300, 6, 2, 128, 100, None), (256, 4, 1, 64, 0, None), (130, 8, 8, 128, 0, None),
+    (500, 8, 2, 128, 192, 4)])
+def test_hopper_backward_on_gpu(T, N, K, H, window, cluster):
+    """Compiled on a Hopper GPU: the Mosaic GPU backward's dq, dk, dv from the kernel forward's residuals
+    against the written-out formulas on the definition's output and log-sum-exp."""
+    q, k, v, _, do = _inputs(T, N, K, H, jnp.bfloat16)
+    do = do.astype(jnp.bfloat16)
+    o, lse = flash_module._flash_hopper.forward(q, k, v, scale=H ** -0.5, window=window)
+    got = flash_module._flash_hopper.backward(q, k, v, o, lse, do, scale=H ** -0.5, window=window, cluster=cluster)
+    o_ref, lse_ref = _reference_with_lse(q, k, v, scale=H ** -0.5, window=window)
+    want = _backward_from_residuals(q, k, v, o_ref, lse_ref, do, scale=H ** -0.5, window=window)
+    for name, g, w in zip("qkv", got, want):
+        assert g.shape == w.shape and g.dtype == jnp.bfloat16
+        g32, w32 = g.astype(jnp.float32), w.astype(jnp.float32)
+        err = float(jnp.max(jnp.abs(g32 - w32)) / (1.0 + float(jnp.max(jnp.abs(w32)))))
+        assert err <= 2e-2, f"d{name}: {err}"
+    with pytest.raises(ValueError, match="head dim"):
+        flash_module._flash_hopper.backward(*(x[..., :32] for x in (q, k, v, o)), lse, do[..., :32], scale=1.0,
+                                            window=window)
 
 
 @pytest.mark.parametrize("bq,bk,groups,tokens,window", [(16, 16, 2, 70, 0), (16, 16, 1, 70, 33), (64, 32, 8, 200, 0),
@@ -289,6 +353,14 @@ def test_dispatch_table_on_gpu(monkeypatch):
     assert auto(shaped(4, 4096, 8, 256), shaped(4, 4096, 1, 256), window=512) == "cudnn"
     assert auto(shaped(1, 16384, 8, 256), shaped(1, 16384, 2, 256), window=1024) == "cudnn"
     assert auto(shaped(4, 4096, 8, 512), shaped(4, 4096, 1, 512), window=1024) == "flash"
+    # sliding-window layers that our Hopper kernel runs both ways (16-bit, head dim 64/128) leave cuDNN
+    laguna_sliding = dict(q=shaped(1, 4096, 64, 128), k=shaped(1, 4096, 8, 128), window=512)
+    assert auto(**laguna_sliding) == "cudnn"      # not on a Hopper GPU
+    monkeypatch.setattr(flash_module._flash_hopper, "runs_on_this_device", lambda: True)
+    assert auto(**laguna_sliding) == "flash"
+    assert auto(shaped(1, 4096, 64, 128), shaped(1, 4096, 8, 128)) == "cudnn"                 # full causal
+    assert auto(shaped(1, 512, 64, 128), shaped(1, 512, 8, 128), window=512) == "cudnn"       # window >= T
+    assert auto(shaped(4, 4096, 8, 256), shaped(4, 4096, 1, 256), window=512) == "cudnn"      # head dim 256
 
 
 def test_kernel_value_with_reference_gradient():
