@@ -404,7 +404,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_ref
             st_KQ = pl.run_scoped(scores, plgpu.ACC((ROWS, block_q), _F32)) * (scale * _LOG2E)
             if masked:
                 st_KQ = _masked(st_KQ, i * block_q, s0, keys_axis=0, window=window)
-            lse2_Q, delta_Q = (plgpu.load(vec_smem.at[slot, c], (), layout=plgpu.Layout.WGMMA.reduce(0)) for c in (0, 1))
+            lse2_Q, delta_Q = (plgpu.load(vec_smem.at[slot, c], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                               for c in (0, 1))
             pt_KQ = jnp.exp2(st_KQ - lax.broadcast_in_dim(lse2_Q, st_KQ.shape, [1]))
             plgpu.barrier_wait(do_ready.at[slot])
 

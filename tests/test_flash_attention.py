@@ -170,7 +170,7 @@ def test_hopper_forward_feeds_the_triton_backward(monkeypatch):
 def _backward_from_residuals(q, k, v, o, lse, do, *, scale, window):
     """dq, dk, dv from the forward's output and [B, N, T] log-sum-exp, by the flash-attention backward's
     formulas written out in float32 (P = exp(S - lse), dS = P (dP - rowsum(O dO)))."""
-    T, N, G = q.shape[1], q.shape[2], q.shape[2] // k.shape[2]
+    T, G = q.shape[1], q.shape[2] // k.shape[2]
     f32 = lambda x: x.astype(jnp.float32)
     k_full, v_full = (jnp.repeat(f32(x), G, axis=2) for x in (k, v))
     s = jnp.einsum("BTNH,BSNH->BNTS", f32(q), k_full, precision="highest") * scale
