@@ -86,8 +86,8 @@ def _cudnn_fits(q_BTNH, k_BSKH, sinks_N, softcap, default_positions: bool) -> bo
 
 
 # Sliding-window layers on a Hopper GPU where our Mosaic GPU kernel runs forward and backward (head dim
-# 64/128): 1.3-1.4x faster than cuDNN forward+backward (Laguna sliding, 4K and 16K tokens; docs/benchmarks.md).
-# On full-causal layers cuDNN stays ahead (1.05x) and keeps them.
+# 64/128): 1.25-1.4x faster than cuDNN forward+backward (Laguna sliding, 4K and 16K tokens, two runs;
+# docs/benchmarks.md). On full-causal layers the two are even (0.95-1.07x) and cuDNN keeps them.
 def _own_hopper_kernel_beats_cudnn(q_BTNH, k_BSKH, sinks_N, softcap, segment_ids_BT, default_positions: bool,
                                    window: int) -> bool:
     return (0 < window < q_BTNH.shape[1] and _own_kernel_fits(q_BTNH, k_BSKH, softcap, default_positions)
@@ -129,7 +129,7 @@ def attention_backend(impl: str, q_BTNH, k_BSKH, *, sinks_N=None, softcap: float
       xla      | reference                | reference                 | reference
       pallas   | flash                    | flash                     | flash (interpret mode)
       auto     | flash for sliding-window | splash if it fits,        | reference
-               | layers our Hopper kernel |  else flash, else ref.    |
+               | layers our Hopper kernel | else flash, else ref.     |
                | runs both ways, else     |                           |
                | cudnn if it fits,        |                           |
                | else flash_xla_vjp (or   |                           |

@@ -1,4 +1,4 @@
-"""Mosaic GPU (Hopper: TMA + wgmma, warp-specialised) forward of dense causal flash attention.
+"""Mosaic GPU (Hopper: TMA + wgmma, warp-specialised) forward and backward of dense causal flash attention.
 
 The Triton forward (`_flash_gpu`) cannot issue Hopper's asynchronous warpgroup matmuls from shared
 memory; this one can. One program per (query head, query tile, batch) runs three warpgroups:
@@ -22,10 +22,13 @@ per token of a sliding window is flat in the sequence); a warpgroup waits for an
 outside its own range without computing, and masks only the blocks it does not see whole. Queries read
 their own head, keys and values their kv head (GQA: the G heads of a kv head hit the same blocks in L2).
 
+The backward (d 64/128, below `backward`) is two more kernels of the same make: a dQ walk over key blocks
+and a dK/dV walk over the query blocks of every query head of a kv head.
+
 Layout is the caller's: q, o [B, T, N, H]; k, v [B, T, K, H]; the log-sum-exp comes out as [B, N, T] in
-natural-log units, as the Triton backward expects it once moved to its row layout. Tokens are padded to
-whole tiles and key blocks. No interpreter runs this kernel (the GPU interpreter takes neither a
-transposed nor a register wgmma operand), so its tests need a Hopper GPU.
+natural-log units, which this backward reads as it is and the Triton backward once moved to its row
+layout. Tokens are padded to whole tiles and key blocks. No interpreter runs these kernels (the GPU
+interpreter takes neither a transposed nor a register wgmma operand), so their tests need a Hopper GPU.
 """
 from __future__ import annotations
 

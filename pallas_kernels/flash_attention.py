@@ -243,7 +243,7 @@ def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, 
     output is 0). impl: "xla" (pure-JAX reference), "pallas_gpu", "pallas_tpu" or "auto" (by platform; the
     reference on CPU); a Pallas lowering off its platform runs in interpret mode unless `interpret` says
     otherwise. Logits, softmax and accumulation are float32. block_sizes: Triton/TPU tiles (None: the
-    defaults, and on a Hopper GPU the Mosaic GPU forward wherever it fits; given: the Triton forward).
+    defaults, and on a Hopper GPU the Mosaic GPU forward and backward wherever they fit; given: Triton's).
     """
     check_array("q", q_BTNH, 4, FLOAT_DTYPES, "[B, T, N, H]")
     B, T, N, H = q_BTNH.shape
