@@ -93,7 +93,7 @@ def variants(s: Shape, T: int, *, smoke: bool, interpret, dtype):
     scale = s.head_dim ** -0.5
     out = {"ours": ours(s, SMOKE_BLOCKS if smoke else None, interpret)}
     if not smoke and own_impl() == "pallas_gpu" and _flash_hopper.runs_on_this_device():
-        # explicit tiles keep the forward on Triton ("ours" runs the Mosaic GPU forward where it fits)
+        # explicit tiles keep both directions on Triton ("ours" runs the Mosaic GPU kernels where they fit)
         out["ours, triton fwd"] = ours(s, default_block_sizes(own_impl(), s.head_dim, dtype), interpret)
     if s.head_dim <= cudnn_max_head_dim():
         out["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(

@@ -77,7 +77,7 @@ def _visible(t_r, s_k, qseg_r, kvseg_k, window: int):
     return vis
 
 
-def _walk(lo, hi, whole, step, carry, segmented: bool):
+def walk_blocks(lo, hi, whole, step, carry, segmented: bool):
     """fori_loop of step(j, carry, masked) over blocks [lo, hi): unmasked over the `whole` range (a, b)
     unless segment ids call for the mask everywhere."""
     if segmented:
@@ -113,7 +113,7 @@ def _forward_kernel(qseg_ref, sink_ref, q_ref, k_ref, v_ref, kvseg_ref, o_ref, l
 
     carry = (jnp.zeros(q.shape, _F32), sink_ref[...], jnp.ones((bq,), _F32))
     whole = whole_key_blocks(i, lo, hi, bq=bq, bk=bk, groups=groups, window=window)
-    acc, m, l = _walk(lo, hi, whole, step, carry, segmented)
+    acc, m, l = walk_blocks(lo, hi, whole, step, carry, segmented)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
 
@@ -140,7 +140,7 @@ def _dq_kernel(qseg_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, kvseg_
         return dq + _dot(ds.astype(keys.dtype), keys)
 
     whole = whole_key_blocks(i, lo, hi, bq=bq, bk=bk, groups=groups, window=window)
-    dq = _walk(lo, hi, whole, step, jnp.zeros(q.shape, _F32), segmented)
+    dq = walk_blocks(lo, hi, whole, step, jnp.zeros(q.shape, _F32), segmented)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -169,7 +169,7 @@ def _dkv_kernel(k_ref, v_ref, kvseg_ref, qseg_ref, q_ref, do_ref, lse_ref, delta
 
     zeros = jnp.zeros(keys.shape, _F32)
     whole = whole_row_blocks(j, lo, hi, bq=bq, bk=bk, groups=groups, window=window)
-    dk, dv = _walk(lo, hi, whole, step, (zeros, zeros), segmented)
+    dk, dv = walk_blocks(lo, hi, whole, step, (zeros, zeros), segmented)
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 

@@ -42,7 +42,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels._common import gpu_compute_capability, pad_axis, round_up
-from pallas_kernels._flash_gpu import key_block_range, row_block_range, whole_key_blocks, whole_row_blocks
+from pallas_kernels._flash_gpu import key_block_range, row_block_range, walk_blocks, whole_key_blocks, \
+    whole_row_blocks
 
 _F32 = jnp.float32
 ROWS = 64            # query tokens per compute warpgroup (one wgmma M tile)
@@ -93,6 +94,47 @@ def _feed_ring(lo, hi, stages: int, streams):
             plgpu.barrier_wait(free.at[lax.rem(j - lo, stages)])
 
 
+def _wait(ready, slot, parts: int = 1):
+    """Wait for a ring slot's copies to land; `ready` holds `parts` barriers per slot (one per column part)."""
+    for h in range(parts):
+        plgpu.barrier_wait(ready.at[slot * parts + h])
+
+
+def _release(slot, streams, parts: int = 1):
+    """Wait for a ring slot and hand it back unread. streams: (ready, free) barrier pairs."""
+    for ready, free in streams:
+        _wait(ready, slot, parts)
+        plgpu.barrier_arrive(free.at[slot])
+
+
+def _walk(lo_p, lo, hi, hi_p, whole, step, release, carry):
+    """A compute warpgroup's pass over the program's blocks [lo_p, hi_p): those outside its own [lo, hi) are
+    released unread; step(j, carry, masked) runs over [lo, hi), unmasked on the `whole` range."""
+    lax.fori_loop(lo_p, lo, lambda j, _: release(j), None)
+    carry = walk_blocks(lo, hi, whole, step, carry, segmented=False)
+    lax.fori_loop(hi, hi_p, lambda j, _: release(j), None)
+    return carry
+
+
+def _column_part(ref, h: int, parts: int):
+    """Column part h of `parts` of a gmem ref's last axis (the ref itself when there is one part)."""
+    width = ref.shape[-1] // parts
+    return ref.at[..., pl.ds(h * width, width)] if parts > 1 else ref
+
+
+def _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free, *, b, kv_head, lo, hi,
+               block_kv: int, stages: int, parts: int):
+    """The memory warpgroup of the forward and of dQ: key and value blocks [lo, hi) of one kv head into
+    their rings [stages, parts, block_kv, width], each TMA-multicast over the cluster."""
+    def load(src, dst, ready):
+        def copy(j, slot):
+            for h in range(parts):
+                plgpu.copy_gmem_to_smem(_column_part(src.at[b, pl.ds(j * block_kv, block_kv), kv_head], h, parts),
+                                        dst.at[slot, h], ready.at[slot * parts + h], collective_axes="cluster")
+        return copy
+    _feed_ring(lo, hi, stages, [(k_free, load(k_ref, k_smem, k_ready)), (v_free, load(v_ref, v_smem, v_ready))])
+
+
 def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, q_ready, k_ready, v_ready,
             k_free, v_free, both_done, *, scale: float, window: int, tokens: int, groups: int, block_kv: int,
             stages: int, parts: int, cluster: int):
@@ -109,7 +151,6 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_sme
     wg = lax.axis_index("wg")
     split = parts > 1
     width = q_ref.shape[-1] // parts
-    part = lambda ref, h: ref.at[..., pl.ds(h * width, width)] if split else ref   # gmem column part h
     blocks = functools.partial(key_block_range, bq=ROWS, bk=block_kv, groups=1, tokens=tokens, window=window)
     # the program's 64-token row blocks: one per warpgroup, or one shared by both (split)
     first_i, last_i = (tile, tile) if split else (tile * WARPGROUPS, tile * WARPGROUPS + WARPGROUPS - 1)
@@ -124,28 +165,20 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_sme
 
         def load_q():
             for h in range(parts):
-                plgpu.copy_gmem_to_smem(part(q_ref.at[b, pl.ds(q0, ROWS), n], h), q_buf.at[h],
+                plgpu.copy_gmem_to_smem(_column_part(q_ref.at[b, pl.ds(q0, ROWS), n], h, parts), q_buf.at[h],
                                         q_ready.at[h if split else wg])
         pl.when(wg == 0)(load_q) if split else load_q()
         for h in range(parts):
             plgpu.barrier_wait(q_ready.at[h if split else wg])
         lo, hi = blocks(i)
 
-        def wait(ready, slot):
-            for h in range(parts):
-                plgpu.barrier_wait(ready.at[slot * parts + h])
-
         def release(j):
-            """Wait for block j and hand its slot back unread (outside this warpgroup's range)."""
-            slot = lax.rem(j - lo_p, stages)
-            for ready, free in ((k_ready, k_free), (v_ready, v_free)):
-                wait(ready, slot)
-                plgpu.barrier_arrive(free.at[slot])
+            _release(lax.rem(j - lo_p, stages), ((k_ready, k_free), (v_ready, v_free)), parts)
 
         def step(j, carry, masked: bool):
             acc_RH, m_R, l_R = carry
             slot = lax.rem(j - lo_p, stages)
-            wait(k_ready, slot)
+            _wait(k_ready, slot, parts)
 
             def scores(s_ref):
                 for h in range(parts):
@@ -160,7 +193,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_sme
             alpha_R = jnp.exp2(m_R - m_new)
             p_RS = jnp.exp2(s_RS - lax.broadcast_in_dim(m_new, s_RS.shape, [0]))
             l_R = l_R * alpha_R + p_RS.sum(axis=1)
-            wait(v_ready, slot)
+            _wait(v_ready, slot, parts)
 
             def values(acc_ref):     # O = alpha O + P V, accumulated in place on the tensor cores
                 plgpu.wgmma(acc_ref, p_RS.astype(q_ref.dtype), v_smem.at[slot, wg if split else 0])
@@ -171,13 +204,8 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_sme
         carry = (plgpu.layout_cast(jnp.zeros((ROWS, width), _F32), plgpu.Layout.WGMMA),
                  plgpu.layout_cast(jnp.full((ROWS,), _UNSEEN, _F32), plgpu.Layout.WGMMA.reduce(1)),
                  plgpu.layout_cast(jnp.zeros((ROWS,), _F32), plgpu.Layout.WGMMA.reduce(1)))
-        whole_lo, whole_hi = whole_key_blocks(i, lo, hi, bq=ROWS, bk=block_kv, groups=1, window=window)
-        skip = lambda j, c: (release(j), c)[1]
-        carry = lax.fori_loop(lo_p, lo, skip, carry)
-        carry = lax.fori_loop(lo, whole_lo, functools.partial(step, masked=True), carry)
-        carry = lax.fori_loop(whole_lo, whole_hi, functools.partial(step, masked=False), carry)
-        acc_RH, m_R, l_R = lax.fori_loop(whole_hi, hi, functools.partial(step, masked=True), carry)
-        lax.fori_loop(hi, hi_p, skip, None)
+        whole = whole_key_blocks(i, lo, hi, bq=ROWS, bk=block_kv, groups=1, window=window)
+        acc_RH, m_R, l_R = _walk(lo_p, lo, hi, hi_p, whole, step, release, carry)
 
         if split:    # the shared Q buffer takes the output only once both have read Q for the last time
             plgpu.barrier_arrive(both_done)
@@ -185,7 +213,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_sme
         o_buf = q_buf.at[wg if split else 0]
         o_buf[...] = (acc_RH / lax.broadcast_in_dim(l_R, acc_RH.shape, [0])).astype(o_ref.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_buf, part(o_ref.at[b, pl.ds(q0, ROWS), n], wg))
+        plgpu.copy_smem_to_gmem(o_buf, _column_part(o_ref.at[b, pl.ds(q0, ROWS), n], wg, parts))
 
         def write_lse():
             lse_smem.at[wg][...] = (m_R + jnp.log2(l_R)) / _LOG2E
@@ -197,15 +225,8 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_sme
     @pl.when(wg == WARPGROUPS)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
-        kv_head = lax.div(n, groups)
-
-        def load(src, dst, ready):
-            def copy(j, slot):
-                for h in range(parts):
-                    plgpu.copy_gmem_to_smem(part(src.at[b, pl.ds(j * block_kv, block_kv), kv_head], h),
-                                            dst.at[slot, h], ready.at[slot * parts + h], collective_axes="cluster")
-            return copy
-        _feed_ring(lo_p, hi_p, stages, [(k_free, load(k_ref, k_smem, k_ready)), (v_free, load(v_ref, v_smem, v_ready))])
+        _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free, b=b, kv_head=lax.div(n, groups),
+                   lo=lo_p, hi=hi_p, block_kv=block_kv, stages=stages, parts=parts)
 
 
 def runs_on_this_device() -> bool:
@@ -312,10 +333,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref, q_smem,
         lo, hi = blocks(i)
 
         def release(j):
-            slot = lax.rem(j - lo_p, stages)
-            for ready, free in ((k_ready, k_free), (v_ready, v_free)):
-                plgpu.barrier_wait(ready.at[slot])
-                plgpu.barrier_arrive(free.at[slot])
+            _release(lax.rem(j - lo_p, stages), ((k_ready, k_free), (v_ready, v_free)))
 
         def step(j, dq_RH, masked: bool):
             slot = lax.rem(j - lo_p, stages)
@@ -323,8 +341,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref, q_smem,
             plgpu.barrier_wait(v_ready.at[slot])
 
             def scores(s_ref, dp_ref):     # S = Q K^T and dP = dO V^T, issued together
-                plgpu.wgmma(s_ref, q_buf, k_smem.at[slot].transpose((1, 0)))
-                plgpu.wgmma(dp_ref, do_buf, v_smem.at[slot].transpose((1, 0)))
+                plgpu.wgmma(s_ref, q_buf, k_smem.at[slot, 0].transpose((1, 0)))
+                plgpu.wgmma(dp_ref, do_buf, v_smem.at[slot, 0].transpose((1, 0)))
                 return s_ref[...], dp_ref[...]
             s_RS, dp_RS = pl.run_scoped(scores, plgpu.ACC((ROWS, block_kv), _F32), plgpu.ACC((ROWS, block_kv), _F32))
             plgpu.barrier_arrive(v_free.at[slot])
@@ -335,18 +353,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref, q_smem,
             ds_RS = p_RS * (dp_RS - lax.broadcast_in_dim(delta_R, s_RS.shape, [0]))
 
             def grad(acc_ref):
-                plgpu.wgmma(acc_ref, ds_RS.astype(q_ref.dtype), k_smem.at[slot])
+                plgpu.wgmma(acc_ref, ds_RS.astype(q_ref.dtype), k_smem.at[slot, 0])
             dq_RH = pl.run_state(grad)(plgpu.ACC.init(dq_RH))
             plgpu.barrier_arrive(k_free.at[slot])
             return dq_RH
 
         dq_RH = plgpu.layout_cast(jnp.zeros((ROWS, q_ref.shape[-1]), _F32), plgpu.Layout.WGMMA)
-        whole_lo, whole_hi = whole_key_blocks(i, lo, hi, bq=ROWS, bk=block_kv, groups=1, window=window)
-        lax.fori_loop(lo_p, lo, lambda j, c: (release(j), c)[1], None)
-        dq_RH = lax.fori_loop(lo, whole_lo, functools.partial(step, masked=True), dq_RH)
-        dq_RH = lax.fori_loop(whole_lo, whole_hi, functools.partial(step, masked=False), dq_RH)
-        dq_RH = lax.fori_loop(whole_hi, hi, functools.partial(step, masked=True), dq_RH)
-        lax.fori_loop(hi, hi_p, lambda j, c: (release(j), c)[1], None)
+        whole = whole_key_blocks(i, lo, hi, bq=ROWS, bk=block_kv, groups=1, window=window)
+        dq_RH = _walk(lo_p, lo, hi, hi_p, whole, step, release, dq_RH)
         q_buf[...] = (dq_RH * scale).astype(dq_ref.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_buf, dq_ref.at[rows])
@@ -355,12 +369,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref, q_smem,
     @pl.when(wg == WARPGROUPS)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
-        kv_head = lax.div(n, groups)
-
-        def load(src, dst, ready):
-            return lambda j, slot: plgpu.copy_gmem_to_smem(src.at[b, pl.ds(j * block_kv, block_kv), kv_head],
-                                                           dst.at[slot], ready.at[slot], collective_axes="cluster")
-        _feed_ring(lo_p, hi_p, stages, [(k_free, load(k_ref, k_smem, k_ready)), (v_free, load(v_ref, v_smem, v_ready))])
+        _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free, b=b, kv_head=lax.div(n, groups),
+                   lo=lo_p, hi=hi_p, block_kv=block_kv, stages=stages, parts=1)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem,
@@ -387,14 +397,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_ref
             plgpu.copy_gmem_to_smem(src.at[b, pl.ds(s0, ROWS), kv_head], dst, key_ready.at[wg])
         plgpu.barrier_wait(key_ready.at[wg])
         lo, hi = queries(j)
-        whole_lo, whole_hi = whole_row_blocks(j, lo, hi, bq=block_q, bk=ROWS, groups=1, window=window)
+        whole = whole_row_blocks(j, lo, hi, bq=block_q, bk=ROWS, groups=1, window=window)
         zeros_KQ = plgpu.layout_cast(jnp.zeros((ROWS, block_q), _F32), plgpu.Layout.WGMMA)
 
         def release(step):
-            slot = lax.rem(step, stages)
-            for ready, free in ((q_ready, q_free), (do_ready, do_free)):
-                plgpu.barrier_wait(ready.at[slot])
-                plgpu.barrier_arrive(free.at[slot])
+            _release(lax.rem(step, stages), ((q_ready, q_free), (do_ready, do_free)))
 
         def step(i, carry, masked: bool, head: int):
             dk_KH, dv_KH = carry
@@ -427,12 +434,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_ref
             return dk_KH, dv_KH
 
         def one_head(head, carry):
-            skip = lambda i, c: (release(head * per_head + i - lo_p), c)[1]
-            walk = lambda a, z, masked, c: lax.fori_loop(a, z, functools.partial(step, masked=masked, head=head), c)
-            lax.fori_loop(lo_p, lo, skip, None)
-            carry = walk(whole_hi, hi, True, walk(whole_lo, whole_hi, False, walk(lo, whole_lo, True, carry)))
-            lax.fori_loop(hi, hi_p, skip, None)
-            return carry
+            return _walk(lo_p, lo, hi, hi_p, whole, functools.partial(step, head=head),
+                         lambda i: release(head * per_head + i - lo_p), carry)
 
         zeros_KH = plgpu.layout_cast(jnp.zeros((ROWS, q_ref.shape[-1]), _F32), plgpu.Layout.WGMMA)
         dk_KH, dv_KH = lax.fori_loop(0, groups, one_head, (zeros_KH, zeros_KH))
@@ -499,8 +502,8 @@ def backward(q_BTNH, k_BTKH, v_BTKH, o_BTNH, lse_BNT, do_BTNH, *, scale: float, 
         scratch_types=(
             _smem_tiled((WARPGROUPS, ROWS, H), dtype),                 # Q, then dQ
             _smem_tiled((WARPGROUPS, ROWS, H), dtype),                 # dO
-            _smem_tiled((stages_dq, block_kv, H), dtype),              # key ring
-            _smem_tiled((stages_dq, block_kv, H), dtype),              # value ring
+            _smem_tiled((stages_dq, 1, block_kv, H), dtype),           # key ring (one column part)
+            _smem_tiled((stages_dq, 1, block_kv, H), dtype),           # value ring
             plgpu.SMEM((WARPGROUPS, 2, ROWS), _F32),                   # the rows' lse (base 2) and delta
             plgpu.Barrier(num_arrivals=4, num_barriers=WARPGROUPS),    # a warpgroup's rows landed
             plgpu.Barrier(num_barriers=stages_dq),                     # key slot filled
