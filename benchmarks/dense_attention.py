@@ -10,7 +10,7 @@ pure-JAX XLA reference.
 Shapes (batch 1, one layer): Gemma 4 E2B sliding (8 q / 1 kv heads, d 256, window 512) and global
 (8 / 1, d 512); the sliding layers of the `1b` Gemma-4 preset (8 / 2, d 256, window 1024); Laguna sliding
 and global layers (64 and 48 q heads / 8 kv, d 128, window 512 on the sliding ones); ZAYA1 CCA (8 q / 2 kv,
-d 128, full causal). Variants: ours (on a Hopper GPU its forward, and at d 64/128 its backward, run on
+d 128, full causal). Variants: ours (on a Hopper GPU its forward, and at d 64-256 its backward, run on
 Mosaic GPU where they fit; "ours, triton fwd" passes the default Triton tiles, which keeps both directions
 on Triton), cuDNN, `auto` (what the layers run:
 `layers.attention.dot_product_attention`) and the XLA reference. Per variant: median wall time of fwd and

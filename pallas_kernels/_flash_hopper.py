@@ -22,8 +22,9 @@ per token of a sliding window is flat in the sequence); a warpgroup waits for an
 outside its own range without computing, and masks only the blocks it does not see whole. Queries read
 their own head, keys and values their kv head (GQA: the G heads of a kv head hit the same blocks in L2).
 
-The backward (d 64/128, below `backward`) is two more kernels of the same make: a dQ walk over key blocks
-and a dK/dV walk over the query blocks of every query head of a kv head.
+The backward (d 64-256, below `backward`) is two more kernels of the same make: a dQ walk over key blocks
+and a dK/dV walk over the query blocks of every query head of a kv head (at d 256 its two warpgroups share
+one key block and split the work by product, dV on one and dK on the other).
 
 Layout is the caller's: q, o [B, T, N, H]; k, v [B, T, K, H]; the log-sum-exp comes out as [B, N, T] in
 natural-log units, which this backward reads as it is and the Triton backward once moved to its row
@@ -56,9 +57,11 @@ _LOG2E = math.log2(math.e)
 _UNSEEN = -1e30      # running max before any visible key: finite, so a fully masked block adds exp2(-inf) = 0
 
 
-def _smem_tiled(shape, dtype):
-    """Shared memory in the 128-byte-swizzled (8, 64) tiling that TMA writes and wgmma reads."""
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+def _smem_tiled(shape, dtype, swizzle: int = 128):
+    """Shared memory in the swizzled (8, swizzle bytes) tiling that TMA writes and wgmma reads; a wgmma
+    contracts over whole tiles, so a 64-byte swizzle lets it contract over 32 16-bit elements."""
+    tile = (8, swizzle // jnp.dtype(dtype).itemsize)
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform(tile), plgpu.SwizzleTransform(swizzle)))
 
 
 def _masked(s_XY, t_first, key_first, *, keys_axis: int, window: int):
@@ -298,11 +301,18 @@ def forward(q_BTNH, k_BTKH, v_BTKH, *, scale: float, window: int, block_kv: int 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Backward (d <= 128): dQ walks key blocks like the forward; dK/dV walks, for each key tile, the query blocks
-# of every query head of its kv head (so GQA needs no reduction over heads afterwards). Both recompute
+# Backward: dQ walks key blocks like the forward; dK/dV walks, for each key tile, the query blocks of every
+# query head of its kv head (so GQA needs no reduction over heads afterwards). Both recompute
 # P = exp2(S - lse) from the forward's log-sum-exp; delta = rowsum(O * dO) comes in precomputed.
 #   dP = dO V^T,  dS = P * (dP - delta),  dQ = scale dS K,  dK = scale dS^T Q,  dV = P^T dO.
-BACKWARD_HEAD_DIMS = (64, 128)   # dK and dV accumulators of 64 x 256 would not fit one warpgroup's registers
+BACKWARD_HEAD_DIMS = (64, 128, 256)
+
+
+def backward_tiles(head_dim: int) -> tuple[int, int, int, int]:
+    """(keys per dQ ring slot, dQ slots, query tokens per dK/dV ring slot, dK/dV slots). At d 256 the rows'
+    Q and dO take 128 KiB of shared memory in dQ and the K, V and P^T buffers 80 KiB in dK/dV, so the rings
+    shrink to what is left of Hopper's 227 KiB."""
+    return (32, 2, 64, 2) if head_dim > 128 else (64, 3, 64, 3)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref, q_smem, do_smem, k_smem, v_smem, vec_smem,
@@ -373,19 +383,51 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref, q_smem,
                    lo=lo_p, hi=hi_p, block_kv=block_kv, stages=stages, parts=1)
 
 
+def _query_blocks(*, tokens: int, window: int, block_q: int, keys: int):
+    """row_block_range for the dK/dV kernels: the `block_q`-token query blocks that see a block of `keys` keys."""
+    return functools.partial(row_block_range, bq=block_q, bk=keys, groups=1, tokens=tokens, window=window,
+                             n_row_blocks=tokens // block_q)
+
+
+def _feed_query_blocks(q_ref, do_ref, lse2_ref, delta_ref, q_smem, do_smem, vec_smem, q_ready, do_ready, q_free,
+                       do_free, *, b, kv_head, groups: int, lo_p, per_head, block_q: int, stages: int):
+    """The memory warpgroup of dK/dV: for each query head of the kv head in turn, its query blocks
+    [lo_p, lo_p + per_head) into two rings, Q with its rows' lse and delta (3 copies per slot) and dO."""
+    def rows(step):
+        n, i = kv_head * groups + lax.div(step, per_head), lo_p + lax.rem(step, per_head)
+        return n, pl.ds(i * block_q, block_q)
+
+    def load_q(step, slot):
+        n, t = rows(step)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, t, n], q_smem.at[slot], q_ready.at[slot])
+        for c, src in enumerate((lse2_ref, delta_ref)):
+            plgpu.copy_gmem_to_smem(src.at[b, n, t], vec_smem.at[slot, c], q_ready.at[slot])
+
+    def load_do(step, slot):
+        n, t = rows(step)
+        plgpu.copy_gmem_to_smem(do_ref.at[b, t, n], do_smem.at[slot], do_ready.at[slot])
+    _feed_ring(0, groups * per_head, stages, [(q_free, load_q), (do_free, load_do)])
+
+
+def _write_out(pairs):
+    """Each (smem buffer, gmem destination) pair out through TMA, once the stores to the buffers are visible."""
+    plgpu.commit_smem()
+    for buf, dst in pairs:
+        plgpu.copy_smem_to_gmem(buf, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem,
                 vec_smem, key_ready, q_ready, do_ready, q_free, do_free, *, scale: float, window: int, tokens: int,
                 groups: int, block_q: int, stages: int):
-    """One program per (kv head, 128-key tile, batch); warpgroup w owns the tile's 64-key block w and
+    """d <= 128. One program per (kv head, 128-key tile, batch); warpgroup w owns the tile's 64-key block w and
     accumulates its dK and dV in registers. The memory warpgroup streams, for each query head g of the kv
     head in turn, the query blocks that see the tile (Q with its lse and delta, and dO) through a ring."""
     kv_head, b, wg = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("wg")
     tile = lax.axis_index("tiles")     # the first key tiles have the most queries and go first
-    queries = functools.partial(row_block_range, bq=block_q, bk=ROWS, groups=1, tokens=tokens, window=window,
-                                n_row_blocks=tokens // block_q)
+    queries = _query_blocks(tokens=tokens, window=window, block_q=block_q, keys=ROWS)
     lo_p, hi_p = queries(tile * WARPGROUPS)[0], queries(tile * WARPGROUPS + WARPGROUPS - 1)[1]
     per_head = hi_p - lo_p         # query blocks walked per query head; step g * per_head + (i - lo_p)
-    head_and_block = lambda step: (kv_head * groups + lax.div(step, per_head), lo_p + lax.rem(step, per_head))
 
     @pl.when(wg < WARPGROUPS)
     def _compute():
@@ -441,40 +483,129 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_ref
         dk_KH, dv_KH = lax.fori_loop(0, groups, one_head, (zeros_KH, zeros_KH))
         k_buf[...] = (dk_KH * scale).astype(dk_ref.dtype)
         v_buf[...] = dv_KH.astype(dv_ref.dtype)
-        plgpu.commit_smem()
-        for buf, dst in ((k_buf, dk_ref), (v_buf, dv_ref)):
-            plgpu.copy_smem_to_gmem(buf, dst.at[b, pl.ds(s0, ROWS), kv_head])
-        plgpu.wait_smem_to_gmem(0)
+        _write_out([(buf, dst.at[b, pl.ds(s0, ROWS), kv_head]) for buf, dst in ((k_buf, dk_ref), (v_buf, dv_ref))])
 
     @pl.when(wg == WARPGROUPS)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
+        _feed_query_blocks(q_ref, do_ref, lse2_ref, delta_ref, q_smem, do_smem, vec_smem, q_ready, do_ready, q_free,
+                           do_free, b=b, kv_head=kv_head, groups=groups, lo_p=lo_p, per_head=per_head,
+                           block_q=block_q, stages=stages)
 
-        def load_q(step, slot):            # Q with its rows' lse and delta
-            n, i = head_and_block(step)
-            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(i * block_q, block_q), n], q_smem.at[slot], q_ready.at[slot])
-            for c, src in enumerate((lse2_ref, delta_ref)):
-                plgpu.copy_gmem_to_smem(src.at[b, n, pl.ds(i * block_q, block_q)], vec_smem.at[slot, c],
-                                        q_ready.at[slot])
 
-        def load_do(step, slot):
-            n, i = head_and_block(step)
-            plgpu.copy_gmem_to_smem(do_ref.at[b, pl.ds(i * block_q, block_q), n], do_smem.at[slot],
-                                    do_ready.at[slot])
-        _feed_ring(0, groups * per_head, stages, [(q_free, load_q), (do_free, load_do)])
+def _dkv_split_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem,
+                      do_smem, vec_smem, pt_smem, key_ready, q_ready, do_ready, q_free, do_free, pt_ready, pt_free, *,
+                      scale: float, window: int, tokens: int, groups: int, block_q: int, stages: int):
+    """d 256: a 64 x 256 float32 accumulator fills a warpgroup's registers, so both own the same 64 keys
+    (one program per (kv head, 64-key block, batch)) and split the work by product:
+      warpgroup 0  P^T = exp2(K Q^T - lse)  and  dV += P^T dO,
+      warpgroup 1  dP^T = V dO^T            and  dK += (P^T * (dP^T - delta)) Q,
+    two matmuls each, P^T passing from 0 to 1 through shared memory. Each reads only one of K and V, and
+    writes its result over it on the way out."""
+    kv_head, b, wg = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("wg")
+    j = lax.axis_index("tiles")        # the first key blocks have the most queries and go first
+    s0 = j * ROWS
+    lo, hi = _query_blocks(tokens=tokens, window=window, block_q=block_q, keys=ROWS)(j)
+    per_head = hi - lo
+    slot_of = lambda head, i: lax.rem(head * per_head + i - lo, stages)
+    rows = (b, pl.ds(s0, ROWS), kv_head)
+    zeros_KH = lambda: plgpu.layout_cast(jnp.zeros((ROWS, q_ref.shape[-1]), _F32), plgpu.Layout.WGMMA)
+
+    def accumulate(step):
+        """Sum step(i, acc, masked, head) over every query head and its query blocks [lo, hi)."""
+        whole = whole_row_blocks(j, lo, hi, bq=block_q, bk=ROWS, groups=1, window=window)
+        one_head = lambda head, acc: walk_blocks(lo, hi, whole, functools.partial(step, head=head), acc,
+                                                 segmented=False)
+        return lax.fori_loop(0, groups, one_head, zeros_KH())
+
+    @pl.when(wg == 0)
+    def _values():
+        plgpu.set_max_registers(232, action="increase")
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, key_ready.at[0])
+        plgpu.barrier_wait(key_ready.at[0])
+
+        def step(i, dv_KH, masked: bool, head: int):
+            slot = slot_of(head, i)
+            plgpu.barrier_wait(q_ready.at[slot])
+
+            def scores(st_ref):            # S^T = K Q^T: keys in rows, queries in columns
+                plgpu.wgmma(st_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
+                return st_ref[...]
+            st_KQ = pl.run_scoped(scores, plgpu.ACC((ROWS, block_q), _F32)) * (scale * _LOG2E)
+            if masked:
+                st_KQ = _masked(st_KQ, i * block_q, s0, keys_axis=0, window=window)
+            lse2_Q = plgpu.load(vec_smem.at[slot, 0], (), layout=plgpu.Layout.WGMMA.reduce(0))
+            plgpu.barrier_arrive(q_free.at[slot])
+            pt_KQ = jnp.exp2(st_KQ - lax.broadcast_in_dim(lse2_Q, st_KQ.shape, [1]))
+            # the previous P^T must have been read before this one overwrites it
+            pl.when(head * per_head + i > lo)(lambda: plgpu.barrier_wait(pt_free))
+            pt_smem[...] = pt_KQ
+            plgpu.barrier_arrive(pt_ready)
+            plgpu.barrier_wait(do_ready.at[slot])
+
+            def values(acc_ref):           # dV += P^T dO
+                plgpu.wgmma(acc_ref, pt_KQ.astype(q_ref.dtype), do_smem.at[slot])
+            dv_KH = pl.run_state(values)(plgpu.ACC.init(dv_KH))
+            plgpu.barrier_arrive(do_free.at[slot])
+            return dv_KH
+
+        dv_KH = accumulate(step)
+        k_smem[...] = dv_KH.astype(dv_ref.dtype)
+        _write_out([(k_smem, dv_ref.at[rows])])
+
+    @pl.when(wg == 1)
+    def _keys():
+        plgpu.set_max_registers(232, action="increase")
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, key_ready.at[1])
+        plgpu.barrier_wait(key_ready.at[1])
+
+        def step(i, dk_KH, masked: bool, head: int):
+            del masked                     # P^T comes in masked
+            slot = slot_of(head, i)
+            plgpu.barrier_wait(do_ready.at[slot])
+
+            def probabilities_grad(dpt_ref):   # dP^T = V dO^T
+                plgpu.wgmma(dpt_ref, v_smem, do_smem.at[slot].transpose((1, 0)))
+                return dpt_ref[...]
+            dpt_KQ = pl.run_scoped(probabilities_grad, plgpu.ACC((ROWS, block_q), _F32))
+            plgpu.barrier_arrive(do_free.at[slot])
+            plgpu.barrier_wait(q_ready.at[slot])
+            delta_Q = plgpu.load(vec_smem.at[slot, 1], (), layout=plgpu.Layout.WGMMA.reduce(0))
+            plgpu.barrier_wait(pt_ready)
+            pt_KQ = plgpu.load(pt_smem, (), layout=plgpu.Layout.WGMMA)
+            plgpu.barrier_arrive(pt_free)
+            dst_KQ = pt_KQ * (dpt_KQ - lax.broadcast_in_dim(delta_Q, dpt_KQ.shape, [1]))
+
+            def keys(acc_ref):             # dK += dS^T Q
+                plgpu.wgmma(acc_ref, dst_KQ.astype(q_ref.dtype), q_smem.at[slot])
+            dk_KH = pl.run_state(keys)(plgpu.ACC.init(dk_KH))
+            plgpu.barrier_arrive(q_free.at[slot])
+            return dk_KH
+
+        dk_KH = accumulate(step)
+        v_smem[...] = (dk_KH * scale).astype(dk_ref.dtype)
+        _write_out([(v_smem, dk_ref.at[rows])])
+
+    @pl.when(wg == WARPGROUPS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        _feed_query_blocks(q_ref, do_ref, lse2_ref, delta_ref, q_smem, do_smem, vec_smem, q_ready, do_ready, q_free,
+                           do_free, b=b, kv_head=kv_head, groups=groups, lo_p=lo, per_head=per_head,
+                           block_q=block_q, stages=stages)
 
 
 def backward_fits(q_BTNH) -> bool:
-    """Whether the Mosaic GPU backward takes the call (on top of `fits`): head dim 64 or 128."""
+    """Whether the Mosaic GPU backward takes the call (on top of `fits`): head dim 64, 128 or 256."""
     return q_BTNH.shape[-1] in BACKWARD_HEAD_DIMS
 
 
 def backward(q_BTNH, k_BTKH, v_BTKH, o_BTNH, lse_BNT, do_BTNH, *, scale: float, window: int,
-             block_kv: int = 64, stages_dq: int = 3, block_q: int = 64, stages_dkv: int = 3,
-             cluster: int | None = None):
+             block_kv: int | None = None, stages_dq: int | None = None, block_q: int | None = None,
+             stages_dkv: int | None = None, cluster: int | None = None):
     """(dq, dk, dv) in the inputs' layouts and dtype, from the forward's output and natural-log log-sum-exp
     [B, N, T]. dQ takes `block_kv` keys per ring slot (`stages_dq` slots, `cluster` query heads sharing the
-    loads as in the forward); dK/dV `block_q` query tokens per slot (`stages_dkv` slots)."""
+    loads as in the forward); dK/dV `block_q` query tokens per slot (`stages_dkv` slots). Tiles left out
+    come from `backward_tiles`."""
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     G = N // K
@@ -484,6 +615,10 @@ def backward(q_BTNH, k_BTKH, v_BTKH, o_BTNH, lse_BNT, do_BTNH, *, scale: float, 
         cluster = CLUSTER if G % CLUSTER == 0 else 1
     elif G % cluster:
         raise ValueError(f"cluster={cluster} must divide the {G} query heads per kv head")
+    defaults = backward_tiles(H)
+    block_kv, stages_dq, block_q, stages_dkv = (given or default for given, default in
+                                                zip((block_kv, stages_dq, block_q, stages_dkv), defaults))
+    split = H > 128
     delta_BNT = jnp.einsum("BTNH,BTNH->BNT", o_BTNH.astype(_F32), do_BTNH.astype(_F32))
     lse2_BNT = lse_BNT * _LOG2E
     tile = ROWS * WARPGROUPS
@@ -496,14 +631,16 @@ def backward(q_BTNH, k_BTKH, v_BTKH, o_BTNH, lse_BNT, do_BTNH, *, scale: float, 
     common = dict(scale=scale, window=window, tokens=Tp, groups=G)
     mesh = dict(num_threads=WARPGROUPS + 1, thread_name="wg",
                 compiler_params=plgpu.CompilerParams(approx_math=True))
+    # dQ += dS K contracts over the `block_kv` keys of a slot, so they must fill whole swizzle tiles
+    swizzle = min(128, block_kv * jnp.dtype(dtype).itemsize)
     dq = plgpu.kernel(
         functools.partial(_dq_kernel, block_kv=block_kv, stages=stages_dq, cluster=cluster, **common),
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         scratch_types=(
-            _smem_tiled((WARPGROUPS, ROWS, H), dtype),                 # Q, then dQ
-            _smem_tiled((WARPGROUPS, ROWS, H), dtype),                 # dO
-            _smem_tiled((stages_dq, 1, block_kv, H), dtype),           # key ring (one column part)
-            _smem_tiled((stages_dq, 1, block_kv, H), dtype),           # value ring
+            _smem_tiled((WARPGROUPS, ROWS, H), dtype, swizzle),        # Q, then dQ
+            _smem_tiled((WARPGROUPS, ROWS, H), dtype, swizzle),        # dO
+            _smem_tiled((stages_dq, 1, block_kv, H), dtype, swizzle),  # key ring (one column part)
+            _smem_tiled((stages_dq, 1, block_kv, H), dtype, swizzle),  # value ring
             plgpu.SMEM((WARPGROUPS, 2, ROWS), _F32),                   # the rows' lse (base 2) and delta
             plgpu.Barrier(num_arrivals=4, num_barriers=WARPGROUPS),    # a warpgroup's rows landed
             plgpu.Barrier(num_barriers=stages_dq),                     # key slot filled
@@ -514,21 +651,44 @@ def backward(q_BTNH, k_BTKH, v_BTKH, o_BTNH, lse_BNT, do_BTNH, *, scale: float, 
         grid=(N // cluster, Tp // tile, B), grid_names=("heads", "tiles", "batch"),
         cluster=(cluster,), cluster_names=("cluster",), **mesh,
     )(q, k, v, do, lse2, delta)
-    dk, dv = plgpu.kernel(
-        functools.partial(_dkv_kernel, block_q=block_q, stages=stages_dkv, **common),
-        out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
-        scratch_types=(
-            _smem_tiled((WARPGROUPS, ROWS, H), dtype),                 # K, then dK
-            _smem_tiled((WARPGROUPS, ROWS, H), dtype),                 # V, then dV
-            _smem_tiled((stages_dkv, block_q, H), dtype),              # query ring
-            _smem_tiled((stages_dkv, block_q, H), dtype),              # dO ring
-            plgpu.SMEM((stages_dkv, 2, block_q), _F32),                # lse (base 2) and delta ring
+    swizzle = min(128, block_q * jnp.dtype(dtype).itemsize)    # dK and dV contract over a slot's queries
+    rings = (
+        _smem_tiled((stages_dkv, block_q, H), dtype, swizzle),     # query ring
+        _smem_tiled((stages_dkv, block_q, H), dtype, swizzle),     # dO ring
+        plgpu.SMEM((stages_dkv, 2, block_q), _F32),                # lse (base 2) and delta ring
+    )
+    ring_barriers = (
+        plgpu.Barrier(num_arrivals=3, num_barriers=stages_dkv),    # query slot filled (Q, lse, delta)
+        plgpu.Barrier(num_barriers=stages_dkv),                    # dO slot filled
+        plgpu.Barrier(num_arrivals=WARPGROUPS, num_barriers=stages_dkv),   # query slot released
+        plgpu.Barrier(num_arrivals=WARPGROUPS, num_barriers=stages_dkv),   # dO slot released
+    )
+    if split:
+        kernel, keys_per_program = _dkv_split_kernel, ROWS
+        scratch = (
+            _smem_tiled((ROWS, H), dtype, swizzle),                    # K, then dV
+            _smem_tiled((ROWS, H), dtype, swizzle),                    # V, then dK
+            *rings,
+            plgpu.SMEM((ROWS, block_q), _F32, transforms=(plgpu.TilingTransform((8, 32)),
+                                                          plgpu.SwizzleTransform(128))),   # P^T
+            plgpu.Barrier(num_barriers=WARPGROUPS),                    # K landed, V landed
+            *ring_barriers,
+            plgpu.Barrier(),                                           # P^T written
+            plgpu.Barrier(),                                           # P^T read
+        )
+    else:
+        kernel, keys_per_program = _dkv_kernel, tile
+        scratch = (
+            _smem_tiled((WARPGROUPS, ROWS, H), dtype, swizzle),        # K, then dK
+            _smem_tiled((WARPGROUPS, ROWS, H), dtype, swizzle),        # V, then dV
+            *rings,
             plgpu.Barrier(num_arrivals=2, num_barriers=WARPGROUPS),    # a warpgroup's keys and values landed
-            plgpu.Barrier(num_arrivals=3, num_barriers=stages_dkv),    # query slot filled (Q, lse, delta)
-            plgpu.Barrier(num_barriers=stages_dkv),                    # dO slot filled
-            plgpu.Barrier(num_arrivals=WARPGROUPS, num_barriers=stages_dkv),   # query slot released
-            plgpu.Barrier(num_arrivals=WARPGROUPS, num_barriers=stages_dkv),   # dO slot released
-        ),
-        grid=(K, Tp // tile, B), grid_names=("heads", "tiles", "batch"), **mesh,
+            *ring_barriers,
+        )
+    dk, dv = plgpu.kernel(
+        functools.partial(kernel, block_q=block_q, stages=stages_dkv, **common),
+        out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
+        scratch_types=scratch,
+        grid=(K, Tp // keys_per_program, B), grid_names=("heads", "tiles", "batch"), **mesh,
     )(q, k, v, do, lse2, delta)
     return dq[:, :T], dk[:, :T], dv[:, :T]

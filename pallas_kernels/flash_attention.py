@@ -14,7 +14,7 @@ token of a sliding-window layer does not grow with the sequence. Lowerings: Trit
 Mosaic TPU (`_flash_tpu`) behind one custom VJP whose backward is also a kernel (dQ walk + key-major
 dK/dV walk). On a Hopper GPU the forward of 16-bit calls without sinks or segments (d 64-512) runs on
 Mosaic GPU instead (`_flash_hopper`: TMA + wgmma, in the caller's layout), and so does the backward at
-d 64/128 (Triton's otherwise). The pure-JAX `flash_attention_reference` is the "xla" path.
+d 64-256 (Triton's at d 512). The pure-JAX `flash_attention_reference` is the "xla" path.
 
 Shapes: B batch, T tokens, N query heads, K kv heads, G = N // K, H head dim (<= 512), R rows.
 """
@@ -125,7 +125,7 @@ class _Config:
     head_pad: int       # padded head dim
     segmented: bool
     hopper_forward: bool = False   # the forward runs `_flash_hopper` (GPU lowering only)
-    hopper_backward: bool = False  # and so does the backward (head dim <= 128)
+    hopper_backward: bool = False  # and so does the backward (head dim <= 256)
 
 
 def _to_rows(x_BTNH, K: int, R: int, Hp: int):
@@ -226,7 +226,7 @@ def use_hopper_forward(lowering: Lowering, q_BTNH, *, sinks: bool, segmented: bo
 
 def hopper_kernel_runs_both_ways(q_BTNH, *, sinks: bool, segmented: bool) -> bool:
     """Whether, compiled for this machine's GPU with default tiles, the call's forward and backward both run
-    on Mosaic GPU (a Hopper GPU; 16-bit, head dim 64/128, no sinks or segments)."""
+    on Mosaic GPU (a Hopper GPU; 16-bit, head dim 64/128/256, no sinks or segments)."""
     return (_flash_hopper.runs_on_this_device() and _flash_hopper.fits(q_BTNH, sinks=sinks, segmented=segmented)
             and _flash_hopper.backward_fits(q_BTNH))
 

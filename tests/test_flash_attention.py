@@ -185,8 +185,9 @@ def _backward_from_residuals(q, k, v, o, lse, do, *, scale, window):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def test_hopper_backward_gets_the_forwards_residuals(monkeypatch):
-    """At head dim 64/128 the Mosaic GPU backward takes the forward's output and [B, N, T] log-sum-exp
+@pytest.mark.parametrize("H", [64, 256])
+def test_hopper_backward_gets_the_forwards_residuals(H, monkeypatch):
+    """At head dim 64-256 the Mosaic GPU backward takes the forward's output and [B, N, T] log-sum-exp
     directly. Stand-ins (the definition forward, the written-out formulas backward) replace both kernels,
     which need a Hopper GPU; the gradients must match the reference's, so the residuals must arrive in the
     layout the backward reads."""
@@ -202,7 +203,7 @@ def test_hopper_backward_gets_the_forwards_residuals(monkeypatch):
     monkeypatch.setattr(flash_module._flash_hopper, "forward", forward)
     monkeypatch.setattr(flash_module._flash_hopper, "backward", backward)
     monkeypatch.setattr(flash_module, "use_hopper_forward", lambda *a, **kw: True)
-    _check("pallas_gpu", T=37, N=6, K=2, H=64, window=7, use_sinks=False, use_segments=False,
+    _check("pallas_gpu", T=37, N=6, K=2, H=H, window=7, use_sinks=False, use_segments=False,
            dtype=jnp.float32, tol=1e-5)
     assert calls and all(shape == (B, 6, 37) for shape in calls)
 
@@ -232,8 +233,8 @@ def test_use_hopper_forward_rules(monkeypatch):
     (300, 8, 1, 128, 100, 4), (200, 8, 2, 256, 0, 1)])
 def test_hopper_forward_on_gpu(T, N, K, H, window, cluster, monkeypatch):
     """Compiled on a Hopper GPU: output and log-sum-exp against the definition (query heads sharing K/V loads
-    in clusters of 1, 2 and 4), and gradients through `flash_attention`'s backward (Mosaic GPU's at d 64/128,
-    Triton's above) against the reference."""
+    in clusters of 1, 2 and 4), and gradients through `flash_attention`'s backward (Mosaic GPU's at d 64-256,
+    Triton's at 512) against the reference."""
     q, k, v, _, _ = _inputs(T, N, K, H, jnp.bfloat16)
     o, lse = flash_module._flash_hopper.forward(q, k, v, scale=H ** -0.5, window=window, cluster=cluster)
     o_ref, lse_ref = _reference_with_lse(q, k, v, scale=H ** -0.5, window=window)
@@ -251,7 +252,7 @@ def test_hopper_forward_on_gpu(T, N, K, H, window, cluster, monkeypatch):
 @pytest.mark.skipif(not flash_module._flash_hopper.runs_on_this_device(), reason="the kernel needs a Hopper GPU")
 @pytest.mark.parametrize("T,N,K,H,window,cluster", [
     (384, 4, 2, 128, 0, None), (300, 6, 2, 128, 100, None), (256, 4, 1, 64, 0, None), (130, 8, 8, 128, 0, None),
-    (500, 8, 2, 128, 192, 4)])
+    (500, 8, 2, 128, 192, 4), (384, 4, 2, 256, 0, None), (300, 6, 2, 256, 100, None), (500, 8, 1, 256, 192, 4)])
 def test_hopper_backward_on_gpu(T, N, K, H, window, cluster):
     """Compiled on a Hopper GPU: the Mosaic GPU backward's dq, dk, dv from the kernel forward's residuals
     against the written-out formulas on the definition's output and log-sum-exp."""
@@ -353,14 +354,16 @@ def test_dispatch_table_on_gpu(monkeypatch):
     assert auto(shaped(4, 4096, 8, 256), shaped(4, 4096, 1, 256), window=512) == "cudnn"
     assert auto(shaped(1, 16384, 8, 256), shaped(1, 16384, 2, 256), window=1024) == "cudnn"
     assert auto(shaped(4, 4096, 8, 512), shaped(4, 4096, 1, 512), window=1024) == "flash"
-    # sliding-window layers that our Hopper kernel runs both ways (16-bit, head dim 64/128) leave cuDNN
+    # sliding-window layers that our Hopper kernel runs both ways (16-bit, head dim 64/128/256) leave cuDNN
     laguna_sliding = dict(q=shaped(1, 4096, 64, 128), k=shaped(1, 4096, 8, 128), window=512)
     assert auto(**laguna_sliding) == "cudnn"      # not on a Hopper GPU
     monkeypatch.setattr(flash_module._flash_hopper, "runs_on_this_device", lambda: True)
     assert auto(**laguna_sliding) == "flash"
     assert auto(shaped(1, 4096, 64, 128), shaped(1, 4096, 8, 128)) == "cudnn"                 # full causal
     assert auto(shaped(1, 512, 64, 128), shaped(1, 512, 8, 128), window=512) == "cudnn"       # window >= T
-    assert auto(shaped(4, 4096, 8, 256), shaped(4, 4096, 1, 256), window=512) == "cudnn"      # head dim 256
+    assert auto(shaped(4, 4096, 8, 256), shaped(4, 4096, 1, 256), window=512) == "flash"      # head dim 256
+    assert auto(shaped(1, 16384, 8, 256), shaped(1, 16384, 2, 256), window=1024) == "flash"
+    assert auto(shaped(1, 16384, 8, 256), shaped(1, 16384, 2, 256)) == "cudnn"                # full causal
 
 
 def test_kernel_value_with_reference_gradient():
