@@ -221,22 +221,37 @@ def test_use_hopper_forward_rules(monkeypatch):
     assert not fits(sinks=True) and not fits(segmented=True) and not fits(block_sizes=FlashBlockSizes())
     assert not fits(q=q.astype(jnp.float32)) and not fits(q=q[..., :96])
     assert not fits(q=jnp.zeros((1, 8, 4, 320), jnp.bfloat16))
+    hopper = flash_module._flash_hopper
+    kv = [jnp.zeros((1, 64, 1, 128), jnp.bfloat16)] * 2
     with pytest.raises(ValueError, match="cluster=4 must divide the 6 query heads per kv head"):
-        flash_module._flash_hopper.forward(jnp.zeros((1, 64, 6, 128), jnp.bfloat16), *[jnp.zeros((1, 64, 1, 128),
-                                           jnp.bfloat16)] * 2, scale=1.0, window=0, cluster=4)
+        hopper.forward(jnp.zeros((1, 64, 6, 128), jnp.bfloat16), *kv, scale=1.0, window=0, cluster=4)
+    with pytest.raises(ValueError, match="cluster=2 x heads_per_program=2 must divide the 6 query heads"):
+        hopper.forward(jnp.zeros((1, 64, 6, 128), jnp.bfloat16), *kv, scale=1.0, window=0, heads_per_program=2)
+    with pytest.raises(ValueError, match="heads_per_program > 1 takes head dim <= 128"):
+        hopper.forward(jnp.zeros((1, 64, 4, 256), jnp.bfloat16), *[x.repeat(2, -1) for x in kv], scale=1.0,
+                       window=0, heads_per_program=2)
+    # two heads per program on sliding-window layers whose clusters leave an even number of heads
+    assert hopper.default_heads_per_program(4096, 8, 128, window=512, cluster=2) == 2     # Laguna sliding
+    assert hopper.default_heads_per_program(4096, 8, 128, window=0, cluster=2) == 1       # full causal
+    assert hopper.default_heads_per_program(512, 8, 128, window=512, cluster=2) == 1      # window >= T
+    assert hopper.default_heads_per_program(4096, 6, 128, window=512, cluster=2) == 1     # 3 heads per cluster
+    assert hopper.default_heads_per_program(4096, 8, 256, window=512, cluster=2) == 1     # head dim 256
 
 
 @pytest.mark.skipif(not flash_module._flash_hopper.runs_on_this_device(), reason="the kernel needs a Hopper GPU")
-@pytest.mark.parametrize("T,N,K,H,window,cluster", [
-    (300, 6, 2, 128, 0, None), (300, 6, 2, 128, 100, None), (256, 4, 1, 64, 0, None), (200, 2, 1, 256, 64, None),
-    (130, 8, 8, 128, 0, None), (200, 2, 1, 512, 0, None), (256, 4, 2, 512, 100, None), (256, 8, 2, 512, 100, 4),
-    (300, 8, 1, 128, 100, 4), (200, 8, 2, 256, 0, 1)])
-def test_hopper_forward_on_gpu(T, N, K, H, window, cluster, monkeypatch):
+@pytest.mark.parametrize("T,N,K,H,window,cluster,heads_per_program", [
+    (300, 6, 2, 128, 0, None, None), (300, 6, 2, 128, 100, None, None), (256, 4, 1, 64, 0, None, None),
+    (200, 2, 1, 256, 64, None, None), (130, 8, 8, 128, 0, None, None), (200, 2, 1, 512, 0, None, None),
+    (256, 4, 2, 512, 100, None, None), (256, 8, 2, 512, 100, 4, None), (300, 8, 1, 128, 100, 4, None),
+    (200, 8, 2, 256, 0, 1, None), (384, 8, 1, 128, 0, 2, 4), (1000, 16, 2, 128, 300, None, None)])
+def test_hopper_forward_on_gpu(T, N, K, H, window, cluster, heads_per_program, monkeypatch):
     """Compiled on a Hopper GPU: output and log-sum-exp against the definition (query heads sharing K/V loads
-    in clusters of 1, 2 and 4), and gradients through `flash_attention`'s backward (Mosaic GPU's at d 64-256,
-    Triton's at 512) against the reference."""
+    in clusters of 1, 2 and 4; by default two heads per program on the windowed d-128 calls with an even
+    number of heads per cluster, four where asked), and gradients through `flash_attention`'s backward
+    (Mosaic GPU's at d 64-256, Triton's at 512) against the reference."""
     q, k, v, _, _ = _inputs(T, N, K, H, jnp.bfloat16)
-    o, lse = flash_module._flash_hopper.forward(q, k, v, scale=H ** -0.5, window=window, cluster=cluster)
+    o, lse = flash_module._flash_hopper.forward(q, k, v, scale=H ** -0.5, window=window, cluster=cluster,
+                                                heads_per_program=heads_per_program)
     o_ref, lse_ref = _reference_with_lse(q, k, v, scale=H ** -0.5, window=window)
     assert float(jnp.max(jnp.abs(o.astype(jnp.float32) - o_ref.astype(jnp.float32)))) <= 2e-2
     assert float(jnp.max(jnp.abs(lse - lse_ref))) <= 1e-4
