@@ -86,7 +86,7 @@ def _cudnn_fits(q_BTNH, k_BSKH, sinks_N, softcap, default_positions: bool) -> bo
 
 
 # Sliding-window layers on a Hopper GPU where our Mosaic GPU kernel runs forward and backward (head dim
-# 64/128/256): 1.25-1.4x faster than cuDNN forward+backward on Laguna sliding (d 128) and 1.3-1.6x on the
+# 64/128/256): 1.25-1.4x faster than cuDNN forward+backward on Laguna sliding (d 128) and 1.2-1.6x on the
 # Gemma 4 sliding layers (d 256), 4K to 64K tokens (docs/benchmarks.md). On full-causal layers the two are
 # even (0.95-1.07x at d 128) and cuDNN keeps them.
 def _own_hopper_kernel_beats_cudnn(q_BTNH, k_BSKH, sinks_N, softcap, segment_ids_BT, default_positions: bool,
