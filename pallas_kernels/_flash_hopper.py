@@ -323,11 +323,11 @@ def forward(q_BTNH, k_BTKH, v_BTKH, *, scale: float, window: int, block_kv: int 
         kernel,
         out_type=(jax.ShapeDtypeStruct((B, T, N, H), dtype), jax.ShapeDtypeStruct((B, N, T), _F32)),
         scratch_types=(
-            _smem_tiled((q_rounds, q_bufs, parts, ROWS, width), dtype),    # Q, then O
+            _smem_tiled((q_rounds, q_bufs, parts, ROWS, width), dtype),  # Q, then O
             _smem_tiled((stages, parts, block_kv, width), dtype),   # key ring
             _smem_tiled((stages, parts, block_kv, width), dtype),   # value ring
             plgpu.SMEM((WARPGROUPS, ROWS), _F32),                # log-sum-exp out
-            plgpu.Barrier(num_barriers=q_rounds * q_bufs * parts),          # Q landed
+            plgpu.Barrier(num_barriers=q_rounds * q_bufs * parts),  # Q landed
             plgpu.Barrier(num_barriers=stages * parts),          # key slot filled (per part)
             plgpu.Barrier(num_barriers=stages * parts),          # value slot filled (per part)
             # key / value slot released by both compute warpgroups of every CTA in the cluster
@@ -462,6 +462,16 @@ def _write_out(pairs):
     plgpu.wait_smem_to_gmem(0)
 
 
+def _scores_t(k_buf, q_buf, *, masked: bool, t_first, key_first, scale: float, window: int):
+    """S^T = K Q^T of a 64-key block and a query block in base-2 units (keys in rows, queries in columns),
+    -inf where invisible on a `masked` block."""
+    def scores(st_ref):
+        plgpu.wgmma(st_ref, k_buf, q_buf.transpose((1, 0)))
+        return st_ref[...]
+    st_KQ = pl.run_scoped(scores, plgpu.ACC((ROWS, q_buf.shape[0]), _F32)) * (scale * _LOG2E)
+    return _masked(st_KQ, t_first, key_first, keys_axis=0, window=window) if masked else st_KQ
+
+
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem,
                 vec_smem, key_ready, q_ready, do_ready, q_free, do_free, *, scale: float, window: int, tokens: int,
                 groups: int, block_q: int, stages: int):
@@ -494,13 +504,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_ref
             dk_KH, dv_KH = carry
             slot = lax.rem(head * per_head + i - lo_p, stages)
             plgpu.barrier_wait(q_ready.at[slot])
-
-            def scores(st_ref):            # S^T = K Q^T: keys in rows, queries in columns
-                plgpu.wgmma(st_ref, k_buf, q_smem.at[slot].transpose((1, 0)))
-                return st_ref[...]
-            st_KQ = pl.run_scoped(scores, plgpu.ACC((ROWS, block_q), _F32)) * (scale * _LOG2E)
-            if masked:
-                st_KQ = _masked(st_KQ, i * block_q, s0, keys_axis=0, window=window)
+            st_KQ = _scores_t(k_buf, q_smem.at[slot], masked=masked, t_first=i * block_q, key_first=s0, scale=scale,
+                              window=window)
             lse2_Q, delta_Q = (plgpu.load(vec_smem.at[slot, c], (), layout=plgpu.Layout.WGMMA.reduce(0))
                                for c in (0, 1))
             pt_KQ = jnp.exp2(st_KQ - lax.broadcast_in_dim(lse2_Q, st_KQ.shape, [1]))
@@ -572,13 +577,8 @@ def _dkv_split_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, 
         def step(i, dv_KH, masked: bool, head: int):
             slot = slot_of(head, i)
             plgpu.barrier_wait(q_ready.at[slot])
-
-            def scores(st_ref):            # S^T = K Q^T: keys in rows, queries in columns
-                plgpu.wgmma(st_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
-                return st_ref[...]
-            st_KQ = pl.run_scoped(scores, plgpu.ACC((ROWS, block_q), _F32)) * (scale * _LOG2E)
-            if masked:
-                st_KQ = _masked(st_KQ, i * block_q, s0, keys_axis=0, window=window)
+            st_KQ = _scores_t(k_smem, q_smem.at[slot], masked=masked, t_first=i * block_q, key_first=s0,
+                              scale=scale, window=window)
             lse2_Q = plgpu.load(vec_smem.at[slot, 0], (), layout=plgpu.Layout.WGMMA.reduce(0))
             plgpu.barrier_arrive(q_free.at[slot])
             pt_KQ = jnp.exp2(st_KQ - lax.broadcast_in_dim(lse2_Q, st_KQ.shape, [1]))
