@@ -77,26 +77,26 @@ def _masked(s_XY, t_first, key_first, *, keys_axis: int, window: int):
     return jnp.where(visible, s_XY, -jnp.inf)
 
 
-def _feed_ring(lo, hi, stages: int, streams):
-    """The memory warpgroup's loop: for each step j in [lo, hi), each stream's copy(j, slot) into ring slot
-    (j - lo) % stages, once the stream's `free` barrier reports the slot's previous step released. At the end
-    it waits for the last releases too, so no CTA of a cluster exits while a peer still signals its barriers.
+def _feed_ring(steps, stages: int, streams):
+    """The memory warpgroup's loop: for each step j in [0, steps), each stream's copy(j, slot) into ring slot
+    j % stages, once the stream's `free` barrier reports the slot's previous step released. At the end it
+    waits for the last releases too, so no CTA of a cluster exits while a peer still signals its barriers.
     streams: (free barriers [stages], copy) pairs."""
     def fill(j, wait: bool):
-        slot = lax.rem(j - lo, stages)
+        slot = lax.rem(j, stages)
         for free, copy in streams:
             if wait:
                 plgpu.barrier_wait(free.at[slot])
             copy(j, slot)
 
     for first in range(stages):
-        pl.when(lo + first < hi)(functools.partial(fill, lo + first, wait=False))
-    pl.loop(lo + stages, hi)(functools.partial(fill, wait=True))
+        pl.when(first < steps)(functools.partial(fill, first, wait=False))
+    pl.loop(stages, steps)(functools.partial(fill, wait=True))
 
-    @pl.loop(lax.max(lo, hi - stages), hi)
+    @pl.loop(lax.max(0, steps - stages), steps)
     def _drain(j):
         for free, _ in streams:
-            plgpu.barrier_wait(free.at[lax.rem(j - lo, stages)])
+            plgpu.barrier_wait(free.at[lax.rem(j, stages)])
 
 
 def _wait(ready, slot, parts: int = 1):
@@ -138,7 +138,7 @@ def _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free, *
                 plgpu.copy_gmem_to_smem(_column_part(src.at[b, pl.ds(j * block_kv, block_kv), kv_head], h, parts),
                                         dst.at[slot, h], ready.at[slot * parts + h], collective_axes="cluster")
         return copy
-    _feed_ring(0, rounds * (hi - lo), stages,
+    _feed_ring(rounds * (hi - lo), stages,
                [(k_free, load(k_ref, k_smem, k_ready)), (v_free, load(v_ref, v_smem, v_ready))])
 
 
@@ -451,7 +451,7 @@ def _feed_query_blocks(q_ref, do_ref, lse2_ref, delta_ref, q_smem, do_smem, vec_
     def load_do(step, slot):
         n, t = rows(step)
         plgpu.copy_gmem_to_smem(do_ref.at[b, t, n], do_smem.at[slot], do_ready.at[slot])
-    _feed_ring(0, groups * per_head, stages, [(q_free, load_q), (do_free, load_do)])
+    _feed_ring(groups * per_head, stages, [(q_free, load_q), (do_free, load_do)])
 
 
 def _write_out(pairs):
