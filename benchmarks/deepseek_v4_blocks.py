@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import zoo  # noqa: E402
 from benchmarks._timing import median_seconds  # noqa: E402
 from configs.deepseek_v4 import get_config  # noqa: E402
-from zoo.decoder import LayerContext  # noqa: E402
+from layers.context import LayerContext  # noqa: E402
 
 
 def first_of_each_kind(cfg) -> list[int]:

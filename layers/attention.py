@@ -13,8 +13,10 @@ from flax import nnx
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-from layers import params, partitioning
+from layers import params
+from layers.context import LayerContext
 from layers.norms import RMSNorm
+from layers.partitioning import UNPARTITIONED, Partitioning
 from layers.rope import RopeSpec, apply_rope
 from pallas_kernels._common import gpu_compute_capability
 from pallas_kernels.flash_attention import flash_attention, hopper_kernel_runs_both_ways
@@ -197,10 +199,22 @@ def splash_attention(q_BTNH, k_BTKH, v_BTKH, *, window: int, scale: float, inter
     return out_bTH.reshape(B, N, T, H).transpose(0, 2, 1, 3)
 
 
+def kernel_lowering(impl: str) -> str | None:
+    """The Pallas lowering our own kernels run with for `impl` on this platform, or None where the pure-JAX
+    references run: `pallas` always (interpret mode on CPU), `auto` on GPU and TPU."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention_impl {impl!r}; expected one of {IMPLS}")
+    backend = jax.default_backend()
+    if impl == "xla" or (impl == "auto" and backend == "cpu"):
+        return None
+    return "pallas_tpu" if backend == "tpu" else "pallas_gpu"
+
+
 def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, q_positions_BT, kv_positions_BS, window: int = 0,
                           q_segment_ids_BT=None, kv_segment_ids_BS=None, scale: float,
                           sinks_N=None, softcap: float | None = None, impl: str = "xla",
-                          default_positions: bool = False) -> jax.Array:
+                          default_positions: bool = False, partitioning: Partitioning = UNPARTITIONED
+                          ) -> jax.Array:
     """Causal (optionally windowed) attention through the code `attention_backend` picks for `impl`.
 
     `default_positions=True` promises q and kv positions are 0..T-1 in every row (the fused kernels need
@@ -211,7 +225,7 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, q_positions_BT, kv_position
                                 window=window)
     if backend != "reference":
         return _fused_attention(backend, q_BTNH, k_BSKH, v_BSKH, sinks_N, q_segment_ids_BT, window=window,
-                                scale=scale)
+                                scale=scale, partitioning=partitioning)
     mask_BTS = attention_mask(q_positions_BT, kv_positions_BS, window=window,
                               q_segment_ids_BT=q_segment_ids_BT, kv_segment_ids_BS=kv_segment_ids_BS)
     return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=scale, sinks_N=sinks_N,
@@ -240,7 +254,7 @@ def _flash_value_xla_gradient(q_BTNH, k_BTKH, v_BTKH, *, scale: float) -> jax.Ar
 
 
 def _fused_attention(backend: str, q_BTNH, k_BTKH, v_BTKH, sinks_N, segment_ids_BT, *, window: int,
-                     scale: float) -> jax.Array:
+                     scale: float, partitioning: Partitioning) -> jax.Array:
     """Self-attention through a fused kernel ("cudnn", "splash", "flash", "flash_xla_vjp"), called shard
     by shard (`partitioning.per_shard`): batch rows and kv-head groups are independent, so a query head
     travels with its kv head (q seen as [B, T, K, G, H]) wherever the mesh splits the kv heads."""
@@ -262,7 +276,7 @@ def _fused_attention(backend: str, q_BTNH, k_BTKH, v_BTKH, sinks_N, segment_ids_
         else:
             out_BTNH = flash_attention(q_BTNH, k_BTKH, v_BTKH, window=window, sinks_N=sinks_N,
                                        segment_ids_BT=segment_ids_BT, scale=scale,
-                                       impl="pallas_tpu" if jax.default_backend() == "tpu" else "pallas_gpu")
+                                       impl=kernel_lowering("pallas"))
         return out_BTNH.reshape(b, t, k, g, -1)
 
     q_axes, kv_axes = ("batch", None, "kv_heads", None, None), ("batch", None, "kv_heads", None)
@@ -275,12 +289,14 @@ def _fused_attention(backend: str, q_BTNH, k_BTKH, v_BTKH, sinks_N, segment_ids_
 
 
 class Attention(nnx.Module):
-    """GQA/MQA self-attention with optional q/k/v norms, RoPE, sliding window, cross-layer KV sharing and
-    output gating.
+    """GQA/MQA self-attention with optional q/k/v norms, RoPE, sliding window, cross-layer KV sharing,
+    per-head sinks and output gating.
 
-    `kv_shared=True` makes a layer without k/v projections: it attends over the keys and values that
-    another layer computed (passed in as `shared_kv`). `k_eq_v=True` drops the value projection: the
-    values are the raw key projection (before the key norm and RoPE), then the value norm.
+    `kv_source` >= 0 makes a layer without k/v projections: it attends over the keys and values layer
+    `kv_source` computed (passed in as `shared_kv`, or read from the context by `mix`); `publish_kv` makes
+    `mix` hand this layer's keys and values on to such readers under its index `layer`. `k_eq_v=True`
+    drops the value projection: the values are the raw key projection (before the key norm and RoPE),
+    then the value norm. `sinks` adds a learned per-head logit that enters only the softmax denominator.
     `output_gate` multiplies the attention output, before the output projection, by softplus(x W_g)
     computed in float32 from the layer input x: one gate per head broadcast over the head dim
     (`per_head`, W_g [D, N]) or one per channel (`per_element`, W_g [D, N, H]).
@@ -289,8 +305,9 @@ class Attention(nnx.Module):
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, rope: RopeSpec,
                  window: int = 0, qk_norm: bool = True, v_norm: bool = False, norm_eps: float = 1e-6,
-                 scale: float | None = None, k_eq_v: bool = False, kv_shared: bool = False,
-                 output_gate: str = "none", impl: str = "xla", rngs: nnx.Rngs):
+                 scale: float | None = None, k_eq_v: bool = False, kv_source: int = -1, layer: int = 0,
+                 publish_kv: bool = False, sinks: bool = False, output_gate: str = "none", impl: str = "xla",
+                 rngs: nnx.Rngs):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}")
         if impl not in IMPLS:
@@ -300,7 +317,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope, self.window, self.impl = rope, window, impl
         self.scale = head_dim ** -0.5 if scale is None else scale
-        self.kv_shared, self.k_eq_v = kv_shared, k_eq_v
+        self.kv_source, self.layer, self.publish_kv, self.k_eq_v = kv_source, layer, publish_kv, k_eq_v
         D, N, K, H = d_model, num_heads, num_kv_heads, head_dim
         self.q_proj = params.normal(rngs, (D, N, H), ("embed", "q_heads", "head_dim"))
         self.q_norm = RMSNorm(H, eps=norm_eps, axis_name="head_dim") if qk_norm else None
@@ -311,7 +328,8 @@ class Attention(nnx.Module):
             self.g_proj = params.normal(rngs, (D, N, H), ("embed", "q_heads", "head_dim"))
         else:
             self.g_proj = None
-        if kv_shared:
+        self.sinks = params.zeros((N,), ("q_heads",)) if sinks else None
+        if kv_source >= 0:
             self.k_proj = self.v_proj = self.k_norm = self.v_norm = None
             return
         self.k_proj = params.normal(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"))
@@ -319,15 +337,25 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(H, eps=norm_eps, axis_name="head_dim") if qk_norm else None
         self.v_norm = RMSNorm(H, eps=norm_eps, use_scale=False) if v_norm else None
 
+    def mix(self, x_BTD: jax.Array, ctx: LayerContext) -> jax.Array:
+        """The layer as a token mixer of a decoder stack: reads shared keys/values from the context and
+        hands its own on when later layers reuse them."""
+        shared_kv = ctx.kv_by_layer[self.kv_source] if self.kv_source >= 0 else None
+        y_BTD, kv = self(x_BTD, ctx.positions_BT, segment_ids_BT=ctx.segment_ids_BT, shared_kv=shared_kv,
+                         default_positions=ctx.default_positions, partitioning=ctx.partitioning)
+        if self.publish_kv:
+            ctx.kv_by_layer[self.layer] = kv
+        return y_BTD
+
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *, segment_ids_BT: jax.Array | None = None,
-                 shared_kv: tuple[jax.Array, jax.Array] | None = None, default_positions: bool = False
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                 shared_kv: tuple[jax.Array, jax.Array] | None = None, default_positions: bool = False,
+                 partitioning: Partitioning = UNPARTITIONED) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Returns the output [B, T, D] and this layer's (k [B, T, K, H], v [B, T, K, H])."""
         q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_proj[...])
         if self.q_norm is not None:
             q_BTNH = self.q_norm(q_BTNH)
         q_BTNH = apply_rope(q_BTNH, positions_BT, self.rope)
-        if self.kv_shared:
+        if self.kv_source >= 0:
             if shared_kv is None:
                 raise ValueError("a kv-shared attention layer needs the source layer's keys and values")
             k_BTKH, v_BTKH = shared_kv
@@ -341,7 +369,8 @@ class Attention(nnx.Module):
         out_BTNH = dot_product_attention(
             q_BTNH, k_BTKH, v_BTKH, q_positions_BT=positions_BT, kv_positions_BS=positions_BT,
             window=self.window, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT,
-            scale=self.scale, impl=self.impl, default_positions=default_positions)
+            scale=self.scale, sinks_N=None if self.sinks is None else self.sinks[...], impl=self.impl,
+            default_positions=default_positions, partitioning=partitioning)
         if self.g_proj is not None:
             out_BTNH = out_BTNH * self.output_gate(x_BTD).astype(out_BTNH.dtype)
         y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj[...])

@@ -28,6 +28,8 @@ from flax import nnx
 
 from layers import params
 from layers.attention import IMPLS, dot_product_attention
+from layers.context import LayerContext
+from layers.partitioning import UNPARTITIONED, Partitioning
 from layers.rope import RopeSpec, apply_rope
 
 
@@ -135,13 +137,20 @@ class CCA(nnx.Module):
         k_BTKH = apply_rope(k_BTKH, positions_BT, self.rope)
         return q_BTNH, k_BTKH, v_BTKH
 
+    def mix(self, x_BTD: jax.Array, ctx: LayerContext) -> jax.Array:
+        """The layer as a token mixer of a decoder stack."""
+        return self(x_BTD, ctx.positions_BT, segment_ids_BT=ctx.segment_ids_BT,
+                    default_positions=ctx.default_positions, partitioning=ctx.partitioning)[0]
+
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *, segment_ids_BT: jax.Array | None = None,
-                 default_positions: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                 default_positions: bool = False, partitioning: Partitioning = UNPARTITIONED
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Returns the output [B, T, D] and this layer's (k [B, T, K, H], v [B, T, K, H])."""
         q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, positions_BT, segment_ids_BT)
         out_BTNH = dot_product_attention(
             q_BTNH, k_BTKH, v_BTKH, q_positions_BT=positions_BT, kv_positions_BS=positions_BT,
             window=self.window, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT,
-            scale=self.head_dim ** -0.5, impl=self.impl, default_positions=default_positions)
+            scale=self.head_dim ** -0.5, impl=self.impl, default_positions=default_positions,
+            partitioning=partitioning)
         y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj[...])
         return y_BTD, (k_BTKH, v_BTKH)

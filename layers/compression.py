@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers import params, partitioning
+from layers import params
 from layers.norms import RMSNorm
+from layers.partitioning import UNPARTITIONED, Partitioning
 from layers.rope import RopeSpec, apply_rope_tail
 from pallas_kernels import indexer_topk
 
@@ -138,7 +139,8 @@ class LightningIndexer(nnx.Module):
         self.weights_proj = params.normal(rngs, (d_model, num_heads), ("embed", "index_heads"))
 
     def __call__(self, x_BTD: jax.Array, qr_BTQ: jax.Array, positions_BT: jax.Array,
-                 segment_ids_BT: jax.Array | None = None, *, kernel: str | None = None) -> jax.Array:
+                 segment_ids_BT: jax.Array | None = None, *, kernel: str | None = None,
+                 partitioning: Partitioning = UNPARTITIONED) -> jax.Array:
         """int32 [B, T, min(top_k, S)] entry indices, -1 for unused slots. `kernel` ("pallas_gpu" or
         "pallas_tpu") scores through the Pallas indexer in chunks of tokens, never holding [B, T, S]
         scores; its result has `top_k` slots (segments there are runs of equal ids)."""

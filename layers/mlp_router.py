@@ -15,8 +15,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import activations, params
+from layers.context import LayerContext
 from layers.moe import Experts
 from layers.norms import RMSNorm
+from layers.partitioning import UNPARTITIONED, Partitioning
 
 SKIP_OUTPUTS = ("zero", "identity")
 
@@ -79,7 +81,14 @@ class SkipMoE(nnx.Module):
                                 activation=router_activation, eps=eps, rngs=rngs)
         self.experts = Experts(num_experts, d_model, expert_dim, activation=activation, rngs=rngs)
 
-    def __call__(self, x_BTD: jax.Array, state_BTR: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    def mix(self, x_BTD: jax.Array, ctx: LayerContext) -> jax.Array:
+        """The layer as a channel mixer of a decoder stack: reads the previous layer's router state from
+        the context and hands its own on."""
+        y_BTD, ctx.router_state_BTR = self(x_BTD, ctx.router_state_BTR, partitioning=ctx.partitioning)
+        return y_BTD
+
+    def __call__(self, x_BTD: jax.Array, state_BTR: jax.Array | None, *,
+                 partitioning: Partitioning = UNPARTITIONED) -> tuple[jax.Array, jax.Array]:
         """Returns the output [B, T, D] and the router state [B, T, R] for the next layer."""
         B, T, D = x_BTD.shape
         x_MD = x_BTD.reshape(B * T, D)
@@ -88,7 +97,7 @@ class SkipMoE(nnx.Module):
         skip_M = chosen_M == self.router.num_experts
         # Skipped tokens ride along with expert 0 at weight 0, keeping the grouped matmul's shapes static.
         expert_M1 = jnp.where(skip_M, 0, chosen_M)[:, None]
-        y_MD = self.experts(x_MD, expert_M1, jnp.where(skip_M, 0.0, weight_M)[:, None])
+        y_MD = self.experts(x_MD, expert_M1, jnp.where(skip_M, 0.0, weight_M)[:, None], partitioning=partitioning)
         if self.skip_output == "identity":
             y_MD = y_MD + x_MD * jnp.where(skip_M, weight_M, 0.0)[:, None].astype(x_MD.dtype)
         return y_MD.astype(x_BTD.dtype).reshape(B, T, D), state_MR.reshape(B, T, -1)

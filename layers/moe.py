@@ -1,23 +1,24 @@
-"""Mixture of experts: routers and experts computed as one grouped (ragged) matmul.
+"""Mixture of experts: routers, experts computed as one grouped (ragged) matmul, and the MoE layer.
 
-`use_routed_experts` swaps what the `Experts` layers compute (zoo.sharding's expert-parallel version),
-keeping mesh logic out of the layers.
+The experts run through `routed_experts`, or what the layer context's `partitioning.routed_experts` puts
+in its place (zoo.sharding's expert-parallel version), keeping mesh logic out of the layers.
 
-Shapes: M tokens (batch and time flattened), E experts, K experts chosen per token, D model width,
-F expert hidden width.
+Shapes: B batch, T tokens, M tokens (batch and time flattened), E experts, K experts chosen per token,
+D model width, F expert hidden width.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from layers import activations, params
+from layers.context import LayerContext
+from layers.mlp import GatedMLP, clamp_gate_up
 from layers.norms import rms_normalize
+from layers.partitioning import UNPARTITIONED, Partitioning
 
 
 class SoftmaxRouter(nnx.Module):
@@ -126,30 +127,6 @@ class SqrtSoftplusRouter(nnx.Module):
         return weights_MK * self.routed_scale, experts_MK, scores_ME
 
 
-def clamp_gate_up(gate: jax.Array, up: jax.Array, limit: float) -> tuple[jax.Array, jax.Array]:
-    """The SwiGLU clamp: min(gate, limit) and clip(up, -limit, limit); limit 0 leaves both alone."""
-    if not limit:
-        return gate, up
-    return jnp.minimum(gate, limit), jnp.clip(up, -limit, limit)
-
-
-class SharedExpert(nnx.Module):
-    """The always-on expert beside the routed ones: down(act(gate) * up), with the routed experts'
-    clamp on gate and up when `limit` > 0."""
-
-    def __init__(self, d_model: int, hidden_dim: int, *, activation: str = "silu", limit: float = 0.0,
-                 rngs: nnx.Rngs):
-        self.act, self.limit = activations.get(activation), limit
-        self.gate_proj = params.normal(rngs, (d_model, hidden_dim), ("embed", "mlp"))
-        self.up_proj = params.normal(rngs, (d_model, hidden_dim), ("embed", "mlp"))
-        self.down_proj = params.normal(rngs, (hidden_dim, d_model), ("mlp", "embed"))
-
-    def __call__(self, x_MD: jax.Array) -> jax.Array:
-        gate_MF, up_MF = clamp_gate_up(jnp.einsum("MD,DF->MF", x_MD, self.gate_proj[...]),
-                                       jnp.einsum("MD,DF->MF", x_MD, self.up_proj[...]), self.limit)
-        return jnp.einsum("MF,FD->MD", self.act(gate_MF) * up_MF, self.down_proj[...])
-
-
 GROUPED_MATMUL_IMPLS = ("auto", "ragged", "blocked")
 
 
@@ -240,24 +217,8 @@ def routed_experts(x_MD: jax.Array, experts_MK: jax.Array, weights_MK: jax.Array
     return jnp.zeros((M, x_MD.shape[-1]), y_PD.dtype).at[token_P].add(y_PD)
 
 
-_ROUTED_EXPERTS = contextvars.ContextVar("routed_experts", default=routed_experts)
-
-
-@contextlib.contextmanager
-def use_routed_experts(fn: Callable[..., jax.Array]) -> Iterator[None]:
-    """While active, every `Experts` layer called (traced) computes its routed experts with `fn`, a drop-in
-    for `routed_experts` (same arguments, same result). This is the seam through which
-    `zoo.sharding.expert_parallel` swaps in its expert-parallel version, so the layers stay free of mesh
-    logic. A jitted function keeps what it traced: enter this around its first call."""
-    token = _ROUTED_EXPERTS.set(fn)
-    try:
-        yield
-    finally:
-        _ROUTED_EXPERTS.reset(token)
-
-
 class Experts(nnx.Module):
-    """E gated MLPs, computed by `routed_experts` (or what `use_routed_experts` swaps in). `limit` > 0
+    """E gated MLPs, computed by `routed_experts` (or the partitioning's drop-in for it). `limit` > 0
     clamps each expert's gate and up pre-activations (`clamp_gate_up`)."""
 
     def __init__(self, num_experts: int, d_model: int, hidden_dim: int, *, activation: str = "gelu_tanh",
@@ -269,7 +230,63 @@ class Experts(nnx.Module):
         self.up_proj = params.normal(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), std=D ** -0.5)
         self.down_proj = params.normal(rngs, (E, F, D), ("experts", "expert_mlp", "embed"), std=F ** -0.5)
 
-    def __call__(self, x_MD: jax.Array, experts_MK: jax.Array, weights_MK: jax.Array) -> jax.Array:
+    def __call__(self, x_MD: jax.Array, experts_MK: jax.Array, weights_MK: jax.Array, *,
+                 partitioning: Partitioning = UNPARTITIONED) -> jax.Array:
         """x [M, D], expert ids [M, K] in [0, E), routing weights [M, K] -> [M, D]."""
-        return _ROUTED_EXPERTS.get()(x_MD, experts_MK, weights_MK, self.gate_proj[...], self.up_proj[...],
-                                     self.down_proj[...], act=self.act, limit=self.limit)
+        routed = partitioning.routed_experts or routed_experts
+        return routed(x_MD, experts_MK, weights_MK, self.gate_proj[...], self.up_proj[...], self.down_proj[...],
+                      act=self.act, limit=self.limit)
+
+
+ROUTERS = ("softmax", "sigmoid", "sqrt_softplus", "hash")
+
+
+class MoE(nnx.Module):
+    """Routed experts behind one router kind, plus an optional always-on shared expert:
+        y = sum_k w_k expert_k(x) [+ shared(x)]
+    Routers: `softmax` (SoftmaxRouter), `sigmoid` (SigmoidRouter, selection-only correction bias),
+    `sqrt_softplus` (SqrtSoftplusRouter) and `hash` (the same scores, experts fixed per token id).
+    `limit` clamps the experts, `shared_limit` the shared expert (`clamp_gate_up`)."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, expert_dim: int, *, router: str,
+                 activation: str = "silu", limit: float = 0.0, shared_expert_dim: int = 0,
+                 shared_limit: float = 0.0, routed_scale: float = 1.0, softcap: float = 0.0,
+                 input_norm: bool = True, hash_vocab: int = 0, eps: float = 1e-6, rngs: nnx.Rngs):
+        if router not in ROUTERS:
+            raise ValueError(f"unknown router {router!r}; expected one of {ROUTERS}")
+        if (router == "hash") != (hash_vocab > 0):
+            raise ValueError("a hash router needs hash_vocab > 0 (the token-id table's size), other routers none")
+        self.router_kind = router
+        if router == "softmax":
+            self.router = SoftmaxRouter(d_model, num_experts, top_k, input_norm=input_norm, per_expert_scale=True,
+                                        eps=eps, rngs=rngs)
+        elif router == "sigmoid":
+            self.router = SigmoidRouter(d_model, num_experts, top_k, softcap=softcap, routed_scale=routed_scale,
+                                        rngs=rngs)
+        else:
+            self.router = SqrtSoftplusRouter(d_model, num_experts, top_k, routed_scale=routed_scale,
+                                             hash_vocab=hash_vocab, rngs=rngs)
+        self.experts = Experts(num_experts, d_model, expert_dim, activation=activation, limit=limit, rngs=rngs)
+        self.shared_expert = (GatedMLP(d_model, shared_expert_dim, activation=activation, limit=shared_limit,
+                                       rngs=rngs) if shared_expert_dim else None)
+
+    def mix(self, x_BTD: jax.Array, ctx: LayerContext) -> jax.Array:
+        """The layer as a channel mixer of a decoder stack (a hash router reads the context's token ids)."""
+        return self(x_BTD, tokens_BT=ctx.tokens_BT, partitioning=ctx.partitioning)
+
+    def __call__(self, x_BTD: jax.Array, *, router_input_BTD: jax.Array | None = None,
+                 tokens_BT: jax.Array | None = None, partitioning: Partitioning = UNPARTITIONED) -> jax.Array:
+        """[B, T, D]; the router reads `router_input_BTD` where given (else x), the hash router `tokens_BT`."""
+        B, T, D = x_BTD.shape
+        x_MD = x_BTD.reshape(B * T, D)
+        r_MD = x_MD if router_input_BTD is None else router_input_BTD.reshape(B * T, D)
+        if self.router_kind == "hash":
+            if tokens_BT is None:
+                raise ValueError("a hash-routed MoE layer needs the token ids")
+            weights_MK, experts_MK, _ = self.router(r_MD, tokens_BT.reshape(-1))
+        else:
+            weights_MK, experts_MK, _ = self.router(r_MD)
+        y_MD = self.experts(x_MD, experts_MK, weights_MK, partitioning=partitioning).astype(x_BTD.dtype)
+        if self.shared_expert is not None:
+            y_MD = y_MD + self.shared_expert(x_MD)
+        return y_MD.reshape(B, T, D)

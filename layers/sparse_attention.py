@@ -25,10 +25,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers import params, partitioning
-from layers.attention import IMPLS
+from layers import params
+from layers.attention import IMPLS, kernel_lowering
 from layers.compression import Compressor, LightningIndexer, entry_visibility
+from layers.context import LayerContext
 from layers.norms import RMSNorm, rms_normalize
+from layers.partitioning import UNPARTITIONED, Partitioning
 from layers.rope import RopeSpec, apply_rope_tail
 from pallas_kernels import csa_attention as csa_kernel, flash_attention, hca_attention as hca_kernel
 
@@ -126,8 +128,12 @@ class CompressedAttention(nnx.Module):
                                          overlap=overlap, rope=rope, rope_dim=rope_dim, eps=eps, rngs=rngs)
                         if compress_ratio and index_top_k else None)
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *, segment_ids_BT: jax.Array | None = None
-                 ) -> jax.Array:
+    def mix(self, x_BTD: jax.Array, ctx: LayerContext) -> jax.Array:
+        """The layer as a token mixer of a decoder stack."""
+        return self(x_BTD, ctx.positions_BT, segment_ids_BT=ctx.segment_ids_BT, partitioning=ctx.partitioning)
+
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *, segment_ids_BT: jax.Array | None = None,
+                 partitioning: Partitioning = UNPARTITIONED) -> jax.Array:
         B, T, _ = x_BTD.shape
         qr_BTQ = self.q_norm(jnp.einsum("BTD,DQ->BTQ", x_BTD, self.q_a_proj[...]))
         q_BTNH = jnp.einsum("BTQ,QNH->BTNH", qr_BTQ, self.q_b_proj[...])
@@ -135,28 +141,20 @@ class CompressedAttention(nnx.Module):
                                  self.rope_dim)
         kv_BTH = self.kv_norm(jnp.einsum("BTD,DH->BTH", x_BTD, self.kv_proj[...]))
         kv_BTH = apply_rope_tail(kv_BTH[:, :, None], positions_BT, self.rope, self.rope_dim)[:, :, 0]
-        out_BTNH = self._attention(x_BTD, qr_BTQ, q_BTNH, kv_BTH, positions_BT, segment_ids_BT)
+        out_BTNH = self._attention(x_BTD, qr_BTQ, q_BTNH, kv_BTH, positions_BT, segment_ids_BT, partitioning)
         out_BTNH = apply_rope_tail(out_BTNH, positions_BT, self.rope, self.rope_dim, inverse=True)
         out_BTGMH = out_BTNH.reshape(B, T, self.out_groups, -1, self.head_dim)
         latent_BTGO = jnp.einsum("BTGMH,GMHO->BTGO", out_BTGMH, self.o_a_proj[...])
         return jnp.einsum("BTGO,GOD->BTD", latent_BTGO, self.o_b_proj[...])
 
-    def _kernel_lowering(self) -> str | None:
-        """The Pallas lowering to run the attention with, or None for the pure-JAX references.
-
-        `pallas` always uses the kernels (interpret mode on CPU), `auto` on GPU and TPU. With segment ids the
-        kernels take a segment to be a run of equal ids (packed sequences), where the references compare
-        ids; the two agree whenever no id repeats after a different one.
-        """
-        backend = jax.default_backend()
-        if self.impl == "xla" or (self.impl == "auto" and backend == "cpu"):
-            return None
-        return "pallas_tpu" if backend == "tpu" else "pallas_gpu"
-
-    def _attention(self, x_BTD, qr_BTQ, q_BTNH, kv_BTH, positions_BT, segment_ids_BT) -> jax.Array:
+    def _attention(self, x_BTD, qr_BTQ, q_BTNH, kv_BTH, positions_BT, segment_ids_BT, partitioning: Partitioning
+                   ) -> jax.Array:
+        """The window (+ compressed entries) attention, through our Pallas kernels where `kernel_lowering`
+        says so. With segment ids the kernels take a segment to be a run of equal ids (packed sequences),
+        where the references compare ids; the two agree whenever no id repeats after a different one."""
         sinks_N, scale = self.sinks[...], self.head_dim ** -0.5
         common = dict(window=self.window, scale=scale, segment_ids_BT=segment_ids_BT)
-        lowering = self._kernel_lowering()
+        lowering = kernel_lowering(self.impl)
         # the kernels' operands, for `per_shard`: queries and sinks split by head, the shared keys by row
         heads, rows, segments = ("batch", None, "q_heads", None), ("batch", None, None), ("batch", None)
         segment_axes = None if segment_ids_BT is None else segments
@@ -177,7 +175,8 @@ class CompressedAttention(nnx.Module):
                 return partitioning.per_shard(hca, (heads, rows, rows, ("q_heads",), segment_axes), heads)(
                     q_BTNH, kv_BTH, entries_BSH, sinks_N, segment_ids_BT)
             return hca_attention(q_BTNH, kv_BTH, entries_BSH, sinks_N, ratio=self.ratio, **common)
-        indices_BTK = self.indexer(x_BTD, qr_BTQ, positions_BT, segment_ids_BT, kernel=lowering)
+        indices_BTK = self.indexer(x_BTD, qr_BTQ, positions_BT, segment_ids_BT, kernel=lowering,
+                                   partitioning=partitioning)
         if lowering:
             csa = lambda q, kv, entries, indices, sinks, seg: csa_kernel(
                 q, kv, entries, indices, sinks, window=self.window, scale=scale, segment_ids=seg, impl=lowering)

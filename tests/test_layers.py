@@ -14,7 +14,8 @@ from transformers.models.gemma4.modeling_gemma4 import apply_rotary_pos_emb
 
 from configs.gemma4 import get_config
 from layers.attention import attention_mask, reference_attention
-from layers.moe import Experts, grouped_matmul, routed_experts, use_routed_experts
+from layers.moe import Experts, grouped_matmul, routed_experts
+from layers.partitioning import Partitioning
 from layers.rope import RopeSpec, apply_rope
 from zoo.gemma4 import kv_share_sources
 
@@ -112,7 +113,7 @@ def test_experts_grouped_matmul_matches_per_token_loop():
 def test_routed_experts_seam_and_shards():
     """`routed_experts` on two halves of the experts (ids shifted by each half's first expert, as an
     expert-parallel shard computes them) adds up to all experts at once, forward and gradients; and
-    `use_routed_experts` swaps what `Experts` computes only while it is active."""
+    a partitioning's `routed_experts` swaps what `Experts` computes only in the calls it is passed to."""
     from flax import nnx
     E, D, F, M, K = 4, 6, 5, 7, 2
     experts = Experts(E, D, F, activation="silu", limit=0.5, rngs=nnx.Rngs(0))
@@ -134,8 +135,8 @@ def test_routed_experts_seam_and_shards():
         for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
     plain = experts(x, ids, w)
-    with use_routed_experts(lambda *args, **kwargs: 2 * routed_experts(*args, **kwargs)):
-        np.testing.assert_allclose(experts(x, ids, w), 2 * plain, rtol=1e-6)
+    doubled = Partitioning(routed_experts=lambda *args, **kwargs: 2 * routed_experts(*args, **kwargs))
+    np.testing.assert_allclose(experts(x, ids, w, partitioning=doubled), 2 * plain, rtol=1e-6)
     np.testing.assert_array_equal(experts(x, ids, w), plain)
 
 

@@ -4,24 +4,24 @@
     report(get_config("e2b"), context=131_072)   # -> dict of exact integers
 
 Parameters are counted from the shape-only model (`zoo.build_abstract`), so the figures follow the code,
-not a formula. KV-cache and attention figures come from `ATTENTION_KINDS`, a small table keyed by each
-layer's `model.attention_types` entry; a family with a new attention kind adds it with
-`register_attention_kind`, and nothing here names a family.
+not a formula. KV-cache and attention figures come from each attention kind's accounting in the layer
+registry (`layers.kinds.ATTENTION_KINDS`; `ATTENTION_KINDS` here is that accounting by kind name, and
+`register_attention_kind` adds one for a kind built elsewhere), and nothing here names a family.
 
 Units: the table prints decimal units (GB = 1e9 bytes, B = 1e9 parameters), as docs/families/gemma4.md
 does: its "E2B 5.64 GB" is 5,637,144,576 bytes (5.25 GiB).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from layers import kinds
+from zoo import families
 from zoo.models import build_abstract
 
 # Where the decoder keeps its lookup tables and untied head (zoo/decoder.py, layers/embeddings.py), as
@@ -33,68 +33,19 @@ LM_HEAD = ("lm_head",)
 EXPERTS = "experts"
 
 
-@dataclasses.dataclass(frozen=True)
-class AttentionKind:
-    """How the layers of one attention kind cache and attend.
-
-    kv_bytes_per_token(cfg, i, itemsize): bytes one cached token costs layer i.
-    cached_tokens(cfg, i, context): tokens layer i caches at a context length (an int or an integer numpy
-        array of lengths), which is also how many keys the query at that position reads.
-    flops_per_key(cfg, i): forward FLOPs of one query of layer i against one key.
-    flops_per_query(cfg, i, context): optional; forward attention FLOPs of the query at position `context`
-        (int or array) when they are not flops_per_key x cached_tokens (sparse selection, an indexer).
-    native_kv_bytes(cfg, i, context): optional; cache bytes in the model's own cache precision (e.g. fp8
-        entries with block scales) at a context length.
-    """
-    kv_bytes_per_token: Callable[[Any, int, int], int]
-    cached_tokens: Callable[[Any, int, Any], Any]
-    flops_per_key: Callable[[Any, int], int]
-    flops_per_query: Callable[[Any, int, Any], Any] | None = None
-    native_kv_bytes: Callable[[Any, int, int], int] | None = None
-
-    def query_flops(self, cfg, i: int, context):
-        if self.flops_per_query is not None:
-            return self.flops_per_query(cfg, i, context)
-        return self.flops_per_key(cfg, i) * self.cached_tokens(cfg, i, context)
-
-
-def _gqa_kv_bytes(cfg, i: int, itemsize: int) -> int:
-    """K and V, each kv heads x head dim. `k_eq_v` layers cache both too: V is the raw key projection
-    after v_norm, K is that projection after k_norm and RoPE, so they differ."""
-    return 2 * cfg.num_kv_heads[i] * cfg.head_dims[i] * itemsize
-
-
-def _windowed_tokens(cfg, i: int, context):
-    """The last `window` tokens (window 0: all of them)."""
-    window = cfg.windows[i]
-    return np.minimum(context, window) if window else context
-
-
-def _gqa_flops_per_key(cfg, i: int) -> int:
-    """q.k and p.v for every query head: 2 multiply-adds of head-dim length, 2 FLOPs each."""
-    return 4 * cfg.num_heads[i] * cfg.head_dims[i]
-
-
-GQA = AttentionKind(_gqa_kv_bytes, _windowed_tokens, _gqa_flops_per_key)
-ATTENTION_KINDS: dict[str, AttentionKind] = {"sliding": GQA, "full": GQA}
+AttentionKind = kinds.Accounting   # how the layers of one attention kind cache and attend
+GQA = kinds.GQA
+ATTENTION_KINDS: dict[str, AttentionKind] = {name: kind.accounting for name, kind in kinds.ATTENTION_KINDS.items()}
 
 
 def register_attention_kind(name: str, kind: AttentionKind) -> None:
-    """Makes layers whose `model.attention_types` entry is `name` countable."""
+    """Makes layers whose `model.attention_types` entry is `name` countable (a kind registered outside
+    layers.kinds, e.g. while prototyping)."""
     if not isinstance(kind, AttentionKind):
         raise TypeError(f"attention kind {name!r} must be an AttentionKind, got {type(kind).__name__}")
     if name in ATTENTION_KINDS and ATTENTION_KINDS[name] is not kind:
         raise ValueError(f"attention kind {name!r} is already registered")
     ATTENTION_KINDS[name] = kind
-
-
-REPORT_EXTRAS: dict[str, Callable[[Any, int, str], dict[str, Any]]] = {}
-
-
-def register_report_extras(family: str, extras: Callable[[Any, int, str], dict[str, Any]]) -> None:
-    """Adds `extras(model_cfg, context, dtype) -> dict` to the report of every config of `family` (for
-    figures only that family has, such as a comparison with its predecessor)."""
-    REPORT_EXTRAS[family] = extras
 
 
 def _attention_kind(name: str) -> AttentionKind:
@@ -252,8 +203,9 @@ def report(config, context: int | None = None, dtype="bfloat16", batch: int = 1)
     out["flops_per_token_attention"] = attention["last"]
     out["flops_per_token"] = matmul + attention["last"]
     out["flops_per_token_seq_mean"] = matmul + attention["mean"]
-    if cfg.family in REPORT_EXTRAS:
-        out.update(REPORT_EXTRAS[cfg.family](cfg, context, dtype))
+    extras = families.get(cfg.family).report_extras
+    if extras is not None:
+        out.update(extras(cfg, context, dtype))
     return out
 
 

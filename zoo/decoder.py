@@ -1,15 +1,9 @@
 """The decoder stack shared by every family: embed -> per-layer blocks -> norm -> head, and the loss.
 
-A family module supplies the block (`Block(cfg, layer_index, rngs=...)` called as `block(x_BTD, ctx)`);
-everything else here is family-agnostic and driven by the model config. Optional config keys (absent =
-off): `input_scale_bias` puts a learned `(x + b) * s` on the embedded input; `residual_fp32` keeps the
-residual stream between blocks in float32 whatever the compute dtype (blocks cast what they read);
-`hc_streams` n > 0 widens the residual into n hyper-connection streams [B, T, n, D] (the embedding copied
-into each; blocks read and write all n; a learned `HyperHead` collapses them before the final norm);
-`mtp_depth` k > 0 adds k multi-token-prediction modules, trained through `train_loss` with weight
-`mtp_loss_weight`; `remat` ("none" | "full" | "dots") recomputes each block (and MTP module) in the
-backward pass instead of keeping its activations ("full": keep only its inputs; "dots": also keep matmul
-outputs).
+A family supplies the block (`Block(cfg, layer_index, rngs=...)` called as `block(x, ctx)`, taking its
+token and channel mixers from `layers.kinds`); everything here is family-agnostic and driven by the
+model config. The decoder-level options and their defaults are `DecoderOptions` below; per-layer options
+are `layers.kinds.LAYER_OPTIONS`.
 """
 from __future__ import annotations
 
@@ -22,9 +16,11 @@ import ml_collections
 from flax import nnx
 
 from layers import params
+from layers.context import LayerContext
 from layers.embeddings import Embed, PerLayerEmbedding
 from layers.hyper_connections import HyperHead
 from layers.norms import RMSNorm
+from layers.partitioning import UNPARTITIONED, Partitioning
 from layers.residual import ScaleBias
 
 REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
@@ -32,21 +28,52 @@ REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
 REMAT = ("none", *REMAT_POLICIES)
 
 
-@dataclasses.dataclass
-class LayerContext:
-    """What a block sees besides the residual stream."""
-    positions_BT: jax.Array
-    segment_ids_BT: jax.Array | None
-    default_positions: bool                     # positions are 0..T-1 in every row (enables fused kernels)
-    layer_inputs_BTLP: jax.Array | None = None  # per-layer embeddings, when the config has them
-    kv_store: dict[int, tuple[jax.Array, jax.Array]] = dataclasses.field(default_factory=dict)
-    carry: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # state a block hands to later ones
-    tokens_BT: jax.Array | None = None          # the token ids the stream started from (token-routed layers)
+@dataclasses.dataclass(frozen=True)
+class DecoderOptions:
+    """The decoder-level model options; a config may leave out any that has a default.
+
+    scale_embeddings: multiply the embedded input by sqrt(d_model); tie_embeddings: the output head is the
+    embedding table; final_softcap > 0: logits = c tanh(logits / c); ple_dim P > 0: per-layer embeddings
+    of width P (table of ple_vocab_size rows, default vocab_size); input_scale_bias: a learned (x + b) * s on
+    the embedded input; residual_fp32: the residual stream between blocks stays float32 whatever the compute
+    dtype; hc_streams n > 0: the residual widens into n hyper-connection streams [B, T, n, D] (a learned
+    HyperHead collapses them before the final norm); mtp_depth k > 0: k multi-token-prediction modules
+    trained with weight mtp_loss_weight; remat ("none" | "full" | "dots"): recompute each block in the
+    backward pass ("full": keep only its inputs; "dots": also keep matmul outputs).
+    """
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    norm_eps: float = 1e-6
+    scale_embeddings: bool = False
+    tie_embeddings: bool = False
+    final_softcap: float = 0.0
+    ple_dim: int = 0
+    ple_vocab_size: int = 0
+    input_scale_bias: bool = False
+    residual_fp32: bool = False
+    hc_streams: int = 0
+    hc_eps: float = 1e-6
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.0
+    remat: str = "none"
+
+    @classmethod
+    def from_config(cls, cfg) -> "DecoderOptions":
+        """The options of a model config; a missing required one is named."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in cfg]
+        if missing:
+            raise ValueError(f"the model config lacks {', '.join('model.' + m for m in missing)}")
+        options = cls(**{n: cfg[n] for n in fields if n in cfg})
+        if options.remat not in REMAT:
+            raise ValueError(f"unknown model.remat {options.remat!r}; expected one of {REMAT}")
+        return options
 
 
-def _hyper_head(cfg, rngs: nnx.Rngs) -> HyperHead | None:
-    n = cfg.get("hc_streams", 0)
-    return HyperHead(n, cfg.d_model, eps=cfg.hc_eps, norm_eps=cfg.norm_eps, rngs=rngs) if n else None
+def _hyper_head(options: DecoderOptions, rngs: nnx.Rngs) -> HyperHead | None:
+    n = options.hc_streams
+    return HyperHead(n, options.d_model, eps=options.hc_eps, norm_eps=options.norm_eps, rngs=rngs) if n else None
 
 
 class MTPModule(nnx.Module):
@@ -61,7 +88,7 @@ class MTPModule(nnx.Module):
         self.embed_proj = params.normal(rngs, (D, D), ("embed", None))
         self.hidden_proj = params.normal(rngs, (D, D), ("embed", None))
         self.block = block_cls(cfg, index, rngs=rngs)
-        self.hyper_head = _hyper_head(cfg, rngs)
+        self.hyper_head = _hyper_head(DecoderOptions.from_config(cfg), rngs)
         self.final_norm = RMSNorm(D, eps=cfg.norm_eps)
 
     def __call__(self, h: jax.Array, e_BTD: jax.Array, ctx: LayerContext) -> jax.Array:
@@ -75,51 +102,53 @@ class MTPModule(nnx.Module):
 class Decoder(nnx.Module):
     def __init__(self, cfg, block_cls, *, rngs: nnx.Rngs):
         self.config = ml_collections.FrozenConfigDict(cfg)
-        self.vocab_size = cfg.vocab_size
-        self.final_softcap = cfg.final_softcap
-        D = cfg.d_model
-        self.embed = Embed(cfg.vocab_size, D, scale=math.sqrt(D) if cfg.scale_embeddings else 1.0, rngs=rngs)
-        self.per_layer_embed = (PerLayerEmbedding(cfg.ple_vocab_size, cfg.num_layers, cfg.ple_dim, D,
-                                                  eps=cfg.norm_eps, rngs=rngs) if cfg.ple_dim else None)
-        self.input_scale_bias = ScaleBias(D) if cfg.get("input_scale_bias", False) else None
-        self.residual_fp32 = bool(cfg.get("residual_fp32", False))
-        self.remat = cfg.get("remat", "none")
-        self.blocks = nnx.List([block_cls(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
-        self.final_norm = RMSNorm(D, eps=cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else params.normal(rngs, (D, cfg.vocab_size), ("embed", "vocab"))
-        self.hyper_head = _hyper_head(cfg, rngs)
-        depth = cfg.get("mtp_depth", 0)
-        self.mtp = (nnx.List([MTPModule(cfg, block_cls, cfg.num_layers + k, rngs=rngs) for k in range(depth)])
-                    if depth else None)
+        o = DecoderOptions.from_config(cfg)
+        self.vocab_size, self.final_softcap = o.vocab_size, o.final_softcap
+        D = o.d_model
+        self.embed = Embed(o.vocab_size, D, scale=math.sqrt(D) if o.scale_embeddings else 1.0, rngs=rngs)
+        self.per_layer_embed = (PerLayerEmbedding(o.ple_vocab_size or o.vocab_size, o.num_layers, o.ple_dim, D,
+                                                  eps=o.norm_eps, rngs=rngs) if o.ple_dim else None)
+        self.input_scale_bias = ScaleBias(D) if o.input_scale_bias else None
+        self.residual_fp32 = o.residual_fp32
+        self.remat = o.remat
+        self.mtp_loss_weight = o.mtp_loss_weight
+        self.blocks = nnx.List([block_cls(cfg, i, rngs=rngs) for i in range(o.num_layers)])
+        self.final_norm = RMSNorm(D, eps=o.norm_eps)
+        self.lm_head = None if o.tie_embeddings else params.normal(rngs, (D, o.vocab_size), ("embed", "vocab"))
+        self.hyper_head = _hyper_head(o, rngs)
+        self.mtp = (nnx.List([MTPModule(cfg, block_cls, o.num_layers + k, rngs=rngs) for k in range(o.mtp_depth)])
+                    if o.mtp_depth else None)
 
     def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
-                 segment_ids_BT: jax.Array | None = None) -> jax.Array:
-        """Logits [B, T, V] (float32) for token ids [B, T]."""
-        x, _, compute_dtype = self._trunk(tokens_BT, positions_BT, segment_ids_BT)
+                 segment_ids_BT: jax.Array | None = None, partitioning: Partitioning = UNPARTITIONED) -> jax.Array:
+        """Logits [B, T, V] (float32) for token ids [B, T]; `partitioning` (zoo.sharding.partitioning) runs
+        fused kernels and routed experts shard by shard on a mesh."""
+        x, _, compute_dtype = self._trunk(tokens_BT, positions_BT, segment_ids_BT, partitioning)
         return self._logits(x, compute_dtype, self.hyper_head, self.final_norm)
 
     def forward_with_mtp(self, tokens_BT: jax.Array, targets_BT: jax.Array, *,
-                         positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None
-                         ) -> tuple[jax.Array, list[jax.Array]]:
+                         positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
+                         partitioning: Partitioning = UNPARTITIONED) -> tuple[jax.Array, list[jax.Array]]:
         """The logits [B, T, V] and, for each multi-token-prediction depth k = 1.., logits [B, T, V] whose
         row t predicts targets[t + k] (rows t >= T - k have no target). Depth k embeds targets[t + k - 1]."""
-        x, ctx, compute_dtype = self._trunk(tokens_BT, positions_BT, segment_ids_BT)
+        x, ctx, compute_dtype = self._trunk(tokens_BT, positions_BT, segment_ids_BT, partitioning)
         logits_BTV = self._logits(x, compute_dtype, self.hyper_head, self.final_norm)
         extra = []
         for k, module in enumerate(self.mtp or (), start=1):
             ahead_BT = jnp.pad(targets_BT[:, k - 1:], [(0, 0), (0, k - 1)])
             x = _call(module, (x, self.embed(ahead_BT)),
-                      dataclasses.replace(ctx, tokens_BT=ahead_BT, kv_store={}, carry={}), self.remat)
+                      dataclasses.replace(ctx, tokens_BT=ahead_BT, kv_by_layer={}, router_state_BTR=None),
+                      self.remat)
             extra.append(self._logits(x, compute_dtype, module.hyper_head, module.final_norm))
         return logits_BTV, extra
 
     def train_loss(self, tokens_BT: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array | None = None, *,
-                   positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
+                   partitioning: Partitioning = UNPARTITIONED) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The training objective: next-token cross-entropy plus `mtp_loss_weight` times the mean cross-
         entropy of the multi-token-prediction depths; returns it and its parts (nats)."""
         logits_BTV, extra = self.forward_with_mtp(tokens_BT, targets_BT, positions_BT=positions_BT,
-                                                  segment_ids_BT=segment_ids_BT)
+                                                  segment_ids_BT=segment_ids_BT, partitioning=partitioning)
         loss, _ = cross_entropy(logits_BTV, targets_BT, mask_BT)
         parts = {"loss_next_token": loss}
         if extra:
@@ -128,10 +157,11 @@ class Decoder(nnx.Module):
                                     None if mask_BT is None else mask_BT[:, k:])[0]
                       for k, logits in enumerate(extra, start=1)) / len(extra)
             parts["loss_mtp"] = mtp
-            loss = loss + self.config.mtp_loss_weight * mtp
+            loss = loss + self.mtp_loss_weight * mtp
         return loss, parts
 
-    def _trunk(self, tokens_BT, positions_BT, segment_ids_BT) -> tuple[jax.Array, LayerContext, jnp.dtype]:
+    def _trunk(self, tokens_BT, positions_BT, segment_ids_BT, partitioning: Partitioning
+               ) -> tuple[jax.Array, LayerContext, jnp.dtype]:
         """The residual after the last block ([B, T, D], or [B, T, n, D] with streams), the blocks'
         context, and the compute dtype."""
         if tokens_BT.ndim != 2:
@@ -141,7 +171,8 @@ class Decoder(nnx.Module):
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x_BTD = self.embed(tokens_BT)
-        ctx = LayerContext(positions_BT, segment_ids_BT, default_positions, tokens_BT=tokens_BT)
+        ctx = LayerContext(positions_BT, segment_ids_BT, default_positions, tokens_BT=tokens_BT,
+                           partitioning=partitioning)
         if self.per_layer_embed is not None:
             ctx.layer_inputs_BTLP = self.per_layer_embed(tokens_BT, x_BTD)
         if self.input_scale_bias is not None:
@@ -171,18 +202,20 @@ class Decoder(nnx.Module):
 
 def _call(module, inputs: tuple, ctx: LayerContext, policy: str) -> jax.Array:
     """`module(*inputs, ctx)`; unless `policy` is "none", under `jax.checkpoint` with that policy. The
-    context's arrays then go in as arguments and the entries the module adds to `kv_store`/`carry` come
-    out as results, so nothing traced inside leaks out."""
+    context's arrays then go in as arguments and what the module hands on (`LayerContext.HANDED_ON`)
+    comes out as results, so nothing traced inside leaks out."""
     if policy == "none":
         return module(*inputs, ctx)
+    static = ("default_positions", "partitioning")
 
     def run(module, inputs, arrays):
-        inner = dataclasses.replace(ctx, **{**arrays, "kv_store": dict(arrays["kv_store"]),
-                                            "carry": dict(arrays["carry"])})
-        return module(*inputs, inner), inner.kv_store, inner.carry
+        inner = dataclasses.replace(ctx, **arrays, kv_by_layer=dict(arrays["kv_by_layer"]))
+        return module(*inputs, inner), {name: getattr(inner, name) for name in LayerContext.HANDED_ON}
 
-    arrays = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx) if f.name != "default_positions"}
-    out, ctx.kv_store, ctx.carry = nnx.remat(run, policy=REMAT_POLICIES[policy])(module, inputs, arrays)
+    arrays = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx) if f.name not in static}
+    out, handed_on = nnx.remat(run, policy=REMAT_POLICIES[policy])(module, inputs, arrays)
+    for name, value in handed_on.items():
+        setattr(ctx, name, value)
     return out
 
 

@@ -20,14 +20,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from layers import kinds
+from layers.context import LayerContext
 from layers.hyper_connections import HyperConnection
-from layers.moe import Experts, SharedExpert, SqrtSoftplusRouter
 from layers.norms import RMSNorm
 from layers.rope import RopeSpec
-from layers.sparse_attention import CompressedAttention
-from zoo import analysis
-from zoo.decoder import LayerContext
-from zoo.models import check_layers
+from zoo.state_dict import Rule, linear_in, same, transpose
 
 ATTENTION_TYPES = ("swa", "csa", "hca")
 YARN = {"factor": 16.0, "original_max_positions": 65_536, "beta_fast": 32.0, "beta_slow": 1.0}
@@ -59,6 +57,7 @@ def model_config(*, vocab_size: int, d_model: int, attention_types, num_heads: i
                  **yarn} if yarn else {"kind": "default", "theta": compress_rope_theta, "style": "interleaved"})
     m.rope = ml_collections.ConfigDict({"swa": main, "csa": compress, "hca": dict(compress)})
     m.num_experts, m.top_k, m.expert_dim = num_experts, top_k, expert_dim
+    m.moe_layers, m.router, m.shared_expert_dim = True, "sqrt_softplus", expert_dim   # hash: first layers
     m.num_hash_layers, m.routed_scale = num_hash_layers, routed_scale
     m.swiglu_limit, m.shared_expert_clamp = swiglu_limit, shared_expert_clamp
     m.hc_streams, m.hc_sinkhorn_iters, m.hc_eps = hc_streams, hc_sinkhorn_iters, hc_eps
@@ -86,24 +85,13 @@ def layer_spec(cfg, i: int) -> tuple[str, bool]:
 def validate(cfg) -> None:
     """Fails with a message naming the first inconsistency in a DeepSeek-V4-like model config."""
     L = cfg.num_layers
-    check_layers(cfg, ("attention_types", "kv_sources"), ATTENTION_TYPES)
+    kinds.check_layers(cfg, ("attention_types", "kv_sources"))
     kind = cfg.mtp_attention_type
-    if kind not in ATTENTION_TYPES:
-        raise ValueError(f"model.mtp_attention_type = {kind!r}; expected one of {ATTENTION_TYPES}")
+    if kind not in kinds.ATTENTION_KINDS:
+        raise ValueError(f"model.mtp_attention_type = {kind!r}; expected one of {tuple(sorted(kinds.ATTENTION_KINDS))}")
     if kind not in cfg.rope:
         raise ValueError(f"model.rope has no entry for attention type {kind!r}")
-    if any(s >= 0 for s in cfg.kv_sources):
-        raise ValueError("DeepSeek-V4 layers keep their own K=V cache; model.kv_sources must all be -1")
-    if cfg.num_heads % cfg.out_groups:
-        raise ValueError(f"model.num_heads={cfg.num_heads} is not divisible by model.out_groups={cfg.out_groups}")
-    if cfg.rope_dim % 2 or not 0 < cfg.rope_dim <= min(cfg.head_dim, cfg.index_dim or cfg.head_dim):
-        raise ValueError(f"model.rope_dim={cfg.rope_dim} must be even and fit the head dim {cfg.head_dim} "
-                         f"and the index dim {cfg.index_dim}")
-    if "csa" in (*cfg.attention_types, cfg.mtp_attention_type) and not (
-            cfg.index_heads > 0 and cfg.index_dim > 0 and cfg.index_top_k > 0):
-        raise ValueError("CSA layers need model.index_heads, model.index_dim and model.index_top_k > 0")
-    if not 0 < cfg.top_k <= cfg.num_experts or cfg.expert_dim <= 0:
-        raise ValueError("the MoE needs 0 < model.top_k <= model.num_experts and model.expert_dim > 0")
+    kinds.ATTENTION_KINDS[kind].check(cfg, L, kind)
     if cfg.hc_streams < 0 or cfg.mtp_depth < 0:
         raise ValueError("model.hc_streams and model.mtp_depth must be >= 0")
     if not 0 <= cfg.num_hash_layers <= L:
@@ -116,7 +104,7 @@ def validate(cfg) -> None:
 
 class DeepseekV4Block(nnx.Module):
     def __init__(self, cfg, i: int, *, rngs: nnx.Rngs):
-        kind, self.hashed = layer_spec(cfg, i)
+        kind, hashed = layer_spec(cfg, i)
         D, eps, n = cfg.d_model, cfg.norm_eps, cfg.hc_streams
 
         def hyper_connection():
@@ -125,35 +113,18 @@ class DeepseekV4Block(nnx.Module):
 
         self.attn_hc = hyper_connection()
         self.attn_norm = RMSNorm(D, eps=eps)
-        self.attn = CompressedAttention(
-            D, cfg.num_heads, cfg.head_dim, q_rank=cfg.q_rank, out_groups=cfg.out_groups, out_rank=cfg.out_rank,
-            window=cfg.window, rope=RopeSpec.from_config(cfg.rope[kind]), rope_dim=cfg.rope_dim,
-            compress_ratio={"swa": 0, "csa": cfg.csa_ratio, "hca": cfg.hca_ratio}[kind], overlap=kind == "csa",
-            index_heads=cfg.index_heads, index_dim=cfg.index_dim,
-            index_top_k=cfg.index_top_k if kind == "csa" else 0, eps=eps, impl=cfg.attention_impl, rngs=rngs)
+        self.attn = kinds.build_attention(cfg, i, rngs, kind=kind)
         self.ffn_hc = hyper_connection()
         self.ffn_norm = RMSNorm(D, eps=eps)
-        self.router = SqrtSoftplusRouter(D, cfg.num_experts, cfg.top_k, routed_scale=cfg.routed_scale,
-                                         hash_vocab=cfg.vocab_size if self.hashed else 0, rngs=rngs)
-        self.experts = Experts(cfg.num_experts, D, cfg.expert_dim, activation=cfg.activation,
-                               limit=cfg.swiglu_limit, rngs=rngs)
-        self.shared_expert = SharedExpert(D, cfg.expert_dim, activation=cfg.activation,
-                                          limit=cfg.swiglu_limit if cfg.shared_expert_clamp else 0.0, rngs=rngs)
-
-    def _moe(self, h_BTD, tokens_BT):
-        B, T, D = h_BTD.shape
-        h_MD = h_BTD.reshape(B * T, D)
-        weights_MK, experts_MK, _ = self.router(h_MD, tokens_BT.reshape(-1) if self.hashed else None)
-        y_MD = self.experts(h_MD, experts_MK, weights_MK).astype(h_BTD.dtype) + self.shared_expert(h_MD)
-        return y_MD.reshape(B, T, D)
+        self.mlp = kinds.build_mlp(cfg, i, rngs, moe=True, router="hash" if hashed else None)
 
     def __call__(self, x, ctx: LayerContext):
         """x: the residual streams [B, T, n, D] (or [B, T, D] with hc_streams 0, a plain residual)."""
         def attention(u_BTD):
-            return self.attn(self.attn_norm(u_BTD), ctx.positions_BT, segment_ids_BT=ctx.segment_ids_BT)
+            return self.attn.mix(self.attn_norm(u_BTD), ctx)
 
         def moe(u_BTD):
-            return self._moe(self.ffn_norm(u_BTD), ctx.tokens_BT)
+            return self.mlp.mix(self.ffn_norm(u_BTD), ctx)
 
         x = self.attn_hc(x, attention) if self.attn_hc is not None else x + attention(x)
         return self.ffn_hc(x, moe) if self.ffn_hc is not None else x + moe(x)
@@ -163,68 +134,17 @@ Block = DeepseekV4Block
 
 
 # ---------------------------------------------------------------------------------------------------
-# KV-cache and FLOP accounting (zoo.analysis). A layer caches its last `window` raw tokens and one K=V
-# entry (head_dim values) per compressed entry; a CSA layer also one index key (index_dim values) per
-# entry. In the released cache precision an entry is fp8 (no-RoPE part, with 8 bytes of block scales)
-# plus the bf16 RoPE part: 448 + 8 + 128 = 584 B at head_dim 512; an index key is fp4 with one byte of
-# scale per 32 values: 64 + 4 = 68 B.
-
-def _entry_bytes(cfg, i: int, itemsize: int) -> int:
-    return cfg.head_dim * itemsize
-
+# Figures only this family reports (zoo.analysis), next to its predecessor's.
 
 def _native_entry_bytes(cfg) -> int:
+    """A cache entry in the released precision: fp8 no-RoPE part with 8 bytes of block scales, bf16 RoPE."""
     return (cfg.head_dim - cfg.rope_dim) + 8 + 2 * cfg.rope_dim
 
 
 def _native_index_key_bytes(cfg) -> int:
+    """An index key in fp4 with one byte of scale per 32 values."""
     return cfg.index_dim // 2 + cfg.index_dim // 32
 
-
-def _window(cfg, context):
-    return np.minimum(context, cfg.window)
-
-
-def _hca_entries(cfg, i: int, context):
-    """Window tokens plus every compressed entry; all of them are keys of the query at `context`."""
-    return _window(cfg, context) + np.asarray(context) // cfg.hca_ratio
-
-
-def _csa_cached(cfg, i: int, context):
-    """Window tokens, compressed entries and their index keys, in units of one head_dim entry (exact KV
-    bytes in any one dtype)."""
-    compressed = np.asarray(context) // cfg.csa_ratio
-    return _window(cfg, context) + compressed + compressed * cfg.index_dim // cfg.head_dim
-
-
-def _flops_per_key(cfg, i: int) -> int:
-    """q.k and p.v over every head, K = V: 4 * heads * head_dim."""
-    return 4 * cfg.num_heads * cfg.head_dim
-
-
-def _csa_query_flops(cfg, i: int, context):
-    """Attention over the window and the top-k selected entries, plus the indexer scoring every visible
-    entry (q_I.k_I over index heads: 2 * index_heads * index_dim each)."""
-    entries = np.asarray(context) // cfg.csa_ratio
-    keys = _window(cfg, context) + np.minimum(entries, cfg.index_top_k)
-    return _flops_per_key(cfg, i) * keys + 2 * cfg.index_heads * cfg.index_dim * entries
-
-
-def _native_bytes(ratio_key: str, with_index: bool):
-    def native(cfg, i: int, context: int) -> int:
-        entries = context // cfg[ratio_key] if ratio_key else 0
-        index = _native_index_key_bytes(cfg) if with_index else 0
-        return int(_window(cfg, context)) * _native_entry_bytes(cfg) + entries * (_native_entry_bytes(cfg) + index)
-    return native
-
-
-analysis.register_attention_kind("swa", analysis.AttentionKind(
-    _entry_bytes, lambda c, i, t: _window(c, t), _flops_per_key, native_kv_bytes=_native_bytes("", False)))
-analysis.register_attention_kind("hca", analysis.AttentionKind(
-    _entry_bytes, _hca_entries, _flops_per_key, native_kv_bytes=_native_bytes("hca_ratio", False)))
-analysis.register_attention_kind("csa", analysis.AttentionKind(
-    _entry_bytes, _csa_cached, _flops_per_key, flops_per_query=_csa_query_flops,
-    native_kv_bytes=_native_bytes("csa_ratio", True)))
 
 # DeepSeek-V3.2, the predecessor the family sheet compares with: 61 MLA layers caching a 512-dim latent
 # and a 64-dim RoPE key per token, plus a lightning-indexer key (64 heads x 128, top-k 2048) per token;
@@ -261,9 +181,6 @@ def report_extras(cfg, context: int, dtype) -> dict:
         "kv_fraction_of_v32_native": native / v32_native, "kv_fraction_of_v32_bf16": bf16 / v32_bf16,
         "flops_per_token_v32": v32_flops,
     }
-
-
-analysis.register_report_extras("deepseek_v4", report_extras)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -372,6 +289,9 @@ def to_hf_config(cfg) -> dict:
     """A `DeepseekV4Config` dict for our model config; fails if the config has no HF equivalent."""
     if not cfg.hc_streams:
         raise ValueError("Hugging Face DeepSeek-V4 always has hyper-connections (model.hc_streams > 0)")
+    others = sorted(set(cfg.attention_types) - set(ATTENTION_TYPES))
+    if others:
+        raise ValueError(f"Hugging Face DeepSeek-V4 has swa, csa and hca layers only, not {others}")
     if not cfg.shared_expert_clamp:
         raise ValueError("Hugging Face DeepSeek-V4 clamps the shared expert too (model.shared_expert_clamp)")
     ropes = [_rope_to_hf(cfg.rope[t]) for t in (set(cfg.attention_types) - {"swa"} or {"csa"})]
@@ -406,8 +326,6 @@ def to_hf_config(cfg) -> dict:
 
 def _block_rules(cfg, i: int, hf: str, ours: tuple, hf_prefix: str | None) -> list:
     """The rules of one block: HF names `hf` + leaf, our paths `ours` + leaf."""
-    from zoo.convert.rules import Rule, linear_in, same, transpose
-
     D, N, H, G, O = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.out_groups, cfg.out_rank
     M, E = N // G, cfg.num_experts
     kind, hashed = layer_spec(cfg, i)
@@ -421,7 +339,7 @@ def _block_rules(cfg, i: int, hf: str, ours: tuple, hf_prefix: str | None) -> li
 
     def experts(leaf: str, param: str):   # E tensors [out, in] <-> ours [E, in, out]
         names = tuple(hf + f"ffn.experts.{e}.{leaf}.weight" for e in range(E))
-        return Rule(names, (ours + ("experts", param),), lambda *a: (np.stack([w.T for w in a]),),
+        return Rule(names, (ours + ("mlp", "experts", param),), lambda *a: (np.stack([w.T for w in a]),),
                     lambda x: tuple(x[e].T for e in range(E)), hf_prefix)
 
     def compressor(hf_c: str, ours_c: tuple):
@@ -459,14 +377,14 @@ def _block_rules(cfg, i: int, hf: str, ours: tuple, hf_prefix: str | None) -> li
                       linear_in(cfg.q_rank, cfg.index_heads, cfg.index_dim)),
                   one("attn.indexer.weights_proj.weight|attn.indexer.scorer.weights_proj.weight",
                       ("attn", "indexer", "weights_proj"), transpose())]
-    rules.append(one("ffn.gate.weight", ("router", "proj"), transpose()))
+    rules.append(one("ffn.gate.weight", ("mlp", "router", "proj"), transpose()))
     if hashed:   # integer expert ids on disk, exact small integers in our float table
-        rules.append(one("ffn.gate.tid2eid", ("router", "token_experts"),
+        rules.append(one("ffn.gate.tid2eid", ("mlp", "router", "token_experts"),
                          ((lambda a: a), (lambda x: x.round().astype("int32")))))
     else:
-        rules.append(one("ffn.gate.bias", ("router", "correction_bias"), same()))
+        rules.append(one("ffn.gate.bias", ("mlp", "router", "correction_bias"), same()))
     rules += [experts("w1", "gate_proj"), experts("w3", "up_proj"), experts("w2", "down_proj")]
-    rules += [one(f"ffn.shared_experts.{w}.weight", ("shared_expert", p), transpose())
+    rules += [one(f"ffn.shared_experts.{w}.weight", ("mlp", "shared_expert", p), transpose())
               for w, p in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))]
     return rules
 
@@ -475,8 +393,6 @@ def hf_rules(cfg):
     """The state-dict mapping: `Rule`s from checkpoint names (without the `model.` prefix; "a|b" = either
     spelling, the first is written) to our parameter paths, with the reshapes in both directions. The
     multi-token-prediction blocks live at the top level (`mtp.<k>.`), as in DeepSeek's release."""
-    from zoo.convert.rules import Rule, same, transpose
-
     n, D = cfg.hc_streams, cfg.d_model
     mixing = ((lambda a: a.T.reshape(n, D, n)), (lambda x: x.reshape(n * D, n).T))
     rules = [Rule.one("embed_tokens.weight|embed.weight", ("embed", "table"), *same()),

@@ -3,7 +3,6 @@ sweeps, on a device mesh (parameters and batches sharded as in training). Used b
 (eval steps) and by `eval.py`."""
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 from collections.abc import Callable, Sequence
@@ -29,18 +28,18 @@ def make_loss_fn(graphdef: nnx.GraphDef, compute_dtype: str | None = None, *, tr
     plus any multi-token-prediction loss); otherwise next-token cross-entropy alone. With the `mesh` and
     `rules` the parameters are laid out by, MoE layers run expert-parallel where the rules put the
     experts on a mesh axis `expert` of size > 1, and fused kernels per shard
-    (`zoo.sharding.partitioned_layers`)."""
+    (`zoo.sharding.partitioning`)."""
     dtype = DTYPES[compute_dtype] if compute_dtype else None
+    parts = sharding.partitioning(mesh, rules)
 
     def loss(params, inputs_BT, targets_BT):
         if dtype is not None:
             params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
                                   params)
         model = nnx.merge(graphdef, params)
-        with sharding.partitioned_layers(mesh, rules) if mesh is not None else contextlib.nullcontext():
-            if training:
-                return model.train_loss(inputs_BT, targets_BT)[0]
-            return cross_entropy(model(inputs_BT), targets_BT)[0]
+        if training:
+            return model.train_loss(inputs_BT, targets_BT, partitioning=parts)[0]
+        return cross_entropy(model(inputs_BT, partitioning=parts), targets_BT)[0]
 
     return loss
 

@@ -16,14 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from layers import activations, params
-from layers.attention import Attention
-from layers.mlp import GatedMLP
-from layers.moe import Experts, SoftmaxRouter
+from layers import activations, kinds, params
+from layers.context import LayerContext
 from layers.norms import RMSNorm
-from layers.rope import RopeSpec
-from zoo.decoder import LayerContext
-from zoo.models import check_layers
+from zoo.state_dict import Rule, linear_in, linear_out, same, transpose
 
 ATTENTION_TYPES = ("sliding", "full")
 PER_LAYER_KEYS = ("attention_types", "num_heads", "num_kv_heads", "head_dims", "windows", "kv_sources",
@@ -80,6 +76,8 @@ def model_config(*, vocab_size: int, d_model: int, attention_types, num_heads: i
         "full": {"kind": "proportional", "theta": full_theta, "fraction": full_rope_fraction},
     })
     m.num_experts, m.top_k, m.expert_dim = num_experts, top_k, expert_dim
+    m.v_norm, m.attn_scale = True, 1.0   # the q/k norms replace 1/sqrt(d); values are normalised too
+    m.router = "softmax"
     m.ple_dim = ple_dim
     m.ple_vocab_size = ple_vocab_size or vocab_size
     m.final_softcap = final_softcap
@@ -96,44 +94,27 @@ def model_config(*, vocab_size: int, d_model: int, attention_types, num_heads: i
 
 def validate(cfg) -> None:
     """Fails with a message naming the first inconsistency in a Gemma-4-like model config."""
-    check_layers(cfg, PER_LAYER_KEYS, ATTENTION_TYPES)
-    for i in range(cfg.num_layers):
-        src = cfg.kv_sources[i]
-        if src >= 0:
-            if src >= i or cfg.kv_sources[src] >= 0:
-                raise ValueError(f"layer {i}: kv_sources must name an earlier layer with its own k/v, got {src}")
-            if (cfg.head_dims[src], cfg.num_kv_heads[src]) != (cfg.head_dims[i], cfg.num_kv_heads[i]):
-                raise ValueError(f"layer {i} shares k/v of layer {src} but their head dims or kv heads differ")
-    if any(cfg.moe_layers) and not (0 < cfg.top_k <= cfg.num_experts and cfg.expert_dim > 0):
-        raise ValueError("MoE layers need 0 < model.top_k <= model.num_experts and model.expert_dim > 0")
-    activations.get(cfg.activation)
+    kinds.check_layers(cfg, PER_LAYER_KEYS)
 
 
 class Gemma4Block(nnx.Module):
     def __init__(self, cfg, i: int, *, rngs: nnx.Rngs):
         D, eps = cfg.d_model, cfg.norm_eps
-        kind = cfg.attention_types[i]
-        self.index, self.kv_source = i, cfg.kv_sources[i]
+        self.index = i
         self.input_norm = RMSNorm(D, eps=eps)
-        self.attn = Attention(
-            D, cfg.num_heads[i], cfg.num_kv_heads[i], cfg.head_dims[i],
-            rope=RopeSpec.from_config(cfg.rope[kind]), window=cfg.windows[i], qk_norm=True, v_norm=True,
-            norm_eps=eps, scale=1.0, k_eq_v=cfg.k_eq_v[i], kv_shared=self.kv_source >= 0,
-            impl=cfg.attention_impl, rngs=rngs)
+        self.attn = kinds.build_attention(cfg, i, rngs)
         self.post_attn_norm = RMSNorm(D, eps=eps)
         self.pre_ffn_norm = RMSNorm(D, eps=eps)
-        self.mlp = GatedMLP(D, cfg.mlp_dims[i], activation=cfg.activation, rngs=rngs)
+        self.mlp = kinds.build_mlp(cfg, i, rngs, moe=False)
         self.post_ffn_norm = RMSNorm(D, eps=eps)
-        if cfg.moe_layers[i]:
-            self.router = SoftmaxRouter(D, cfg.num_experts, cfg.top_k, input_norm=True, per_expert_scale=True,
-                                        eps=eps, rngs=rngs)
-            self.experts = Experts(cfg.num_experts, D, cfg.expert_dim, activation=cfg.activation, rngs=rngs)
+        if kinds.option(cfg, "moe_layers", i):   # experts beside the dense MLP, with their own norms
+            self.moe = kinds.build_mlp(cfg, i, rngs, moe=True)
             self.post_ffn_norm_1 = RMSNorm(D, eps=eps)
             self.pre_ffn_norm_2 = RMSNorm(D, eps=eps)
             self.post_ffn_norm_2 = RMSNorm(D, eps=eps)
         else:
-            self.router = self.experts = None
-        if cfg.ple_dim:
+            self.moe = None
+        if cfg.get("ple_dim", 0):
             self.act = activations.get(cfg.activation)
             self.ple_gate = params.normal(rngs, (D, cfg.ple_dim), ("embed", "layer_embed"))
             self.ple_proj = params.normal(rngs, (cfg.ple_dim, D), ("layer_embed", "embed"))
@@ -142,24 +123,14 @@ class Gemma4Block(nnx.Module):
             self.ple_gate = None
         self.layer_scalar = params.ones((1,), (None,))
 
-    def _moe(self, h_BTD: jax.Array) -> jax.Array:
-        B, T, D = h_BTD.shape
-        h_MD = h_BTD.reshape(B * T, D)
-        weights_MK, experts_MK, _ = self.router(h_MD)
-        y_MD = self.experts(self.pre_ffn_norm_2(h_MD), experts_MK, weights_MK)
-        return self.post_ffn_norm_2(y_MD.astype(h_BTD.dtype).reshape(B, T, D))
-
     def __call__(self, h_BTD: jax.Array, ctx: LayerContext) -> jax.Array:
-        shared_kv = ctx.kv_store[self.kv_source] if self.kv_source >= 0 else None
-        attn_BTD, kv = self.attn(self.input_norm(h_BTD), ctx.positions_BT, segment_ids_BT=ctx.segment_ids_BT,
-                                 shared_kv=shared_kv, default_positions=ctx.default_positions)
-        if self.kv_source < 0:
-            ctx.kv_store[self.index] = kv
-        h_BTD = h_BTD + self.post_attn_norm(attn_BTD)
+        h_BTD = h_BTD + self.post_attn_norm(self.attn.mix(self.input_norm(h_BTD), ctx))
 
         ffn_BTD = self.mlp(self.pre_ffn_norm(h_BTD))
-        if self.experts is not None:
-            ffn_BTD = self.post_ffn_norm_1(ffn_BTD) + self._moe(h_BTD)
+        if self.moe is not None:   # the router reads the residual itself, the experts its own norm of it
+            moe_BTD = self.moe(self.pre_ffn_norm_2(h_BTD), router_input_BTD=h_BTD, tokens_BT=ctx.tokens_BT,
+                               partitioning=ctx.partitioning)
+            ffn_BTD = self.post_ffn_norm_1(ffn_BTD) + self.post_ffn_norm_2(moe_BTD)
         h_BTD = h_BTD + self.post_ffn_norm(ffn_BTD)
 
         if self.ple_gate is not None:
@@ -243,6 +214,9 @@ def _uniform(values, what: str):
 def to_hf_config(cfg) -> dict:
     """A `Gemma4TextConfig` dict for our model config; fails if the config has no HF equivalent."""
     L = cfg.num_layers
+    others = sorted(set(cfg.attention_types) - set(ATTENTION_TYPES))
+    if others:
+        raise ValueError(f"Hugging Face Gemma 4 has sliding and full attention layers only, not {others}")
     sliding = [i for i, t in enumerate(cfg.attention_types) if t == "sliding"]
     full = [i for i, t in enumerate(cfg.attention_types) if t == "full"]
     if not full or cfg.attention_types[-1] != "full":
@@ -296,8 +270,6 @@ def to_hf_config(cfg) -> dict:
 def hf_rules(cfg):
     """The state-dict mapping: `Rule`s from Hugging Face names (without the `model.` prefix) to our
     parameter paths, with the reshapes in both directions."""
-    from zoo.convert.rules import Rule, linear_in, linear_out, same, transpose
-
     D = cfg.d_model
     rules = [Rule.one("embed_tokens.weight", ("embed", "table"), *same()),
              Rule.one("norm.weight", ("final_norm", "scale"), *same())]
@@ -328,12 +300,13 @@ def hf_rules(cfg):
                   for p in ("gate_proj", "up_proj", "down_proj")]
         if cfg.moe_layers[i]:
             rules += [
-                Rule.one(hf + "router.proj.weight", ours + ("router", "proj"), *transpose()),
-                Rule.one(hf + "router.scale", ours + ("router", "input_scale"), *same()),
-                Rule.one(hf + "router.per_expert_scale", ours + ("router", "per_expert_scale"), *same()),
-                Rule.gate_up(hf + "experts.gate_up_proj", ours + ("experts", "gate_proj"),
-                             ours + ("experts", "up_proj")),
-                Rule.one(hf + "experts.down_proj", ours + ("experts", "down_proj"), *transpose(axes=(0, 2, 1))),
+                Rule.one(hf + "router.proj.weight", ours + ("moe", "router", "proj"), *transpose()),
+                Rule.one(hf + "router.scale", ours + ("moe", "router", "input_scale"), *same()),
+                Rule.one(hf + "router.per_expert_scale", ours + ("moe", "router", "per_expert_scale"), *same()),
+                Rule.gate_up(hf + "experts.gate_up_proj", ours + ("moe", "experts", "gate_proj"),
+                             ours + ("moe", "experts", "up_proj")),
+                Rule.one(hf + "experts.down_proj", ours + ("moe", "experts", "down_proj"),
+                         *transpose(axes=(0, 2, 1))),
             ]
             rules += [Rule.one(hf + f"{k}.weight", ours + (v, "scale"), *same())
                       for k, v in (("post_feedforward_layernorm_1", "post_ffn_norm_1"),

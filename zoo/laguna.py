@@ -18,14 +18,11 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from layers import activations
-from layers.attention import Attention
-from layers.mlp import GatedMLP
-from layers.moe import Experts, SigmoidRouter
+from layers import kinds
+from layers.context import LayerContext
 from layers.norms import RMSNorm
 from layers.rope import RopeSpec, yarn_mscale
-from zoo.decoder import LayerContext
-from zoo.models import check_layers
+from zoo.state_dict import Rule, linear_in, linear_out, same, transpose
 
 ATTENTION_TYPES = ("sliding", "full")
 GATINGS = ("per_head", "per_element")
@@ -59,6 +56,7 @@ def model_config(*, vocab_size: int, d_model: int, attention_types: Sequence[str
     m.kv_sources = (-1,) * L
     m.moe_layers = tuple(bool(x) for x in moe_layers)
     m.gating = gating
+    m.router = "sigmoid"
     m.rope = ml_collections.ConfigDict({"full": dict(full_rope), "sliding": dict(sliding_rope)})
     m.mlp_dim = mlp_dim
     m.num_experts, m.top_k, m.expert_dim, m.shared_expert_dim = num_experts, top_k, expert_dim, shared_expert_dim
@@ -79,54 +77,25 @@ def model_config(*, vocab_size: int, d_model: int, attention_types: Sequence[str
 
 def validate(cfg) -> None:
     """Fails with a message naming the first inconsistency in a Laguna-like model config."""
-    check_layers(cfg, PER_LAYER_KEYS, ATTENTION_TYPES)
-    for i in range(cfg.num_layers):
-        if cfg.kv_sources[i] != -1:
-            raise ValueError(f"layer {i}: Laguna layers do not share k/v (model.kv_sources must be -1)")
     if cfg.gating not in GATINGS:
         raise ValueError(f"model.gating = {cfg.gating!r}; expected one of {GATINGS}")
-    for kind in set(cfg.attention_types):
-        RopeSpec.from_config(cfg.rope[kind])
-    if any(cfg.moe_layers) and not (0 < cfg.top_k <= cfg.num_experts and cfg.expert_dim > 0
-                                    and cfg.shared_expert_dim > 0):
+    kinds.check_layers(cfg, PER_LAYER_KEYS)
+    if any(cfg.moe_layers) and cfg.shared_expert_dim <= 0:
         raise ValueError("MoE layers need 0 < model.top_k <= model.num_experts, model.expert_dim > 0 and "
                          "model.shared_expert_dim > 0")
-    activations.get(cfg.activation)
 
 
 class LagunaBlock(nnx.Module):
     def __init__(self, cfg, i: int, *, rngs: nnx.Rngs):
         D, eps = cfg.d_model, cfg.norm_eps
-        kind = cfg.attention_types[i]
         self.input_norm = RMSNorm(D, eps=eps)
-        self.attn = Attention(
-            D, cfg.num_heads[i], cfg.num_kv_heads[i], cfg.head_dims[i], rope=RopeSpec.from_config(cfg.rope[kind]),
-            window=cfg.windows[i], qk_norm=True, norm_eps=eps, output_gate=cfg.gating, impl=cfg.attention_impl,
-            rngs=rngs)
+        self.attn = kinds.build_attention(cfg, i, rngs)
         self.pre_mlp_norm = RMSNorm(D, eps=eps)
-        if cfg.moe_layers[i]:
-            self.mlp = None
-            self.router = SigmoidRouter(D, cfg.num_experts, cfg.top_k, softcap=cfg.router_softcap,
-                                        routed_scale=cfg.routed_scale, rngs=rngs)
-            self.experts = Experts(cfg.num_experts, D, cfg.expert_dim, activation=cfg.activation, rngs=rngs)
-            self.shared_expert = GatedMLP(D, cfg.shared_expert_dim, activation=cfg.activation, rngs=rngs)
-        else:
-            self.mlp = GatedMLP(D, cfg.mlp_dim, activation=cfg.activation, rngs=rngs)
-            self.router = self.experts = self.shared_expert = None
-
-    def _moe(self, h_BTD: jax.Array) -> jax.Array:
-        B, T, D = h_BTD.shape
-        h_MD = h_BTD.reshape(B * T, D)
-        weights_MK, experts_MK, _ = self.router(h_MD)
-        routed_BTD = self.experts(h_MD, experts_MK, weights_MK).astype(h_BTD.dtype).reshape(B, T, D)
-        return routed_BTD + self.shared_expert(h_BTD)
+        self.mlp = kinds.build_mlp(cfg, i, rngs)
 
     def __call__(self, x_BTD: jax.Array, ctx: LayerContext) -> jax.Array:
-        attn_BTD, _ = self.attn(self.input_norm(x_BTD), ctx.positions_BT, segment_ids_BT=ctx.segment_ids_BT,
-                                default_positions=ctx.default_positions)
-        h_BTD = x_BTD + attn_BTD
-        g_BTD = self.pre_mlp_norm(h_BTD)
-        return h_BTD + (self.mlp(g_BTD) if self.mlp is not None else self._moe(g_BTD))
+        h_BTD = x_BTD + self.attn.mix(self.input_norm(x_BTD), ctx)
+        return h_BTD + self.mlp.mix(self.pre_mlp_norm(h_BTD), ctx)
 
 
 Block = LagunaBlock
@@ -235,8 +204,13 @@ def _rope_to_hf(rope) -> dict:
 
 def to_hf_config(cfg) -> dict:
     """A `LagunaConfig` dict for our model config; fails if the config has no HF equivalent."""
-    kinds = sorted(set(cfg.attention_types))
-    rope = {f"{k}_attention": _rope_to_hf(cfg.rope[k]) for k in kinds}
+    types = sorted(set(cfg.attention_types))
+    if set(types) - set(ATTENTION_TYPES):
+        raise ValueError(f"Hugging Face Laguna has sliding and full attention layers only, not "
+                         f"{sorted(set(types) - set(ATTENTION_TYPES))}")
+    if any(s >= 0 for s in cfg.kv_sources):
+        raise ValueError("Hugging Face Laguna layers do not share k/v (model.kv_sources must be -1)")
+    rope = {f"{k}_attention": _rope_to_hf(cfg.rope[k]) for k in types}
     truncate = _uniform((r["truncate"] for r in rope.values() if "truncate" in r), "yarn truncate")
     if truncate is False:
         rope["truncate"] = False   # where transformers reads it (see from_hf_config)
@@ -267,8 +241,6 @@ def to_hf_config(cfg) -> dict:
 def _per_expert_rule(hf: str, ours: tuple, num_experts: int):
     """HF `{hf}.{e}.{gate,up,down}_proj.weight` ([F, D], [F, D], [D, F] per expert e) <-> our expert
     weights gate, up [E, D, F] and down [E, F, D]."""
-    from zoo.convert.rules import Rule
-
     projections = ("gate_proj", "up_proj", "down_proj")
     names = tuple(f"{hf}.{e}.{p}.weight" for e in range(num_experts) for p in projections)
 
@@ -283,8 +255,6 @@ def _per_expert_rule(hf: str, ours: tuple, num_experts: int):
 def hf_rules(cfg):
     """The state-dict mapping: `Rule`s from Hugging Face on-disk names (without the `model.` prefix) to our
     parameter paths, with the reshapes in both directions."""
-    from zoo.convert.rules import Rule, linear_in, linear_out, same, transpose
-
     D = cfg.d_model
     rules = [Rule.one("embed_tokens.weight", ("embed", "table"), *same()),
              Rule.one("norm.weight", ("final_norm", "scale"), *same())]
@@ -308,12 +278,13 @@ def hf_rules(cfg):
                      *(transpose() if cfg.gating == "per_head" else linear_in(D, N, H))),
         ]
         if cfg.moe_layers[i]:
+            mlp = ours + ("mlp",)
             rules += [
-                Rule.one(hf + "mlp.gate.weight", ours + ("router", "proj"), *transpose()),
-                Rule.one(hf + "mlp.experts.e_score_correction_bias", ours + ("router", "correction_bias"), *same()),
-                _per_expert_rule(hf + "mlp.experts", ours, cfg.num_experts),
+                Rule.one(hf + "mlp.gate.weight", mlp + ("router", "proj"), *transpose()),
+                Rule.one(hf + "mlp.experts.e_score_correction_bias", mlp + ("router", "correction_bias"), *same()),
+                _per_expert_rule(hf + "mlp.experts", mlp, cfg.num_experts),
             ]
-            rules += [Rule.one(hf + f"mlp.shared_expert.{p}.weight", ours + ("shared_expert", p), *transpose())
+            rules += [Rule.one(hf + f"mlp.shared_expert.{p}.weight", mlp + ("shared_expert", p), *transpose())
                       for p in ("gate_proj", "up_proj", "down_proj")]
         else:
             rules += [Rule.one(hf + f"mlp.{p}.weight", ours + ("mlp", p), *transpose())

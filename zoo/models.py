@@ -5,53 +5,31 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.attention import IMPLS
 from zoo import families
-from zoo.decoder import REMAT, Decoder
+from zoo.decoder import Decoder, DecoderOptions
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def check_layers(cfg, per_layer_keys, attention_types) -> None:
-    """The checks every family's per-layer config needs: each list in `per_layer_keys` has one entry per
-    layer, each layer's attention type is one of `attention_types` and has RoPE settings in `model.rope`,
-    and where heads are listed per layer, the query heads split evenly over the kv heads."""
-    L = cfg.num_layers
-    for key in per_layer_keys:
-        if len(cfg[key]) != L:
-            raise ValueError(f"model.{key} has {len(cfg[key])} entries but model.num_layers is {L}")
-    for i, kind in enumerate(cfg.attention_types):
-        if kind not in attention_types:
-            raise ValueError(f"model.attention_types[{i}] = {kind!r}: unknown layer kind; expected one of "
-                             f"{attention_types}")
-        if kind not in cfg.rope:
-            raise ValueError(f"model.rope has no entry for attention type {kind!r}")
-        if "num_kv_heads" in per_layer_keys and cfg.num_heads[i] % cfg.num_kv_heads[i]:
-            raise ValueError(f"layer {i}: num_heads={cfg.num_heads[i]} is not divisible by "
-                             f"num_kv_heads={cfg.num_kv_heads[i]}")
-
-
 def validate(cfg) -> None:
-    if cfg.attention_impl not in IMPLS:
-        raise ValueError(f"unknown model.attention_impl {cfg.attention_impl!r}; expected one of {IMPLS}")
+    """Fails with a message naming the first bad setting of a model config: the decoder's options, the
+    dtype, then the family's own checks (which check every layer's kinds)."""
     if cfg.dtype not in DTYPES:
         raise ValueError(f"unknown model.dtype {cfg.dtype!r}; expected one of {sorted(DTYPES)}")
-    if cfg.get("remat", "none") not in REMAT:
-        raise ValueError(f"unknown model.remat {cfg.remat!r}; expected one of {REMAT}")
+    DecoderOptions.from_config(cfg)
     families.get(cfg.family).validate(cfg)
 
 
 def build(cfg, *, seed: int = 0) -> Decoder:
     """A randomly initialised decoder (float32 parameters) for the model config `cfg`."""
     validate(cfg)
-    block_cls = families.get(cfg.family).Block
-    return Decoder(cfg, block_cls, rngs=nnx.Rngs(params=seed))
+    return Decoder(cfg, families.get(cfg.family).block, rngs=nnx.Rngs(params=seed))
 
 
 def build_abstract(cfg) -> Decoder:
     """The decoder with shape-only parameters (no memory), for counting and for streaming loads."""
     validate(cfg)
-    block_cls = families.get(cfg.family).Block
+    block_cls = families.get(cfg.family).block
     return nnx.eval_shape(lambda: Decoder(cfg, block_cls, rngs=nnx.Rngs(params=0)))
 
 

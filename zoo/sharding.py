@@ -5,16 +5,15 @@ to mesh axes with a small rule table that lives in the config (`config.sharding_
 big_vision and the Flax NNX Gemma example. Modules never see a mesh.
 
 Mesh axes: `data` (pure data parallel), `fsdp` (batch AND parameter/optimizer sharding), `tensor`
-(heads, MLP width, vocab), `expert` (routed experts; also splits the batch outside the experts). Under
-`expert_parallel`, MoE layers compute their experts expert-parallel (each `expert` shard only its own);
-under `kernels_per_shard`, fused kernels run on each device's slice (`layers.partitioning`).
+(heads, MLP width, vocab), `expert` (routed experts; also splits the batch outside the experts).
+`partitioning(mesh, rules)` is what a model call on the mesh passes to its layers (`layers.partitioning`):
+fused kernels on each device's slice, MoE experts expert-parallel (each `expert` shard only its own).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -22,7 +21,9 @@ from flax import nnx
 from jax._src import config as jax_config
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from layers import moe, partitioning
+from layers import moe
+from layers.partitioning import UNPARTITIONED, Partitioning
+from zoo.models import build, build_abstract
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH = ("data", "fsdp", "expert")
@@ -153,7 +154,6 @@ def check_batch_splits(batch_size: int, batch_sharding: NamedSharding, name: str
 def create_model(cfg, mesh: Mesh, rules, *, seed: int = 0):
     """A randomly initialised model whose parameters are created already sharded (never whole on one
     device)."""
-    from zoo.models import build, build_abstract
     graphdef, abstract = nnx.split(build_abstract(cfg))
     shardings = state_shardings(abstract, mesh, rules)
     # On GPU the default threefry lowering unrolls into one large kernel per weight (minutes to compile
@@ -163,26 +163,23 @@ def create_model(cfg, mesh: Mesh, rules, *, seed: int = 0):
     return nnx.merge(graphdef, state)
 
 
-def expert_parallel(mesh: Mesh, rules):
-    """A context manager: the MoE layers traced inside it compute their routed experts with
-    `expert_parallel_experts` on `mesh` when `rules` (a table or preset name) split the experts over the
-    mesh axis `expert` and that axis has size > 1; otherwise with the plain `layers.moe.routed_experts`
-    (XLA then gathers whatever expert weights are sharded). Enter it where a model's jitted step is traced
-    (its first call), with the mesh and rules its parameters are laid out by."""
+def partitioning(mesh: Mesh | None, rules) -> Partitioning:
+    """How a model call on `mesh` (parameters laid out by `rules`, a table or preset name) reaches its
+    devices; pass it as `model(tokens, partitioning=...)` where a jitted step is traced.
+
+    Fused kernels (attention through cuDNN, splash or our Pallas kernels; the DeepSeek-V4 CSA, HCA and
+    indexer kernels) run in a shard_map, each device on its slice of the batch and heads
+    (`per_shard_on_mesh`), instead of XLA gathering their operands around one opaque call. MoE layers
+    compute their routed experts with `expert_parallel_experts` when the rules split the experts over the
+    mesh axis `expert` of size > 1 (otherwise XLA gathers whatever expert weights are sharded). None or a
+    one-device mesh: `UNPARTITIONED`."""
+    if mesh is None or mesh.size == 1:
+        return UNPARTITIONED
     rules = resolve_rules(rules)
-    if mesh.shape["expert"] > 1 and "expert" in dict(rules).get("experts", ()):
-        return moe.use_routed_experts(functools.partial(expert_parallel_experts, mesh=mesh, rules=rules))
-    return moe.use_routed_experts(moe.routed_experts)
-
-
-def kernels_per_shard(mesh: Mesh, rules):
-    """A context manager: the fused kernels traced inside it (attention through cuDNN, splash or our
-    Pallas kernels; the DeepSeek-V4 CSA, HCA and indexer kernels) run in a shard_map on `mesh`, each device
-    on its slice of the batch and heads (`per_shard_on_mesh`), instead of XLA gathering their operands
-    around one opaque call. A no-op on one device. Enter it where a model's jitted step is traced."""
-    if mesh.size == 1:
-        return contextlib.nullcontext()
-    return partitioning.use_per_shard(functools.partial(per_shard_on_mesh, mesh=mesh, rules=resolve_rules(rules)))
+    experts = (functools.partial(expert_parallel_experts, mesh=mesh, rules=rules)
+               if mesh.shape["expert"] > 1 and "expert" in dict(rules).get("experts", ()) else None)
+    return Partitioning(per_shard=functools.partial(per_shard_on_mesh, mesh=mesh, rules=rules),
+                        routed_experts=experts)
 
 
 def per_shard_on_mesh(fn: Callable, in_axes, out_axes, *, mesh: Mesh, rules) -> Callable:
@@ -200,14 +197,6 @@ def per_shard_on_mesh(fn: Callable, in_axes, out_axes, *, mesh: Mesh, rules) -> 
         out_spec = PartitionSpec(*(split.get(name) if name else None for name in out_axes))
         return jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_spec, check_vma=False)(*args)
     return call
-
-
-@contextlib.contextmanager
-def partitioned_layers(mesh: Mesh, rules) -> Iterator[None]:
-    """Both seams at once, as a jitted model step on `mesh` needs them: MoE layers expert-parallel
-    (`expert_parallel`) and fused kernels per shard (`kernels_per_shard`)."""
-    with expert_parallel(mesh, rules), kernels_per_shard(mesh, rules):
-        yield
 
 
 def _mesh_axes(entry) -> tuple[str, ...]:

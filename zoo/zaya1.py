@@ -14,19 +14,14 @@ import jax
 import ml_collections
 from flax import nnx
 
-from layers import activations
-from layers.cca import CCA
-from layers.mlp_router import SKIP_OUTPUTS, SkipMoE
+from layers import kinds
+from layers.context import LayerContext
 from layers.norms import RMSNorm
 from layers.residual import ScaledResidual
-from layers.rope import RopeSpec
-from zoo import analysis
-from zoo.decoder import LayerContext
-from zoo.models import check_layers
+from zoo.state_dict import Rule, linear_in, linear_out, same, transpose
 
 ATTENTION_TYPES = ("cca", "cca_sliding")
 PER_LAYER_KEYS = ("attention_types", "num_heads", "num_kv_heads", "head_dims", "windows")
-ROUTER_STATE = "router_state_BTR"
 
 
 def model_config(*, vocab_size: int, d_model: int, attention_types, num_heads: int, num_kv_heads: int,
@@ -55,6 +50,7 @@ def model_config(*, vocab_size: int, d_model: int, attention_types, num_heads: i
         "cca_sliding": {"kind": "default", "theta": sliding_theta, "fraction": rope_fraction},
     })
     m.num_experts, m.top_k, m.expert_dim, m.router_dim = num_experts, 1, expert_dim, router_dim
+    m.moe_layers, m.router = True, "mlp_skip"
     m.skip_output = skip_output
     m.activation = "silu"
     m.router_activation = "gelu"
@@ -74,47 +70,23 @@ def model_config(*, vocab_size: int, d_model: int, attention_types, num_heads: i
 
 def validate(cfg) -> None:
     """Fails with a message naming the first inconsistency in a ZAYA1-like model config."""
-    check_layers(cfg, PER_LAYER_KEYS, ATTENTION_TYPES)
-    for i, kind in enumerate(cfg.attention_types):
-        if (cfg.num_kv_heads[i] * cfg.head_dims[i]) % 2:
-            raise ValueError(f"layer {i}: num_kv_heads * head_dim must be even (the value shift halves it)")
-        if kind == "cca_sliding" and cfg.windows[i] <= 0:
-            raise ValueError(f"layer {i} is cca_sliding but model.windows[{i}] = {cfg.windows[i]}")
-    if len(cfg.conv_kernel_sizes) != 2 or min(cfg.conv_kernel_sizes) < 1:
-        raise ValueError(f"model.conv_kernel_sizes must be two widths >= 1, got {cfg.conv_kernel_sizes}")
-    if cfg.top_k != 1:
-        raise ValueError(f"the MLP router picks one expert per token; model.top_k = {cfg.top_k}")
-    if not (cfg.num_experts > 0 and cfg.expert_dim > 0 and cfg.router_dim > 0):
-        raise ValueError("model.num_experts, model.expert_dim and model.router_dim must be positive")
-    if cfg.skip_output not in SKIP_OUTPUTS:
-        raise ValueError(f"model.skip_output = {cfg.skip_output!r}; expected one of {SKIP_OUTPUTS}")
-    activations.get(cfg.activation)
-    activations.get(cfg.router_activation)
+    kinds.check_layers(cfg, PER_LAYER_KEYS)
 
 
 class Zaya1Block(nnx.Module):
     def __init__(self, cfg, i: int, *, rngs: nnx.Rngs):
         D, eps = cfg.d_model, cfg.norm_eps
-        kind = cfg.attention_types[i]
         self.input_norm = RMSNorm(D, eps=eps)
-        self.attn = CCA(D, cfg.num_heads[i], cfg.num_kv_heads[i], cfg.head_dims[i],
-                        rope=RopeSpec.from_config(cfg.rope[kind]), window=cfg.windows[i],
-                        kernel_sizes=tuple(cfg.conv_kernel_sizes), impl=cfg.attention_impl, rngs=rngs)
+        self.attn = kinds.build_attention(cfg, i, rngs)
         self.post_attn_residual = ScaledResidual(D)
         self.post_attn_norm = RMSNorm(D, eps=eps)
-        self.moe = SkipMoE(D, cfg.num_experts, cfg.expert_dim, cfg.router_dim, accumulate=i > 0,
-                           skip_output=cfg.skip_output, activation=cfg.activation,
-                           router_activation=cfg.router_activation, eps=eps, rngs=rngs)
+        self.mlp = kinds.build_mlp(cfg, i, rngs)
         self.post_mlp_residual = ScaledResidual(D)
 
     def __call__(self, x_BTD: jax.Array, ctx: LayerContext) -> jax.Array:
         dtype = self.input_norm.scale[...].dtype          # the compute dtype; x may be a float32 stream
-        attn_BTD, _ = self.attn(self.input_norm(x_BTD.astype(dtype)), ctx.positions_BT,
-                                segment_ids_BT=ctx.segment_ids_BT, default_positions=ctx.default_positions)
-        x_BTD = self.post_attn_residual(attn_BTD, x_BTD)
-        moe_BTD, ctx.carry[ROUTER_STATE] = self.moe(self.post_attn_norm(x_BTD.astype(dtype)),
-                                                    ctx.carry.get(ROUTER_STATE))
-        return self.post_mlp_residual(moe_BTD, x_BTD)
+        x_BTD = self.post_attn_residual(self.attn.mix(self.input_norm(x_BTD.astype(dtype)), ctx), x_BTD)
+        return self.post_mlp_residual(self.mlp.mix(self.post_attn_norm(x_BTD.astype(dtype)), ctx), x_BTD)
 
 
 Block = Zaya1Block
@@ -177,6 +149,9 @@ def _uniform(values, what: str):
 
 def to_hf_config(cfg) -> dict:
     """A `ZayaConfig` dict for our model config; fails if the config has no HF equivalent."""
+    others = sorted(set(cfg.attention_types) - set(ATTENTION_TYPES))
+    if others:
+        raise ValueError(f"Hugging Face ZAYA has CCA attention layers only, not {others}")
     if cfg.skip_output != "zero":
         raise ValueError(f"Hugging Face ZAYA outputs zero for tokens routed to the skip class; "
                          f"model.skip_output = {cfg.skip_output!r} has no equivalent there")
@@ -213,8 +188,6 @@ def to_hf_config(cfg) -> dict:
 def hf_rules(cfg):
     """The state-dict mapping: `Rule`s from Hugging Face names (without the `model.` prefix) to our
     parameter paths, with the reshapes in both directions."""
-    from zoo.convert.rules import Rule, linear_in, linear_out, same, transpose
-
     D = cfg.d_model
     rules = [Rule.one("embed_tokens.weight", ("embed", "table"), *same()),
              Rule.one("norm.weight", ("final_norm", "scale"), *same()),
@@ -249,7 +222,7 @@ def hf_rules(cfg):
             Rule.one(attn + "qk_norm.temp", attn_ours + ("temp",), *same()),
             Rule.one(attn + "o_proj.weight", attn_ours + ("o_proj",), *linear_out(N, H, D)),
         ]
-        gate, router = hf + "mlp.gate.", ours + ("moe", "router")
+        gate, router = hf + "mlp.gate.", ours + ("mlp", "router")
         rules += [
             Rule.one(gate + "down_proj.weight", router + ("down_proj",), *transpose()),
             Rule.one(gate + "down_proj.bias", router + ("down_bias",), *same()),
@@ -260,9 +233,9 @@ def hf_rules(cfg):
             Rule.one(gate + "router_mlp.fc2.bias", router + ("fc2_bias",), *same()),
             Rule.one(gate + "router_mlp.out_proj.weight", router + ("out_proj",), *transpose()),
             Rule.one(gate + "balancing_biases", router + ("balancing_biases",), *same()),
-            Rule.gate_up(hf + "mlp.experts.gate_up_proj", ours + ("moe", "experts", "gate_proj"),
-                         ours + ("moe", "experts", "up_proj")),
-            Rule.one(hf + "mlp.experts.down_proj", ours + ("moe", "experts", "down_proj"),
+            Rule.gate_up(hf + "mlp.experts.gate_up_proj", ours + ("mlp", "experts", "gate_proj"),
+                         ours + ("mlp", "experts", "up_proj")),
+            Rule.one(hf + "mlp.experts.down_proj", ours + ("mlp", "experts", "down_proj"),
                      *transpose(axes=(0, 2, 1))),
         ]
         if i > 0:
@@ -280,9 +253,3 @@ def hf_rules(cfg):
 def hf_ignored(cfg, name: str) -> bool:
     """Checkpoint tensors we accept and drop: none."""
     return False
-
-
-# CCA caches K and V after the convolutions, norm and RoPE: kv heads x head dim each, as grouped-query
-# attention does (the small per-sequence convolution state is not counted).
-for _kind in ATTENTION_TYPES:
-    analysis.register_attention_kind(_kind, analysis.GQA)

@@ -33,14 +33,8 @@ def read_hf_config(path: str) -> dict:
         return json.load(f)
 
 
-def family_for_hf(hf: dict):
-    model_type = hf.get("model_type")
-    for name in families.FAMILIES:
-        module = families.get(name)
-        if model_type in getattr(module, "HF_MODEL_TYPES", ()):
-            return module
-    supported = sorted(t for n in families.FAMILIES for t in getattr(families.get(n), "HF_MODEL_TYPES", ()))
-    raise ValueError(f"unsupported model_type {model_type!r} in config.json; supported: {supported}")
+def family_for_hf(hf: dict) -> families.Family:
+    return families.for_hf_model_type(hf.get("model_type"))
 
 
 def _prefix(names) -> str:
@@ -67,7 +61,7 @@ def from_hf(path: str, *, dtype: str = "float32", attention_impl: str = "xla", m
     cfg.attention_impl = attention_impl
     cfg.dtype = dtype
     tensors = SafetensorsDir(path)
-    if hasattr(family, "hf_update_config"):   # settings only the checkpoint's tensor names tell
+    if family.hf_update_config is not None:   # settings only the checkpoint's tensor names tell
         family.hf_update_config(cfg, tensors.names())
     model = build_abstract(cfg)
     prefix = _prefix(tensors.names())

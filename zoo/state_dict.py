@@ -1,4 +1,5 @@
-"""State-dict mapping rules between Hugging Face tensors and our parameter paths.
+"""State-dict mapping rules between Hugging Face tensors and our parameter paths (used by each family's
+`hf_rules` and by zoo.convert).
 
 A rule maps a few HF tensors (usually one) to a few of our parameters (usually one) with a conversion
 in each direction. The conversions use only array methods and `jnp` so `jax.eval_shape` can derive the

@@ -1,0 +1,30 @@
+"""What a layer sees besides the residual stream, and what layers hand on to later layers.
+
+The decoder makes one `LayerContext` per forward pass and passes it to every block; the layer kinds read
+the inputs they need and write the typed hand-over fields (`kv_by_layer` for KV-shared layers,
+`router_state_BTR` for accumulating routers). Nothing is looked up by string.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from layers.partitioning import UNPARTITIONED, Partitioning
+
+KV = tuple[jax.Array, jax.Array]   # (keys [B, S, K, H], values [B, S, K, H])
+
+
+@dataclasses.dataclass
+class LayerContext:
+    positions_BT: jax.Array
+    segment_ids_BT: jax.Array | None = None
+    default_positions: bool = False             # positions are 0..T-1 in every row (enables fused kernels)
+    tokens_BT: jax.Array | None = None          # the token ids the stream started from (token-routed layers)
+    layer_inputs_BTLP: jax.Array | None = None  # per-layer embeddings, when the config has them
+    partitioning: Partitioning = UNPARTITIONED  # how fused kernels and routed experts meet a mesh
+    # handed on from layer to layer
+    kv_by_layer: dict[int, KV] = dataclasses.field(default_factory=dict)   # keys/values other layers reuse
+    router_state_BTR: jax.Array | None = None   # the previous layer's router state (accumulating routers)
+
+    HANDED_ON = ("kv_by_layer", "router_state_BTR")
