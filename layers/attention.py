@@ -73,9 +73,8 @@ def cudnn_max_head_dim() -> int:
     return 256 if gpu_compute_capability() >= 9 else 128
 
 
-# cuDNN's head-dim-256 kernels (Hopper) pay off on large calls only: measured on an H100 (docs/benchmarks.md),
-# our kernel is 1.37x faster forward+backward on 4K tokens at batch 1 (E2B sliding) and cuDNN 1.1-1.36x
-# faster on 16K tokens, and on the 1B preset's batch-8 x 4K training step (601 vs 630 ms).
+# cuDNN's head-dim-256 kernels (Hopper) pay off on large calls only: below this many tokens per call our
+# kernel is faster forward+backward on the H100 (docs/benchmarks.md, "head_dim 256").
 CUDNN_WIDE_HEAD_MIN_TOKENS = 16384
 
 
@@ -88,9 +87,8 @@ def _cudnn_fits(q_BTNH, k_BSKH, sinks_N, softcap, default_positions: bool) -> bo
 
 
 # Sliding-window layers on a Hopper GPU where our Mosaic GPU kernel runs forward and backward (head dim
-# 64/128/256): 1.25-1.4x faster than cuDNN forward+backward on Laguna sliding (d 128) and 1.2-1.6x on the
-# Gemma 4 sliding layers (d 256), 4K to 64K tokens (docs/benchmarks.md). On full-causal layers the two are
-# even (0.95-1.07x at d 128) and cuDNN keeps them.
+# 64/128/256): faster than cuDNN forward+backward there, 4K to 64K tokens; on full-causal layers the two are
+# even and cuDNN keeps them (docs/benchmarks.md, "Own flash kernel on Hopper").
 def _own_hopper_kernel_beats_cudnn(q_BTNH, k_BSKH, sinks_N, softcap, segment_ids_BT, default_positions: bool,
                                    window: int) -> bool:
     return (0 < window < q_BTNH.shape[1] and _own_kernel_fits(q_BTNH, k_BSKH, softcap, default_positions)
@@ -104,8 +102,8 @@ def _splash_fits(q_BTNH, k_BSKH, sinks_N, softcap, segment_ids_BT, default_posit
 
 
 # Full causal attention at head_dim 512 on an H100 (docs/benchmarks.md): our kernel's forward is faster
-# than XLA's (1.3x at 4K tokens, 1.5x at 16K), XLA's forward+backward faster than ours (1.7-1.8x) wherever
-# its float32 logits fit this budget; past it, only the kernel runs.
+# than XLA's, XLA's forward+backward faster than ours wherever its float32 logits fit this budget; past it,
+# only the kernel runs.
 XLA_WIDE_HEAD_LOGITS_BYTES = 8 << 30
 
 

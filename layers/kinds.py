@@ -232,11 +232,13 @@ def _entry_bytes(cfg, i: int, itemsize: int) -> int:
     return option(cfg, "head_dim", i) * itemsize
 
 
-def _native_entry_bytes(cfg, i: int) -> int:
+def native_entry_bytes(cfg, i: int) -> int:
+    """A K=V entry in the released cache precision (fp8 no-RoPE part + 8 B of block scales, bf16 RoPE part)."""
     return (option(cfg, "head_dim", i) - option(cfg, "rope_dim", i)) + 8 + 2 * option(cfg, "rope_dim", i)
 
 
-def _native_index_key_bytes(cfg, i: int) -> int:
+def native_index_key_bytes(cfg, i: int) -> int:
+    """An index key in the released precision (fp4, one byte of scale per 32 values)."""
     return option(cfg, "index_dim", i) // 2 + option(cfg, "index_dim", i) // 32
 
 
@@ -274,8 +276,8 @@ def _native_bytes(kind: str):
     def native(cfg, i: int, context: int) -> int:
         ratio = _ratio(cfg, i, kind)
         entries = context // ratio if ratio else 0
-        index = _native_index_key_bytes(cfg, i) if kind == "csa" else 0
-        entry = _native_entry_bytes(cfg, i)
+        index = native_index_key_bytes(cfg, i) if kind == "csa" else 0
+        entry = native_entry_bytes(cfg, i)
         return int(_window(cfg, i, context)) * entry + entries * (entry + index)
     return native
 

@@ -182,7 +182,7 @@ def _blocked_grouped_matmul(x_PD: jax.Array, w_EDF: jax.Array, group_sizes_E: ja
     filled_NR = (group_N[:, None] < E) & (rank_NR < sizes_E[expert_N][:, None]) & (row_NR < P)
     x_NRD = jnp.take(x_PD, jnp.where(filled_NR, row_NR, P), axis=0, mode="fill", fill_value=0)
     # each block's weights picked by a one-hot matmul, not a gather: the gather's backward is a scatter-add
-    # of N blocks into E matrices, 3x slower on an H100 (docs/benchmarks.md); this one's is a matmul
+    # of N blocks into E matrices, slower on an H100 (docs/benchmarks.md); this one's is a matmul
     w_NDF = jnp.einsum("NE,EDF->NDF", jax.nn.one_hot(expert_N, E, dtype=w_EDF.dtype), w_EDF)
     y_NRF = jnp.einsum("NRD,NDF->NRF", x_NRD, w_NDF)
     # out: each row's slot (S, a zero row, for rows past sum(group_sizes))

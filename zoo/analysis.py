@@ -22,6 +22,7 @@ from flax import nnx
 
 from layers import kinds
 from zoo import families
+from zoo.decoder import DecoderOptions
 from zoo.models import build_abstract
 
 # Where the decoder keeps its lookup tables and untied head (zoo/decoder.py, layers/embeddings.py), as
@@ -83,7 +84,7 @@ def count_params(model_cfg) -> dict[str, int]:
     `params_matmul_active`: the active parameters that multiply activations (rank >= 2, lookup-only
     tables left out; a tied token table counts as the output head)."""
     cfg = _model_config(model_cfg)
-    lookup_only = {PER_LAYER_TABLE} | (set() if cfg.tie_embeddings else {TOKEN_TABLE})
+    lookup_only = {PER_LAYER_TABLE} | (set() if DecoderOptions.from_config(cfg).tie_embeddings else {TOKEN_TABLE})
     counts = dict.fromkeys(("total", "embedding", "per_layer", "inactive", "matmul_active"), 0)
     for path, var in nnx.to_flat_state(nnx.state(build_abstract(cfg), nnx.Param)):
         shape = var.get_value().shape

@@ -25,7 +25,7 @@ from layers.context import LayerContext
 from layers.hyper_connections import HyperConnection
 from layers.norms import RMSNorm
 from layers.rope import RopeSpec
-from zoo.state_dict import Rule, linear_in, same, transpose
+from zoo.state_dict import Rule, linear_in, same, token_ids_from_hf, transpose
 
 ATTENTION_TYPES = ("swa", "csa", "hca")
 YARN = {"factor": 16.0, "original_max_positions": 65_536, "beta_fast": 32.0, "beta_slow": 1.0}
@@ -64,10 +64,7 @@ def model_config(*, vocab_size: int, d_model: int, attention_types, num_heads: i
     m.mtp_depth, m.mtp_attention_type, m.mtp_loss_weight = mtp_depth, mtp_attention_type, mtp_loss_weight
     m.norm_eps = norm_eps
     m.activation = "silu"
-    m.scale_embeddings = False
     m.tie_embeddings = False
-    m.ple_dim = 0
-    m.final_softcap = 0.0
     m.max_positions = max_positions
     m.pad_id, m.eos_id, m.bos_id = 0, 1, 0
     m.attention_impl = "xla"
@@ -131,56 +128,6 @@ class DeepseekV4Block(nnx.Module):
 
 
 Block = DeepseekV4Block
-
-
-# ---------------------------------------------------------------------------------------------------
-# Figures only this family reports (zoo.analysis), next to its predecessor's.
-
-def _native_entry_bytes(cfg) -> int:
-    """A cache entry in the released precision: fp8 no-RoPE part with 8 bytes of block scales, bf16 RoPE."""
-    return (cfg.head_dim - cfg.rope_dim) + 8 + 2 * cfg.rope_dim
-
-
-def _native_index_key_bytes(cfg) -> int:
-    """An index key in fp4 with one byte of scale per 32 values."""
-    return cfg.index_dim // 2 + cfg.index_dim // 32
-
-
-# DeepSeek-V3.2, the predecessor the family sheet compares with: 61 MLA layers caching a 512-dim latent
-# and a 64-dim RoPE key per token, plus a lightning-indexer key (64 heads x 128, top-k 2048) per token;
-# 37B active parameters. Native: fp8 latent with scales + bf16 RoPE = 656 B, fp8 index key = 132 B.
-V32 = dict(layers=61, latent=512, rope=64, heads=128, index_heads=64, index_dim=128, index_top_k=2048,
-           active_params=37e9, native_entry=656, index_key=132)
-
-
-def _per_token_bytes(cfg, entry: int, index_key: int) -> float:
-    """Steady-state cache bytes per token (the window ignored) with the given entry and index-key sizes."""
-    total = 0.0
-    for kind in cfg.attention_types:
-        if kind == "csa":
-            total += (entry + index_key) / cfg.csa_ratio
-        elif kind == "hca":
-            total += entry / cfg.hca_ratio
-    return total
-
-
-def report_extras(cfg, context: int, dtype) -> dict:
-    """Per-token KV bytes next to DeepSeek-V3.2's, natively (fp8/fp4 as released) and in bf16 (main
-    entries in bf16; index keys in fp8 for both, as the sheet counts them), and decode FLOPs per token
-    at `context` next to V3.2's (2 x active params + attention over the selected keys + the indexer)."""
-    v32_native = V32["layers"] * (V32["native_entry"] + V32["index_key"])
-    v32_bf16 = V32["layers"] * (2 * (V32["latent"] + V32["rope"]) + V32["index_key"])
-    native = _per_token_bytes(cfg, _native_entry_bytes(cfg), _native_index_key_bytes(cfg))
-    bf16 = _per_token_bytes(cfg, 2 * cfg.head_dim, V32["index_key"])
-    v32_attention = V32["heads"] * min(context, V32["index_top_k"]) * 2 * (V32["latent"] + V32["rope"] + V32["latent"])
-    v32_indexer = context * 2 * V32["index_heads"] * V32["index_dim"]
-    v32_flops = 2 * V32["active_params"] + V32["layers"] * (v32_attention + v32_indexer)
-    return {
-        "kv_bytes_per_token_native": native, "kv_bytes_per_token_bf16": bf16,
-        "kv_bytes_per_token_v32_native": v32_native, "kv_bytes_per_token_v32_bf16": v32_bf16,
-        "kv_fraction_of_v32_native": native / v32_native, "kv_fraction_of_v32_bf16": bf16 / v32_bf16,
-        "flops_per_token_v32": v32_flops,
-    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,9 +206,7 @@ def from_hf_config(hf: dict) -> ml_collections.ConfigDict:
         norm_eps=hf.get("rms_norm_eps", 1e-6), max_positions=hf.get("max_position_embeddings", 1 << 20))
     m.rope = ml_collections.ConfigDict({"swa": _hf_rope(rope["main"]), "csa": _hf_rope(rope["compress"]),
                                         "hca": _hf_rope(rope["compress"])})
-    for ours, theirs in (("pad_id", "pad_token_id"), ("eos_id", "eos_token_id"), ("bos_id", "bos_token_id")):
-        if isinstance(hf.get(theirs), int):
-            m[ours] = hf[theirs]
+    m.update(token_ids_from_hf(hf))
     return m
 
 

@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from zoo import deepseek_v4, gemma4, laguna, zaya1
+from zoo import deepseek_v4, deepseek_v4_costs, gemma4, laguna, zaya1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     _family(laguna, "laguna"),
     _family(zaya1, "zaya1"),
     _family(deepseek_v4, "deepseek_v4", hf_update_config=deepseek_v4.hf_update_config,
-            report_extras=deepseek_v4.report_extras),
+            report_extras=deepseek_v4_costs.report_extras),
 )}
 
 

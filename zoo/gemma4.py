@@ -19,7 +19,7 @@ from flax import nnx
 from layers import activations, kinds, params
 from layers.context import LayerContext
 from layers.norms import RMSNorm
-from zoo.state_dict import Rule, linear_in, linear_out, same, transpose
+from zoo.state_dict import Rule, linear_in, linear_out, same, token_ids_from_hf, transpose, uniform
 
 ATTENTION_TYPES = ("sliding", "full")
 PER_LAYER_KEYS = ("attention_types", "num_heads", "num_kv_heads", "head_dims", "windows", "kv_sources",
@@ -198,17 +198,12 @@ def from_hf_config(hf: dict) -> ml_collections.ConfigDict:
     if hf.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
         m.activation = hf["hidden_activation"]
     m.tie_embeddings = bool(hf.get("tie_word_embeddings", True))
-    for ours, theirs in (("pad_id", "pad_token_id"), ("eos_id", "eos_token_id"), ("bos_id", "bos_token_id")):
-        if isinstance(hf.get(theirs), int):
-            m[ours] = hf[theirs]
+    m.update(token_ids_from_hf(hf))
     return m
 
 
 def _uniform(values, what: str):
-    values = set(values)
-    if len(values) > 1:
-        raise ValueError(f"Hugging Face Gemma 4 needs one {what} for these layers, the config has {sorted(values)}")
-    return values.pop() if values else None
+    return uniform(values, what, "Gemma 4")
 
 
 def to_hf_config(cfg) -> dict:

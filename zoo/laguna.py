@@ -22,7 +22,7 @@ from layers import kinds
 from layers.context import LayerContext
 from layers.norms import RMSNorm
 from layers.rope import RopeSpec, yarn_mscale
-from zoo.state_dict import Rule, linear_in, linear_out, same, transpose
+from zoo.state_dict import Rule, linear_in, linear_out, same, token_ids_from_hf, transpose, uniform
 
 ATTENTION_TYPES = ("sliding", "full")
 GATINGS = ("per_head", "per_element")
@@ -63,10 +63,7 @@ def model_config(*, vocab_size: int, d_model: int, attention_types: Sequence[str
     m.routed_scale, m.router_softcap = float(routed_scale), float(router_softcap)
     m.norm_eps = norm_eps
     m.activation = "silu"
-    m.scale_embeddings = False
     m.tie_embeddings = tie_embeddings
-    m.final_softcap = 0.0
-    m.ple_dim = 0
     m.max_positions = max_positions
     m.pad_id, m.bos_id = pad_id, bos_id
     m.eos_id, m.eos_ids = eos_ids[0], tuple(eos_ids)   # eos_id: the first of every end-of-sequence id
@@ -157,8 +154,7 @@ def from_hf_config(hf: dict) -> ml_collections.ConfigDict:
     ropes = {HF_LAYER_TYPES[t]: _rope_from_hf(rope[t], truncate, max_positions)
              for t in HF_LAYER_TYPES if rope.get(t) is not None}
     gating = hf.get("gating", True)
-    ids = {ours: hf[theirs] for ours, theirs in (("pad_id", "pad_token_id"), ("bos_id", "bos_token_id"))
-           if isinstance(hf.get(theirs), int)}
+    ids = token_ids_from_hf(hf, ("pad_id", "bos_id"))
     eos = hf.get("eos_token_id")
     if eos is not None:
         ids["eos_ids"] = (eos,) if isinstance(eos, int) else tuple(eos)
@@ -182,10 +178,7 @@ def from_hf_config(hf: dict) -> ml_collections.ConfigDict:
 
 
 def _uniform(values, what: str):
-    values = set(values)
-    if len(values) > 1:
-        raise ValueError(f"Hugging Face Laguna needs one {what} for all layers, the config has {sorted(values)}")
-    return values.pop() if values else None
+    return uniform(values, what, "Laguna")
 
 
 def _rope_to_hf(rope) -> dict:

@@ -58,3 +58,20 @@ def linear_in(D: int, N: int, H: int):
 def linear_out(N: int, H: int, D: int):
     """HF projection out of heads [D, N*H] <-> ours [N, H, D]."""
     return (lambda a: a.T.reshape(N, H, D)), (lambda x: x.reshape(N * H, D).T)
+
+
+def uniform(values, what: str, family: str):
+    """The one value that `values` holds (None if there are none): a Hugging Face config keeps one value
+    where ours may keep one per layer. Fails naming `what` when the layers differ."""
+    values = set(values)
+    if len(values) > 1:
+        raise ValueError(f"Hugging Face {family} needs one {what} for these layers, the config has {sorted(values)}")
+    return values.pop() if values else None
+
+
+HF_TOKEN_IDS = (("pad_id", "pad_token_id"), ("eos_id", "eos_token_id"), ("bos_id", "bos_token_id"))
+
+
+def token_ids_from_hf(hf: dict, ours=("pad_id", "eos_id", "bos_id")) -> dict:
+    """Our special token ids (`ours` of pad_id, eos_id, bos_id) that a Hugging Face config gives as integers."""
+    return {o: hf[t] for o, t in HF_TOKEN_IDS if o in ours and isinstance(hf.get(t), int)}

@@ -18,7 +18,7 @@ from layers import kinds
 from layers.context import LayerContext
 from layers.norms import RMSNorm
 from layers.residual import ScaledResidual
-from zoo.state_dict import Rule, linear_in, linear_out, same, transpose
+from zoo.state_dict import Rule, linear_in, linear_out, same, token_ids_from_hf, transpose, uniform
 
 ATTENTION_TYPES = ("cca", "cca_sliding")
 PER_LAYER_KEYS = ("attention_types", "num_heads", "num_kv_heads", "head_dims", "windows")
@@ -57,10 +57,7 @@ def model_config(*, vocab_size: int, d_model: int, attention_types, num_heads: i
     m.norm_eps = norm_eps
     m.input_scale_bias = True
     m.residual_fp32 = True
-    m.scale_embeddings = False
     m.tie_embeddings = True
-    m.ple_dim = 0
-    m.final_softcap = 0.0
     m.max_positions = max_positions
     m.pad_id, m.eos_id, m.bos_id = pad_id, eos_id, bos_id
     m.attention_impl = "xla"
@@ -133,18 +130,14 @@ def from_hf_config(hf: dict) -> ml_collections.ConfigDict:
         rope_theta=ropes["hybrid"]["rope_theta"], sliding_theta=ropes["hybrid_sliding"]["rope_theta"],
         rope_fraction=ropes["hybrid"].get("partial_rotary_factor", 1.0),
         max_positions=hf.get("max_position_embeddings", 131_072),
-        **{ours: hf[theirs] for ours, theirs in (("pad_id", "pad_token_id"), ("bos_id", "bos_token_id"),
-                                                 ("eos_id", "eos_token_id")) if isinstance(hf.get(theirs), int)})
+        **token_ids_from_hf(hf))
     m.activation = hf.get("hidden_act", "silu")
     m.tie_embeddings = bool(hf.get("tie_word_embeddings", True))
     return m
 
 
 def _uniform(values, what: str):
-    values = set(values)
-    if len(values) > 1:
-        raise ValueError(f"Hugging Face ZAYA needs one {what} for all layers, the config has {sorted(values)}")
-    return values.pop()
+    return uniform(values, what, "ZAYA")
 
 
 def to_hf_config(cfg) -> dict:
