@@ -70,7 +70,7 @@ def test_logits_match_transformers_and_round_trip(name, kwargs, tmp_path):
     moe = [i for i, t in enumerate(kwargs["mlp_layer_types"]) if t == "sparse"]
     hf_bias = hf_model.model.layers[moe[0]].mlp.gate.e_score_correction_bias.detach().numpy()
     assert np.abs(hf_bias).min() > 0       # perturbed, and read from `mlp.experts.` on disk
-    np.testing.assert_array_equal(np.asarray(model.blocks[moe[0]].router.correction_bias[...]), hf_bias)
+    np.testing.assert_array_equal(np.asarray(model.blocks[moe[0]].mlp.router.correction_bias[...]), hf_bias)
     ours = _logits(model, ids)
     assert ours.shape == expected.shape
     assert np.abs(ours - expected).max() <= TOL, np.abs(ours - expected).max()
