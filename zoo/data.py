@@ -109,6 +109,30 @@ class HFTokenizer:
     def decoded_bytes(self, ids_N: np.ndarray) -> int:
         return len(self.tokenizer.decode(ids_N.tolist(), skip_special_tokens=False).encode("utf-8"))
 
+    def encode_text(self, text: str) -> np.ndarray:
+        """The ids of `text` alone (no special tokens), int32."""
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def decode(self, ids_N) -> str:
+        return self.tokenizer.decode(np.asarray(ids_N).tolist(), skip_special_tokens=False)
+
+
+class ByteTokenizer:
+    """The byte-level tokenizer (`data.tokenizer="bytes"`): token id = UTF-8 byte value."""
+
+    def encode_text(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+    def decode(self, ids_N) -> str:
+        return bytes(np.asarray(ids_N, np.uint8)).decode("utf-8", errors="replace")
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer(name: str) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer `data.tokenizer` names ("bytes" or a tokenizer.json path), with `encode_text(str)` and
+    `decode(ids)`, for code that builds prompts (zoo.tasks)."""
+    return ByteTokenizer() if name == "bytes" else HFTokenizer(name)
+
 
 def _read(files: list[str]) -> list[bytes]:
     out = []
