@@ -2,6 +2,7 @@
 free of the gold strings, determinism) with the byte tokenizer and a tokenizer.json, and the scorers."""
 from __future__ import annotations
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -174,3 +175,75 @@ def test_answer_loglik_against_hand_computed_logits():
     with pytest.raises(ValueError, match="share a prompt length"):
         tasks.answer_loglik(logits_fn, [examples[0], tasks.generate("passkey", seed=0, length=301, depth=0.5,
                                                                     tokenizer=tok, haystack_N=hay)])
+
+
+# --------------------------------------------------------------------------- the training mix (zoo.data)
+
+def mix_config(tmp_path, **kw):
+    for i in range(20):
+        (tmp_path / f"doc{i:02d}.py").write_text(HAYSTACK.replace("walk", f"walk{i}"))
+    cfg = ml_collections.ConfigDict(dict(source="text", paths=str(tmp_path / "*.py"), tokenizer="bytes",
+                                         val_fraction=0.2, token_dtype="uint16", task_mix_rate=0.0,
+                                         task_names=",".join(tasks.TASKS), task_lengths="",
+                                         task_curriculum_steps=0))
+    cfg.update(kw)
+    return cfg
+
+
+def test_mix_off_leaves_batches_unchanged(tmp_path):
+    plain = data.load_corpus(mix_config(tmp_path))
+    assert plain.task_mix is None
+    inputs_BT, targets_BT = data.train_batch(plain, seed=3, step=4, batch_size=4, seq_len=64)
+    rng = np.random.default_rng([3, 4])        # the batch as data.train_batch has always drawn it
+    starts_B = rng.integers(0, len(plain.train_N) - 64, size=4)
+    np.testing.assert_array_equal(inputs_BT, plain.train_N[starts_B[:, None] + np.arange(64)])
+    np.testing.assert_array_equal(targets_BT, plain.train_N[starts_B[:, None] + np.arange(1, 65)])
+
+
+def test_mix_windows_end_with_the_task_answer(tmp_path):
+    plain = data.load_corpus(mix_config(tmp_path))
+    corpus = data.load_corpus(mix_config(tmp_path, task_mix_rate=0.5, task_lengths="600,800"))
+    assert corpus.train_N is plain.train_N and corpus.task_mix.lengths == (600, 800)
+    data.check_fits(corpus, 256, seq_len=1023)
+    tok, seen = data.tokenizer("bytes"), set()
+    for step in range(1, 6):
+        inputs_BT, targets_BT = data.train_batch(corpus, seed=0, step=step, batch_size=8, seq_len=1023)
+        again = data.train_batch(corpus, seed=0, step=step, batch_size=8, seq_len=1023)
+        np.testing.assert_array_equal(inputs_BT, again[0])           # a pure function of (seed, step)
+        np.testing.assert_array_equal(inputs_BT[:, 1:], targets_BT[:, :-1])
+        plain_BT = data.train_batch(plain, seed=0, step=step, batch_size=8, seq_len=1023)[0]
+        rows = data.task_rows(corpus.task_mix, seed=0, step=step, batch_size=8, seq_len=1023)
+        for b in range(8):
+            if b not in rows:
+                np.testing.assert_array_equal(inputs_BT[b], plain_BT[b])    # text rows as without the mix
+                continue
+            name, length, depth, example_seed = rows[b]
+            seen.add(name)
+            answer = tasks.generate(name, seed=example_seed, length=length, depth=depth, tokenizer=tok,
+                                    haystack_N=corpus.train_N).answer_ids_A
+            e = tasks.generate(name, seed=example_seed, length=length - len(answer), depth=depth, tokenizer=tok,
+                               haystack_N=corpus.train_N)
+            window_W = np.concatenate([inputs_BT[b], targets_BT[b, -1:]])
+            # The window ends with prompt + answer, `length` tokens; the answer is the last targets.
+            assert window_W[-length:].tolist() == e.prompt_ids_T.tolist() + e.answer_ids_A.tolist()
+            assert targets_BT[b, -len(answer):].tolist() == e.answer_ids_A.tolist()
+            assert tok.decode(window_W[:-length]) in tok.decode(corpus.train_N)   # training text before it
+    assert len(seen) >= 4      # 5 steps x 8 rows x 0.5: several tasks drawn
+
+
+def test_mix_curriculum_and_errors(tmp_path):
+    corpus = data.load_corpus(mix_config(tmp_path, task_mix_rate=1.0, task_lengths="900,600,700",
+                                         task_curriculum_steps=30))
+    lengths = lambda step: {r[1] for r in data.task_rows(corpus.task_mix, seed=0, step=step, batch_size=64,
+                                                         seq_len=1023).values()}
+    assert lengths(1) == lengths(9) == {600} and lengths(10) == {600, 700} and lengths(30) == {600, 700, 900}
+    with pytest.raises(ValueError, match=r"data.task_lengths: 900 is longer than a training window \(seq_len "
+                                         r"\+ 1 = 513\)"):
+        data.check_fits(corpus, 256, seq_len=512)
+    short = data.load_corpus(mix_config(tmp_path, task_mix_rate=0.1, task_lengths="200"))
+    with pytest.raises(ValueError, match="data.task_lengths: task passkey: length 200 is too short"):
+        data.check_fits(short, 256, seq_len=512)
+    with pytest.raises(ValueError, match="unknown task 'needle'"):
+        data.load_corpus(mix_config(tmp_path, task_mix_rate=0.1, task_names="passkey,needle"))
+    with pytest.raises(ValueError, match=r"data.task_mix_rate must be in \[0, 1\], got 1.5"):
+        data.load_corpus(mix_config(tmp_path, task_mix_rate=1.5))
