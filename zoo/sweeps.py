@@ -90,6 +90,10 @@ def _check(models, task_names, lengths, depths, examples, seed) -> tuple[list[st
     each task's answer appended, which teacher forcing reads), lengths too short for a task."""
     if not models:
         raise ValueError("no models to sweep")
+    try:   # the plots come last; a missing matplotlib should stop the sweep before it starts
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("the sweep's plots need matplotlib: pip install matplotlib") from None
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must differ, got {names}")
