@@ -140,19 +140,19 @@ def score_cell(model: SweepModel, task: str, length: int, depth: float, examples
     """One row of COLUMNS: the cell's examples scored in batches of `batch_size`."""
     batch = [task_lib.generate(task, seed=seed + i, length=length, depth=depth, tokenizer=model.tokenizer,
                                haystack_N=model.haystack_N) for i in range(examples)]
-    scores, matches = [], []
+    scores, generations = [], []
     for start in range(0, examples, batch_size):
         chunk = batch[start:start + batch_size]
         scores += task_lib.answer_loglik(model.logits_fn, chunk)
         if model.generate_fn is not None:
             new_tokens = max(len(e.answer_ids_A) for e in chunk) + EXTRA_NEW_TOKENS
             new_ids_BN = np.asarray(model.generate_fn(np.stack([e.prompt_ids_T for e in chunk]), new_tokens))
-            matches += [model.tokenizer.decode(ids) for ids in new_ids_BN]
+            generations += [model.tokenizer.decode(ids) for ids in new_ids_BN]
     return {"model": model.name, "task": task, "length": length, "depth": depth, "examples": examples, "seed": seed,
             "answer_logprob": float(np.mean([s["logprob"] for s in scores])),
             "answer_logprob_per_token": float(np.mean([s["logprob"] / s["tokens"] for s in scores])),
             "exact_match": float(np.mean([s["exact"] for s in scores])),
-            "string_match_all": (task_lib.string_match_all(matches, [e.gold for e in batch])
+            "string_match_all": (task_lib.string_match_all(generations, [e.gold for e in batch])
                                  if model.generate_fn is not None else None)}
 
 

@@ -69,8 +69,9 @@ class _Spec:
     filler: Callable | None = None    # (rng, tok, haystack_N, n) -> (ids_N, boundaries); None: haystack text
 
 
-def _distinct(rng: np.random.Generator, draw: Callable[[], object], n: int, exclude=()) -> list:
-    out, seen = [], set(exclude)
+def _distinct(draw: Callable[[], object], n: int) -> list:
+    """n different values of `draw()`, in the order drawn."""
+    out, seen = [], set()
     while len(out) < n:
         v = draw()
         if v not in seen:
@@ -119,8 +120,8 @@ def niah_single(rng, depth: float) -> _Spec:
 
 def niah_multikey(rng, depth: float) -> _Spec:
     """RULER's multi-key needle: NUM_KEYS needles with distinct keys and values; one key is asked."""
-    keys = _distinct(rng, lambda: _word_key(rng), NUM_KEYS)
-    values = _distinct(rng, lambda: _number(rng, 7), NUM_KEYS)
+    keys = _distinct(lambda: _word_key(rng), NUM_KEYS)
+    values = _distinct(lambda: _number(rng, 7), NUM_KEYS)
     depths = [depth] + list(rng.random(NUM_KEYS - 1))
     needles = [(_niah_needle(k, v), d, i == 0) for i, (k, v, d) in enumerate(zip(keys, values, depths))]
     return _Spec(NIAH_HEADER, needles,
@@ -131,7 +132,7 @@ def niah_multikey(rng, depth: float) -> _Spec:
 def niah_multivalue(rng, depth: float) -> _Spec:
     """RULER's multi-value needle: one key with NUM_KEYS values, all of them asked (answer in text order)."""
     key = _word_key(rng)
-    values = _distinct(rng, lambda: _number(rng, 7), NUM_KEYS)
+    values = _distinct(lambda: _number(rng, 7), NUM_KEYS)
     depths = [depth] + list(rng.random(NUM_KEYS - 1))
     in_order = [v for _, _, v in sorted(zip(depths, range(NUM_KEYS), values))]
     return _Spec(NIAH_HEADER, [(_niah_needle(key, v), d, True) for v, d in zip(values, depths)],
@@ -141,8 +142,8 @@ def niah_multivalue(rng, depth: float) -> _Spec:
 
 def niah_multiquery(rng, depth: float) -> _Spec:
     """RULER's multi-query needle: NUM_KEYS keys, each with a value, all asked in one question."""
-    keys = _distinct(rng, lambda: _word_key(rng), NUM_KEYS)
-    values = _distinct(rng, lambda: _number(rng, 7), NUM_KEYS)
+    keys = _distinct(lambda: _word_key(rng), NUM_KEYS)
+    values = _distinct(lambda: _number(rng, 7), NUM_KEYS)
     depths = [depth] + list(rng.random(NUM_KEYS - 1))
     named = ", ".join(keys[:-1]) + f" and {keys[-1]}"
     return _Spec(NIAH_HEADER, [(_niah_needle(k, v), d, True) for k, v, d in zip(keys, values, depths)],
@@ -153,8 +154,8 @@ def niah_multiquery(rng, depth: float) -> _Spec:
 def variable_tracking(rng, depth: float) -> _Spec:
     """RULER's variable tracking: a chain `VAR A = 12345`, `VAR B = VAR A`, ... (NUM_HOPS hops) and a
     distractor chain with another value; asked for every variable that holds the first chain's value."""
-    names = _distinct(rng, lambda: _letters(rng, 5, upper=True), 2 * (NUM_HOPS + 1))
-    values = _distinct(rng, lambda: _number(rng, 5), 2)
+    names = _distinct(lambda: _letters(rng, 5, upper=True), 2 * (NUM_HOPS + 1))
+    values = _distinct(lambda: _number(rng, 5), 2)
     gold_names, other_names = names[:NUM_HOPS + 1], names[NUM_HOPS + 1:]
     gold_depths = [depth] + list(depth + (1.0 - depth) * np.sort(rng.random(NUM_HOPS)))
     other_depths = list(np.sort(rng.random(NUM_HOPS + 1)))
@@ -174,8 +175,8 @@ def mqar(rng, depth: float) -> _Spec:
     """Multi-query associative recall (Arora et al., 2023, Zoology) in text: a long list of `key: value`
     lines (4 lowercase letters, 6 digits; all keys and values distinct) fills the context; NUM_KEYS keys
     are asked at once. The corpus text only pads the list's start to the exact length."""
-    keys = _distinct(rng, lambda: _letters(rng, 4, upper=False), NUM_KEYS)
-    values = _distinct(rng, lambda: _number(rng, 6), NUM_KEYS)
+    keys = _distinct(lambda: _letters(rng, 4, upper=False), NUM_KEYS)
+    values = _distinct(lambda: _number(rng, 6), NUM_KEYS)
     depths = [depth] + list(rng.random(NUM_KEYS - 1))
 
     def filler(rng, tok, haystack_N, n):
