@@ -56,7 +56,11 @@ def run_longctx() -> None:
     depths, on one device, scored by teacher forcing (greedy-generation scoring waits for zoo.generate);
     bad input ends with one line on stderr before any model runs."""
     from zoo import checkpoints, sweeps, tasks
+    from zoo.train import enable_compilation_cache
 
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    enable_compilation_cache()
     paths = [p for p in (_WORKDIR.value, _CHECKPOINT.value) if p] + [
         p.strip() for p in _WORKDIRS.value.split(",") if p.strip()]
     try:

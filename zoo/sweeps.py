@@ -9,7 +9,8 @@ RULER scores generations (`string_match_all` of the greedy continuation); the pl
 
 Files in `out_dir`: `cells.jsonl` (one JSON object per finished cell, appended as it finishes),
 `results.json` and `results.csv` (the cells of this sweep, COLUMNS), `heatmap_<task>.png` (depth x length,
-one panel per model) and `accuracy_vs_length_<task>.png` (mean over depths, one line per model).
+one panel per model) and `accuracy_vs_length_<task>.png` (mean over depths, one line per model; beside it the answer's
+log-probability per token).
 """
 from __future__ import annotations
 
@@ -247,19 +248,26 @@ def plot(rows: Sequence[dict], out_dir: str) -> list[str]:
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
 
-        fig, ax = plt.subplots(figsize=(6, 4))
+        # Left: accuracy; right: the answer's mean log-probability per token, which still separates
+        # models (and lengths) where none gets answers right yet.
+        fig, (ax, ax_lp) = plt.subplots(1, 2, figsize=(11, 4))
         for m in models:
             xs = [n for n in lengths if any(r["model"] == m and r["length"] == n for r in task_rows)]
-            ys = [np.mean([accuracy(r) for r in task_rows if r["model"] == m and r["length"] == n]) for n in xs]
-            ax.plot(xs, ys, marker="o", color=colours[m], label=m)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [str(n) for n in lengths])
+            cells = [[r for r in task_rows if r["model"] == m and r["length"] == n] for n in xs]
+            ax.plot(xs, [np.mean([accuracy(r) for r in c]) for c in cells], marker="o", color=colours[m], label=m)
+            ax_lp.plot(xs, [np.mean([r["answer_logprob_per_token"] for r in c]) for c in cells], marker="o",
+                       color=colours[m], label=m)
+        for a in (ax, ax_lp):
+            a.set_xscale("log", base=2)
+            a.set_xticks(lengths, [str(n) for n in lengths])
+            a.set_xlabel("context length (tokens, log scale)")
+            a.grid(True, alpha=0.3)
+            a.legend(title="model")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("context length (tokens, log scale)")
         ax.set_ylabel(f"{metric}\nmean over depths")
         ax.set_title(f"{task}: accuracy vs context length")
-        ax.grid(True, alpha=0.3)
-        ax.legend(title="model")
+        ax_lp.set_ylabel("answer log-probability per token (nats)\nmean over depths")
+        ax_lp.set_title(f"{task}: answer log-probability vs context length")
         fig.tight_layout()
         written.append(os.path.join(out_dir, f"accuracy_vs_length_{task}.png"))
         fig.savefig(written[-1], dpi=100)
