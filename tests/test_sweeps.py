@@ -131,3 +131,24 @@ def test_eval_py_bad_input_is_one_line(tmp_path):
         res = run_script("eval.py", f"--workdir={tmp_path / 'micro'}", *args)
         lines = [line for line in res.stderr.splitlines() if line.strip()]
         assert res.returncode == 1 and len(lines) == 1 and lines[0].startswith(message), res.stderr
+
+
+def test_eval_py_sweep_two_models(tmp_path):
+    """eval.py --tasks on two checkpoints: DIR/longctx of the first holds the JSON, the CSV (a row per model
+    and cell) and the plots; a rerun finds every cell done."""
+    for name, seed in (("a", 0), ("b", 1)):
+        checkpoints.save_model(zoo.build(get_config().model, seed=seed), str(tmp_path / name), config=get_config())
+    args = (f"--workdir={tmp_path / 'a'}", f"--workdirs={tmp_path / 'b'}", "--tasks=passkey", "--lengths=256,300",
+            "--depths=0,1", "--examples=1")
+    res = run_script("eval.py", *args, timeout=600)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "a" / "longctx"
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert tuple(table[0]) == sweeps.COLUMNS
+    assert [(r["model"], int(r["length"]), float(r["depth"])) for r in table] == [
+        (m, n, d) for m in "ab" for n in (256, 300) for d in (0.0, 1.0)]
+    assert json.loads((out / "results.json").read_text())["models"] == ["a", "b"]
+    assert (out / "heatmap_passkey.png").exists() and (out / "accuracy_vs_length_passkey.png").exists()
+    res = run_script("eval.py", *args, timeout=600)
+    assert res.returncode == 0 and "8/8" in res.stderr and len((out / "cells.jsonl").read_text().splitlines()) == 8
