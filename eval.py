@@ -37,6 +37,62 @@ _MESH = flags.DEFINE_string("mesh", "", "device mesh axis sizes, e.g. data=2,fsd
 # Multi-host (README "Sharding"): --distributed, --coordinator_address, --num_processes, --process_id.
 _DISTRIBUTED_FLAGS = distributed.define_flags()
 
+# --- Long-context task sweeps (zoo.tasks, zoo.sweeps; README "Long-context evaluation") ---------------
+_TASKS = flags.DEFINE_string("tasks", None, "comma-separated long-context tasks to sweep instead of the "
+                             "perplexity evaluation: passkey, niah_single, niah_multikey, niah_multivalue, "
+                             "niah_multiquery, variable_tracking, mqar")
+_LENGTHS = flags.DEFINE_string("lengths", "1024,4096,16384", "--tasks: comma-separated prompt lengths (tokens)")
+_DEPTHS = flags.DEFINE_string("depths", "0,0.25,0.5,0.75,1", "--tasks: comma-separated needle depths in [0, 1]")
+_EXAMPLES = flags.DEFINE_integer("examples", 4, "--tasks: examples per (task, length, depth) cell")
+_WORKDIRS = flags.DEFINE_string("workdirs", "", "--tasks: more comma-separated workdirs/checkpoints, one line "
+                                "per model on the same plots")
+_LONGCTX_DIR = flags.DEFINE_string("longctx_dir", None, "--tasks: output folder (default: DIR/longctx of the "
+                                   "first model)")
+_LONGCTX_SEED = flags.DEFINE_integer("longctx_seed", 0, "--tasks: example i of each cell uses seed this + i")
+
+
+def run_longctx() -> None:
+    """The `--tasks` sweep: every model (--workdir/--checkpoint, then --workdirs) over tasks x lengths x
+    depths, on one device, scored by teacher forcing (greedy-generation scoring waits for zoo.generate);
+    bad input ends with one line on stderr before any model runs."""
+    from zoo import checkpoints, sweeps, tasks
+    from zoo.train import enable_compilation_cache
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    enable_compilation_cache()
+    paths = [p for p in (_WORKDIR.value, _CHECKPOINT.value) if p] + [
+        p.strip() for p in _WORKDIRS.value.split(",") if p.strip()]
+    try:
+        task_names = tasks.check_task_names(_TASKS.value.split(","))
+        try:
+            lengths = [int(n) for n in _LENGTHS.value.split(",") if n.strip()]
+            depths = [float(d) for d in _DEPTHS.value.split(",") if d.strip()]
+        except ValueError:
+            raise ValueError(f"--lengths must be integers and --depths numbers, got {_LENGTHS.value!r} and "
+                             f"{_DEPTHS.value!r}") from None
+        depths = [tasks.check_depth(d) for d in depths]
+        if not paths:
+            raise ValueError("give --workdir, --checkpoint or --workdirs")
+        names = [os.path.basename(os.path.normpath(os.path.abspath(p))) for p in paths]
+        names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+        for path, name in zip(paths, names):   # lengths against positions before any parameters are read
+            sweeps.check_lengths(lengths, checkpoints.read_config(path).model.get("max_positions"), name)
+        overrides = {"source": _DATA_SOURCE.value, "paths": _DATA_PATHS.value, "tokenizer": _TOKENIZER.value}
+        models = [sweeps.load_model(path, name=name, dtype=_DTYPE.value, attention_impl=_ATTENTION_IMPL.value,
+                                    data_overrides=overrides) for path, name in zip(paths, names)]
+        out_dir = _LONGCTX_DIR.value or os.path.join(paths[0], "longctx")
+        rows = sweeps.run_sweep(models, tasks=task_names, lengths=lengths, depths=depths,
+                                examples=_EXAMPLES.value, out_dir=out_dir, seed=_LONGCTX_SEED.value,
+                                batch_size=_BATCH_SIZE.value or 1)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        fail(e)
+    for row in rows:
+        print(f"{row['model']:>12} {row['task']:>18} {row['length']:>7} depth {row['depth']:<5g} "
+              f"exact {row['exact_match']:.2f}  answer log-prob {row['answer_logprob']:.2f}")
+    print(f"wrote {out_dir}/results.json, results.csv and plots")
+# --- end of long-context task sweeps ----------------------------------------------------------------
+
 
 def fail(message) -> None:
     """Ends the program with one line on stderr."""
@@ -106,6 +162,8 @@ def evaluate_checkpoint(path: str, seq_lens: list[int], mesh_sizes: dict | None 
 def main(argv) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}")
+    if _TASKS.value is not None:   # long-context task sweeps (run_longctx above)
+        return run_longctx()
     if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
         fail("give exactly one of --workdir or --checkpoint")
     if not flags.FLAGS["verbosity"].present:

@@ -42,6 +42,11 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data.tokenizer = "bytes"          # "bytes" or a Hugging Face tokenizer.json path
     c.data.token_dtype = "uint16"       # "tokens" files: raw little-endian "uint16" or "uint32" ids
     c.data.val_fraction = 0.05
+    # Training mix of long-context tasks (zoo/data.py "Task mix", README "Long-context evaluation"):
+    c.data.task_mix_rate = 0.0          # fraction of training windows that hold a zoo.tasks example (0: off)
+    c.data.task_names = "passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking,mqar"
+    c.data.task_lengths = ""            # example lengths (prompt + answer), comma separated; "": whole window
+    c.data.task_curriculum_steps = 0    # > 0: the lengths unlock shortest first over this many steps
     return c
 
 

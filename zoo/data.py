@@ -16,6 +16,21 @@ falls below `val_fraction`; if that leaves either side empty (e.g. one file), th
 the token stream is held out instead. Batches are windows of `seq_len + 1` tokens: training batch `step`
 is a pure function of `(seed, step)`, validation batch `index` of `index` alone, so a resumed run sees
 exactly the batches it would have seen.
+
+Task mix (`data.task_mix_rate` > 0): that fraction of training windows, on average, holds a `zoo.tasks`
+example instead of plain text, so a replica learns retrieval while it trains. Such a window is training
+text, then the task's prompt, then its answer, ending at the window's end: `seq_len + 1` tokens, the
+answer's tokens being the last targets. The loss is the usual next-token loss over the whole window, so
+it covers the answer tokens (and the prompt: haystack text, template and needles; this needs no change
+to the training step and keeps the answer in the ordinary objective). Each example's length (prompt +
+answer) comes from `data.task_lengths` (default: the whole window); with `data.task_curriculum_steps` N
+> 0 the lengths, sorted, unlock one by one over the first N steps (step s may draw the first
+`1 + floor(s * k / N)` of k lengths, uniformly), so retrieval is learnt short before long. Task, length,
+depth and example seed come from `default_rng([seed, step, TASK_STREAM])`: a batch is still a pure
+function of `(seed, step)`, and the plain-text rows are those of the batch without the mix. The haystack
+is the training split (the evaluation sweeps use the validation split). The mix travels with the corpus
+(`Corpus.task_mix`, set by `load_corpus`), so the training loop needs no change; rate 0 (the default)
+leaves every batch bit for bit as before.
 """
 from __future__ import annotations
 
@@ -32,6 +47,17 @@ SOURCES = ("stdlib", "text", "tokens")
 TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 VAL_STREAM = 0x76616C  # the validation windows' own random stream, independent of train.seed
+TASK_STREAM = 0x7461736B  # the task mix's draws, apart from the text windows' own
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskMix:
+    """The `data.task_*` settings (module docstring, "Task mix")."""
+    rate: float
+    names: tuple[str, ...]
+    lengths: tuple[int, ...]       # example lengths, ascending; empty: the whole window
+    curriculum_steps: int
+    tokenizer: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +68,7 @@ class Corpus:
     bytes_per_token: float       # UTF-8 bytes per validation token: bits/byte = nats / ln 2 / this
     train_files: tuple[str, ...]
     val_files: tuple[str, ...]
+    task_mix: TaskMix | None = None   # training windows that hold zoo.tasks examples (None: none)
 
 
 def stdlib_files() -> list[str]:
@@ -109,6 +136,30 @@ class HFTokenizer:
     def decoded_bytes(self, ids_N: np.ndarray) -> int:
         return len(self.tokenizer.decode(ids_N.tolist(), skip_special_tokens=False).encode("utf-8"))
 
+    def encode_text(self, text: str) -> np.ndarray:
+        """The ids of `text` alone (no special tokens), int32."""
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def decode(self, ids_N) -> str:
+        return self.tokenizer.decode(np.asarray(ids_N).tolist(), skip_special_tokens=False)
+
+
+class ByteTokenizer:
+    """The byte-level tokenizer (`data.tokenizer="bytes"`): token id = UTF-8 byte value."""
+
+    def encode_text(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+    def decode(self, ids_N) -> str:
+        return bytes(np.asarray(ids_N, np.uint8)).decode("utf-8", errors="replace")
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer(name: str) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer `data.tokenizer` names ("bytes" or a tokenizer.json path), with `encode_text(str)` and
+    `decode(ids)`, for code that builds prompts (zoo.tasks)."""
+    return ByteTokenizer() if name == "bytes" else HFTokenizer(name)
+
 
 def _read(files: list[str]) -> list[bytes]:
     out = []
@@ -164,9 +215,37 @@ def _load(source: str, paths: str, tokenizer: str, val_fraction: float, token_dt
 
 
 def load_corpus(data_cfg) -> Corpus:
-    """The corpus a `config.data` names, read once per process and kept in memory."""
-    return _load(data_cfg.source, data_cfg.get("paths", ""), data_cfg.get("tokenizer", "bytes"),
-                 float(data_cfg.val_fraction), data_cfg.get("token_dtype", "uint16"))
+    """The corpus a `config.data` names, read once per process and kept in memory; with the task mix on,
+    the same token streams carrying it."""
+    corpus = _load(data_cfg.source, data_cfg.get("paths", ""), data_cfg.get("tokenizer", "bytes"),
+                   float(data_cfg.val_fraction), data_cfg.get("token_dtype", "uint16"))
+    mix = task_mix(data_cfg)
+    return corpus if mix is None else dataclasses.replace(corpus, task_mix=mix)
+
+
+def task_mix(data_cfg) -> TaskMix | None:
+    """The task mix `data.task_*` asks for (None when `task_mix_rate` is 0 or absent), validated."""
+    from zoo import tasks
+
+    rate = float(data_cfg.get("task_mix_rate", 0.0))
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"data.task_mix_rate must be in [0, 1], got {rate}")
+    if rate == 0.0:
+        return None
+    names = tasks.check_task_names(str(data_cfg.get("task_names", ",".join(tasks.TASKS))).split(","))
+    try:
+        lengths = sorted(int(n) for n in str(data_cfg.get("task_lengths", "")).split(",") if n.strip())
+    except ValueError:
+        raise ValueError(f"data.task_lengths must be comma-separated integers, got {data_cfg.task_lengths!r}"
+                         ) from None
+    steps = int(data_cfg.get("task_curriculum_steps", 0))
+    if steps < 0:
+        raise ValueError(f"data.task_curriculum_steps must be >= 0, got {steps}")
+    tokenizer_name = data_cfg.get("tokenizer", "bytes")
+    if data_cfg.source == "tokens" and tokenizer_name == "bytes":
+        raise ValueError("data.task_mix_rate > 0 with data.source='tokens' needs data.tokenizer (the "
+                         "tokenizer.json of the token files) to write the task prompts")
+    return TaskMix(rate, tuple(names), tuple(lengths), steps, tokenizer_name)
 
 
 def check_fits(corpus: Corpus, vocab_size: int, seq_len: int) -> None:
@@ -178,6 +257,14 @@ def check_fits(corpus: Corpus, vocab_size: int, seq_len: int) -> None:
         if len(tokens_N) < seq_len + 1:
             raise ValueError(f"the {name} split has {len(tokens_N)} tokens, fewer than seq_len + 1 = "
                              f"{seq_len + 1}")
+    mix = corpus.task_mix
+    if mix is not None:
+        lengths = mix.lengths or (seq_len + 1,)
+        if lengths[-1] > seq_len + 1:
+            raise ValueError(f"data.task_lengths: {lengths[-1]} is longer than a training window (seq_len + 1 = "
+                             f"{seq_len + 1})")
+        for name in mix.names:   # the shortest length must hold every task (else a one-line error now)
+            _task_window(corpus, name, lengths[0], 0.5, 0, seq_len + 1, np.random.default_rng(0))
 
 
 def _windows(tokens_N: np.ndarray, rng: np.random.Generator, batch_size: int, seq_len: int):
@@ -190,7 +277,52 @@ def train_batch(corpus: Corpus, *, seed: int, step: int, batch_size: int, seq_le
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(inputs_BT, targets_BT) int32 for training step `step`: random windows drawn by
     `default_rng([seed, step])`, so the batch depends on nothing else."""
-    return _windows(corpus.train_N, np.random.default_rng([seed, step]), batch_size, seq_len)
+    inputs_BT, targets_BT = _windows(corpus.train_N, np.random.default_rng([seed, step]), batch_size, seq_len)
+    for row, (name, length, depth, example_seed) in task_rows(corpus.task_mix, seed=seed, step=step,
+                                                                  batch_size=batch_size, seq_len=seq_len).items():
+        window_W = _task_window(corpus, name, length, depth, example_seed, seq_len + 1,
+                                np.random.default_rng([seed, step, TASK_STREAM, row]))
+        inputs_BT[row], targets_BT[row] = window_W[:-1], window_W[1:]
+    return inputs_BT, targets_BT
+
+
+def task_rows(mix: TaskMix | None, *, seed: int, step: int, batch_size: int, seq_len: int
+              ) -> dict[int, tuple[str, int, float, int]]:
+    """The rows of training batch `step` that hold task examples: row -> (task, length, depth, example
+    seed), drawn from `default_rng([seed, step, TASK_STREAM])` (module docstring, "Task mix")."""
+    if mix is None:
+        return {}
+    rng = np.random.default_rng([seed, step, TASK_STREAM])
+    use_B = rng.random(batch_size) < mix.rate
+    task_B = rng.integers(0, len(mix.names), size=batch_size)
+    pick_B, depth_B = rng.random(batch_size), rng.random(batch_size)
+    seed_B = rng.integers(0, 2 ** 31, size=batch_size)
+    lengths = mix.lengths or (seq_len + 1,)
+    unlocked = len(lengths)
+    if mix.curriculum_steps:
+        unlocked = min(len(lengths), 1 + step * len(lengths) // mix.curriculum_steps)
+    return {b: (mix.names[task_B[b]], lengths[int(pick_B[b] * unlocked)], float(depth_B[b]), int(seed_B[b]))
+            for b in range(batch_size) if use_B[b]}
+
+
+def _task_window(corpus: Corpus, name: str, length: int, depth: float, example_seed: int, window: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """`window` tokens: training text, then the task example (prompt + answer, `length` tokens) at the end.
+    A task's answer does not depend on the prompt length (zoo.tasks), so one probe gives its size."""
+    from zoo import tasks
+
+    tok, haystack_N = tokenizer(corpus.task_mix.tokenizer), corpus.train_N
+    try:
+        answer = len(tasks.generate(name, seed=example_seed, length=length, depth=depth, tokenizer=tok,
+                                    haystack_N=haystack_N).answer_ids_A)
+        example = tasks.generate(name, seed=example_seed, length=length - answer, depth=depth, tokenizer=tok,
+                                 haystack_N=haystack_N)
+    except ValueError as e:
+        raise ValueError(f"data.task_lengths: {e}") from None
+    example_N = np.concatenate([example.prompt_ids_T, example.answer_ids_A])
+    n = window - len(example_N)
+    start = int(rng.integers(0, len(corpus.train_N) - n + 1))
+    return np.concatenate([corpus.train_N[start:start + n].astype(np.int32), example_N]).astype(np.int32)
 
 
 def val_batch(corpus: Corpus, *, index: int, batch_size: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
