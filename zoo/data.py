@@ -43,6 +43,8 @@ import sysconfig
 
 import numpy as np
 
+from zoo import tasks
+
 SOURCES = ("stdlib", "text", "tokens")
 TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
@@ -225,8 +227,6 @@ def load_corpus(data_cfg) -> Corpus:
 
 def task_mix(data_cfg) -> TaskMix | None:
     """The task mix `data.task_*` asks for (None when `task_mix_rate` is 0 or absent), validated."""
-    from zoo import tasks
-
     rate = float(data_cfg.get("task_mix_rate", 0.0))
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"data.task_mix_rate must be in [0, 1], got {rate}")
@@ -309,8 +309,6 @@ def _task_window(corpus: Corpus, name: str, length: int, depth: float, example_s
                  rng: np.random.Generator) -> np.ndarray:
     """`window` tokens: training text, then the task example (prompt + answer, `length` tokens) at the end.
     A task's answer does not depend on the prompt length (zoo.tasks), so one probe gives its size."""
-    from zoo import tasks
-
     tok, haystack_N = tokenizer(corpus.task_mix.tokenizer), corpus.train_N
     try:
         answer = len(tasks.generate(name, seed=example_seed, length=length, depth=depth, tokenizer=tok,

@@ -20,9 +20,13 @@ import json
 import os
 from collections.abc import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
+from zoo import checkpoints, data
 from zoo import tasks as task_lib
 
 COLUMNS = ("model", "task", "length", "depth", "examples", "seed", "answer_logprob", "answer_logprob_per_token",
@@ -46,10 +50,6 @@ class SweepModel:
 
 def model_logits_fn(model) -> Callable:
     """`tokens_BT -> logits_BTV` for a zoo Decoder, jitted (one compilation per input shape)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, tokens_BT: nnx.merge(graphdef, state)(tokens_BT))
     return lambda tokens_BT: forward(state, jnp.asarray(tokens_BT, jnp.int32))
@@ -59,8 +59,6 @@ def load_model(path: str, *, name: str | None = None, dtype: str = "float32", at
                data_overrides: dict | None = None) -> SweepModel:
     """A training workdir or zoo checkpoint as a SweepModel: its tokenizer, its corpus' validation split
     as haystack and `model.max_positions`. Named by its folder unless `name` is given."""
-    from zoo import checkpoints, data
-
     config = checkpoints.read_config(path)
     for key, value in (data_overrides or {}).items():
         if value is not None:
