@@ -48,6 +48,7 @@ LAYER_OPTIONS = {
     "router_input_norm": True, "router_dim": 0, "attention_impl": "xla", "norm_eps": 1e-6,
     "activation": "silu",
 }
+TUPLE_VALUED = frozenset({"conv_kernel_sizes"})   # options whose one value is itself a tuple
 _REQUIRED = object()
 
 
@@ -61,7 +62,7 @@ def option(cfg, key: str, i: int, default: Any = _REQUIRED) -> Any:
         value = LAYER_OPTIONS[key]
     else:
         raise ValueError(f"layer {i} needs model.{key}, which the config does not set")
-    if isinstance(value, (tuple, list)) and key != "conv_kernel_sizes":
+    if isinstance(value, (tuple, list)) and key not in TUPLE_VALUED:
         if i >= len(value):
             raise ValueError(f"model.{key} has {len(value)} entries; layer {i} has none")
         return value[i]

@@ -15,15 +15,16 @@ import zoo
 from configs.hybrid import PRESETS, get_config
 from layers.attention import Attention
 from layers.cca import CCA
-from layers.mlp_router import SkipMoE
+from layers.mlp import GatedMLP
 from layers.moe import MoE
 from layers.sparse_attention import CompressedAttention
 from zoo.evaluate import make_loss_fn
 
-EXPECTED = {   # preset -> the token mixer class of each layer, and the layers without k/v projections
-    "laguna_cca": ((Attention, CCA, CCA, CCA, Attention, CCA, CCA, Attention), {7}),
-    "deepseek_shared": ((Attention, CompressedAttention, CompressedAttention, Attention), {3}),
-    "gemma_hca": ((Attention, Attention, CompressedAttention, Attention, Attention, CompressedAttention), {4}),
+EXPECTED = {   # preset -> each layer's token mixer class, its channel mixer class, the layers without k/v
+    "laguna_cca": ((Attention, CCA, CCA, CCA, Attention, CCA, CCA, Attention), (GatedMLP,) + (MoE,) * 7, {7}),
+    "deepseek_shared": ((Attention, CompressedAttention, CompressedAttention, Attention), (MoE,) * 4, {3}),
+    "gemma_hca": ((Attention, Attention, CompressedAttention, Attention, Attention, CompressedAttention),
+                  (GatedMLP,) * 6, {4}),
 }
 
 
@@ -39,13 +40,12 @@ def _small(preset: str):
 def test_hybrid_builds_from_the_registry_and_trains(preset):
     m = _small(preset)
     model = zoo.build(m, seed=0)
-    classes, shared = EXPECTED[preset]
-    assert tuple(type(b.attn) for b in model.blocks) == classes
+    attention, mlp, shared = EXPECTED[preset]
+    assert tuple(type(b.attn) for b in model.blocks) == attention
+    assert tuple(type(b.mlp) for b in model.blocks) == mlp
     for i, block in enumerate(model.blocks):
         if isinstance(block.attn, Attention):
             assert (block.attn.k_proj is None) == (i in shared), i
-    assert any(isinstance(getattr(b, "mlp", None), MoE) or isinstance(getattr(b, "moe", None), MoE)
-               or isinstance(getattr(b, "mlp", None), SkipMoE) for b in model.blocks) or preset == "gemma_hca"
 
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
