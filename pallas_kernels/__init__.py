@@ -2,10 +2,10 @@
 attention: CSA (window + top-k compressed entries), HCA (window + every visible compressed entry) and the
 lightning indexer. Each has a pure-JAX reference, a Triton (GPU) and a Mosaic (TPU) lowering and a custom
 VJP whose backward is also a kernel."""
-from pallas_kernels._common import BlockSizes, resolve_lowering
-from pallas_kernels.csa import csa_attention, csa_attention_reference
+from pallas_kernels.common import BlockSizes, resolve_lowering
+from pallas_kernels.compressed import (csa_attention, csa_attention_reference, hca_attention,
+                                       hca_attention_reference)
 from pallas_kernels.flash_attention import FlashBlockSizes, flash_attention, flash_attention_reference
-from pallas_kernels.hca import hca_attention, hca_attention_reference
 from pallas_kernels.indexer import (IndexerBlockSizes, indexer_scores, indexer_scores_reference, indexer_topk)
 
 __all__ = ["BlockSizes", "FlashBlockSizes", "IndexerBlockSizes", "csa_attention", "csa_attention_reference",

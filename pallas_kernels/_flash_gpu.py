@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._attention_gpu import _dot, _dot_nt, _dot_tn
+from pallas_kernels.common import dot as _dot, dot_nt as _dot_nt, dot_tn as _dot_tn
 
 _F32 = jnp.float32
 

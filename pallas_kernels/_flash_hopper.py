@@ -44,7 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._common import gpu_compute_capability, pad_axis, round_up
+from pallas_kernels.common import gpu_compute_capability, pad_axis, round_up
 from pallas_kernels._flash_gpu import key_block_range, row_block_range, walk_blocks, whole_key_blocks, \
     whole_row_blocks
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _flash_gpu, _flash_hopper, _flash_tpu
-from pallas_kernels._common import FLOAT_DTYPES, Lowering, check_array, check_dim, next_pow2, pad_axis, \
+from pallas_kernels.common import FLOAT_DTYPES, Lowering, check_array, check_dim, next_pow2, pad_axis, \
     resolve_lowering, round_up
 
 _F32 = jnp.float32

@@ -25,9 +25,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import (FLOAT_DTYPES, Lowering, check_array, check_dim, check_positive,
-                                    check_segment_ids, first_entry, next_pow2, pad_axis, resolve_lowering,
-                                    round_up, window_start)
+from pallas_kernels.common import (FLOAT_DTYPES, Lowering, check_array, check_dim, check_positive,
+                                   check_segment_ids, first_entry, next_pow2, pad_axis, resolve_lowering,
+                                   round_up, window_start)
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST

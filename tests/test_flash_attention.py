@@ -19,7 +19,7 @@ from layers import attention
 from layers.attention import attention_backend, attention_mask, dot_product_attention, reference_attention, \
     splash_attention
 from pallas_kernels import FlashBlockSizes, flash_attention
-from pallas_kernels._common import Lowering
+from pallas_kernels.common import Lowering
 from tests.conftest import all_eqns
 
 flash_module = importlib.import_module("pallas_kernels.flash_attention")
