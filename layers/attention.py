@@ -16,8 +16,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from layers import params, partitioning
 from layers.norms import RMSNorm
 from layers.rope import RopeSpec, apply_rope
-from pallas_kernels.common import gpu_compute_capability
-from pallas_kernels.flash_attention import flash_attention, hopper_kernel_runs_both_ways
+from pallas_kernels import flash_attention, gpu_compute_capability, hopper_kernel_runs_both_ways
 
 IMPLS = ("xla", "pallas", "auto")
 OUTPUT_GATES = ("none", "per_head", "per_element")
