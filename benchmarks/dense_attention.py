@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._timing import median_seconds  # noqa: E402
 from layers.attention import (attention_mask, cudnn_max_head_dim, dot_product_attention,  # noqa: E402
                               reference_attention)
-from pallas_kernels import FlashBlockSizes, _flash_hopper, flash_attention  # noqa: E402
+from pallas_kernels import FlashBlockSizes, flash_attention, flash_hopper_forward  # noqa: E402
 from pallas_kernels.flash_attention import default_block_sizes  # noqa: E402
 
 
@@ -92,7 +92,7 @@ def ours(s: Shape, blocks: FlashBlockSizes | None, interpret=None):
 def variants(s: Shape, T: int, *, smoke: bool, interpret, dtype):
     scale = s.head_dim ** -0.5
     out = {"ours": ours(s, SMOKE_BLOCKS if smoke else None, interpret)}
-    if not smoke and own_impl() == "pallas_gpu" and _flash_hopper.runs_on_this_device():
+    if not smoke and own_impl() == "pallas_gpu" and flash_hopper_forward.runs_on_this_device():
         # explicit tiles keep both directions on Triton ("ours" runs the Mosaic GPU kernels where they fit)
         out["ours, triton fwd"] = ours(s, default_block_sizes(own_impl(), s.head_dim, dtype), interpret)
     if s.head_dim <= cudnn_max_head_dim():

@@ -18,8 +18,7 @@ from layers.context import LayerContext
 from layers.norms import RMSNorm
 from layers.partitioning import UNPARTITIONED, Partitioning
 from layers.rope import RopeSpec, apply_rope
-from pallas_kernels._common import gpu_compute_capability
-from pallas_kernels.flash_attention import flash_attention, hopper_kernel_runs_both_ways
+from pallas_kernels import flash_attention, gpu_compute_capability, hopper_kernel_runs_both_ways
 
 IMPLS = ("xla", "pallas", "auto")
 OUTPUT_GATES = ("none", "per_head", "per_element")

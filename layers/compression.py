@@ -152,7 +152,7 @@ class LightningIndexer(nnx.Module):
         weights_BTN = weights_BTN * (self.head_dim ** -0.5 * self.num_heads ** -0.5)
         if kernel:   # a token's score sums over the index heads: only rows split over a mesh
             top = lambda q, keys, weights, seg: indexer_topk(q, keys, weights, ratio=self.ratio, topk=self.top_k,
-                                                             segment_ids=seg, impl=kernel)
+                                                             segment_ids_BT=seg, impl=kernel)
             rows = ("batch", None, None)
             in_axes = (rows + (None,), rows, rows, None if segment_ids_BT is None else ("batch", None))
             return partitioning.per_shard(top, in_axes, rows)(q_BTNH, keys_BSH.astype(q_BTNH.dtype), weights_BTN,

@@ -170,7 +170,7 @@ class CompressedAttention(nnx.Module):
         if self.indexer is None:
             if lowering:
                 hca = lambda q, kv, entries, sinks, seg: hca_kernel(
-                    q, kv, entries, sinks, window=self.window, ratio=self.ratio, scale=scale, segment_ids=seg,
+                    q, kv, entries, sinks, window=self.window, ratio=self.ratio, scale=scale, segment_ids_BT=seg,
                     impl=lowering)
                 return partitioning.per_shard(hca, (heads, rows, rows, ("q_heads",), segment_axes), heads)(
                     q_BTNH, kv_BTH, entries_BSH, sinks_N, segment_ids_BT)
@@ -179,7 +179,7 @@ class CompressedAttention(nnx.Module):
                                    partitioning=partitioning)
         if lowering:
             csa = lambda q, kv, entries, indices, sinks, seg: csa_kernel(
-                q, kv, entries, indices, sinks, window=self.window, scale=scale, segment_ids=seg, impl=lowering)
+                q, kv, entries, indices, sinks, window=self.window, scale=scale, segment_ids_BT=seg, impl=lowering)
             return partitioning.per_shard(csa, (heads, rows, rows, rows, ("q_heads",), segment_axes), heads)(
                 q_BTNH, kv_BTH, entries_BSH, indices_BTK, sinks_N, segment_ids_BT)
         return csa_attention(q_BTNH, kv_BTH, entries_BSH, indices_BTK, sinks_N, **common)

@@ -1,13 +1,38 @@
 """Pallas kernels: dense causal flash attention (GQA, window, sinks, segments) and DeepSeek-V4 compressed
 attention: CSA (window + top-k compressed entries), HCA (window + every visible compressed entry) and the
 lightning indexer. Each has a pure-JAX reference, a Triton (GPU) and a Mosaic (TPU) lowering and a custom
-VJP whose backward is also a kernel."""
-from pallas_kernels._common import BlockSizes, resolve_lowering
-from pallas_kernels.csa import csa_attention, csa_attention_reference
-from pallas_kernels.flash_attention import FlashBlockSizes, flash_attention, flash_attention_reference
-from pallas_kernels.hca import hca_attention, hca_attention_reference
-from pallas_kernels.indexer import (IndexerBlockSizes, indexer_scores, indexer_scores_reference, indexer_topk)
+VJP whose backward is also a kernel; everything public is importable from here.
+
+Files, by kind (the API file of a kind holds its reference and custom VJP; the others its lowerings):
+  common.py                 shared helpers: lowering choice, input checks, padding, tile matmuls, window
+                            starts, visible compressed entries, `BlockSizes` of the compressed kernels
+  flash_attention.py        dense flash attention: API, reference, custom VJP, the Hopper dispatch rules
+  flash_blocks.py           which key/row blocks a tile walks and which it sees whole (all lowerings)
+  flash_gpu.py              Triton forward, dQ and dK/dV kernels
+  flash_tpu.py              Mosaic TPU forward, dQ and dK/dV kernels
+  flash_hopper_common.py    Mosaic GPU (Hopper) ring buffers, barriers and masks shared by its kernels
+  flash_hopper_forward.py   Mosaic GPU forward (TMA + wgmma, warp-specialised)
+  flash_hopper_backward.py  Mosaic GPU backward: dQ kernel and the entry point
+  flash_hopper_dkv.py       Mosaic GPU dK/dV kernels
+  compressed.py             CSA and HCA: API, references, one custom VJP for both
+  compressed_gpu.py         Triton lowering of CSA and HCA
+  compressed_tpu.py         Mosaic TPU lowering of CSA and HCA
+  indexer.py                lightning indexer: API, reference, custom VJP, chunked top-k
+  indexer_gpu.py            Triton scores kernel and its backward
+  indexer_tpu.py            Mosaic TPU scores kernel and its backward
+
+Shapes follow the repo's one legend (DESIGN.md): B batch, T query tokens, S key tokens, N query heads,
+K kv heads, G query heads per kv head, H head dim, C compressed entries, P chunk size; K also counts the
+top-k slots of CSA's indices [B, T, K].
+"""
+from pallas_kernels.common import BlockSizes, gpu_compute_capability, resolve_lowering
+from pallas_kernels.compressed import (csa_attention, csa_attention_reference, hca_attention,
+                                       hca_attention_reference)
+from pallas_kernels.flash_attention import (FlashBlockSizes, flash_attention, flash_attention_reference,
+                                            hopper_kernel_runs_both_ways)
+from pallas_kernels.indexer import IndexerBlockSizes, indexer_scores, indexer_scores_reference, indexer_topk
 
 __all__ = ["BlockSizes", "FlashBlockSizes", "IndexerBlockSizes", "csa_attention", "csa_attention_reference",
-           "flash_attention", "flash_attention_reference", "hca_attention", "hca_attention_reference",
-           "indexer_scores", "indexer_scores_reference", "indexer_topk", "resolve_lowering"]
+           "flash_attention", "flash_attention_reference", "gpu_compute_capability", "hca_attention",
+           "hca_attention_reference", "hopper_kernel_runs_both_ways", "indexer_scores", "indexer_scores_reference",
+           "indexer_topk", "resolve_lowering"]

@@ -1,4 +1,5 @@
-"""Dense causal flash attention (GQA/MQA, sliding window, per-head sinks, packed segments) as Pallas kernels.
+"""Dense causal flash attention (GQA/MQA, sliding window, per-head sinks, packed segments): API, pure-JAX
+reference and the custom VJP over its lowerings.
 
     o[t, n] = sum_{s visible to t} softmax_s(scale * q[t, n] . k[s, n // G] ; sink_n) v[s, n // G]
 
@@ -8,15 +9,15 @@ query that sees nothing (padding) gets output 0 (the XLA reference in layers/att
 both are meaningless for padding and the loss masks them).
 
 Layout: the G = N / K query heads of one kv head are folded into the rows of the matmul tiles, token
-major (row r = t * G + g), so one K/V block serves every head that reads it. Key blocks that hold no
-visible key for a row block (the future, or entirely left of the window) are skipped, so the cost per
-token of a sliding-window layer does not grow with the sequence. Lowerings: Triton (`_flash_gpu`) and
-Mosaic TPU (`_flash_tpu`) behind one custom VJP whose backward is also a kernel (dQ walk + key-major
-dK/dV walk). On a Hopper GPU the forward of 16-bit calls without sinks or segments (d 64-512) runs on
-Mosaic GPU instead (`_flash_hopper`: TMA + wgmma, in the caller's layout), and so does the backward at
-d 64-256 (Triton's at d 512). The pure-JAX `flash_attention_reference` is the "xla" path.
+major (row r = t * G + g), so one K/V block serves every head that reads it; key blocks that hold no
+visible key for a row block are skipped (`flash_blocks`). Lowerings: Triton (`flash_gpu`) and Mosaic TPU
+(`flash_tpu`), both backwards also kernels (dQ walk + key-major dK/dV walk). On a Hopper GPU the forward
+of 16-bit calls without sinks or segments (d 64-512) runs on Mosaic GPU instead (`flash_hopper_forward`,
+in the caller's layout), and so does the backward at d 64-256 (`flash_hopper_backward`; Triton's at
+d 512). The pure-JAX `flash_attention_reference` is the "xla" path.
 
-Shapes: B batch, T tokens, N query heads, K kv heads, G = N // K, H head dim (<= 512), R rows.
+Shapes: B batch, T tokens, S key tokens (= T), N query heads, K kv heads, G = N // K, H head dim (<= 512),
+R rows.
 """
 from __future__ import annotations
 
@@ -28,14 +29,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _flash_gpu, _flash_hopper, _flash_tpu
-from pallas_kernels._common import FLOAT_DTYPES, Lowering, check_array, check_dim, next_pow2, pad_axis, \
+from pallas_kernels import flash_gpu, flash_hopper_backward, flash_hopper_forward, flash_tpu
+from pallas_kernels.common import FLOAT_DTYPES, Lowering, check_array, check_dim, next_pow2, pad_axis, \
     resolve_lowering, round_up
 
 _F32 = jnp.float32
 _NO_SINK = -1e30       # "no sink": seeds the running max so low that it never counts
 MAX_HEAD_DIM = 512
-_ENGINES = {"pallas_gpu": _flash_gpu, "pallas_tpu": _flash_tpu}
+_ENGINES = {"pallas_gpu": flash_gpu, "pallas_tpu": flash_tpu}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +125,8 @@ class _Config:
     blocks: FlashBlockSizes
     head_pad: int       # padded head dim
     segmented: bool
-    hopper_forward: bool = False   # the forward runs `_flash_hopper` (GPU lowering only)
-    hopper_backward: bool = False  # and so does the backward (head dim <= 256)
+    hopper_forward: bool = False   # the forward runs `flash_hopper_forward` (GPU lowering only)
+    hopper_backward: bool = False  # the backward runs `flash_hopper_backward` (head dim <= 256)
 
 
 def _to_rows(x_BTNH, K: int, R: int, Hp: int):
@@ -173,7 +174,7 @@ def _flash_forward(cfg: _Config, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT):
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     if cfg.hopper_forward:
-        o_BTNH, lse_BNT = _flash_hopper.forward(q_BTNH, k_BTKH, v_BTKH, scale=cfg.scale, window=cfg.window)
+        o_BTNH, lse_BNT = flash_hopper_forward.forward(q_BTNH, k_BTKH, v_BTKH, scale=cfg.scale, window=cfg.window)
         if cfg.hopper_backward:
             return o_BTNH, (q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT, o_BTNH, lse_BNT)
         lse_BKR = _lse_heads_to_rows(lse_BNT, K)
@@ -189,8 +190,8 @@ def _flash_forward(cfg: _Config, q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT):
 def _flash_backward(cfg: _Config, residuals, do_BTNH):
     q_BTNH, k_BTKH, v_BTKH, sinks_N, seg_BT, o_BTNH, lse = residuals
     if cfg.hopper_backward:    # no sinks here: their cotangent is zero
-        dq, dk, dv = _flash_hopper.backward(q_BTNH, k_BTKH, v_BTKH, o_BTNH, lse, do_BTNH, scale=cfg.scale,
-                                            window=cfg.window)
+        dq, dk, dv = flash_hopper_backward.backward(q_BTNH, k_BTKH, v_BTKH, o_BTNH, lse, do_BTNH, scale=cfg.scale,
+                                                    window=cfg.window)
         return dq, dk, dv, jnp.zeros_like(sinks_N), None
     lse_BKR = lse
     B, T, N, H = q_BTNH.shape
@@ -221,14 +222,16 @@ def use_hopper_forward(lowering: Lowering, q_BTNH, *, sinks: bool, segmented: bo
     """The Triton lowering's forward runs on Mosaic GPU when compiled for a Hopper GPU, no Triton tiles were
     asked for, and the call fits it."""
     return (lowering.impl == "pallas_gpu" and lowering.interpret is False and block_sizes is None
-            and _flash_hopper.runs_on_this_device() and _flash_hopper.fits(q_BTNH, sinks=sinks, segmented=segmented))
+            and flash_hopper_forward.runs_on_this_device()
+            and flash_hopper_forward.fits(q_BTNH, sinks=sinks, segmented=segmented))
 
 
 def hopper_kernel_runs_both_ways(q_BTNH, *, sinks: bool, segmented: bool) -> bool:
     """Whether, compiled for this machine's GPU with default tiles, the call's forward and backward both run
     on Mosaic GPU (a Hopper GPU; 16-bit, head dim 64/128/256, no sinks or segments)."""
-    return (_flash_hopper.runs_on_this_device() and _flash_hopper.fits(q_BTNH, sinks=sinks, segmented=segmented)
-            and _flash_hopper.backward_fits(q_BTNH))
+    return (flash_hopper_forward.runs_on_this_device()
+            and flash_hopper_forward.fits(q_BTNH, sinks=sinks, segmented=segmented)
+            and flash_hopper_backward.backward_fits(q_BTNH))
 
 
 def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, window: int = 0,
@@ -283,7 +286,7 @@ def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, 
     hopper = use_hopper_forward(lowering, q_BTNH, sinks=sinks_N is not None, segmented=segmented,
                                 block_sizes=block_sizes)
     cfg = _Config(lowering, window, scale, blocks, head_pad, segmented, hopper_forward=hopper,
-                  hopper_backward=hopper and _flash_hopper.backward_fits(q_BTNH))
+                  hopper_backward=hopper and flash_hopper_backward.backward_fits(q_BTNH))
     seg = (jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32))
     sinks = jnp.full((N,), _NO_SINK, _F32) if sinks_N is None else sinks_N
     if sinks_N is None:

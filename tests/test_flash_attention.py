@@ -19,7 +19,8 @@ from layers import attention
 from layers.attention import attention_backend, attention_mask, dot_product_attention, reference_attention, \
     splash_attention
 from pallas_kernels import FlashBlockSizes, flash_attention
-from pallas_kernels._common import Lowering
+from pallas_kernels import flash_hopper_backward, flash_hopper_forward
+from pallas_kernels.common import Lowering
 from tests.conftest import all_eqns
 
 flash_module = importlib.import_module("pallas_kernels.flash_attention")
@@ -160,7 +161,7 @@ def test_hopper_forward_feeds_the_triton_backward(monkeypatch):
         calls.append((scale, window))
         return _reference_with_lse(q, k, v, scale=scale, window=window)
 
-    monkeypatch.setattr(flash_module._flash_hopper, "forward", stand_in)
+    monkeypatch.setattr(flash_hopper_forward, "forward", stand_in)
     monkeypatch.setattr(flash_module, "use_hopper_forward", lambda *a, **kw: True)
     _check("pallas_gpu", T=37, N=6, K=2, H=16, window=7, use_sinks=False, use_segments=False,
            dtype=jnp.float32, tol=1e-5)
@@ -200,8 +201,8 @@ def test_hopper_backward_gets_the_forwards_residuals(H, monkeypatch):
         calls.append(lse.shape)
         return _backward_from_residuals(q, k, v, o, lse, do, scale=scale, window=window)
 
-    monkeypatch.setattr(flash_module._flash_hopper, "forward", forward)
-    monkeypatch.setattr(flash_module._flash_hopper, "backward", backward)
+    monkeypatch.setattr(flash_hopper_forward, "forward", forward)
+    monkeypatch.setattr(flash_hopper_backward, "backward", backward)
     monkeypatch.setattr(flash_module, "use_hopper_forward", lambda *a, **kw: True)
     _check("pallas_gpu", T=37, N=6, K=2, H=H, window=7, use_sinks=False, use_segments=False,
            dtype=jnp.float32, tol=1e-5)
@@ -213,15 +214,15 @@ def test_use_hopper_forward_rules(monkeypatch):
     q = jnp.zeros((1, 8, 4, 128), jnp.bfloat16)
     fits = lambda lowering=compiled, q=q, sinks=False, segmented=False, block_sizes=None: \
         flash_module.use_hopper_forward(lowering, q, sinks=sinks, segmented=segmented, block_sizes=block_sizes)
-    assert fits() == flash_module._flash_hopper.runs_on_this_device()   # False on CPU
-    monkeypatch.setattr(flash_module._flash_hopper, "runs_on_this_device", lambda: True)
+    assert fits() == flash_hopper_forward.runs_on_this_device()   # False on CPU
+    monkeypatch.setattr(flash_hopper_forward, "runs_on_this_device", lambda: True)
     assert fits() and fits(q=q[..., :64]) and fits(q=jnp.zeros((1, 8, 4, 256), jnp.float16))
     assert fits(q=jnp.zeros((1, 8, 4, 512), jnp.bfloat16))
     assert not fits(Lowering("pallas_gpu", interpret=True)) and not fits(Lowering("pallas_tpu"))
     assert not fits(sinks=True) and not fits(segmented=True) and not fits(block_sizes=FlashBlockSizes())
     assert not fits(q=q.astype(jnp.float32)) and not fits(q=q[..., :96])
     assert not fits(q=jnp.zeros((1, 8, 4, 320), jnp.bfloat16))
-    hopper = flash_module._flash_hopper
+    hopper = flash_hopper_forward
     kv = [jnp.zeros((1, 64, 1, 128), jnp.bfloat16)] * 2
     with pytest.raises(ValueError, match="cluster=4 must divide the 6 query heads per kv head"):
         hopper.forward(jnp.zeros((1, 64, 6, 128), jnp.bfloat16), *kv, scale=1.0, window=0, cluster=4)
@@ -238,7 +239,7 @@ def test_use_hopper_forward_rules(monkeypatch):
     assert hopper.default_heads_per_program(4096, 8, 256, window=512, cluster=2) == 1     # head dim 256
 
 
-@pytest.mark.skipif(not flash_module._flash_hopper.runs_on_this_device(), reason="the kernel needs a Hopper GPU")
+@pytest.mark.skipif(not flash_hopper_forward.runs_on_this_device(), reason="the kernel needs a Hopper GPU")
 @pytest.mark.parametrize("T,N,K,H,window,cluster,heads_per_program", [
     (300, 6, 2, 128, 0, None, None), (300, 6, 2, 128, 100, None, None), (256, 4, 1, 64, 0, None, None),
     (200, 2, 1, 256, 64, None, None), (130, 8, 8, 128, 0, None, None), (200, 2, 1, 512, 0, None, None),
@@ -250,21 +251,21 @@ def test_hopper_forward_on_gpu(T, N, K, H, window, cluster, heads_per_program, m
     number of heads per cluster, four where asked), and gradients through `flash_attention`'s backward
     (Mosaic GPU's at d 64-256, Triton's at 512) against the reference."""
     q, k, v, _, _ = _inputs(T, N, K, H, jnp.bfloat16)
-    o, lse = flash_module._flash_hopper.forward(q, k, v, scale=H ** -0.5, window=window, cluster=cluster,
-                                                heads_per_program=heads_per_program)
+    o, lse = flash_hopper_forward.forward(q, k, v, scale=H ** -0.5, window=window, cluster=cluster,
+                                          heads_per_program=heads_per_program)
     o_ref, lse_ref = _reference_with_lse(q, k, v, scale=H ** -0.5, window=window)
     assert float(jnp.max(jnp.abs(o.astype(jnp.float32) - o_ref.astype(jnp.float32)))) <= 2e-2
     assert float(jnp.max(jnp.abs(lse - lse_ref))) <= 1e-4
     calls = []
-    real_forward = flash_module._flash_hopper.forward
-    monkeypatch.setattr(flash_module._flash_hopper, "forward",
+    real_forward = flash_hopper_forward.forward
+    monkeypatch.setattr(flash_hopper_forward, "forward",
                         lambda *a, **kw: calls.append(1) or real_forward(*a, **kw))
     _check("pallas_gpu", T=T, N=N, K=K, H=H, window=window, use_sinks=False, use_segments=False,
            dtype=jnp.bfloat16, tol=2e-2, blocks=None)
     assert calls, "the Mosaic GPU forward did not run"
 
 
-@pytest.mark.skipif(not flash_module._flash_hopper.runs_on_this_device(), reason="the kernel needs a Hopper GPU")
+@pytest.mark.skipif(not flash_hopper_forward.runs_on_this_device(), reason="the kernel needs a Hopper GPU")
 @pytest.mark.parametrize("T,N,K,H,window,cluster", [
     (384, 4, 2, 128, 0, None), (300, 6, 2, 128, 100, None), (256, 4, 1, 64, 0, None), (130, 8, 8, 128, 0, None),
     (500, 8, 2, 128, 192, 4), (384, 4, 2, 256, 0, None), (300, 6, 2, 256, 100, None), (500, 8, 1, 256, 192, 4)])
@@ -273,8 +274,8 @@ def test_hopper_backward_on_gpu(T, N, K, H, window, cluster):
     against the written-out formulas on the definition's output and log-sum-exp."""
     q, k, v, _, do = _inputs(T, N, K, H, jnp.bfloat16)
     do = do.astype(jnp.bfloat16)
-    o, lse = flash_module._flash_hopper.forward(q, k, v, scale=H ** -0.5, window=window)
-    got = flash_module._flash_hopper.backward(q, k, v, o, lse, do, scale=H ** -0.5, window=window, cluster=cluster)
+    o, lse = flash_hopper_forward.forward(q, k, v, scale=H ** -0.5, window=window)
+    got = flash_hopper_backward.backward(q, k, v, o, lse, do, scale=H ** -0.5, window=window, cluster=cluster)
     o_ref, lse_ref = _reference_with_lse(q, k, v, scale=H ** -0.5, window=window)
     want = _backward_from_residuals(q, k, v, o_ref, lse_ref, do, scale=H ** -0.5, window=window)
     for name, g, w in zip("qkv", got, want):
@@ -283,8 +284,8 @@ def test_hopper_backward_on_gpu(T, N, K, H, window, cluster):
         err = float(jnp.max(jnp.abs(g32 - w32)) / (1.0 + float(jnp.max(jnp.abs(w32)))))
         assert err <= 2e-2, f"d{name}: {err}"
     with pytest.raises(ValueError, match="head dim"):
-        flash_module._flash_hopper.backward(*(x[..., :32] for x in (q, k, v, o)), lse, do[..., :32], scale=1.0,
-                                            window=window)
+        flash_hopper_backward.backward(*(x[..., :32] for x in (q, k, v, o)), lse, do[..., :32], scale=1.0,
+                                       window=window)
 
 
 @pytest.mark.parametrize("bq,bk,groups,tokens,window", [(16, 16, 2, 70, 0), (16, 16, 1, 70, 33), (64, 32, 8, 200, 0),
@@ -292,7 +293,7 @@ def test_hopper_backward_on_gpu(T, N, K, H, window, cluster):
 def test_blocks_seen_whole_need_no_mask(bq, bk, groups, tokens, window):
     """The kernels skip the mask on the blocks of `whole_key_blocks` / `whole_row_blocks`: every key of those
     blocks must be visible to every real row of the block they pair with; the masked rest covers the walk."""
-    from pallas_kernels._flash_gpu import key_block_range, row_block_range, whole_key_blocks, whole_row_blocks
+    from pallas_kernels.flash_blocks import key_block_range, row_block_range, whole_key_blocks, whole_row_blocks
     n_rows, n_keys = -(-tokens * groups // bq), -(-tokens // bk)
     visible = lambda t, s: s <= t < tokens and (not window or t - s < window)
     kw = dict(bq=bq, bk=bk, groups=groups, window=window)
@@ -316,7 +317,7 @@ def test_blocks_seen_whole_need_no_mask(bq, bk, groups, tokens, window):
 
 
 def test_window_skips_blocks_so_cost_is_flat_in_length():
-    from pallas_kernels._flash_gpu import key_block_range
+    from pallas_kernels.flash_blocks import key_block_range
     visited = [int(np.subtract(*key_block_range(i, bq=64, bk=64, groups=8, tokens=65536, window=512)[::-1]))
                for i in (100, 4000, 8000)]
     assert visited == [visited[0]] * 3 and visited[0] <= 512 // 64 + 2
@@ -372,7 +373,7 @@ def test_dispatch_table_on_gpu(monkeypatch):
     # sliding-window layers that our Hopper kernel runs both ways (16-bit, head dim 64/128/256) leave cuDNN
     laguna_sliding = dict(q=shaped(1, 4096, 64, 128), k=shaped(1, 4096, 8, 128), window=512)
     assert auto(**laguna_sliding) == "cudnn"      # not on a Hopper GPU
-    monkeypatch.setattr(flash_module._flash_hopper, "runs_on_this_device", lambda: True)
+    monkeypatch.setattr(flash_hopper_forward, "runs_on_this_device", lambda: True)
     assert auto(**laguna_sliding) == "flash"
     assert auto(shaped(1, 4096, 64, 128), shaped(1, 4096, 8, 128)) == "cudnn"                 # full causal
     assert auto(shaped(1, 512, 64, 128), shaped(1, 512, 8, 128), window=512) == "cudnn"       # window >= T

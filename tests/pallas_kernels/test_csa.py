@@ -26,7 +26,7 @@ def make_inputs(dtype, *, B=2, T=13, H=4, D=16, S=5, K=4, seed=0):
 
 def _output_and_grads(impl, blocks, window, indices, segment_ids):
     return output_and_grads(lambda q, kv, kv_comp, sinks: csa_attention(
-        q, kv, kv_comp, indices, sinks, window=window, segment_ids=segment_ids, impl=impl, block_sizes=blocks))
+        q, kv, kv_comp, indices, sinks, window=window, segment_ids_BT=segment_ids, impl=impl, block_sizes=blocks))
 
 
 @pytest.mark.parametrize("impl,dtype", [("pallas_gpu", jnp.float32), ("pallas_gpu", jnp.bfloat16),
@@ -57,7 +57,7 @@ def test_large_head_dim_and_default_scale(assert_close):
 
 def test_padding_and_other_segments_are_never_attended():
     q, kv, kv_comp, indices, sinks, segment_ids = make_inputs(jnp.float32)
-    run = jax.jit(lambda kv: csa_attention(q, kv, kv_comp, indices, sinks, window=8, segment_ids=segment_ids,
+    run = jax.jit(lambda kv: csa_attention(q, kv, kv_comp, indices, sinks, window=8, segment_ids_BT=segment_ids,
                                            impl="pallas_gpu", block_sizes=SMALL_BLOCKS["pallas_gpu"]))
     out = run(kv)
     changed = run(kv.at[1, -2:].set(1e3))                   # the two padding tokens of sequence 1
@@ -68,16 +68,16 @@ def test_padding_and_other_segments_are_never_attended():
 
 
 @pytest.mark.parametrize("bad,message", [
-    (dict(q=jnp.zeros((2, 13, 4))), "q must be 4-d"),
-    (dict(kv=jnp.zeros((2, 12, 16))), "kv has shape"),
-    (dict(kv_comp=jnp.zeros((2, 5, 8))), "kv_comp has shape"),
-    (dict(indices=jnp.zeros((2, 13, 4), jnp.float32)), "indices must have dtype"),
-    (dict(sinks=jnp.zeros((3,))), "sinks has shape"),
-    (dict(kv=jnp.zeros((2, 13, 16), jnp.bfloat16)), "kv must have dtype"),
+    (dict(q_BTNH=jnp.zeros((2, 13, 4))), "q must be 4-d"),
+    (dict(kv_BTH=jnp.zeros((2, 12, 16))), "kv has shape"),
+    (dict(kv_comp_BCH=jnp.zeros((2, 5, 8))), "kv_comp has shape"),
+    (dict(indices_BTK=jnp.zeros((2, 13, 4), jnp.float32)), "indices must have dtype"),
+    (dict(sinks_N=jnp.zeros((3,))), "sinks has shape"),
+    (dict(kv_BTH=jnp.zeros((2, 13, 16), jnp.bfloat16)), "kv must have dtype"),
 ])
 def test_bad_inputs_name_the_tensor(bad, message):
     q, kv, kv_comp, indices, sinks, _ = make_inputs(jnp.float32)
-    args = dict(q=q, kv=kv, kv_comp=kv_comp, indices=indices, sinks=sinks) | bad
+    args = dict(q_BTNH=q, kv_BTH=kv, kv_comp_BCH=kv_comp, indices_BTK=indices, sinks_N=sinks) | bad
     with pytest.raises(ValueError, match=message):
         csa_attention(**args, window=8)
     with pytest.raises(ValueError, match="window must be a positive int"):

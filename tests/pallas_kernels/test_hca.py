@@ -22,7 +22,7 @@ def make_inputs(dtype, *, B=2, T=29, H=4, D=32, ratio=4, seed=0):
 
 def _output_and_grads(impl, blocks, window, ratio, segment_ids):
     return output_and_grads(lambda q, kv, kv_comp, sinks: hca_attention(
-        q, kv, kv_comp, sinks, window=window, ratio=ratio, segment_ids=segment_ids, impl=impl, block_sizes=blocks))
+        q, kv, kv_comp, sinks, window=window, ratio=ratio, segment_ids_BT=segment_ids, impl=impl, block_sizes=blocks))
 
 
 @pytest.mark.parametrize("impl,dtype", [("pallas_gpu", jnp.float32), ("pallas_gpu", jnp.bfloat16),
@@ -76,8 +76,9 @@ def test_no_visible_entries_and_a_long_ratio(assert_close):
 
 def test_future_entries_and_padding_are_never_attended():
     q, kv, kv_comp, sinks, segment_ids = make_inputs(jnp.float32)
-    run = jax.jit(lambda kv, kv_comp: hca_attention(q, kv, kv_comp, sinks, window=8, ratio=4, segment_ids=segment_ids,
-                                                    impl="pallas_gpu", block_sizes=SMALL_BLOCKS["pallas_gpu"]))
+    run = jax.jit(lambda kv, kv_comp: hca_attention(q, kv, kv_comp, sinks, window=8, ratio=4,
+                                                    segment_ids_BT=segment_ids, impl="pallas_gpu",
+                                                    block_sizes=SMALL_BLOCKS["pallas_gpu"]))
     out = run(kv, kv_comp)
     changed = run(kv.at[1, -3:].set(1e3), kv_comp.at[:, 5:].set(1e3))   # padding tokens; entries 5, 6
     np.testing.assert_array_equal(out[0, :23], changed[0, :23])          # entry 5 pools tokens 20..23
@@ -86,14 +87,14 @@ def test_future_entries_and_padding_are_never_attended():
 
 
 @pytest.mark.parametrize("bad,message", [
-    (dict(q=jnp.zeros((2, 29, 4, 32), jnp.int32)), "q must have dtype"),
-    (dict(kv=jnp.zeros((1, 29, 32))), "kv has shape"),
-    (dict(kv_comp=jnp.zeros((2, 7))), "kv_comp must be 3-d"),
-    (dict(sinks=jnp.zeros((4, 1))), "sinks must be 1-d"),
+    (dict(q_BTNH=jnp.zeros((2, 29, 4, 32), jnp.int32)), "q must have dtype"),
+    (dict(kv_BTH=jnp.zeros((1, 29, 32))), "kv has shape"),
+    (dict(kv_comp_BCH=jnp.zeros((2, 7))), "kv_comp must be 3-d"),
+    (dict(sinks_N=jnp.zeros((4, 1))), "sinks must be 1-d"),
 ])
 def test_bad_inputs_name_the_tensor(bad, message):
     q, kv, kv_comp, sinks, _ = make_inputs(jnp.float32)
-    args = dict(q=q, kv=kv, kv_comp=kv_comp, sinks=sinks) | bad
+    args = dict(q_BTNH=q, kv_BTH=kv, kv_comp_BCH=kv_comp, sinks_N=sinks) | bad
     with pytest.raises(ValueError, match=message):
         hca_attention(**args, window=8, ratio=4)
     with pytest.raises(ValueError, match="ratio must be a positive int"):

@@ -90,13 +90,13 @@ def test_topk_wider_than_the_entries_pads_with_minus_one():
 
 
 @pytest.mark.parametrize("bad,message", [
-    (dict(q=jnp.zeros((2, 37, 4))), "q must be 4-d"),
-    (dict(k=jnp.zeros((2, 9, 8))), "k has shape"),
-    (dict(weights=jnp.zeros((2, 37, 5))), "weights has shape"),
+    (dict(q_BTNH=jnp.zeros((2, 37, 4))), "q must be 4-d"),
+    (dict(k_BCH=jnp.zeros((2, 9, 8))), "k has shape"),
+    (dict(weights_BTN=jnp.zeros((2, 37, 5))), "weights has shape"),
 ])
 def test_bad_inputs_name_the_tensor(bad, message):
     q, k, w = make_inputs(jnp.float32)
-    args = dict(q=q, k=k, weights=w) | bad
+    args = dict(q_BTNH=q, k_BCH=k, weights_BTN=w) | bad
     with pytest.raises(ValueError, match=message):
         indexer_scores(**args, ratio=4)
     with pytest.raises(ValueError, match="topk must be a positive int"):

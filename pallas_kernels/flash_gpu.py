@@ -22,48 +22,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._attention_gpu import _dot, _dot_nt, _dot_tn
+from pallas_kernels.common import dot, dot_nt, dot_tn
+from pallas_kernels.flash_blocks import (key_block_range, row_block_range, walk_blocks, whole_key_blocks,
+                                         whole_row_blocks)
 
 _F32 = jnp.float32
-
-
-def key_block_range(i, *, bq: int, bk: int, groups: int, tokens: int, window: int):
-    """[lo, hi) key blocks holding a key visible to some row of row block i (causal + window)."""
-    first_t = lax.div(i * bq, groups)
-    last_t = jnp.minimum(lax.div(i * bq + bq - 1, groups), tokens - 1)
-    hi = lax.div(last_t, bk) + 1
-    lo = lax.div(jnp.maximum(first_t - window + 1, 0), bk) if window else jnp.zeros_like(hi)
-    return lo, jnp.maximum(hi, lo)
-
-
-def row_block_range(j, *, bq: int, bk: int, groups: int, tokens: int, window: int, n_row_blocks: int):
-    """[lo, hi) row blocks holding a row that sees some key of key block j."""
-    first_t = j * bk
-    last_t = jnp.minimum(first_t + bk - 1 + (window - 1 if window else tokens), tokens - 1)
-    lo = lax.div(first_t * groups, bq)
-    hi = jnp.minimum(lax.div((last_t + 1) * groups - 1, bq) + 1, n_row_blocks)
-    return lo, jnp.maximum(hi, lo)
-
-
-def _split(lo, hi, lo_full, hi_full):
-    """[lo, hi) cut into [lo, a) + [a, b) + [b, hi), where [a, b) lies within [lo_full, hi_full)."""
-    a = jnp.clip(lo_full, lo, hi)
-    return a, jnp.clip(hi_full, a, hi)
-
-
-def whole_key_blocks(i, lo, hi, *, bq: int, bk: int, groups: int, window: int):
-    """[a, b) within the key blocks [lo, hi) of row block i that every row sees whole (no mask needed):
-    each key at or before the block's first token and, with a window, within it of its last token."""
-    first_t, last_t = lax.div(i * bq, groups), lax.div(i * bq + bq - 1, groups)
-    lo_full = lax.div(jnp.maximum(last_t - window + 1, 0) + bk - 1, bk) if window else lo
-    return _split(lo, hi, lo_full, lax.div(first_t + 1, bk))
-
-
-def whole_row_blocks(j, lo, hi, *, bq: int, bk: int, groups: int, window: int):
-    """[a, b) within the row blocks [lo, hi) that see all of key block j: each row's token at or after the
-    block's last key and, with a window, within it of the block's first key."""
-    lo_full = lax.div((j * bk + bk - 1) * groups + bq - 1, bq)
-    return _split(lo, hi, lo_full, lax.div((j * bk + window) * groups, bq) if window else hi)
 
 
 def _visible(t_r, s_k, qseg_r, kvseg_k, window: int):
@@ -77,15 +40,16 @@ def _visible(t_r, s_k, qseg_r, kvseg_k, window: int):
     return vis
 
 
-def walk_blocks(lo, hi, whole, step, carry, segmented: bool):
-    """fori_loop of step(j, carry, masked) over blocks [lo, hi): unmasked over the `whole` range (a, b)
-    unless segment ids call for the mask everywhere."""
-    if segmented:
-        return lax.fori_loop(lo, hi, functools.partial(step, masked=True), carry)
-    a, b = whole
-    carry = lax.fori_loop(lo, a, functools.partial(step, masked=True), carry)
-    carry = lax.fori_loop(a, b, functools.partial(step, masked=False), carry)
-    return lax.fori_loop(b, hi, functools.partial(step, masked=True), carry)
+def _key_block_scores(q, k_ref, v_ref, kvseg_ref, j, t_r, qseg_r, *, masked: bool, scale, bk, window, segmented):
+    """Key block j's keys, values and scale * q k^T, -inf where invisible on a `masked` block."""
+    keys = k_ref[pl.ds(j * bk, bk), :]
+    vals = v_ref[pl.ds(j * bk, bk), :]
+    s = dot_nt(q, keys) * scale
+    if masked:
+        s_k = j * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
+        kvseg_k = kvseg_ref[pl.ds(j * bk, bk)] if segmented else None
+        s = jnp.where(_visible(t_r, s_k, qseg_r, kvseg_k, window), s, -jnp.inf)
+    return keys, vals, s
 
 
 def _forward_kernel(qseg_ref, sink_ref, q_ref, k_ref, v_ref, kvseg_ref, o_ref, lse_ref, *, scale, bq, bk,
@@ -98,17 +62,12 @@ def _forward_kernel(qseg_ref, sink_ref, q_ref, k_ref, v_ref, kvseg_ref, o_ref, l
 
     def step(j, carry, masked):
         acc, m, l = carry
-        keys = k_ref[pl.ds(j * bk, bk), :]
-        vals = v_ref[pl.ds(j * bk, bk), :]
-        s = _dot_nt(q, keys) * scale
-        if masked:
-            s_k = j * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
-            kvseg_k = kvseg_ref[pl.ds(j * bk, bk)] if segmented else None
-            s = jnp.where(_visible(t_r, s_k, qseg_r, kvseg_k, window), s, -jnp.inf)
+        keys, vals, s = _key_block_scores(q, k_ref, v_ref, kvseg_ref, j, t_r, qseg_r, masked=masked, scale=scale,
+                                          bk=bk, window=window, segmented=segmented)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
-        acc = acc * alpha[:, None] + _dot(p.astype(vals.dtype), vals)
+        acc = acc * alpha[:, None] + dot(p.astype(vals.dtype), vals)
         return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
     carry = (jnp.zeros(q.shape, _F32), sink_ref[...], jnp.ones((bq,), _F32))
@@ -128,16 +87,11 @@ def _dq_kernel(qseg_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, kvseg_
     lo, hi = key_block_range(i, bq=bq, bk=bk, groups=groups, tokens=tokens, window=window)
 
     def step(j, dq, masked):
-        keys = k_ref[pl.ds(j * bk, bk), :]
-        vals = v_ref[pl.ds(j * bk, bk), :]
-        s = _dot_nt(q, keys) * scale
-        if masked:
-            s_k = j * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
-            kvseg_k = kvseg_ref[pl.ds(j * bk, bk)] if segmented else None
-            s = jnp.where(_visible(t_r, s_k, qseg_r, kvseg_k, window), s, -jnp.inf)
+        keys, vals, s = _key_block_scores(q, k_ref, v_ref, kvseg_ref, j, t_r, qseg_r, masked=masked, scale=scale,
+                                          bk=bk, window=window, segmented=segmented)
         p = jnp.exp(s - lse[:, None])
-        ds = p * (_dot_nt(do, vals) - delta[:, None])
-        return dq + _dot(ds.astype(keys.dtype), keys)
+        ds = p * (dot_nt(do, vals) - delta[:, None])
+        return dq + dot(ds.astype(keys.dtype), keys)
 
     whole = whole_key_blocks(i, lo, hi, bq=bq, bk=bk, groups=groups, window=window)
     dq = walk_blocks(lo, hi, whole, step, jnp.zeros(q.shape, _F32), segmented)
@@ -157,15 +111,15 @@ def _dkv_kernel(k_ref, v_ref, kvseg_ref, qseg_ref, q_ref, do_ref, lse_ref, delta
         dk, dv = carry
         rows = pl.ds(i * bq, bq)
         q, do = q_ref[rows, :], do_ref[rows, :]
-        s = _dot_nt(q, keys) * scale
+        s = dot_nt(q, keys) * scale
         if masked:
             t_r = lax.div(i * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0), groups)
             qseg_r = qseg_ref[rows] if segmented else None
             s = jnp.where(_visible(t_r, s_k, qseg_r, kvseg_k, window), s, -jnp.inf)
         p = jnp.exp(s - lse_ref[rows][:, None])
-        dv = dv + _dot_tn(p.astype(do.dtype), do)
-        ds = p * (_dot_nt(do, vals) - delta_ref[rows][:, None])
-        return dk + _dot_tn(ds.astype(q.dtype), q), dv
+        dv = dv + dot_tn(p.astype(do.dtype), do)
+        ds = p * (dot_nt(do, vals) - delta_ref[rows][:, None])
+        return dk + dot_tn(ds.astype(q.dtype), q), dv
 
     zeros = jnp.zeros(keys.shape, _F32)
     whole = whole_row_blocks(j, lo, hi, bq=bq, bk=bk, groups=groups, window=window)

@@ -1,4 +1,5 @@
-"""Triton (Pallas GPU) kernels for one softmax over a raw-token sliding window plus compressed entries.
+"""Triton (Pallas GPU) lowering of CSA and HCA (`compressed.py`): one softmax over a raw-token sliding
+window plus compressed entries.
 
 Shared by CSA and HCA; only the source of the compressed keys differs:
   CSA ("sparse"): each token's own top-k rows of kv_comp, gathered through int32 indices (-1 = unused);
@@ -10,14 +11,14 @@ Kernels (heads are the rows of every matmul tile, so one K=V block serves all he
   _forward_kernel  one program per (token, head block): online softmax seeded with the sink logit
                    (m = sink, l = 1), writes O and the log-sum-exp (sink included).
   _dq_kernel       same walk recomputing P; dQ, and for CSA dK=dV of the gathered rows by fp32 atomics
-                   (one per row, dim and head block: this scatter bounds CSA's backward on H100).
+                   (one per row, dim and head block: this scatter bounds CSA's backward, docs/benchmarks.md).
   _dkv_kernel      one program per key block, walking the (token, head) rows that can see it: dK=dV of
                    the raw window keys, and for HCA of the compressed entries (no atomics; the rows of a
                    compressed block are split over programs and the partial sums added).
 
-Shapes: B batch, T tokens, H heads (padded to Hp), D head dim (padded to Dp, a power of two), S
-compressed entries (padded to Sp), K top-k slots (padded to Kp), L = w_pad + padded T raw rows, R rows
-(t, h) flattened.
+Shapes: B batch, T tokens, N heads (padded to Np), H head dim (padded to Hp, a power of two), C
+compressed entries (padded to Cp), K top-k slots (padded to Kp), L = w_pad + padded T raw rows, R rows
+(t, n) flattened. Tiles: n heads, h head dim, k keys of a block, r rows.
 """
 from __future__ import annotations
 
@@ -30,62 +31,39 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import BlockSizes, first_entry, next_pow2, pad_axis, round_up
-
-_F32 = jnp.float32
-# HIGHEST keeps float32 tiles in IEEE float32 (not TF32); bf16 tiles are unaffected.
-_HIGHEST = lax.Precision.HIGHEST
-
-
-def _dot(a, b, contract=((1,), (0,))):
-    """Matmul with float32 accumulation: a [M, C] . b [C, N] -> [M, N] by default."""
-    return lax.dot_general(a, b, (contract, ((), ())), precision=_HIGHEST, preferred_element_type=_F32)
-
-
-def _dot_nt(a, b):
-    """a [M, C] . b [N, C]^T -> [M, N]."""
-    return _dot(a, b, ((1,), (1,)))
-
-
-def _dot_tn(a, b):
-    """a [C, M]^T . b [C, N] -> [M, N]."""
-    return _dot(a, b, ((0,), (0,)))
-
-
-def _cdiv(x, n: int):
-    """Ceil division of a non-negative traced int by a static int."""
-    return lax.div(x + (n - 1), n)
+from pallas_kernels.common import (F32, BlockSizes, cdiv, dot, dot_nt, dot_tn, first_entry, next_pow2, pad_axis,
+                                   round_up)
 
 
 def _walk_window(kv_ref, t, first, *, w_pad: int, bk: int, body, carry):
-    """Runs body(carry, keys [bk, Dp], visible [bk], None) over the window blocks ending at token t that
+    """Runs body(carry, keys [bk, Hp], visible [bk], None) over the window blocks ending at token t that
     hold a visible key (positions >= first); kv_ref rows are positions shifted by w_pad."""
     n_blocks = w_pad // bk
 
     def step(i, carry):
         start = t + 1 - (n_blocks - i) * bk
-        keys_kd = kv_ref[pl.ds(start + w_pad, bk), :]
+        keys_kh = kv_ref[pl.ds(start + w_pad, bk), :]
         visible_k = start + lax.broadcasted_iota(jnp.int32, (bk,), 0) >= first
-        return body(carry, keys_kd, visible_k, None)
+        return body(carry, keys_kh, visible_k, None)
 
-    return lax.fori_loop(n_blocks - _cdiv(t + 1 - first, bk), n_blocks, step, carry)
+    return lax.fori_loop(n_blocks - cdiv(t + 1 - first, bk), n_blocks, step, carry)
 
 
 def _walk_compressed(comp_ref, idx_ref, first, count, *, bk: int, body, carry):
-    """Runs body(carry, keys [bk, Dp], visible [bk], rows [bk] | None) over the compressed blocks:
+    """Runs body(carry, keys [bk, Hp], visible [bk], rows [bk] | None) over the compressed blocks:
     CSA (idx_ref given): the token's top-k slots [0, count) gathered by index, -1 slots invisible;
     HCA: entries [first, count) read in order. Blocks outside them are skipped."""
 
     def step(j, carry):
         if idx_ref is None:
-            keys_kd = comp_ref[pl.ds(j * bk, bk), :]
+            keys_kh = comp_ref[pl.ds(j * bk, bk), :]
             s_k = j * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
-            return body(carry, keys_kd, (s_k >= first) & (s_k < count), None)
+            return body(carry, keys_kh, (s_k >= first) & (s_k < count), None)
         rows_k = idx_ref[pl.ds(j * bk, bk)]
-        keys_kd = comp_ref[jnp.maximum(rows_k, 0), :]
-        return body(carry, keys_kd, rows_k >= 0, rows_k)
+        keys_kh = comp_ref[jnp.maximum(rows_k, 0), :]
+        return body(carry, keys_kh, rows_k >= 0, rows_k)
 
-    return lax.fori_loop(lax.div(first, bk), _cdiv(count, bk), step, carry)
+    return lax.fori_loop(lax.div(first, bk), cdiv(count, bk), step, carry)
 
 
 def _forward_kernel(*refs, sparse: bool, w_pad: int, window: int, ratio: int | None, scale: float, bk: int):
@@ -95,25 +73,25 @@ def _forward_kernel(*refs, sparse: bool, w_pad: int, window: int, ratio: int | N
         lo_ref, count_ref, q_ref, kv_ref, comp_ref, sinks_ref, o_ref, lse_ref = refs
         idx_ref = None
     t = pl.program_id(0)
-    q_hd = q_ref[...]
+    q_nh = q_ref[...]
 
-    def online_softmax(carry, keys_kd, visible_k, rows_k):
-        acc_hd, m_h, l_h = carry
-        s_hk = jnp.where(visible_k[None, :], _dot_nt(q_hd, keys_kd) * scale, -jnp.inf)
-        m_new = jnp.maximum(m_h, jnp.max(s_hk, axis=1))
-        alpha_h = jnp.exp(m_h - m_new)
-        p_hk = jnp.exp(s_hk - m_new[:, None])
-        acc_hd = acc_hd * alpha_h[:, None] + _dot(p_hk.astype(keys_kd.dtype), keys_kd)
-        return acc_hd, m_new, l_h * alpha_h + jnp.sum(p_hk, axis=1)
+    def online_softmax(carry, keys_kh, visible_k, rows_k):
+        acc_nh, m_n, l_n = carry
+        s_nk = jnp.where(visible_k[None, :], dot_nt(q_nh, keys_kh) * scale, -jnp.inf)
+        m_new = jnp.maximum(m_n, jnp.max(s_nk, axis=1))
+        alpha_n = jnp.exp(m_n - m_new)
+        p_nk = jnp.exp(s_nk - m_new[:, None])
+        acc_nh = acc_nh * alpha_n[:, None] + dot(p_nk.astype(keys_kh.dtype), keys_kh)
+        return acc_nh, m_new, l_n * alpha_n + jnp.sum(p_nk, axis=1)
 
     # The sink only enters the denominator: it seeds the running max and sum (exp(sink - sink) = 1).
-    carry = (jnp.zeros(q_hd.shape, _F32), sinks_ref[...], jnp.ones(q_hd.shape[:1], _F32))
+    carry = (jnp.zeros(q_nh.shape, F32), sinks_ref[...], jnp.ones(q_nh.shape[:1], F32))
     first = jnp.maximum(lo_ref[t], t - window + 1)
     carry = _walk_window(kv_ref, t, first, w_pad=w_pad, bk=bk, body=online_softmax, carry=carry)
-    acc_hd, m_h, l_h = _walk_compressed(comp_ref, idx_ref, first_entry(lo_ref[t], ratio), count_ref[t], bk=bk,
+    acc_nh, m_n, l_n = _walk_compressed(comp_ref, idx_ref, first_entry(lo_ref[t], ratio), count_ref[t], bk=bk,
                                         body=online_softmax, carry=carry)
-    o_ref[...] = (acc_hd / l_h[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = m_h + jnp.log(l_h)
+    o_ref[...] = (acc_nh / l_n[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = m_n + jnp.log(l_n)
 
 
 def _dq_kernel(*refs, sparse: bool, w_pad: int, window: int, ratio: int | None, scale: float, bk: int,
@@ -125,28 +103,28 @@ def _dq_kernel(*refs, sparse: bool, w_pad: int, window: int, ratio: int | None, 
         lo_ref, count_ref, q_ref, kv_ref, comp_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
         idx_ref = dcomp_ref = None
     t = pl.program_id(0)
-    q_hd, do_hd = q_ref[...], do_ref[...]
-    lse_h, delta_h = lse_ref[...], delta_ref[...]
+    q_nh, do_nh = q_ref[...], do_ref[...]
+    lse_n, delta_n = lse_ref[...], delta_ref[...]
 
-    def accumulate_dq(dq_hd, keys_kd, visible_k, rows_k):
-        s_hk = jnp.where(visible_k[None, :], _dot_nt(q_hd, keys_kd) * scale, -jnp.inf)
-        p_hk = jnp.exp(s_hk - lse_h[:, None])
-        ds_hk = p_hk * (_dot_nt(do_hd, keys_kd) - delta_h[:, None])
+    def accumulate_dq(dq_nh, keys_kh, visible_k, rows_k):
+        s_nk = jnp.where(visible_k[None, :], dot_nt(q_nh, keys_kh) * scale, -jnp.inf)
+        p_nk = jnp.exp(s_nk - lse_n[:, None])
+        ds_nk = p_nk * (dot_nt(do_nh, keys_kh) - delta_n[:, None])
         if rows_k is not None:
             # dK = scale dS^T Q and dV = P^T dO land on the same gathered K=V rows.
-            g_kd = scale * _dot_tn(ds_hk.astype(q_hd.dtype), q_hd) + _dot_tn(p_hk.astype(do_hd.dtype), do_hd)
-            _scatter_add_rows(dcomp_ref, rows_k, visible_k, g_kd, merge_duplicates)
-        return dq_hd + _dot(ds_hk.astype(keys_kd.dtype), keys_kd)
+            g_kh = scale * dot_tn(ds_nk.astype(q_nh.dtype), q_nh) + dot_tn(p_nk.astype(do_nh.dtype), do_nh)
+            _scatter_add_rows(dcomp_ref, rows_k, visible_k, g_kh, merge_duplicates)
+        return dq_nh + dot(ds_nk.astype(keys_kh.dtype), keys_kh)
 
-    dq_hd = jnp.zeros(q_hd.shape, _F32)
+    dq_nh = jnp.zeros(q_nh.shape, F32)
     first = jnp.maximum(lo_ref[t], t - window + 1)
-    dq_hd = _walk_window(kv_ref, t, first, w_pad=w_pad, bk=bk, body=accumulate_dq, carry=dq_hd)
-    dq_hd = _walk_compressed(comp_ref, idx_ref, first_entry(lo_ref[t], ratio), count_ref[t], bk=bk,
-                             body=accumulate_dq, carry=dq_hd)
-    dq_ref[...] = (dq_hd * scale).astype(dq_ref.dtype)
+    dq_nh = _walk_window(kv_ref, t, first, w_pad=w_pad, bk=bk, body=accumulate_dq, carry=dq_nh)
+    dq_nh = _walk_compressed(comp_ref, idx_ref, first_entry(lo_ref[t], ratio), count_ref[t], bk=bk,
+                             body=accumulate_dq, carry=dq_nh)
+    dq_ref[...] = (dq_nh * scale).astype(dq_ref.dtype)
 
 
-def _scatter_add_rows(dcomp_ref, rows_k, visible_k, g_kd, merge_duplicates: bool):
+def _scatter_add_rows(dcomp_ref, rows_k, visible_k, g_kh, merge_duplicates: bool):
     """dcomp[rows] += g with fp32 atomics; invisible slots go to the spare last row.
 
     Under interpret mode JAX emulates the atomic add as a gather/scatter that keeps one of several
@@ -155,15 +133,15 @@ def _scatter_add_rows(dcomp_ref, rows_k, visible_k, g_kd, merge_duplicates: bool
     spare = dcomp_ref.shape[0] - 1
     if merge_duplicates:
         same_kk = (rows_k[:, None] == rows_k[None, :]) & visible_k[:, None] & visible_k[None, :]
-        g_kd = _dot(same_kk.astype(_F32), g_kd)
+        g_kh = dot(same_kk.astype(F32), g_kh)
         earlier_kk = (lax.broadcasted_iota(jnp.int32, same_kk.shape, 1)
                       < lax.broadcasted_iota(jnp.int32, same_kk.shape, 0))
         repeated_k = jnp.max(jnp.where(same_kk & earlier_kk, 1, 0), axis=1) > 0
         visible_k = visible_k & ~repeated_k
     target_k = jnp.where(visible_k, rows_k, spare)
-    cols_d = lax.broadcasted_iota(jnp.int32, (g_kd.shape[1],), 0)
-    plgpu.atomic_add(dcomp_ref, (target_k[:, None], cols_d[None, :]),
-                     jnp.where(visible_k[:, None], g_kd, 0.0))
+    cols_h = lax.broadcasted_iota(jnp.int32, (g_kh.shape[1],), 0)
+    plgpu.atomic_add(dcomp_ref, (target_k[:, None], cols_h[None, :]),
+                     jnp.where(visible_k[:, None], g_kh, 0.0))
 
 
 def _dkv_kernel(keys_ref, q_ref, do_ref, lse_ref, delta_ref, tok_ref, lo_ref, count_ref, dk_ref, *,
@@ -174,7 +152,7 @@ def _dkv_kernel(keys_ref, q_ref, do_ref, lse_ref, delta_ref, tok_ref, lo_ref, co
     lo[t] <= s <= t and s > t - W (lo = window start); compressed entries (ratio set): visible iff
     lo[t] // ratio <= s < count[t] (count = number of complete entries)."""
     s0 = pl.program_id(0) * bk
-    keys_kd = keys_ref[pl.ds(key_offset + s0, bk), :]
+    keys_kh = keys_ref[pl.ds(key_offset + s0, bk), :]
     s_k = s0 + lax.broadcasted_iota(jnp.int32, (bk,), 0)
     if window is not None:
         t_begin, t_end = s0, jnp.minimum(n_tokens, s0 + bk + window - 1)
@@ -182,127 +160,127 @@ def _dkv_kernel(keys_ref, q_ref, do_ref, lse_ref, delta_ref, tok_ref, lo_ref, co
         t_begin, t_end = jnp.minimum((s0 + 1) * ratio - 1, n_tokens), n_tokens
     split_begin = pl.program_id(1) * split_blocks
     rb_begin = jnp.maximum(lax.div(t_begin * heads, br), split_begin)
-    rb_end = jnp.minimum(_cdiv(t_end * heads, br), split_begin + split_blocks)
+    rb_end = jnp.minimum(cdiv(t_end * heads, br), split_begin + split_blocks)
 
-    def accumulate(rb, dk_kd):
+    def accumulate(rb, dk_kh):
         rows = pl.ds(rb * br, br)
-        q_rd, do_rd = q_ref[rows, :], do_ref[rows, :]
+        q_rh, do_rh = q_ref[rows, :], do_ref[rows, :]
         t_r, lo_r = tok_ref[rows][:, None], lo_ref[rows][:, None]
         if window is not None:
             visible_rk = (s_k[None, :] >= lo_r) & (s_k[None, :] <= t_r) & (s_k[None, :] > t_r - window)
         else:
             visible_rk = (s_k[None, :] >= first_entry(lo_r, ratio)) & (s_k[None, :] < count_ref[rows][:, None])
-        s_rk = jnp.where(visible_rk, _dot_nt(q_rd, keys_kd) * scale, -jnp.inf)
+        s_rk = jnp.where(visible_rk, dot_nt(q_rh, keys_kh) * scale, -jnp.inf)
         p_rk = jnp.exp(s_rk - lse_ref[rows][:, None])
-        ds_rk = p_rk * (_dot_nt(do_rd, keys_kd) - delta_ref[rows][:, None])
-        return (dk_kd + scale * _dot_tn(ds_rk.astype(q_rd.dtype), q_rd)
-                + _dot_tn(p_rk.astype(do_rd.dtype), do_rd))
+        ds_rk = p_rk * (dot_nt(do_rh, keys_kh) - delta_ref[rows][:, None])
+        return (dk_kh + scale * dot_tn(ds_rk.astype(q_rh.dtype), q_rh)
+                + dot_tn(p_rk.astype(do_rh.dtype), do_rh))
 
-    dk_ref[...] = lax.fori_loop(rb_begin, rb_end, accumulate, jnp.zeros(keys_kd.shape, _F32))
+    dk_ref[...] = lax.fori_loop(rb_begin, rb_end, accumulate, jnp.zeros(keys_kh.shape, F32))
 
 
 class _Padded(NamedTuple):
     """Inputs laid out for the Triton kernels (see the module docstring for the padded sizes)."""
-    q: jax.Array          # [B, T, Hp, Dp]
-    kv: jax.Array         # [B, L, Dp], positions shifted by w_pad, zero rows around
-    comp: jax.Array       # [B, Sp, Dp]
+    q: jax.Array          # [B, T, Np, Hp]
+    kv: jax.Array         # [B, L, Hp], positions shifted by w_pad, zero rows around
+    comp: jax.Array       # [B, Cp, Hp]
     idx: jax.Array | None  # [B, T, Kp] int32, -1 padded (CSA)
-    sinks: jax.Array      # [Hp] f32
+    sinks: jax.Array      # [Np] f32
     block_h: int          # forward heads per program
     block_h_dq: int       # dQ heads per program
     w_pad: int
 
 
-def _pad_inputs(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, *, window: int, blocks: BlockSizes) -> _Padded:
-    B, T, H, D = q_BTHD.shape
-    bh, bh_dq = (min(b, max(16, next_pow2(H))) for b in (blocks.block_h, blocks.block_h_dq))
-    Hp, Dp = round_up(H, max(bh, bh_dq)), max(16, next_pow2(D))
+def _pad_inputs(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, *, window: int, blocks: BlockSizes) -> _Padded:
+    B, T, N, H = q_BTNH.shape
+    bh, bh_dq = (min(b, max(16, next_pow2(N))) for b in (blocks.block_h, blocks.block_h_dq))
+    Np, Hp = round_up(N, max(bh, bh_dq)), max(16, next_pow2(H))
     key_multiple = max(blocks.block_k, blocks.block_k_dq, blocks.block_kv_bwd)
     w_pad = round_up(window, key_multiple)
-    q = pad_axis(pad_axis(q_BTHD, 2, Hp), 3, Dp)
-    kv = pad_axis(pad_axis(kv_BTD, 1, w_pad + round_up(T, blocks.block_kv_bwd), before=w_pad), 2, Dp)
-    comp = pad_axis(pad_axis(comp_BSD, 1, round_up(max(comp_BSD.shape[1], 1), key_multiple)), 2, Dp)
+    q = pad_axis(pad_axis(q_BTNH, 2, Np), 3, Hp)
+    kv = pad_axis(pad_axis(kv_BTH, 1, w_pad + round_up(T, blocks.block_kv_bwd), before=w_pad), 2, Hp)
+    comp = pad_axis(pad_axis(comp_BCH, 1, round_up(max(comp_BCH.shape[1], 1), key_multiple)), 2, Hp)
     idx = None if idx_BTK is None else pad_axis(
         idx_BTK, 2, round_up(idx_BTK.shape[2], max(blocks.block_k, blocks.block_k_dq)), value=-1)
-    sinks = pad_axis(sinks_H.astype(_F32), 0, Hp)
+    sinks = pad_axis(sinks_N.astype(F32), 0, Np)
     return _Padded(q, kv, comp, idx, sinks, bh, bh_dq, w_pad)
 
 
 def _token_specs(p: _Padded, sparse: bool, block_h: int):
-    """BlockSpecs of the per-(token, head block) kernels; grid (T, Hp // block_h, B)."""
-    B, T, Hp, Dp = p.q.shape
+    """BlockSpecs of the per-(token, head block) kernels; grid (T, Np // block_h, B)."""
+    B, T, Np, Hp = p.q.shape
     whole_row = lambda t, h, b: (b, 0)
     specs = [pl.BlockSpec((None, T), whole_row),                                  # window start
              pl.BlockSpec((None, T), whole_row),                                  # compressed count
-             pl.BlockSpec((None, None, block_h, Dp), lambda t, h, b: (b, t, h, 0)),
-             pl.BlockSpec((None, p.kv.shape[1], Dp), lambda t, h, b: (b, 0, 0)),
-             pl.BlockSpec((None, p.comp.shape[1], Dp), lambda t, h, b: (b, 0, 0))]
+             pl.BlockSpec((None, None, block_h, Hp), lambda t, h, b: (b, t, h, 0)),
+             pl.BlockSpec((None, p.kv.shape[1], Hp), lambda t, h, b: (b, 0, 0)),
+             pl.BlockSpec((None, p.comp.shape[1], Hp), lambda t, h, b: (b, 0, 0))]
     if sparse:
         specs.append(pl.BlockSpec((None, None, p.idx.shape[2]), lambda t, h, b: (b, t, 0)))
-    head_rows = pl.BlockSpec((None, None, block_h, Dp), lambda t, h, b: (b, t, h, 0))
+    head_rows = pl.BlockSpec((None, None, block_h, Hp), lambda t, h, b: (b, t, h, 0))
     head_vec = pl.BlockSpec((None, None, block_h), lambda t, h, b: (b, t, h))
     return specs, head_rows, head_vec
 
 
-def forward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, *, window: int, ratio: int | None,
+def forward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, *, window: int, ratio: int | None,
             scale: float, blocks: BlockSizes, interpret: bool) -> tuple[jax.Array, jax.Array]:
-    """O [B, T, H, D] and the log-sum-exp [B, T, H] (float32, sink included). ratio: HCA's (None for CSA)."""
-    B, T, H, D = q_BTHD.shape
+    """O [B, T, N, H] and the log-sum-exp [B, T, N] (float32, sink included). ratio: HCA's (None for CSA)."""
+    B, T, N, H = q_BTNH.shape
     sparse = idx_BTK is not None
-    p = _pad_inputs(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, window=window, blocks=blocks)
-    Hp, Dp = p.q.shape[2:]
+    p = _pad_inputs(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, window=window, blocks=blocks)
+    Np, Hp = p.q.shape[2:]
     specs, head_rows, head_vec = _token_specs(p, sparse, p.block_h)
     specs.append(pl.BlockSpec((p.block_h,), lambda t, h, b: (h,)))
     kernel = functools.partial(_forward_kernel, sparse=sparse, w_pad=p.w_pad, window=window, ratio=ratio,
                                scale=scale, bk=blocks.block_k)
     o, lse = pl.pallas_call(
-        kernel, grid=(T, Hp // p.block_h, B), in_specs=specs, out_specs=[head_rows, head_vec],
-        out_shape=[jax.ShapeDtypeStruct(p.q.shape, q_BTHD.dtype), jax.ShapeDtypeStruct((B, T, Hp), _F32)],
+        kernel, grid=(T, Np // p.block_h, B), in_specs=specs, out_specs=[head_rows, head_vec],
+        out_shape=[jax.ShapeDtypeStruct(p.q.shape, q_BTNH.dtype), jax.ShapeDtypeStruct((B, T, Np), F32)],
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret, name="csa_forward" if sparse else "hca_forward",
     )(lo_BT, count_BT, p.q, p.kv, p.comp, *([p.idx] if sparse else []), p.sinks)
-    return o[:, :, :H, :D], lse[:, :, :H]
+    return o[:, :, :N, :H], lse[:, :, :N]
 
 
-def backward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, do_BTHD, lse_BTH, delta_BTH, *,
+def backward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, do_BTNH, lse_BTN, delta_BTN, *,
              window: int, ratio: int | None, scale: float, blocks: BlockSizes, interpret: bool
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """dQ [B, T, H, D] (q dtype), dKV [B, T, D] and dKV_comp [B, S, D] (float32)."""
-    B, T, H, D = q_BTHD.shape
-    S = comp_BSD.shape[1]
+    """dQ [B, T, N, H] (q dtype), dKV [B, T, H] and dKV_comp [B, C, H] (float32)."""
+    B, T, N, H = q_BTNH.shape
+    C = comp_BCH.shape[1]
     sparse = idx_BTK is not None
-    p = _pad_inputs(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, window=window, blocks=blocks)
-    Hp, Dp = p.q.shape[2:]
-    do = pad_axis(pad_axis(do_BTHD.astype(q_BTHD.dtype), 2, Hp), 3, Dp)
-    lse, delta = pad_axis(lse_BTH, 2, Hp), pad_axis(delta_BTH, 2, Hp)
+    p = _pad_inputs(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, window=window, blocks=blocks)
+    Np, Hp = p.q.shape[2:]
+    do = pad_axis(pad_axis(do_BTNH.astype(q_BTNH.dtype), 2, Np), 3, Hp)
+    lse, delta = pad_axis(lse_BTN, 2, Np), pad_axis(delta_BTN, 2, Np)
     params = plgpu.CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd)
 
     # dQ per (token, head block); CSA also scatters dK=dV of its gathered rows (+1 spare row).
     specs, head_rows, head_vec = _token_specs(p, sparse, p.block_h_dq)
     specs += [head_rows, head_vec, head_vec]
-    out_specs, out_shape = [head_rows], [jax.ShapeDtypeStruct(p.q.shape, q_BTHD.dtype)]
+    out_specs, out_shape = [head_rows], [jax.ShapeDtypeStruct(p.q.shape, q_BTNH.dtype)]
     operands = [lo_BT, count_BT, p.q, p.kv, p.comp, *([p.idx] if sparse else []), do, lse, delta]
     if sparse:
-        dcomp_spec = pl.BlockSpec((None, p.comp.shape[1] + 1, Dp), lambda t, h, b: (b, 0, 0))
+        dcomp_spec = pl.BlockSpec((None, p.comp.shape[1] + 1, Hp), lambda t, h, b: (b, 0, 0))
         specs.append(dcomp_spec)
         out_specs.append(dcomp_spec)
-        out_shape.append(jax.ShapeDtypeStruct((B, p.comp.shape[1] + 1, Dp), _F32))
-        operands.append(jnp.zeros(out_shape[-1].shape, _F32))
+        out_shape.append(jax.ShapeDtypeStruct((B, p.comp.shape[1] + 1, Hp), F32))
+        operands.append(jnp.zeros(out_shape[-1].shape, F32))
     kernel = functools.partial(_dq_kernel, sparse=sparse, w_pad=p.w_pad, window=window, ratio=ratio,
                                scale=scale, bk=blocks.block_k_dq, merge_duplicates=bool(interpret))
     dq, *dcomp = pl.pallas_call(
-        kernel, grid=(T, Hp // p.block_h_dq, B), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
+        kernel, grid=(T, Np // p.block_h_dq, B), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
         input_output_aliases={len(operands) - 1: 1} if sparse else {}, compiler_params=params,
         interpret=interpret, name="csa_dq" if sparse else "hca_dq",
     )(*operands)
 
     # dK=dV key-major over the (token, head) rows: the raw window keys, and HCA's compressed entries.
     br, bkv = blocks.block_rows_bwd, blocks.block_kv_bwd
-    R = round_up(T * Hp, br)
-    rows = lambda x, fill=0: pad_axis(x.reshape(B, T * Hp, *x.shape[3:]), 1, R, value=fill)
-    per_row = lambda x_BT: rows(jnp.broadcast_to(x_BT[:, :, None], (B, T, Hp)))
+    R = round_up(T * Np, br)
+    rows = lambda x, fill=0: pad_axis(x.reshape(B, T * Np, *x.shape[3:]), 1, R, value=fill)
+    per_row = lambda x_BT: rows(jnp.broadcast_to(x_BT[:, :, None], (B, T, Np)))
     tok_R = per_row(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
-    tok_R = jnp.where(jnp.arange(R) < T * Hp, tok_R, -1)
+    tok_R = jnp.where(jnp.arange(R) < T * Np, tok_R, -1)
     row_operands = [rows(p.q), rows(do), rows(lse), rows(delta), tok_R]
 
     def key_major(keys, key_offset, n_keys, **rule):
@@ -311,26 +289,26 @@ def backward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, do_BTH
         # rows are split over programs (partial sums added below) to keep the GPU busy.
         n_splits = 1 if rule["window"] else max(1, min(R // br, -(-512 // n_kb)))
         split_blocks = -(-(R // br) // n_splits)
-        row_spec = pl.BlockSpec((None, R, Dp), lambda kb, sp, b: (b, 0, 0))
+        row_spec = pl.BlockSpec((None, R, Hp), lambda kb, sp, b: (b, 0, 0))
         vec_spec = pl.BlockSpec((None, R), lambda kb, sp, b: (b, 0))
         kernel = functools.partial(_dkv_kernel, scale=scale, key_offset=key_offset, bk=bkv, br=br, n_tokens=T,
-                                   heads=Hp, split_blocks=split_blocks, **rule)
+                                   heads=Np, split_blocks=split_blocks, **rule)
         partial_dk = pl.pallas_call(
             kernel, grid=(n_kb, n_splits, B),
-            in_specs=[pl.BlockSpec((None, keys.shape[1], Dp), lambda kb, sp, b: (b, 0, 0)),
+            in_specs=[pl.BlockSpec((None, keys.shape[1], Hp), lambda kb, sp, b: (b, 0, 0)),
                       row_spec, row_spec, vec_spec, vec_spec, vec_spec, vec_spec, vec_spec],
-            out_specs=pl.BlockSpec((None, None, bkv, Dp), lambda kb, sp, b: (b, sp, kb, 0)),
-            out_shape=jax.ShapeDtypeStruct((B, n_splits, n_kb * bkv, Dp), _F32),
+            out_specs=pl.BlockSpec((None, None, bkv, Hp), lambda kb, sp, b: (b, sp, kb, 0)),
+            out_shape=jax.ShapeDtypeStruct((B, n_splits, n_kb * bkv, Hp), F32),
             compiler_params=params, interpret=interpret,
             name="window_dkv" if rule["window"] else "hca_dkv",
         )(keys, *row_operands, per_row(lo_BT), per_row(count_BT))
-        return jnp.sum(partial_dk, axis=1)[:, :n_keys, :D]
+        return jnp.sum(partial_dk, axis=1)[:, :n_keys, :H]
 
     dkv = key_major(p.kv, p.w_pad, T, window=window, ratio=None)
     if sparse:
-        dcomp = dcomp[0][:, :S, :D]
-    elif S == 0:
-        dcomp = jnp.zeros((B, 0, D), _F32)
+        dcomp = dcomp[0][:, :C, :H]
+    elif C == 0:
+        dcomp = jnp.zeros((B, 0, H), F32)
     else:
-        dcomp = key_major(p.comp, 0, S, window=None, ratio=ratio)
-    return dq[:, :, :H, :D], dkv, dcomp
+        dcomp = key_major(p.comp, 0, C, window=None, ratio=ratio)
+    return dq[:, :, :N, :H], dkv, dcomp

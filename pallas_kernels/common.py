@@ -1,7 +1,9 @@
-"""Plumbing shared by the compressed/sparse attention kernels: choosing a lowering, checking inputs,
-padding, the per-token window start, and the sink softmax of the pure-JAX references.
+"""What every kernel of the package shares, written once: choosing a lowering, checking inputs, padding,
+float32-accumulating tile matmuls, the per-token window start and the compressed entries a token sees.
+BlockSizes (the compressed kernels' tiles) lives here because their API and both lowerings read it.
 
-Shapes: B batch, T tokens, H query heads, D head dim, S compressed entries, K top-k slots, W window.
+Shapes (the repo's legend): B batch, T query tokens, S key tokens, N query heads, H head dim,
+C compressed entries.
 """
 from __future__ import annotations
 
@@ -10,20 +12,24 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
 IMPLS = ("xla", "pallas_gpu", "pallas_tpu", "auto")
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16)
+F32 = jnp.float32
+# HIGHEST keeps float32 tiles in IEEE float32 (not TF32); bf16 tiles are unaffected.
+HIGHEST = lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tile sizes of the window + compressed attention kernels (tune per chip).
 
-    block_h, block_k: forward; heads per GPU program (the rows of its [block_h, D] x [D, block_k] tiles;
-      the TPU always takes all heads) and keys per step (window blocks, compressed blocks/top-k chunks).
+    block_h, block_k: forward; query heads per GPU program (the rows of its [block_h, H] x [H, block_k]
+      tiles; the TPU always takes all heads) and keys per step (window blocks, compressed blocks/top-k chunks).
     block_h_dq, block_k_dq: the same for the dQ kernel (GPU). CSA's gathered rows get one atomic add per
-      head block, so the largest block_h_dq that fits in shared memory is best (32 at D=512 on H100).
+      head block, so the largest block_h_dq that fits in shared memory is best (docs/benchmarks.md).
     block_kv_bwd, block_rows_bwd: keys per program and (token, head) rows per step of the key-major dK=dV
       kernel.
     num_warps, num_stages / num_warps_bwd, num_stages_bwd: Triton launch parameters (GPU only) of the
@@ -97,22 +103,6 @@ def check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def check_compressed_attention_inputs(q, kv, kv_comp, sinks, segment_ids, window) -> tuple[int, int, int, int]:
-    """The checks CSA and HCA share: q [B, T, H, D], kv [B, T, D] and kv_comp [B, S, D] in q's dtype,
-    sinks [H], optional int32 segment_ids [B, T], a positive window. Returns (B, T, H, D)."""
-    check_array("q", q, 4, FLOAT_DTYPES, "[B, T, H, D]")
-    B, T, H, D = q.shape
-    check_array("kv", kv, 3, (q.dtype,), "[B, T, D] with q's dtype")
-    check_dim("kv", kv, 0, B, "batch"), check_dim("kv", kv, 1, T, "tokens"), check_dim("kv", kv, 2, D, "head dim")
-    check_array("kv_comp", kv_comp, 3, (q.dtype,), "[B, S, D] with q's dtype")
-    check_dim("kv_comp", kv_comp, 0, B, "batch"), check_dim("kv_comp", kv_comp, 2, D, "head dim")
-    check_array("sinks", sinks, 1, FLOAT_DTYPES, "[H]")
-    check_dim("sinks", sinks, 0, H, "heads")
-    check_segment_ids(segment_ids, B, T)
-    check_positive("window", window)
-    return B, T, H, D
-
-
 def check_segment_ids(segment_ids, batch: int, length: int) -> None:
     """ValueError unless segment_ids is None or int32 [batch, length]."""
     if segment_ids is not None:
@@ -126,6 +116,31 @@ def gpu_compute_capability() -> int:
     if jax.default_backend() != "gpu":
         return 0
     return int(str(getattr(jax.devices()[0], "compute_capability", "0")).split(".")[0])
+
+
+def dot(a, b, precision=HIGHEST):
+    """Tile matmul with float32 accumulation: a [M, C] . b [C, N] -> [M, N]."""
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=F32)
+
+
+def dot_nt(a, b, precision=HIGHEST):
+    """a [M, C] . b [N, C]^T -> [M, N]."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=F32)
+
+
+def dot_tn(a, b, precision=HIGHEST):
+    """a [C, M]^T . b [C, N] -> [M, N]."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=F32)
+
+
+def tpu_precision(dtype):
+    """Mosaic TPU matmul precision: float32 tiles as float32 (HIGHEST), 16-bit ones at DEFAULT."""
+    return HIGHEST if dtype == F32 else lax.Precision.DEFAULT
+
+
+def cdiv(x, n: int):
+    """Ceil division of a non-negative traced int by a static int."""
+    return lax.div(x + (n - 1), n)
 
 
 def round_up(x: int, multiple: int) -> int:
@@ -163,47 +178,16 @@ def window_start(segment_ids_BT: jax.Array | None, batch: int, length: int) -> j
     return jnp.where(seg != 0, run_start_BT, t_T + 1).astype(jnp.int32)
 
 
+def visible_entries(t, ratio: int, num_entries: int, div=lax.div):
+    """How many compressed entries token t (>= 0) sees: min((t + 1) // ratio, C). Entry c pools tokens
+    [c * ratio, (c + 1) * ratio), so it is visible once all of them are in the past. For int32 scalars
+    (inside kernels; `div` lax.div) and arrays (`div` jnp.floor_divide)."""
+    return jnp.minimum(div(t + 1, ratio), num_entries)
+
+
 def first_entry(lo, ratio: int | None):
-    """The first compressed entry a token whose segment starts at `lo` (its `window_start`) may see. Entry s
-    belongs to the segment of its last pooled token (s + 1) * ratio - 1, which lies in [lo, t] iff
-    s >= lo // ratio (a padding token, lo = t + 1, sees none). ratio None (CSA, whose indexer already chose
+    """The first compressed entry a token whose segment starts at `lo` (its `window_start`) may see. Entry c
+    belongs to the segment of its last pooled token (c + 1) * ratio - 1, which lies in [lo, t] iff
+    c >= lo // ratio (a padding token, lo = t + 1, sees none). ratio None (CSA, whose indexer already chose
     within the segment): 0. For int32 scalars (inside kernels) and arrays."""
     return 0 if ratio is None else jax.lax.div(lo, ratio)
-
-
-def window_keys_reference(kv_BTD: jax.Array, window: int, window_start_BT: jax.Array
-                          ) -> tuple[jax.Array, jax.Array]:
-    """The W raw keys of every token's window, gathered: keys [B, T, W, D] and visible [B, T, W]
-    (slot w holds position t - W + 1 + w)."""
-    T = kv_BTD.shape[1]
-    pos_TW = jnp.arange(T)[:, None] - (window - 1) + jnp.arange(window)[None, :]
-    visible_BTW = (pos_TW[None] >= window_start_BT[:, :, None]) & (pos_TW[None] >= 0)
-    keys_BTWD = gather_rows(kv_BTD, jnp.broadcast_to(jnp.clip(pos_TW, 0, T - 1), visible_BTW.shape))
-    return keys_BTWD, visible_BTW
-
-
-def gather_rows(x_BSD: jax.Array, rows_BTN: jax.Array) -> jax.Array:
-    """x[b, rows[b, t, n]] -> [B, T, N, D], gathered through float32 so that the gradient's scatter-add
-    (thousands of terms per row at long context) accumulates in float32, not in bf16."""
-    gathered = jax.vmap(lambda x_SD, rows_TN: x_SD[rows_TN])(x_BSD.astype(jnp.float32), rows_BTN)
-    return gathered.astype(x_BSD.dtype)
-
-
-def sink_softmax(logits_parts: list[jax.Array], sinks_H: jax.Array) -> list[jax.Array]:
-    """One softmax over the concatenated last axes of float32 logits [B, T, H, N_i] (-inf = masked)
-    plus a per-head sink logit that only enters the denominator; returns the probabilities per part."""
-    B, T, H, _ = logits_parts[0].shape
-    sink_BTH1 = jnp.broadcast_to(sinks_H.astype(jnp.float32)[:, None], (B, T, H, 1))
-    probs = jax.nn.softmax(jnp.concatenate([*logits_parts, sink_BTH1], axis=-1), axis=-1)
-    splits, offset = [], 0
-    for part in logits_parts:
-        splits.append(probs[..., offset:offset + part.shape[-1]])
-        offset += part.shape[-1]
-    return splits
-
-
-def sink_gradient(sinks_H: jax.Array, lse_BTH: jax.Array, delta_BTH: jax.Array) -> jax.Array:
-    """d loss / d sink_h = -sum_{b,t} p_sink[b,t,h] * delta[b,t,h], with p_sink = exp(sink_h - lse) and
-    delta = sum_d dO * O (the sink is a logit whose value vector is zero)."""
-    p_sink_BTH = jnp.exp(sinks_H.astype(jnp.float32) - lse_BTH)
-    return -jnp.einsum("BTH,BTH->H", p_sink_BTH, delta_BTH).astype(sinks_H.dtype)

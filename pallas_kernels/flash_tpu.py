@@ -16,14 +16,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._flash_gpu import key_block_range, row_block_range
+from pallas_kernels.common import dot, dot_nt, dot_tn
+from pallas_kernels.flash_blocks import key_block_range, row_block_range
 
 _F32 = jnp.float32
-_HIGHEST = lax.Precision.HIGHEST
-
-
-def _dot(a, b, contract=((1,), (0,))):
-    return lax.dot_general(a, b, (contract, ((), ())), precision=_HIGHEST, preferred_element_type=_F32)
 
 
 def _visible(i, j, qseg_r1, kvseg_1k, *, bq, bk, groups, window):
@@ -49,12 +45,12 @@ def _forward_kernel(qseg_ref, sink_ref, q_ref, k_ref, v_ref, kvseg_ref, o_ref, l
     @pl.when((j >= lo) & (j < hi))
     def _step():
         vis = _visible(i, j, qseg_ref[...], kvseg_ref[...], bq=bq, bk=bk, groups=groups, window=window)
-        s = jnp.where(vis, _dot(q_ref[...], k_ref[...], ((1,), (1,))) * scale, -jnp.inf)
+        s = jnp.where(vis, dot_nt(q_ref[...], k_ref[...]) * scale, -jnp.inf)
         m = m_ref[...]
         m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new)
-        acc_ref[...] = acc_ref[...] * alpha + _dot(p.astype(v_ref.dtype), v_ref[...])
+        acc_ref[...] = acc_ref[...] * alpha + dot(p.astype(v_ref.dtype), v_ref[...])
         l_ref[...] = l_ref[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
         m_ref[...] = m_new
 
@@ -77,10 +73,10 @@ def _dq_kernel(qseg_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, kvseg_
     def _step():
         vis = _visible(i, j, qseg_ref[...], kvseg_ref[...], bq=bq, bk=bk, groups=groups, window=window)
         keys = k_ref[...]
-        s = jnp.where(vis, _dot(q_ref[...], keys, ((1,), (1,))) * scale, -jnp.inf)
+        s = jnp.where(vis, dot_nt(q_ref[...], keys) * scale, -jnp.inf)
         p = jnp.exp(s - lse_ref[...])
-        ds = p * (_dot(do_ref[...], v_ref[...], ((1,), (1,))) - delta_ref[...])
-        acc_ref[...] += _dot(ds.astype(keys.dtype), keys)
+        ds = p * (dot_nt(do_ref[...], v_ref[...]) - delta_ref[...])
+        acc_ref[...] += dot(ds.astype(keys.dtype), keys)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -102,11 +98,11 @@ def _dkv_kernel(k_ref, v_ref, kvseg_ref, qseg_ref, q_ref, do_ref, lse_ref, delta
     def _step():
         vis = _visible(i, j, qseg_ref[...], kvseg_ref[...], bq=bq, bk=bk, groups=groups, window=window)
         q, do = q_ref[...], do_ref[...]
-        s = jnp.where(vis, _dot(q, k_ref[...], ((1,), (1,))) * scale, -jnp.inf)
+        s = jnp.where(vis, dot_nt(q, k_ref[...]) * scale, -jnp.inf)
         p = jnp.exp(s - lse_ref[...])
-        dv_acc[...] += _dot(p.astype(do.dtype), do, ((0,), (0,)))
-        ds = p * (_dot(do, v_ref[...], ((1,), (1,))) - delta_ref[...])
-        dk_acc[...] += _dot(ds.astype(q.dtype), q, ((0,), (0,)))
+        dv_acc[...] += dot_tn(p.astype(do.dtype), do)
+        ds = p * (dot_nt(do, v_ref[...]) - delta_ref[...])
+        dk_acc[...] += dot_tn(ds.astype(q.dtype), q)
 
     @pl.when(i == pl.num_programs(3) - 1)
     def _finish():

@@ -1,7 +1,8 @@
-"""Mosaic TPU (Pallas TPU) kernels for one softmax over a raw-token sliding window plus compressed entries.
+"""Mosaic TPU (Pallas TPU) lowering of CSA and HCA (`compressed.py`): one softmax over a raw-token sliding
+window plus compressed entries.
 
-The same algorithm as `_attention_gpu` (read its docstring first), laid out for the TPU:
-  * one grid step per (batch, token), all H heads as the sublane rows of the [H, D] x [D, n] matmuls;
+The same algorithm as `compressed_gpu` (read its docstring first), laid out for the TPU:
+  * one grid step per (batch, token), all N heads as the sublane rows of the [N, H] x [H, k] matmuls;
   * K=V rows stay in HBM and are DMA'd into VMEM: the window as one contiguous copy, CSA's top-k rows one
     DMA per index (block_k rows per chunk), HCA's visible prefix one copy per block; compressed chunks are
     double-buffered so the next chunk streams in while this one is multiplied;
@@ -11,8 +12,9 @@ The same algorithm as `_attention_gpu` (read its docstring first), laid out for 
   * the key-major dK=dV kernel keeps keys on sublanes and the (token, head) rows on lanes, so the per-row
     log-sum-exp, delta, token and bound arrive as compact [1, rows] vectors.
 
-Shapes: B batch, T tokens, H heads, D head dim, S compressed entries (padded to Sp), K top-k slots
-(padded to Kp = Kc * block_k), L = w_pad + padded T raw rows, R rows (t, h) flattened.
+Shapes: B batch, T tokens, N heads, H head dim, C compressed entries (padded to Cp), K top-k slots
+(padded to Kp = Kc * block_k), L = w_pad + padded T raw rows, R rows (t, n) flattened. Tiles: n heads,
+h head dim, k keys of a block or window, r rows.
 """
 from __future__ import annotations
 
@@ -25,46 +27,25 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import BlockSizes, first_entry, pad_axis, round_up
-
-_F32 = jnp.float32
-
-
-def _precision(dtype):
-    return lax.Precision.HIGHEST if dtype == _F32 else lax.Precision.DEFAULT
+from pallas_kernels.common import (F32, BlockSizes, cdiv, dot, dot_nt, dot_tn, first_entry, pad_axis, round_up,
+                                   tpu_precision)
 
 
-def _dot(a, b, precision, contract=((1,), (0,))):
-    return lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=_F32)
-
-
-def _dot_nt(a, b, precision):
-    return _dot(a, b, precision, ((1,), (1,)))
-
-
-def _dot_tn(a, b, precision):
-    return _dot(a, b, precision, ((0,), (0,)))
-
-
-def _cdiv(x, n: int):
-    return lax.div(x + (n - 1), n)
-
-
-def _col_to_row(x_h1):
-    """[H, 1] -> [1, H] without a transpose (masked sublane reduction)."""
-    n = x_h1.shape[0]
+def _col_to_row(x_n1):
+    """[N, 1] -> [1, N] without a transpose (masked sublane reduction)."""
+    n = x_n1.shape[0]
     eye = lax.broadcasted_iota(jnp.int32, (n, n), 0) == lax.broadcasted_iota(jnp.int32, (n, n), 1)
-    return jnp.sum(jnp.where(eye, x_h1, 0.0), axis=0, keepdims=True)
+    return jnp.sum(jnp.where(eye, x_n1, 0.0), axis=0, keepdims=True)
 
 
-def _row_to_col(x_1h):
-    n = x_1h.shape[1]
+def _row_to_col(x_1n):
+    n = x_1n.shape[1]
     eye = lax.broadcasted_iota(jnp.int32, (n, n), 0) == lax.broadcasted_iota(jnp.int32, (n, n), 1)
-    return jnp.sum(jnp.where(eye, x_1h, 0.0), axis=1, keepdims=True)
+    return jnp.sum(jnp.where(eye, x_1n, 0.0), axis=1, keepdims=True)
 
 
 class _CompressedChunks:
-    """DMA of compressed block j into slot (0/1) of a [2, bk, D] VMEM buffer: CSA gathers one row per
+    """DMA of compressed block j into slot (0/1) of a [2, bk, H] VMEM buffer: CSA gathers one row per
     top-k index (-1 reads row 0 and is masked later), HCA copies entries [j*bk, (j+1)*bk)."""
 
     def __init__(self, comp_hbm, buf, sems, b, idx_smem, bk: int):
@@ -99,13 +80,13 @@ class _CompressedChunks:
 
 def _walk(kv_hbm, comp_hbm, idx_smem, idx_vmem, win_buf, comp_buf, sems, *, b, t, lo, count,
           ratio: int | None, window: int, w_pad: int, bk: int, body, carry):
-    """Runs body(carry, keys [n, D], visible [1, n], chunk) over the window and then over the compressed
+    """Runs body(carry, keys [k, H], visible [1, k], chunk) over the window and then over the compressed
     chunks (chunk = (j, slot) for those, None for the window), overlapping DMAs with compute. HCA (ratio
     given) sees entries [lo // ratio, count): an entry belongs to the segment of its last token."""
     window_copy = pltpu.make_async_copy(kv_hbm.at[b, pl.ds(t + 1, w_pad)], win_buf, sems.at[2])
     window_copy.start()
     chunks = _CompressedChunks(comp_hbm, comp_buf, sems, b, idx_smem, bk)
-    n_chunks = _cdiv(count, bk)
+    n_chunks = cdiv(count, bk)
     first = first_entry(lo, ratio)
     j0 = lax.div(first, bk)
 
@@ -142,26 +123,26 @@ def _forward_kernel(*refs, sparse: bool, window: int, w_pad: int, ratio: int | N
     else:
         info_ref, q_ref, sinks_ref, kv_hbm, comp_hbm, o_ref, lse_ref, win_buf, comp_buf, sems = refs
         idx_smem = idx_vmem = None
-    q_hd = q_ref[...]
-    precision = _precision(q_hd.dtype)
+    q_nh = q_ref[...]
+    precision = tpu_precision(q_nh.dtype)
 
-    def online_softmax(carry, keys_nd, visible_1n, chunk):
-        acc_hd, m_h1, l_h1 = carry
-        s_hn = jnp.where(visible_1n, _dot_nt(q_hd, keys_nd, precision) * scale, -jnp.inf)
-        m_new = jnp.maximum(m_h1, jnp.max(s_hn, axis=1, keepdims=True))
-        alpha_h1 = jnp.exp(m_h1 - m_new)
-        p_hn = jnp.exp(s_hn - m_new)
-        acc_hd = acc_hd * alpha_h1 + _dot(p_hn.astype(keys_nd.dtype), keys_nd, precision)
-        return acc_hd, m_new, l_h1 * alpha_h1 + jnp.sum(p_hn, axis=1, keepdims=True)
+    def online_softmax(carry, keys_kh, visible_1k, chunk):
+        acc_nh, m_n1, l_n1 = carry
+        s_nk = jnp.where(visible_1k, dot_nt(q_nh, keys_kh, precision) * scale, -jnp.inf)
+        m_new = jnp.maximum(m_n1, jnp.max(s_nk, axis=1, keepdims=True))
+        alpha_n1 = jnp.exp(m_n1 - m_new)
+        p_nk = jnp.exp(s_nk - m_new)
+        acc_nh = acc_nh * alpha_n1 + dot(p_nk.astype(keys_kh.dtype), keys_kh, precision)
+        return acc_nh, m_new, l_n1 * alpha_n1 + jnp.sum(p_nk, axis=1, keepdims=True)
 
     # The sink only enters the denominator: it seeds the running max and sum (exp(sink - sink) = 1).
-    carry = (jnp.zeros(q_hd.shape, _F32), sinks_ref[...], jnp.ones((q_hd.shape[0], 1), _F32))
-    acc_hd, m_h1, l_h1 = _walk(
+    carry = (jnp.zeros(q_nh.shape, F32), sinks_ref[...], jnp.ones((q_nh.shape[0], 1), F32))
+    acc_nh, m_n1, l_n1 = _walk(
         kv_hbm, comp_hbm, idx_smem, idx_vmem, win_buf, comp_buf, sems, b=pl.program_id(0),
         t=pl.program_id(1), lo=info_ref[0, 0], count=info_ref[0, 1], ratio=ratio, window=window, w_pad=w_pad,
         bk=bk, body=online_softmax, carry=carry)
-    o_ref[...] = (acc_hd / l_h1).astype(o_ref.dtype)
-    lse_ref[...] = _col_to_row(m_h1 + jnp.log(l_h1))
+    o_ref[...] = (acc_nh / l_n1).astype(o_ref.dtype)
+    lse_ref[...] = _col_to_row(m_n1 + jnp.log(l_n1))
 
 
 def _dq_kernel(*refs, sparse: bool, window: int, w_pad: int, ratio: int | None, scale: float, bk: int):
@@ -173,33 +154,33 @@ def _dq_kernel(*refs, sparse: bool, window: int, w_pad: int, ratio: int | None, 
          win_buf, comp_buf, sems) = refs
         idx_smem = idx_vmem = None
     b = pl.program_id(0)
-    q_hd, do_hd = q_ref[...], do_ref[...]
-    lse_h1, delta_h1 = _row_to_col(lse_ref[...]), _row_to_col(delta_ref[...])
-    precision = _precision(q_hd.dtype)
+    q_nh, do_nh = q_ref[...], do_ref[...]
+    lse_n1, delta_n1 = _row_to_col(lse_ref[...]), _row_to_col(delta_ref[...])
+    precision = tpu_precision(q_nh.dtype)
 
-    def accumulate_dq(dq_hd, keys_nd, visible_1n, chunk):
-        s_hn = jnp.where(visible_1n, _dot_nt(q_hd, keys_nd, precision) * scale, -jnp.inf)
-        p_hn = jnp.exp(s_hn - lse_h1)
-        ds_hn = p_hn * (_dot_nt(do_hd, keys_nd, precision) - delta_h1)
+    def accumulate_dq(dq_nh, keys_kh, visible_1k, chunk):
+        s_nk = jnp.where(visible_1k, dot_nt(q_nh, keys_kh, precision) * scale, -jnp.inf)
+        p_nk = jnp.exp(s_nk - lse_n1)
+        ds_nk = p_nk * (dot_nt(do_nh, keys_kh, precision) - delta_n1)
         if sparse and chunk is not None:
             # dK = scale dS^T Q and dV = P^T dO land on the same gathered K=V rows.
-            g_nd = (scale * _dot_tn(ds_hn.astype(q_hd.dtype), q_hd, precision)
-                    + _dot_tn(p_hn.astype(do_hd.dtype), do_hd, precision))
-            _read_modify_write(dcomp_hbm, rmw_buf, rmw_sem, idx_smem, idx_vmem, b, chunk[0], g_nd, bk)
-        return dq_hd + _dot(ds_hn.astype(keys_nd.dtype), keys_nd, precision)
+            g_kh = (scale * dot_tn(ds_nk.astype(q_nh.dtype), q_nh, precision)
+                    + dot_tn(p_nk.astype(do_nh.dtype), do_nh, precision))
+            _read_modify_write(dcomp_hbm, rmw_buf, rmw_sem, idx_smem, idx_vmem, b, chunk[0], g_kh, bk)
+        return dq_nh + dot(ds_nk.astype(keys_kh.dtype), keys_kh, precision)
 
-    dq_hd = _walk(kv_hbm, comp_hbm, idx_smem, idx_vmem, win_buf, comp_buf, sems, b=b,
+    dq_nh = _walk(kv_hbm, comp_hbm, idx_smem, idx_vmem, win_buf, comp_buf, sems, b=b,
                   t=pl.program_id(1), lo=info_ref[0, 0], count=info_ref[0, 1], ratio=ratio, window=window,
-                  w_pad=w_pad, bk=bk, body=accumulate_dq, carry=jnp.zeros(q_hd.shape, _F32))
-    dq_ref[...] = (dq_hd * scale).astype(dq_ref.dtype)
+                  w_pad=w_pad, bk=bk, body=accumulate_dq, carry=jnp.zeros(q_nh.shape, F32))
+    dq_ref[...] = (dq_nh * scale).astype(dq_ref.dtype)
 
 
-def _read_modify_write(dcomp_hbm, rmw_buf, rmw_sem, idx_smem, idx_vmem, b, j, g_kd, bk: int):
+def _read_modify_write(dcomp_hbm, rmw_buf, rmw_sem, idx_smem, idx_vmem, b, j, g_kh, bk: int):
     """dcomp[idx[j*bk + r]] += g[r] for the valid slots of chunk j: all reads, one add, all writes.
     Repeated indices are summed first so every copy of a row writes the same total."""
     idx_kk = jnp.broadcast_to(idx_vmem[pl.ds(j, 1), :], (bk, bk))      # [r, c] = idx[c]
     same_kk = (idx_kk == idx_kk.T) & (idx_kk >= 0)
-    g_kd = _dot(same_kk.astype(_F32), g_kd, lax.Precision.HIGHEST)
+    g_kh = dot(same_kk.astype(F32), g_kh)
 
     def for_valid_slots(action: str, to_hbm: bool):
         def one(r, carry):
@@ -212,7 +193,7 @@ def _read_modify_write(dcomp_hbm, rmw_buf, rmw_sem, idx_smem, idx_vmem, b, j, g_
 
     for_valid_slots("start", to_hbm=False)
     for_valid_slots("wait", to_hbm=False)
-    rmw_buf[...] = rmw_buf[...] + g_kd
+    rmw_buf[...] = rmw_buf[...] + g_kh
     for_valid_slots("start", to_hbm=True)
     for_valid_slots("wait", to_hbm=True)
 
@@ -232,49 +213,49 @@ def _row_range(kb, *, window: int | None, ratio: int | None, bk: int, br: int, h
 def _dkv_kernel(keys_ref, q_ref, do_ref, lse_ref, delta_ref, tok_ref, lo_ref, count_ref, dk_ref, acc_ref, *,
                 window: int | None, ratio: int | None, scale: float, bk: int, br: int, heads: int,
                 n_tokens: int):
-    """dK=dV of key block kb accumulated over grid steps j (row block first(kb) + j); see _attention_gpu."""
+    """dK=dV of key block kb accumulated over grid steps j (row block first(kb) + j); see compressed_gpu."""
     kb, j = pl.program_id(1), pl.program_id(2)
     first, end = _row_range(kb, window=window, ratio=ratio, bk=bk, br=br, heads=heads, n_tokens=n_tokens)
 
     @pl.when(j == 0)
     def _():
-        acc_ref[...] = jnp.zeros(acc_ref.shape, _F32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, F32)
 
     @pl.when(first + j < end)
     def _():
-        keys_kd, q_rd, do_rd = keys_ref[...], q_ref[...], do_ref[...]
-        precision = _precision(q_rd.dtype)
+        keys_kh, q_rh, do_rh = keys_ref[...], q_ref[...], do_ref[...]
+        precision = tpu_precision(q_rh.dtype)
         s_k1 = kb * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
         t_1r, lo_1r = tok_ref[...], lo_ref[...]
         if window is not None:
             visible_kr = (s_k1 >= lo_1r) & (s_k1 <= t_1r) & (s_k1 > t_1r - window)
         else:
             visible_kr = (s_k1 >= first_entry(lo_1r, ratio)) & (s_k1 < count_ref[...])
-        s_kr = jnp.where(visible_kr, _dot_nt(keys_kd, q_rd, precision) * scale, -jnp.inf)
+        s_kr = jnp.where(visible_kr, dot_nt(keys_kh, q_rh, precision) * scale, -jnp.inf)
         p_kr = jnp.exp(s_kr - lse_ref[...])
-        ds_kr = p_kr * (_dot_nt(keys_kd, do_rd, precision) - delta_ref[...])
-        acc_ref[...] += (scale * _dot(ds_kr.astype(q_rd.dtype), q_rd, precision)
-                         + _dot(p_kr.astype(do_rd.dtype), do_rd, precision))
+        ds_kr = p_kr * (dot_nt(keys_kh, do_rh, precision) - delta_ref[...])
+        acc_ref[...] += (scale * dot(ds_kr.astype(q_rh.dtype), q_rh, precision)
+                         + dot(p_kr.astype(do_rh.dtype), do_rh, precision))
 
     @pl.when(j == pl.num_programs(2) - 1)
     def _():
         dk_ref[...] = acc_ref[...]
 
 
-def _pad_inputs(kv_BTD, comp_BSD, idx_BTK, *, window: int, blocks: BlockSizes):
-    T = kv_BTD.shape[1]
+def _pad_inputs(kv_BTH, comp_BCH, idx_BTK, *, window: int, blocks: BlockSizes):
+    T = kv_BTH.shape[1]
     bk, bkv = blocks.block_k, blocks.block_kv_bwd
     w_pad = round_up(window, max(8, bkv))
-    kv = pad_axis(kv_BTD, 1, w_pad + round_up(T, bkv), before=w_pad)
-    comp = pad_axis(comp_BSD, 1, round_up(max(comp_BSD.shape[1], 1), max(bk, bkv)))
+    kv = pad_axis(kv_BTH, 1, w_pad + round_up(T, bkv), before=w_pad)
+    comp = pad_axis(comp_BCH, 1, round_up(max(comp_BCH.shape[1], 1), max(bk, bkv)))
     idx = None if idx_BTK is None else pad_axis(idx_BTK, 2, round_up(idx_BTK.shape[2], bk), value=-1)
     return kv, comp, idx, w_pad
 
 
-def _token_operands(q_BTHD, idx_BTK, lo_BT, count_BT, bk: int):
+def _token_operands(q_BTNH, idx_BTK, lo_BT, count_BT, bk: int):
     """Per-token scalars (window start, compressed count) and CSA's indices, with their BlockSpecs for
     the (B, T) grid: SMEM copies address the DMAs, a VMEM copy [Kc, bk] masks the -1 slots."""
-    B, T, H, D = q_BTHD.shape
+    B, T, N, H = q_BTNH.shape
     info = jnp.stack([lo_BT, count_BT], axis=-1)[:, :, None, :]
     operands = [info]
     specs = [pl.BlockSpec((None, None, 1, 2), lambda b, t: (b, t, 0, 0), memory_space=pltpu.SMEM)]
@@ -287,63 +268,63 @@ def _token_operands(q_BTHD, idx_BTK, lo_BT, count_BT, bk: int):
 
 
 def _scratch(kv, comp, w_pad: int, bk: int):
-    D = kv.shape[2]
-    return [pltpu.VMEM((w_pad, D), kv.dtype), pltpu.VMEM((2, bk, D), comp.dtype),
+    H = kv.shape[2]
+    return [pltpu.VMEM((w_pad, H), kv.dtype), pltpu.VMEM((2, bk, H), comp.dtype),
             pltpu.SemaphoreType.DMA((3,))]
 
 
-def forward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, *, window: int, ratio: int | None,
+def forward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, *, window: int, ratio: int | None,
             scale: float, blocks: BlockSizes, interpret) -> tuple[jax.Array, jax.Array]:
-    """O [B, T, H, D] and the log-sum-exp [B, T, H] (float32, sink included). ratio: HCA's (None for CSA)."""
-    B, T, H, D = q_BTHD.shape
+    """O [B, T, N, H] and the log-sum-exp [B, T, N] (float32, sink included). ratio: HCA's (None for CSA)."""
+    B, T, N, H = q_BTNH.shape
     sparse = idx_BTK is not None
     bk = blocks.block_k
-    kv, comp, idx, w_pad = _pad_inputs(kv_BTD, comp_BSD, idx_BTK, window=window, blocks=blocks)
-    operands, specs = _token_operands(q_BTHD, idx, lo_BT, count_BT, bk)
-    head_rows = pl.BlockSpec((None, None, H, D), lambda b, t: (b, t, 0, 0))
-    head_vec = pl.BlockSpec((None, None, 1, H), lambda b, t: (b, t, 0, 0))
+    kv, comp, idx, w_pad = _pad_inputs(kv_BTH, comp_BCH, idx_BTK, window=window, blocks=blocks)
+    operands, specs = _token_operands(q_BTNH, idx, lo_BT, count_BT, bk)
+    head_rows = pl.BlockSpec((None, None, N, H), lambda b, t: (b, t, 0, 0))
+    head_vec = pl.BlockSpec((None, None, 1, N), lambda b, t: (b, t, 0, 0))
     hbm = pl.BlockSpec(memory_space=pl.ANY)
     kernel = functools.partial(_forward_kernel, sparse=sparse, window=window, w_pad=w_pad, ratio=ratio,
                                scale=scale, bk=bk)
     o, lse = pl.pallas_call(
         kernel, grid=(B, T),
-        in_specs=[*specs, head_rows, pl.BlockSpec((H, 1), lambda b, t: (0, 0)), hbm, hbm],
+        in_specs=[*specs, head_rows, pl.BlockSpec((N, 1), lambda b, t: (0, 0)), hbm, hbm],
         out_specs=[head_rows, head_vec],
-        out_shape=[jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype), jax.ShapeDtypeStruct((B, T, 1, H), _F32)],
+        out_shape=[jax.ShapeDtypeStruct(q_BTNH.shape, q_BTNH.dtype), jax.ShapeDtypeStruct((B, T, 1, N), F32)],
         scratch_shapes=_scratch(kv, comp, w_pad, bk),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret, name="csa_forward" if sparse else "hca_forward",
-    )(*operands, q_BTHD, sinks_H.astype(_F32)[:, None], kv, comp)
+    )(*operands, q_BTNH, sinks_N.astype(F32)[:, None], kv, comp)
     return o, lse[:, :, 0]
 
 
-def backward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, do_BTHD, lse_BTH, delta_BTH, *,
+def backward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, do_BTNH, lse_BTN, delta_BTN, *,
              window: int, ratio: int | None, scale: float, blocks: BlockSizes, interpret
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """dQ [B, T, H, D] (q dtype), dKV [B, T, D] and dKV_comp [B, S, D] (float32)."""
-    del sinks_H  # enters through the log-sum-exp
-    B, T, H, D = q_BTHD.shape
-    S = comp_BSD.shape[1]
+    """dQ [B, T, N, H] (q dtype), dKV [B, T, H] and dKV_comp [B, C, H] (float32)."""
+    del sinks_N  # enters through the log-sum-exp
+    B, T, N, H = q_BTNH.shape
+    C = comp_BCH.shape[1]
     sparse = idx_BTK is not None
     bk = blocks.block_k
-    kv, comp, idx, w_pad = _pad_inputs(kv_BTD, comp_BSD, idx_BTK, window=window, blocks=blocks)
-    do_BTHD = do_BTHD.astype(q_BTHD.dtype)
+    kv, comp, idx, w_pad = _pad_inputs(kv_BTH, comp_BCH, idx_BTK, window=window, blocks=blocks)
+    do_BTNH = do_BTNH.astype(q_BTNH.dtype)
 
     # dQ per token; CSA also read-modify-writes dK=dV of its gathered rows (sequential grid).
-    operands, specs = _token_operands(q_BTHD, idx, lo_BT, count_BT, bk)
-    head_rows = pl.BlockSpec((None, None, H, D), lambda b, t: (b, t, 0, 0))
-    head_vec = pl.BlockSpec((None, None, 1, H), lambda b, t: (b, t, 0, 0))
+    operands, specs = _token_operands(q_BTNH, idx, lo_BT, count_BT, bk)
+    head_rows = pl.BlockSpec((None, None, N, H), lambda b, t: (b, t, 0, 0))
+    head_vec = pl.BlockSpec((None, None, 1, N), lambda b, t: (b, t, 0, 0))
     hbm = pl.BlockSpec(memory_space=pl.ANY)
-    operands += [q_BTHD, do_BTHD, lse_BTH[:, :, None], delta_BTH[:, :, None], kv, comp]
+    operands += [q_BTNH, do_BTNH, lse_BTN[:, :, None], delta_BTN[:, :, None], kv, comp]
     specs += [head_rows, head_rows, head_vec, head_vec, hbm, hbm]
-    out_specs, out_shape = [head_rows], [jax.ShapeDtypeStruct(q_BTHD.shape, q_BTHD.dtype)]
+    out_specs, out_shape = [head_rows], [jax.ShapeDtypeStruct(q_BTNH.shape, q_BTNH.dtype)]
     scratch = _scratch(kv, comp, w_pad, bk)
     if sparse:
-        operands.append(jnp.zeros(comp.shape, _F32))
+        operands.append(jnp.zeros(comp.shape, F32))
         specs.append(hbm)
         out_specs.append(hbm)
-        out_shape.append(jax.ShapeDtypeStruct(comp.shape, _F32))
-        scratch += [pltpu.VMEM((bk, D), _F32), pltpu.SemaphoreType.DMA(())]
+        out_shape.append(jax.ShapeDtypeStruct(comp.shape, F32))
+        scratch += [pltpu.VMEM((bk, H), F32), pltpu.SemaphoreType.DMA(())]
     semantics = ("arbitrary", "arbitrary") if sparse else ("parallel", "parallel")
     kernel = functools.partial(_dq_kernel, sparse=sparse, window=window, w_pad=w_pad, ratio=ratio,
                                scale=scale, bk=bk)
@@ -356,16 +337,16 @@ def backward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, do_BTH
 
     # dK=dV key-major: keys on sublanes, (token, head) rows on lanes.
     br, bkv = blocks.block_rows_bwd, blocks.block_kv_bwd
-    R = round_up(T * H, br)
-    rows = lambda x: pad_axis(x.reshape(B, T * H, D), 1, R)
-    lanes = lambda x_BTH, fill=0: pad_axis(x_BTH.reshape(B, 1, T * H), 2, R, value=fill)
-    per_row = lambda x_BT: lanes(jnp.broadcast_to(x_BT[:, :, None], (B, T, H)))
-    tok = lanes(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :, None], (B, T, H)), fill=-1)
-    row_operands = [rows(q_BTHD), rows(do_BTHD), lanes(lse_BTH), lanes(delta_BTH), tok]
+    R = round_up(T * N, br)
+    rows = lambda x: pad_axis(x.reshape(B, T * N, H), 1, R)
+    lanes = lambda x_BTN, fill=0: pad_axis(x_BTN.reshape(B, 1, T * N), 2, R, value=fill)
+    per_row = lambda x_BT: lanes(jnp.broadcast_to(x_BT[:, :, None], (B, T, N)))
+    tok = lanes(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :, None], (B, T, N)), fill=-1)
+    row_operands = [rows(q_BTNH), rows(do_BTNH), lanes(lse_BTN), lanes(delta_BTN), tok]
 
     def key_major(keys, n_keys, key_block_offset, **rule):
         n_kb = round_up(n_keys, bkv) // bkv
-        row_range = functools.partial(_row_range, bk=bkv, br=br, heads=H, n_tokens=T, **rule)
+        row_range = functools.partial(_row_range, bk=bkv, br=br, heads=N, n_tokens=T, **rule)
         firsts, ends = row_range(np.arange(n_kb), xp=np)
         n_steps = max(1, int(np.max(ends - firsts)))
 
@@ -373,25 +354,25 @@ def backward(q_BTHD, kv_BTD, comp_BSD, idx_BTK, sinks_H, lo_BT, count_BT, do_BTH
             first, end = row_range(kb)
             return b, jnp.clip(first + j, 0, jnp.maximum(end - 1, 0)), 0
 
-        row_spec = pl.BlockSpec((None, br, D), row_block)
+        row_spec = pl.BlockSpec((None, br, H), row_block)
         lane_spec = pl.BlockSpec((None, 1, br), lambda b, kb, j: (b, 0, row_block(b, kb, j)[1]))
-        kernel = functools.partial(_dkv_kernel, scale=scale, bk=bkv, br=br, heads=H, n_tokens=T, **rule)
+        kernel = functools.partial(_dkv_kernel, scale=scale, bk=bkv, br=br, heads=N, n_tokens=T, **rule)
         return pl.pallas_call(
             kernel, grid=(B, n_kb, n_steps),
-            in_specs=[pl.BlockSpec((None, bkv, D), lambda b, kb, j: (b, kb + key_block_offset, 0)),
+            in_specs=[pl.BlockSpec((None, bkv, H), lambda b, kb, j: (b, kb + key_block_offset, 0)),
                       row_spec, row_spec, lane_spec, lane_spec, lane_spec, lane_spec, lane_spec],
-            out_specs=pl.BlockSpec((None, bkv, D), lambda b, kb, j: (b, kb, 0)),
-            out_shape=jax.ShapeDtypeStruct((B, n_kb * bkv, D), _F32),
-            scratch_shapes=[pltpu.VMEM((bkv, D), _F32)],
+            out_specs=pl.BlockSpec((None, bkv, H), lambda b, kb, j: (b, kb, 0)),
+            out_shape=jax.ShapeDtypeStruct((B, n_kb * bkv, H), F32),
+            scratch_shapes=[pltpu.VMEM((bkv, H), F32)],
             compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
             interpret=interpret, name="window_dkv" if rule["window"] else "hca_dkv",
         )(keys, *row_operands, per_row(lo_BT), per_row(count_BT))[:, :n_keys]
 
     dkv = key_major(kv, T, w_pad // bkv, window=window, ratio=None)
     if sparse:
-        dcomp = dcomp[0][:, :S]
-    elif S == 0:
-        dcomp = jnp.zeros((B, 0, D), _F32)
+        dcomp = dcomp[0][:, :C]
+    elif C == 0:
+        dcomp = jnp.zeros((B, 0, H), F32)
     else:
-        dcomp = key_major(comp, S, 0, window=None, ratio=ratio)
+        dcomp = key_major(comp, C, 0, window=None, ratio=ratio)
     return dq, dkv, dcomp
