@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
-IMPLS = ("xla", "pallas_gpu", "pallas_tpu", "auto")
+# A kernel call's `impl` (the layers pick it from their own model.attention_impl: layers.attention.IMPLS).
+LOWERINGS = ("xla", "pallas_gpu", "pallas_tpu", "auto")
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16)
 F32 = jnp.float32
 # HIGHEST keeps float32 tiles in IEEE float32 (not TF32); bf16 tiles are unaffected.
@@ -64,8 +65,8 @@ class Lowering:
 def resolve_lowering(impl: str, interpret: Any = None) -> Lowering:
     """"auto" picks by platform (GPU -> Triton, TPU -> Mosaic, else the reference); an explicit Pallas
     lowering off its own platform runs in interpret mode unless `interpret` says otherwise."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+    if impl not in LOWERINGS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {LOWERINGS}")
     backend = jax.default_backend()
     if impl == "auto":
         impl = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "xla")
