@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, DeepseekV4Config, DeepseekV4ForCa
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperHead, DeepseekV4RMSNorm
 
 import zoo
+from layers.attention import kernel_lowering
 from tests.hf_utils import hf_logits, perturb_
 from zoo.convert.safetensors_io import SafetensorsDir, dequantize
 from zoo.decoder import cross_entropy
@@ -248,7 +249,7 @@ def test_pallas_kernels_match_transformers_and_the_reference_gradients(saved):
     root, ids, expected = saved
     inputs, targets = jnp.asarray(ids[:, :40]), jnp.asarray(ids[:, 1:41])
     models = {impl: zoo.from_hf(str(root / "hf"), dtype="float32", attention_impl=impl) for impl in ("xla", "pallas")}
-    assert models["pallas"].blocks[1].attn._kernel_lowering() == "pallas_gpu"
+    assert kernel_lowering(models["pallas"].blocks[1].attn.impl) == "pallas_gpu"
     program = str(jax.make_jaxpr(lambda x: models["pallas"](x))(inputs))
     for kernel in ("indexer_scores", "csa_forward", "hca_forward", "flash_attention_forward"):
         assert f"name={kernel}" in program, f"{kernel} is not in the model's program"
