@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.attention import IMPLS
-from zoo import families
+from zoo import dtypes, families
 from zoo.decoder import REMAT, Decoder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -34,8 +34,7 @@ def check_layers(cfg, per_layer_keys, attention_types) -> None:
 def validate(cfg) -> None:
     if cfg.attention_impl not in IMPLS:
         raise ValueError(f"unknown model.attention_impl {cfg.attention_impl!r}; expected one of {IMPLS}")
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"unknown model.dtype {cfg.dtype!r}; expected one of {sorted(DTYPES)}")
+    dtypes.resolve(cfg.dtype, "model.dtype")
     if cfg.get("remat", "none") not in REMAT:
         raise ValueError(f"unknown model.remat {cfg.remat!r}; expected one of {REMAT}")
     families.get(cfg.family).validate(cfg)
@@ -57,7 +56,7 @@ def build_abstract(cfg) -> Decoder:
 
 def cast(model: Decoder, dtype) -> Decoder:
     """The same model with floating-point parameters cast to `dtype` (in place)."""
-    dtype = DTYPES.get(dtype, dtype)
+    dtype = dtypes.to_jnp(dtype)
     graphdef, state = nnx.split(model)
     state = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
     return nnx.merge(graphdef, state)
