@@ -12,8 +12,19 @@ unreadable source or a failed write ends with one line on stderr naming the file
 from __future__ import annotations
 
 import os
-import re
+import signal
 import sys
+
+
+def _interrupted(signum, frame):
+    """Ctrl-C during start-up (imports, flag parsing): one line, status 130."""
+    print("error: interrupted before training started; nothing was saved", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+signal.signal(signal.SIGINT, _interrupted)   # first thing: the imports below take seconds
+
+import re  # noqa: E402
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -96,15 +107,31 @@ def init_from_config(config, init_from: str):
     return config
 
 
+def quiet_closed_event_loop(previous=sys.unraisablehook):
+    """An unraisable-exception hook that drops `RuntimeError: Event loop is closed`: after a failed
+    asynchronous checkpoint write (e.g. a full disk) Orbax closes its event loop, and TensorStore's
+    pending callbacks report that, once per array still in flight, as dozens of tracebacks around our
+    one-line error. Every other unraisable exception is reported as before."""
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(unraisable)
+    return hook
+
+
 def main(argv) -> None:
+    sys.unraisablehook = quiet_closed_event_loop()
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; flags look like --workdir=DIR or --config.train.steps=100")
     if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)   # Orbax logs every checkpoint step at INFO
+        # Orbax logs every checkpoint step at INFO, and a failed write at ERROR with tracebacks from each of
+        # its threads; the failure reaches us as an exception and is reported in one line.
+        logging.set_verbosity(logging.FATAL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # the loop takes SIGINT over while it runs
     try:
         run()
-    except KeyboardInterrupt:   # Ctrl-C before the loop took over the signal (start-up, compiling)
-        print("error: interrupted before training started; nothing was saved", file=sys.stderr)
+    except KeyboardInterrupt:   # Ctrl-C outside the loop: loading, restoring, waiting for the last write
+        print(f"error: interrupted; finished checkpoints in {_WORKDIR.value} are kept", file=sys.stderr)
         sys.exit(130)
 
 

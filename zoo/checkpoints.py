@@ -156,8 +156,8 @@ class MismatchedCheckpoint(ValueError):
 def _first_line(error: Exception) -> str:
     """The gist of an Orbax/TensorStore error: its first line, without TensorStore's spec dump."""
     text = str(error).split("See full TensorStore details")[0]
-    line = " ".join(text.split())
-    return (line[:300] + "...") if len(line) > 300 else (line or type(error).__name__)
+    line = " ".join(text.split()).rstrip(".")
+    return f"{line[:120]} ... {line[-180:]}" if len(line) > 320 else (line or type(error).__name__)
 
 
 def _check_item(directory: str, target) -> None:

@@ -319,8 +319,9 @@ def train(config, workdir: str, *, init_from: str | None = None, interactive: bo
             checkpoints.write_config(config, workdir)
         log = RunLog(workdir, t.steps, state.step, primary=distributed.is_primary(), interactive=interactive)
         for step, reason, where in set_aside:
-            log.say(f"warning: checkpoint step {step} cannot be read ({reason}); moved it to {where} and "
-                    f"resumed from step {state.step}")
+            if distributed.is_primary():
+                print(f"warning: checkpoint step {step} cannot be read ({reason}); moved it to {where} and "
+                      f"resumed from step {state.step}", file=sys.stderr, flush=True)
         try:
             result = _loop(config, workdir, corpus, mngr, state, log)
         finally:
