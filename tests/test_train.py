@@ -254,6 +254,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pat
     ([f"--config={MICRO_CONFIG}", "--config.data.source=text", "--config.data.paths=/nonexistent/dir/*.txt"],
      "data.paths: no files match '/nonexistent/dir/*.txt'"),
     ([f"--config={MICRO_CONFIG}", "--distributed"], "jax.distributed.initialize() failed: "),   # no cluster here
+    ([f"--config={MICRO_CONFIG}", "--config.train.seq_len=1000"], "train.seq_len 1000 exceeds model.max_positions 512"),
 ])
 def test_bad_input_gives_one_line_and_loses_nothing(tmp_path, args, message):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
