@@ -215,11 +215,13 @@ def check_destination(path: str, overwrite: bool = False, flag: str = "--overwri
 
 
 @contextlib.contextmanager
-def staged(path: str, overwrite: bool = False) -> Iterator[str]:
+def staged(path: str, overwrite: bool = False, *, all_processes: bool = True) -> Iterator[str]:
     """Yields `PATH.partial`, a fresh directory beside `path`, to write into; when the body completes it
     replaces `path` (renamed into place), so an interrupted write never leaves a destination that looks
-    complete. An existing `path` is refused unless `overwrite` (`check_destination`). In a multi-process
-    run every process enters it (the staging name is the same everywhere) and process 0 renames."""
+    complete (a failed one removes `PATH.partial`; a killed one leaves it, and the next write clears it).
+    An existing `path` is refused unless `overwrite` (`check_destination`). In a multi-process run with
+    `all_processes` every process enters it (the staging name is the same everywhere; they meet at
+    barriers) and process 0 renames; otherwise only the process that writes enters it."""
     path = os.path.abspath(path)
     check_destination(path, overwrite)
     partial = path + ".partial"
@@ -227,9 +229,15 @@ def staged(path: str, overwrite: bool = False) -> Iterator[str]:
         if os.path.exists(partial):   # left by an interrupted write; never a finished destination
             shutil.rmtree(partial)
         os.makedirs(partial)
-    _barrier("staged-start:" + path)
-    yield partial
-    _barrier("staged-written:" + path)
+    barrier = _barrier if all_processes else (lambda name: None)
+    barrier("staged-start:" + path)
+    try:
+        yield partial
+    except BaseException:   # an incomplete output is removed; `path` was never touched
+        if distributed.is_primary():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    barrier("staged-written:" + path)
     if distributed.is_primary():
         old = path + ".replaced"
         if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
@@ -241,7 +249,7 @@ def staged(path: str, overwrite: bool = False) -> Iterator[str]:
         os.rename(partial, path)
         if old is not None:
             shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
-    _barrier("staged-done:" + path)
+    barrier("staged-done:" + path)
 
 
 def _barrier(name: str) -> None:
