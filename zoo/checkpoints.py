@@ -229,15 +229,15 @@ def staged(path: str, overwrite: bool = False, *, all_processes: bool = True) ->
         if os.path.exists(partial):   # left by an interrupted write; never a finished destination
             shutil.rmtree(partial)
         os.makedirs(partial)
-    barrier = _barrier if all_processes else (lambda name: None)
-    barrier("staged-start:" + path)
+    meet = barrier if all_processes else (lambda name: None)
+    meet("staged-start:" + path)
     try:
         yield partial
     except BaseException:   # an incomplete output is removed; `path` was never touched
         if distributed.is_primary():
             shutil.rmtree(partial, ignore_errors=True)
         raise
-    barrier("staged-written:" + path)
+    meet("staged-written:" + path)
     if distributed.is_primary():
         old = path + ".replaced"
         if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
@@ -249,10 +249,11 @@ def staged(path: str, overwrite: bool = False, *, all_processes: bool = True) ->
         os.rename(partial, path)
         if old is not None:
             shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
-    barrier("staged-done:" + path)
+    meet("staged-done:" + path)
 
 
-def _barrier(name: str) -> None:
+def barrier(name: str) -> None:
+    """Waits for every process of a multi-process run (a no-op with one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
 

@@ -253,6 +253,7 @@ def _set_aside(workdir: str, mngr, unreadable) -> tuple:
             os.rename(error.where, target)
         moved.append((step, error.reason, target))
     if moved:
+        checkpoints.barrier("set-aside:" + workdir)   # process 0 has moved them
         mngr.reload()
     return tuple(moved)
 
