@@ -258,17 +258,34 @@ def _set_aside(workdir: str, mngr, unreadable) -> tuple:
     return tuple(moved)
 
 
-def _initial_state(config, mngr, workdir: str, init_from: str | None = None, mesh=None
-                   ) -> tuple[TrainState, int | None, tuple]:
-    """(state, resumed_from, set_aside): the newest readable checkpoint of `mngr` restored into abstract
-    targets carrying the current mesh's shardings (whatever mesh saved it), unreadable newer ones moved
-    aside; else the parameters of `init_from`'s newest readable checkpoint with a fresh optimizer state;
-    else fresh from `train.seed` (parameters and optimizer state created already sharded)."""
+def _skeleton(config, mesh=None):
+    """(graphdef, abstract params as a pure dict, tx, schedule, shardings) of `config`, nothing allocated."""
     abstract_model = zoo.build_abstract(config.model)
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     tx, schedule = make_optimizer(config, abstract_model)
     s = make_shardings(config, abstract_model, tx, mesh)
-    params_target = checkpoints.abstract(nnx.to_pure_dict(abstract_params), sharding=s.params)
+    return graphdef, nnx.to_pure_dict(abstract_params), tx, schedule, s
+
+
+def fresh_state(config, mesh=None, params=None) -> TrainState:
+    """Step 0 on `config.mesh` (or `mesh`): parameters from `train.seed` (or `params`, already placed),
+    and a fresh optimizer state, created already sharded (nothing materialised whole on one device)."""
+    graphdef, _, tx, schedule, s = _skeleton(config, mesh)
+    if params is None:
+        model = sharding.create_model(config.model, s.mesh, s.rules, seed=config.train.seed)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    opt_state = jax.jit(tx.init, in_shardings=(s.params,), out_shardings=s.opt_state)(params)
+    return TrainState(graphdef, params, opt_state, tx, schedule, 0, s)
+
+
+def _initial_state(config, mngr, workdir: str, init_from: str | None = None, mesh=None
+                   ) -> tuple[TrainState, int | None, tuple]:
+    """(state, resumed_from, unreadable): the newest readable checkpoint of `mngr` restored into abstract
+    targets carrying the current mesh's shardings (whatever mesh saved it), with the newer checkpoints
+    that could not be read; else the parameters of `init_from`'s newest readable checkpoint with a fresh
+    optimizer state; else `fresh_state`."""
+    graphdef, abstract_params, tx, schedule, s = _skeleton(config, mesh)
+    params_target = checkpoints.abstract(abstract_params, sharding=s.params)
     if mngr.all_steps():
         missing_opt = [step for step in mngr.all_steps()
                        if not os.path.isdir(os.path.join(str(mngr.directory), str(step), "opt_state"))]
@@ -280,18 +297,14 @@ def _initial_state(config, mngr, workdir: str, init_from: str | None = None, mes
             mngr, {"params": params_target, "opt_state": opt_target})
         state = TrainState(graphdef, restored["params"], restored["opt_state"], tx, schedule, start, s)
         return state, start, unreadable
-    if init_from is not None:
-        source, _ = checkpoints._existing_manager(init_from)
-        try:
-            _, restored, _ = checkpoints.restore_newest_readable(source, {"params": params_target})
-        finally:
-            source.close()
-        params = restored["params"]
-    else:
-        model = sharding.create_model(config.model, s.mesh, s.rules, seed=config.train.seed)
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    opt_state = jax.jit(tx.init, in_shardings=(s.params,), out_shardings=s.opt_state)(params)
-    return TrainState(graphdef, params, opt_state, tx, schedule, 0, s), None, ()
+    if init_from is None:
+        return fresh_state(config, mesh), None, ()
+    source, _ = checkpoints._existing_manager(init_from)
+    try:
+        _, restored, _ = checkpoints.restore_newest_readable(source, {"params": params_target})
+    finally:
+        source.close()
+    return fresh_state(config, mesh, params=restored["params"]), None, ()
 
 
 def train(config, workdir: str, *, init_from: str | None = None, interactive: bool | None = None) -> Result:
