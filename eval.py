@@ -12,9 +12,20 @@ Multi-host: one eval.py per host with `--distributed` (or `--coordinator_address
 """
 from __future__ import annotations
 
-import json
 import os
+import signal
 import sys
+
+
+def _interrupted(signum, frame):
+    """Ctrl-C during start-up (imports, flag parsing): one line, status 130."""
+    print("error: interrupted; no report was written", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+signal.signal(signal.SIGINT, _interrupted)   # first thing: the imports below take seconds
+
+import json  # noqa: E402
 
 from absl import app, flags, logging
 
@@ -27,7 +38,7 @@ _SEQ_LENS = flags.DEFINE_string("seq_lens", "", "comma-separated sequence length
                                 "train.seq_len)")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "windows per batch (default: train.batch_size)")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", None, "validation batches (default: train.eval_batches)")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "parameter dtype")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "parameter dtype: float32, bfloat16 or float16")
 _ATTENTION_IMPL = flags.DEFINE_string("attention_impl", None, "override model.attention_impl")
 _DATA_SOURCE = flags.DEFINE_string("data_source", None, "override data.source (stdlib, text, tokens)")
 _DATA_PATHS = flags.DEFINE_string("data_paths", None, "override data.paths")
@@ -120,24 +131,39 @@ def parse_seq_lens(text: str) -> list[int]:
 
 def parse_mesh(text: str) -> dict | None:
     """`--mesh` as axis sizes (`zoo.sharding.parse_mesh`); empty: None, the checkpoint's config.mesh."""
-    from zoo.sharding import parse_mesh as parse
+    from zoo.sharding import parse_mesh as parse   # lazily, as in run()
 
     return parse(text) or None
 
 
+def positive_flag(flag) -> int | None:
+    """The value of an integer flag that must be at least 1 when given (None: not given)."""
+    if flag.value is not None and flag.value < 1:
+        raise ValueError(f"--{flag.name} must be at least 1, got {flag.value}")
+    return flag.value
+
+
 def evaluate_checkpoint(path: str, seq_lens: list[int], mesh_sizes: dict | None = None) -> dict:
-    """The evaluation report of the checkpoint at `path` (JSON-ready), on a mesh of `mesh_sizes` (None:
-    the checkpoint's config.mesh); the top-level numbers are those of the first sequence length."""
-    from zoo import checkpoints, data, sharding
+    """The evaluation report of the newest readable checkpoint at `path` (JSON-ready), on a mesh of
+    `mesh_sizes` (None: the checkpoint's config.mesh); the top-level numbers are those of the first
+    sequence length. A newer checkpoint that cannot be read is named in a warning on stderr."""
+    from zoo import checkpoints, data, dtypes, sharding
     from zoo.evaluate import evaluate
 
+    dtype = dtypes.resolve(_DTYPE.value, "--dtype")
+    batch_size = positive_flag(_BATCH_SIZE)
+    num_batches = positive_flag(_EVAL_BATCHES)
     config = checkpoints.read_config(path)
     for key, flag in (("source", _DATA_SOURCE), ("paths", _DATA_PATHS), ("tokenizer", _TOKENIZER)):
         if flag.value is not None:
             config.data[key] = flag.value
     seq_lens = seq_lens or [config.train.seq_len]
-    batch_size = _BATCH_SIZE.value or config.train.batch_size
-    num_batches = _EVAL_BATCHES.value or config.train.eval_batches
+    max_positions = config.model.get("max_positions")
+    if max_positions is not None and max(seq_lens) > max_positions:
+        culprit = "--seq_lens" if _SEQ_LENS.value else f"train.seq_len in {path}/config.json"
+        raise ValueError(f"{culprit}: sequence length {max(seq_lens)} exceeds model.max_positions {max_positions}")
+    batch_size = batch_size or config.train.batch_size
+    num_batches = num_batches or config.train.eval_batches
     try:
         mesh = sharding.make_mesh(mesh_sizes if mesh_sizes is not None else config.get("mesh", {}))
     except ValueError as e:
@@ -149,12 +175,15 @@ def evaluate_checkpoint(path: str, seq_lens: list[int], mesh_sizes: dict | None 
     sharding.check_batch_splits(batch_size, sharding.batch_sharding(mesh, rules),   # before the (slow) restore
                        "--batch_size" if _BATCH_SIZE.value else "train.batch_size")
     corpus = data.load_corpus(config.data)
-    model = checkpoints.load(path, dtype=_DTYPE.value, attention_impl=_ATTENTION_IMPL.value, mesh=mesh,
-                             rules=rules)
+    model, step, unreadable = checkpoints.load_with_step(path, dtype=dtype, attention_impl=_ATTENTION_IMPL.value,
+                                                         mesh=mesh, rules=rules)
+    for e in unreadable:
+        if distributed.is_primary():
+            print(f"warning: {e}; evaluating step {step} instead", file=sys.stderr)
     rows = evaluate(model, corpus, seq_lens=seq_lens, num_batches=num_batches, batch_size=batch_size,
                     mesh=mesh, rules=rules)
-    return {"checkpoint": os.path.abspath(path), "step": checkpoints.latest_step(path),
-            "family": config.model.family, "dtype": _DTYPE.value, "data": config.data.to_dict(),
+    return {"checkpoint": os.path.abspath(path), "step": step,
+            "family": config.model.family, "dtype": dtype, "data": config.data.to_dict(),
             "bytes_per_token": corpus.bytes_per_token, "batch_size": batch_size, "eval_batches": num_batches,
             **rows[0], "sweep": rows}
 
@@ -167,11 +196,24 @@ def main(argv) -> None:
     if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
         fail("give exactly one of --workdir or --checkpoint")
     if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+        # Orbax logs every checkpoint step at INFO, and a failed write at ERROR with tracebacks from each of
+        # its threads; the failure reaches us as an exception and is reported in one line.
+        logging.set_verbosity(logging.FATAL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        run()
+    except KeyboardInterrupt:
+        print("error: interrupted; no report was written", file=sys.stderr)
+        sys.exit(130)
+
+
+def run() -> None:
     try:
         distributed.maybe_initialize_distributed(**_DISTRIBUTED_FLAGS())
     except distributed.InitializationError as e:
         fail(e)
+    # Imported after flag parsing so `--help` and flag errors answer without loading Flax, Orbax and the
+    # model code (seconds); there is no import cycle to avoid.
     from zoo.evaluate import format_table, write_csv
     from zoo.train import enable_compilation_cache
 
@@ -179,14 +221,18 @@ def main(argv) -> None:
     path = _WORKDIR.value or _CHECKPOINT.value
     try:
         report = evaluate_checkpoint(path, parse_seq_lens(_SEQ_LENS.value), parse_mesh(_MESH.value))
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, OSError, ImportError, KeyError) as e:
         fail(e)
     if not distributed.is_primary():   # every process computed the report (collectives); one writes it
         return
     output = _OUTPUT.value or os.path.join(path, "eval.json")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(report, f, indent=2)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output + ".tmp", "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(output + ".tmp", output)
+    except OSError as e:
+        fail(f"--output {output}: {e}")
     print(f"{report['family']} checkpoint {report['checkpoint']} (step {report['step']}), "
           f"{report['eval_batches']} batches of {report['batch_size']}:")
     print(format_table(report["sweep"]))

@@ -3,14 +3,28 @@
     python train.py                                    # tiny Gemma-4 on the standard library's sources
     python train.py --config=configs/gemma4.py:small --workdir=runs/small --config.train.steps=2000
 
-Writes WORKDIR/config.json, WORKDIR/metrics.jsonl and Orbax checkpoints under WORKDIR/checkpoints/.
-SIGTERM or Ctrl-C finishes the current step, saves and exits. Bad input ends with one line on stderr.
+    python train.py --init_from=converted/ --workdir=runs/finetune    # fine-tune a converted checkpoint
+
+Writes WORKDIR/config.json, WORKDIR/metrics.jsonl, TensorBoard event files and Orbax checkpoints under
+WORKDIR/checkpoints/. SIGTERM or Ctrl-C finishes the current step, saves and exits. Bad input, an
+unreadable source or a failed write ends with one line on stderr naming the file or flag at fault.
 """
 from __future__ import annotations
 
 import os
-import re
+import signal
 import sys
+
+
+def _interrupted(signum, frame):
+    """Ctrl-C during start-up (imports, flag parsing): one line, status 130."""
+    print("error: interrupted before training started; nothing was saved", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+signal.signal(signal.SIGINT, _interrupted)   # first thing: the imports below take seconds
+
+import re  # noqa: E402
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -50,6 +64,10 @@ try:   # without --config on the command line the default is parsed right here, 
 except Exception as e:  # noqa: BLE001 - any failure here is a bad config or override
     fail(describe_config_error(e))
 _WORKDIR = flags.DEFINE_string("workdir", "./runs/default", "run directory: config, metrics, checkpoints")
+_INIT_FROM = flags.DEFINE_string(
+    "init_from", None, "start a new run from the parameters of this zoo checkpoint or training workdir (e.g. "
+    "from `python -m zoo.convert hf-to-zoo`), with a fresh optimizer; its model config is used, except keys "
+    "given as --config.model.KEY=VALUE")
 # Multi-host (README "Sharding"): --distributed, --coordinator_address, --num_processes, --process_id.
 _DISTRIBUTED_FLAGS = distributed.define_flags()
 
@@ -71,12 +89,56 @@ def parse_flags(argv):
         fail(describe_config_error(e))
 
 
+def init_from_config(config, init_from: str):
+    """`config` with the model section of the checkpoint at `init_from`, except the keys the command line
+    overrides (`--config.model.KEY=VALUE`) and the preset's parameter dtype (master weights)."""
+    from zoo import checkpoints   # lazily, as in run()
+
+    model = checkpoints.read_config(init_from).model
+    model.dtype = config.model.dtype
+    for arg in sys.argv[1:]:
+        if arg.startswith("--config.model."):
+            *parents, leaf = arg.split("=", 1)[0][len("--config.model."):].split(".")
+            source, target = config.model, model
+            for key in parents:
+                source, target = source[key], target[key]
+            target[leaf] = source[leaf]
+    config.model = model
+    return config
+
+
+def quiet_closed_event_loop(previous=sys.unraisablehook):
+    """An unraisable-exception hook that drops `RuntimeError: Event loop is closed`: after a failed
+    asynchronous checkpoint write (e.g. a full disk) Orbax closes its event loop, and TensorStore's
+    pending callbacks report that, once per array still in flight, as dozens of tracebacks around our
+    one-line error. Every other unraisable exception is reported as before."""
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(unraisable)
+    return hook
+
+
 def main(argv) -> None:
+    sys.unraisablehook = quiet_closed_event_loop()
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; flags look like --workdir=DIR or --config.train.steps=100")
     if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)   # Orbax logs every checkpoint step at INFO
+        # Orbax logs every checkpoint step at INFO, and a failed write at ERROR with tracebacks from each of
+        # its threads; the failure reaches us as an exception and is reported in one line.
+        logging.set_verbosity(logging.FATAL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # the loop takes SIGINT over while it runs
+    try:
+        run()
+    except KeyboardInterrupt:   # Ctrl-C outside the loop: loading, restoring, waiting for the last write
+        print(f"error: interrupted; finished checkpoints in {_WORKDIR.value} are kept", file=sys.stderr)
+        sys.exit(130)
+
+
+def run() -> None:
     maybe_initialize_distributed()
+    # Imported here, after flag parsing, so `--help` and flag errors answer without loading Flax, Orbax
+    # and the model code (seconds); there is no import cycle to avoid.
     from zoo.train import NonFiniteLoss, enable_compilation_cache, train
 
     enable_compilation_cache()
@@ -87,16 +149,22 @@ def main(argv) -> None:
     except OSError as e:
         fail(describe_config_error(e))
     try:
-        result = train(config, workdir)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError, NonFiniteLoss) as e:
+        if _INIT_FROM.value is not None:
+            config = init_from_config(config, _INIT_FROM.value)
+        result = train(config, workdir, init_from=_INIT_FROM.value)
+    except (ValueError, OSError, ImportError, KeyError, NonFiniteLoss) as e:
         fail(e)
+    if result.already_done:
+        print(f"nothing to do: {workdir} already holds step {result.step} (train.steps is "
+              f"{config.train.steps}); its files are left as they are")
+        return
     if result.interrupted_by:
         print(f"stopped by {result.interrupted_by} at step {result.step}; saved a checkpoint in {workdir}; "
               "rerun the same command to resume")
         return
     summary = ", ".join(f"{k} {result.last_metrics[k]:.4f}" for k in ("loss", "val_loss", "val_bits_per_byte")
                         if k in result.last_metrics)
-    print(f"trained to step {result.step} in {workdir}" + (f": {summary}" if summary else " (already done)"))
+    print(f"trained to step {result.step} in {workdir}" + (f": {summary}" if summary else ""))
 
 
 if __name__ == "__main__":

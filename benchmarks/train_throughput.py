@@ -90,8 +90,9 @@ def main() -> None:
         print(f"[{time.perf_counter() - started:6.1f} s] {what}", file=sys.stderr, flush=True)
 
     progress(f"{label}: creating the sharded model and optimizer state")
-    graphdef, params, opt_state, tx, _, _, s = trainer._initial_state(config, None)
-    step = trainer.make_train_step(graphdef, tx, "bfloat16", s)
+    state = trainer.fresh_state(config)
+    params, opt_state, s = state.params, state.opt_state, state.shardings
+    step = trainer.make_train_step(state.graphdef, state.tx, "bfloat16", s)
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, config.model.vocab_size, (a.batch_size, a.seq_len + 1), dtype=np.int32)
     inputs, targets = sharding.shard_batch(tokens[:, :-1], s.batch), sharding.shard_batch(tokens[:, 1:], s.batch)

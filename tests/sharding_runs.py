@@ -111,8 +111,9 @@ def _kernel_operand_shapes(jaxpr) -> list[list[int]]:
 
 
 def run(config, mesh):
-    graphdef, params, opt_state, tx, _, _, s = trainer._initial_state(config, None, mesh)
-    step = trainer.make_train_step(graphdef, tx, "float32", s)
+    state = trainer.fresh_state(config, mesh)
+    params, opt_state, s = state.params, state.opt_state, state.shardings
+    step = trainer.make_train_step(state.graphdef, state.tx, "float32", s)
     rng = np.random.default_rng(0)
     batches = [rng.integers(3, config.model.vocab_size, (BATCH, SEQ + 1), dtype=np.int32) for _ in range(STEPS)]
     losses = []

@@ -1,7 +1,9 @@
 """Checkpoint conversion: sharded and prefixed checkpoints, redundant tensors, and clear errors."""
 from __future__ import annotations
 
+import itertools
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ import zoo
 from tests.hf_utils import hf_logits
 from tests.test_distributed import run_processes
 from tests.test_gemma4_parity import DENSE, _hf_model
-from zoo import distributed
+from zoo import convert, distributed
 from zoo.convert.safetensors_io import SafetensorsDir, write_shards
 
 IDS = np.random.default_rng(3).integers(0, DENSE["vocab_size"], size=(1, 11))
@@ -198,3 +200,138 @@ def test_command_line_round_trip_on_two_processes(hf_dir, tmp_path):
     assert np.abs(ours - expected).max() <= 1e-4
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     assert np.abs(hf_logits(reloaded, IDS) - expected).max() <= 1e-4
+
+
+def _main_fails(capsys, args, message) -> str:
+    """Runs `python -m zoo.convert ARGS` in-process; asserts status 1 and one line on stderr holding
+    `message`."""
+    from zoo.convert.__main__ import main
+    assert main([str(a) for a in args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    return err
+
+
+def test_damaged_inputs_are_named_in_one_line(hf_dir, tmp_path, capsys):
+    """Random bytes, a file truncated by half and invalid JSON: each error names the file."""
+    src, _ = hf_dir
+    weights = (src / "model.safetensors").read_bytes()
+    cases = {"random": np.random.default_rng(0).bytes(len(weights)), "truncated": weights[:len(weights) // 2]}
+    for name, blob in cases.items():
+        bad = tmp_path / name
+        bad.mkdir()
+        (bad / "model.safetensors").write_bytes(blob)
+        (bad / "config.json").write_text((src / "config.json").read_text())
+        err = _main_fails(capsys, ["hf-to-zoo", bad, tmp_path / "out"], f"{bad}/model.safetensors")
+        assert ("is not a safetensors file" if name == "random" else "truncated") in err
+    bad_json = tmp_path / "bad_json"
+    bad_json.mkdir()
+    (bad_json / "config.json").write_text('{"model_type": "gemma4",\n')
+    _main_fails(capsys, ["hf-to-zoo", bad_json, tmp_path / "out"], f"{bad_json}/config.json is not valid JSON")
+    assert not (tmp_path / "out").exists()
+
+
+def test_destinations_are_refused_unless_overwrite_and_written_whole(hf_dir, tmp_path, capsys, monkeypatch):
+    """One rule for both directions; the output is staged beside the destination and renamed into place,
+    so a conversion that fails half-way leaves no destination (and an old one untouched)."""
+    from zoo.convert import __main__ as cli
+    src, expected = hf_dir
+    zoo_dir, hf_out = tmp_path / "zoo", tmp_path / "hf"
+    assert cli.main(["hf-to-zoo", str(src), str(zoo_dir)]) == 0
+    _main_fails(capsys, ["hf-to-zoo", src, zoo_dir], f"{zoo_dir} already exists; refusing to overwrite it "
+                "(pass --overwrite to replace it)")
+    hf_out.mkdir()
+    (hf_out / "notes.txt").write_text("mine")
+    _main_fails(capsys, ["zoo-to-hf", zoo_dir, hf_out], f"{hf_out} already exists; refusing to overwrite it")
+    assert sorted(os.listdir(hf_out)) == ["notes.txt"]
+
+    def full_disk(tensors, path, **kwargs):   # writes one shard, then the disk is full
+        write_shards(itertools.islice(tensors, 3), path)
+        raise OSError(28, "No space left on device", os.path.join(path, "model-00002.safetensors"))
+    monkeypatch.setattr("zoo.convert.write_shards", full_disk)
+    _main_fails(capsys, ["zoo-to-hf", zoo_dir, hf_out, "--overwrite"], "No space left on device")
+    assert sorted(os.listdir(hf_out)) == ["notes.txt"]                  # the old destination is untouched
+    assert sorted(os.listdir(tmp_path)) == ["hf", "zoo"]                # and the staged output is gone
+    monkeypatch.undo()
+
+    capsys.readouterr()
+    assert cli.main(["zoo-to-hf", str(zoo_dir), str(hf_out), "--overwrite"]) == 0
+    assert "notes.txt" not in os.listdir(hf_out) and sorted(os.listdir(tmp_path)) == ["hf", "zoo"]
+    reloaded = AutoModelForCausalLM.from_pretrained(hf_out, attn_implementation="eager").eval()
+    assert np.abs(hf_logits(reloaded, IDS) - expected).max() <= 1e-4
+    assert cli.main(["hf-to-zoo", str(src), str(zoo_dir), "--overwrite", "--dtype=bfloat16"]) == 0
+    assert zoo.load(str(zoo_dir), dtype=jnp.bfloat16).embed.table[...].dtype == jnp.bfloat16
+
+
+def test_dtypes_are_taken_as_names_or_jax_numpy_dtypes(hf_dir):
+    src, expected = hf_dir
+    for dtype in (jnp.float32, np.float32, np.dtype("float32"), "float32"):
+        assert _max_diff_dtype(src, expected, dtype) <= 1e-4
+    assert zoo.from_hf(str(src), dtype=jnp.bfloat16).embed.table[...].dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        zoo.from_hf(str(src), dtype="float8")
+
+
+def _max_diff_dtype(path, expected, dtype):
+    return np.abs(np.asarray(zoo.from_hf(str(path), dtype=dtype)(jnp.asarray(IDS))) - expected).max()
+
+
+def test_multi_shard_conversion_shows_progress(hf_dir, tmp_path, capsys):
+    src, expected = hf_dir
+    _hf_model(DENSE, seed=4).save_pretrained(tmp_path, max_shard_size="20KB")
+    model = convert.from_hf(str(tmp_path), progress=True)
+    err = capsys.readouterr().err
+    shards = len(set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    assert f"reading {shards} shard(s)" in err and "tensor" in err
+    assert np.abs(np.asarray(model(jnp.asarray(IDS))) - expected).max() <= 1e-4
+
+
+def test_exported_run_loads_in_a_transformers_pipeline(tmp_path):
+    """zoo-to-hf of a byte-level run writes generation_config.json and a tokenizer: AutoTokenizer maps
+    text to its bytes and pipeline("text-generation") generates what greedy decoding of the zoo model
+    gives (full forward passes, argmax)."""
+    from transformers import AutoTokenizer, pipeline
+
+    from tests.conftest import get_config
+    from zoo import checkpoints
+    from zoo.convert.__main__ import main
+    config = get_config()
+    model = zoo.build(config.model, seed=2)
+    checkpoints.save_model(model, str(tmp_path / "run"), config=config)
+    assert main(["zoo-to-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == \
+        model.config.eos_id
+    text = "def main():\n    return"
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer(text)["input_ids"] == list(text.encode())
+    ids = list(text.encode())
+    for _ in range(6):
+        ids.append(int(np.argmax(np.asarray(model(jnp.asarray([ids])))[0, -1])))
+    generator = pipeline("text-generation", model=str(tmp_path / "hf"))
+    out = generator(text, max_new_tokens=6, do_sample=False, return_tensors=True, eos_token_id=None)
+    assert list(out[0]["generated_token_ids"]) == ids
+
+
+def test_init_from_a_converted_checkpoint(tmp_path):
+    """train.py --init_from=<hf-to-zoo output> starts from its parameters (the first step's loss is the
+    converted model's training loss on batch 1) with its model config; --workdir=<converted> is refused
+    in one line naming --init_from."""
+    from tests.conftest import MICRO_CONFIG, get_config, read_metrics, run_script
+    from zoo import checkpoints, data
+    from zoo.convert.__main__ import main
+    hf_src = tmp_path / "hf"
+    _hf_model({**DENSE, "vocab_size": 256, "vocab_size_per_layer_input": 256}, seed=5).save_pretrained(hf_src)
+    assert main(["hf-to-zoo", str(hf_src), str(tmp_path / "zoo")]) == 0
+    res = run_script("train.py", f"--config={MICRO_CONFIG}", f"--workdir={tmp_path}/zoo")
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "--init_from" in res.stderr, res.stderr
+    res = run_script("train.py", f"--config={MICRO_CONFIG}", f"--workdir={tmp_path}/ft", f"--init_from={tmp_path}/zoo",
+                     "--config.train.steps=2", "--config.train.eval_every=100")
+    assert res.returncode == 0, res.stderr
+    converted = checkpoints.read_config(str(tmp_path / "zoo")).model
+    assert checkpoints.read_config(str(tmp_path / "ft")).model.to_dict() == converted.to_dict()
+    config = get_config()
+    model = zoo.load(str(tmp_path / "zoo"))
+    inputs_BT, targets_BT = data.train_batch(data.load_corpus(config.data), seed=0, step=1,
+                                             batch_size=config.train.batch_size, seq_len=config.train.seq_len)
+    expected = float(model.train_loss(jnp.asarray(inputs_BT), jnp.asarray(targets_BT))[0])
+    assert read_metrics(str(tmp_path / "ft"))[0]["loss"] == pytest.approx(expected, rel=1e-5)

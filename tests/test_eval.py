@@ -77,11 +77,21 @@ def test_eval_converted_checkpoint(tmp_path):
     (["--checkpoint=/tmp", "--mesh=data=2,model=4"], "--mesh: unknown mesh axis 'model' in 'data=2,model=4'"),
     (["--checkpoint=/tmp", "--mesh=fsdp"], "--mesh: a mesh must look like data=2,fsdp=4"),
     (["--checkpoint=/tmp", "--distributed"], "jax.distributed.initialize() failed: "),   # no cluster here
+    (["--checkpoint=/tmp", "--batch_size=0"], "--batch_size must be at least 1, got 0"),
+    (["--checkpoint=/tmp", "--eval_batches=-1"], "--eval_batches must be at least 1, got -1"),
+    (["--checkpoint=/tmp", "--dtype=float8"], "unknown --dtype 'float8'"),
 ])
 def test_eval_errors_are_one_line(args, message):
     res = run_script("eval.py", *args)
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode == 1 and len(lines) == 1 and message in lines[0], res.stderr
+
+
+def test_sequence_length_past_max_positions_is_refused(workdir):
+    res = run_script("eval.py", f"--workdir={workdir}", "--seq_lens=32,1000")
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 1 and lines == ["error: --seq_lens: sequence length 1000 exceeds model.max_positions "
+                                             "512"], res.stderr
 
 
 # eval.py as a process other than process 0: zoo.distributed.is_primary() False, evaluate() counted.

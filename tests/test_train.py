@@ -23,7 +23,7 @@ from tests.conftest import (MICRO_CONFIG, ROOT, SUBPROCESS_ENV, checkpoint_steps
                             run_script)
 from tests.sharding_runs import micro_config
 from zoo import checkpoints, distributed
-from zoo.evaluate import make_loss_fn
+from zoo.train.loss import make_loss_fn
 from zoo.train import decay_mask, learning_rate_schedule, make_optimizer, train
 from zoo.train.trainer import make_train_step
 
@@ -120,7 +120,9 @@ def test_train_writes_metrics_config_checkpoints_and_resumes(tmp_path, capsys):
     config = get_config()
     result = train(config, workdir)
     assert result.step == 6 and result.interrupted_by is None
-    assert "train: 100%" in capsys.readouterr().err      # the progress bar
+    out = capsys.readouterr().out                        # not a terminal: plain lines, no progress bar
+    assert out.splitlines()[0] == "step 1: compiling the train step..."
+    assert out.splitlines()[-1].startswith("step 6/6: loss ") and "val_bits_per_byte" in out and "\r" not in out
     lines = read_metrics(workdir)
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
     assert all({"step", "loss", "learning_rate", "tokens_per_second"} <= set(m) for m in lines)
@@ -134,11 +136,38 @@ def test_train_writes_metrics_config_checkpoints_and_resumes(tmp_path, capsys):
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f) == json.loads(config.to_json_best_effort())
 
+    assert tensorboard_scalars(workdir)["loss"] == [(m["step"], pytest.approx(m["loss"])) for m in lines]
+
     config.train.steps = 8                              # the same command with more steps resumes
     assert train(config, workdir).step == 8
     assert [m["step"] for m in read_metrics(workdir)] == list(range(1, 9))
-    assert train(config, workdir).step == 8             # nothing left to do: nothing changes
-    assert [m["step"] for m in read_metrics(workdir)] == list(range(1, 9))
+    files = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path) if name != "checkpoints"}
+    for steps in (8, 5):                                # finished (even with fewer steps): nothing changes
+        config.train.steps = steps
+        result = train(config, workdir)
+        assert result.step == 8 and result.already_done
+        assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path) if name != "checkpoints"} \
+            == files
+    assert checkpoint_steps(workdir) == [6, 8]
+
+
+def tensorboard_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of every TensorBoard event file in `workdir`, read with the TFRecord framing and the
+    Event protocol buffer (tensorboardX's copy of TensorBoard's event.proto), by tag: [(step, value)]."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+    scalars: dict[str, list] = {}
+    for name in sorted(n for n in os.listdir(workdir) if n.startswith("events.out.tfevents")):
+        data = open(os.path.join(workdir, name), "rb").read()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
 
 
 def test_other_processes_save_checkpoints_but_write_no_metrics_config_or_bar(tmp_path, monkeypatch, capsys):
@@ -225,6 +254,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pat
     ([f"--config={MICRO_CONFIG}", "--config.data.source=text", "--config.data.paths=/nonexistent/dir/*.txt"],
      "data.paths: no files match '/nonexistent/dir/*.txt'"),
     ([f"--config={MICRO_CONFIG}", "--distributed"], "jax.distributed.initialize() failed: "),   # no cluster here
+    ([f"--config={MICRO_CONFIG}", "--config.train.seq_len=1000"], "train.seq_len 1000 exceeds model.max_positions 512"),
 ])
 def test_bad_input_gives_one_line_and_loses_nothing(tmp_path, args, message):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')

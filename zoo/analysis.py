@@ -245,22 +245,57 @@ def format_table(rep: dict[str, Any]) -> str:
 
 
 def _cli() -> None:
+    """`python -m zoo.analysis --config=FILE:PRESET [--context=N] [--dtype=D] [--batch=N]`: prints the
+    table; a bad preset, key or value ends with one line on stderr naming it."""
+    import re
+    import sys
+
     from absl import app, flags
     from ml_collections import config_flags
+
+    def fail(error) -> None:
+        text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        message = lines[-1] if lines else type(error).__name__
+        if isinstance(error, (KeyError, AttributeError)):   # an unknown override key, named by its last part
+            guess = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+            key = guess.group(2) if guess else re.search(r"(\w+)", text).group(1)
+            override = [a for a in sys.argv[1:] if a.startswith("--config.") and key in a.split("=", 1)[0]]
+            message = (f"unknown config key {key!r}" + (f" in {override[0]}" if override else "")
+                       + (f" (did you mean {guess.group(1)!r}?)" if guess else ""))
+        elif message.startswith(("ValueError: ", "KeyError: ", "FileNotFoundError: ")):
+            message = message.split(": ", 1)[1]
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
 
     config = config_flags.DEFINE_config_file("config", None, "Config file and preset, e.g. configs/gemma4.py:e2b.")
     context = flags.DEFINE_integer("context", None, "Context length in tokens (default: model.max_positions).")
     dtype = flags.DEFINE_string("dtype", "bfloat16", "KV-cache dtype.")
     batch = flags.DEFINE_integer("batch", 1, "Sequences held in the KV cache.")
 
+    def parse(argv):
+        try:
+            return flags.FLAGS(argv)
+        except Exception as e:  # noqa: BLE001 - config files and overrides fail in many ways
+            fail(e)
+
     def main(argv):
         if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        if config.value is None:
-            raise app.UsageError("--config is required, e.g. --config=configs/gemma4.py:e2b")
-        print(format_table(report(config.value, context=context.value, dtype=dtype.value, batch=batch.value)))
+            fail(f"unexpected arguments: {argv[1:]}")
+        try:
+            if config.value is None:
+                fail("--config is required, e.g. --config=configs/gemma4.py:e2b")
+            for name, flag in (("--context", context), ("--batch", batch)):
+                if flag.value is not None and flag.value < 1:
+                    fail(f"{name} must be at least 1, got {flag.value}")
+            print(format_table(report(config.value, context=context.value, dtype=dtype.value, batch=batch.value)))
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - a bad preset or value surfaces when the config is read
+            fail(e)
 
-    app.run(main)
+    app.run(main, flags_parser=parse)
 
 
 if __name__ == "__main__":

@@ -10,20 +10,28 @@ target can be passed later.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
+from collections.abc import Iterator
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from zoo import distributed, sharding
-from zoo.models import DTYPES, build_abstract
+from zoo import distributed, dtypes, sharding
+from zoo.defaults import default_config
+from zoo.models import build_abstract
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("params", "opt_state")
+log = logging.getLogger(__name__)
 
 
 def write_config(config, directory: str) -> None:
@@ -42,8 +50,14 @@ def read_config(directory: str) -> ml_collections.ConfigDict:
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}; is it a zoo checkpoint or training workdir?")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    config = ml_collections.ConfigDict(raw)
     if "model" not in config:
         raise ValueError(f"{path} has no `model` section")
     return config
@@ -77,9 +91,28 @@ def latest_step(path: str) -> int:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, items: dict) -> None:
-    """Saves pytrees `items` (a subset of ITEMS) as checkpoint `step`."""
+    """Saves pytrees `items` (a subset of ITEMS) as checkpoint `step` (asynchronously: `finish` waits).
+    Orbax writes into a temporary folder and renames it when complete, so a crash or a failed write
+    never leaves a checkpoint that looks finished. A failed write raises CheckpointWriteError."""
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
-    mngr.save(step, args=ocp.args.Composite(**args), force=True)
+    try:
+        mngr.save(step, args=ocp.args.Composite(**args), force=True)
+    except Exception as e:  # noqa: BLE001 - Orbax reports an earlier async write's failure here too
+        raise CheckpointWriteError(f"could not write checkpoint step {step} in {mngr.directory}: "
+                                   f"{_first_line(e)}") from None
+
+
+def finish(mngr: ocp.CheckpointManager) -> None:
+    """Waits for the checkpoint writes in flight; a failed one raises CheckpointWriteError."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - the async writer's error, whatever its type
+        raise CheckpointWriteError(f"could not write a checkpoint in {mngr.directory}: {_first_line(e)}"
+                                   ) from None
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (e.g. the disk is full); the checkpoints written before are intact."""
 
 
 def abstract(tree, sharding=None, dtype=None):
@@ -94,42 +127,165 @@ def abstract(tree, sharding=None, dtype=None):
 
 def restore(mngr: ocp.CheckpointManager, step: int, targets: dict) -> dict:
     """Checkpoint `step`'s items named in `targets`, restored into those abstract pytrees (their dtype
-    and sharding), so nothing is materialised twice."""
+    and sharding), so nothing is materialised twice. Raises `MismatchedCheckpoint` when the stored tree
+    differs from a target's (a config problem) and `UnreadableCheckpoint` when Orbax cannot read it
+    (a missing or damaged file)."""
+    where = os.path.join(str(mngr.directory), str(step))
+    for name, target in targets.items():
+        _check_item(os.path.join(where, name), target)
     args = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(**args))
-    except (ValueError, KeyError) as e:
-        where = os.path.join(str(mngr.directory), str(step))
-        raise ValueError(f"checkpoint {where} does not match the config's model: {e}") from None
+    except Exception as e:  # noqa: BLE001 - TensorStore reports damaged files as a bare Exception
+        raise UnreadableCheckpoint(where, _first_line(e)) from None
     return {name: restored[name] for name in targets}
 
 
-def save_model(model, path: str, config=None) -> str:
-    """Writes `model` as a zoo checkpoint (step 0, parameters only); `config` defaults to the shared
-    training defaults around the model's own config. In a multi-process run every process calls it."""
-    from configs.common import base_config
+class UnreadableCheckpoint(ValueError):
+    """A finished checkpoint that Orbax cannot read: a file missing, truncated or damaged."""
 
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"checkpoint {where} cannot be read: {reason}")
+        self.where, self.reason = where, reason
+
+
+class MismatchedCheckpoint(ValueError):
+    """A readable checkpoint whose parameters differ in name or shape from the config's model."""
+
+
+def _first_line(error: Exception) -> str:
+    """The gist of an Orbax/TensorStore error: its first line, without TensorStore's spec dump."""
+    text = str(error).split("See full TensorStore details")[0]
+    line = " ".join(text.split()).rstrip(".")
+    return f"{line[:120]} ... {line[-180:]}" if len(line) > 320 else (line or type(error).__name__)
+
+
+def _check_item(directory: str, target) -> None:
+    """Reads an item's Orbax tree metadata (`_METADATA`) and compares names and shapes with `target`."""
+    if not os.path.isdir(directory):
+        raise MismatchedCheckpoint(f"checkpoint {os.path.dirname(directory)} has no item "
+                                   f"{os.path.basename(directory)!r}")
+    try:
+        metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(directory))
+    except Exception as e:  # noqa: BLE001 - a missing or unparsable metadata file
+        raise UnreadableCheckpoint(os.path.dirname(directory), _first_line(e)) from None
+    tree = getattr(metadata, "tree", metadata)
+    stored = {_keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+              if hasattr(leaf, "shape")}
+    wanted = {_keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(target)}
+    if stored == wanted:
+        return
+    where = f"checkpoint {os.path.dirname(directory)} does not match the config's model"
+    missing, extra = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted))
+    if missing or extra:
+        raise MismatchedCheckpoint(f"{where}: {len(missing)} parameters missing (e.g. {missing[:2]}), "
+                                   f"{len(extra)} unexpected (e.g. {extra[:2]})")
+    name = next(k for k in wanted if wanted[k] != stored[k])
+    raise MismatchedCheckpoint(f"{where}: {name} has shape {stored[name]}, the config expects {wanted[name]}")
+
+
+def _keystr(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def restore_newest_readable(mngr: ocp.CheckpointManager, targets: dict, *, before: int | None = None
+                            ) -> tuple[int, dict, list[UnreadableCheckpoint]]:
+    """(step, items, unreadable): the newest finished checkpoint (below `before`, if given) that Orbax can
+    read, restored into `targets`, and the newer ones it could not read (each names its folder and the
+    reason; nothing is deleted). A checkpoint that does not match the model stops the search
+    (`MismatchedCheckpoint`: older ones would not match either); none readable: `UnreadableCheckpoint`."""
+    unreadable = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        if before is not None and step >= before:
+            continue
+        try:
+            return step, restore(mngr, step, targets), unreadable
+        except UnreadableCheckpoint as e:
+            unreadable.append(e)
+    if not unreadable:
+        raise FileNotFoundError(f"{mngr.directory} holds no finished checkpoint")
+    raise UnreadableCheckpoint(str(mngr.directory), "none of its checkpoints can be read ("
+                               + "; ".join(f"{os.path.basename(e.where)}: {e.reason}" for e in unreadable) + ")")
+
+
+def check_destination(path: str, overwrite: bool = False, flag: str = "--overwrite") -> None:
+    """Refuses a destination that exists and is not an empty directory, unless `overwrite`."""
+    if os.path.exists(path) and not overwrite and not (os.path.isdir(path) and not os.listdir(path)):
+        raise FileExistsError(f"{path} already exists; refusing to overwrite it (pass {flag} to replace it)")
+
+
+@contextlib.contextmanager
+def staged(path: str, overwrite: bool = False, *, all_processes: bool = True) -> Iterator[str]:
+    """Yields `PATH.partial`, a fresh directory beside `path`, to write into; when the body completes it
+    replaces `path` (renamed into place), so an interrupted write never leaves a destination that looks
+    complete (a failed one removes `PATH.partial`; a killed one leaves it, and the next write clears it).
+    An existing `path` is refused unless `overwrite` (`check_destination`). In a multi-process run with
+    `all_processes` every process enters it (the staging name is the same everywhere; they meet at
+    barriers) and process 0 renames; otherwise only the process that writes enters it."""
+    path = os.path.abspath(path)
+    check_destination(path, overwrite)
+    partial = path + ".partial"
+    if distributed.is_primary():
+        if os.path.exists(partial):   # left by an interrupted write; never a finished destination
+            shutil.rmtree(partial)
+        os.makedirs(partial)
+    meet = barrier if all_processes else (lambda name: None)
+    meet("staged-start:" + path)
+    try:
+        yield partial
+    except BaseException:   # an incomplete output is removed; `path` was never touched
+        if distributed.is_primary():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    meet("staged-written:" + path)
+    if distributed.is_primary():
+        old = path + ".replaced"
+        if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+            os.rename(path, old)
+        else:
+            old = None
+            if os.path.isdir(path):
+                os.rmdir(path)
+        os.rename(partial, path)
+        if old is not None:
+            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+    meet("staged-done:" + path)
+
+
+def barrier(name: str) -> None:
+    """Waits for every process of a multi-process run (a no-op with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def save_model(model, path: str, config=None, *, overwrite: bool = False) -> str:
+    """Writes `model` as a zoo checkpoint (step 0, parameters only); `config` defaults to the shared
+    training defaults around the model's own config. The files are written beside `path` and renamed
+    into place when complete (`staged`); an existing `path` is refused unless `overwrite`. In a
+    multi-process run every process calls it."""
     model_cfg = ml_collections.ConfigDict(model.config.as_configdict())
-    config = base_config(model_cfg) if config is None else ml_collections.ConfigDict(config)
+    config = default_config(model_cfg) if config is None else ml_collections.ConfigDict(config)
     config.model = model_cfg
-    mngr = manager(path)
-    if mngr.latest_step() is not None:
-        raise FileExistsError(f"{path} already holds checkpoints; refusing to overwrite them")
-    if distributed.is_primary():   # every process saves its shards below; one writes config.json
-        write_config(config, path)
-    save(mngr, 0, {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))})
-    mngr.wait_until_finished()
-    mngr.close()
+    with staged(path, overwrite) as partial:
+        if distributed.is_primary():   # every process saves its shards below; one writes config.json
+            write_config(config, partial)
+        mngr = manager(partial)
+        try:
+            save(mngr, 0, {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))})
+            finish(mngr)
+        finally:
+            mngr.close()
     return path
 
 
-def load(path: str, *, dtype: str = "float32", attention_impl: str | None = None,
-         mesh: jax.sharding.Mesh | None = None, rules="fsdp_tensor_expert"):
-    """The model of a zoo checkpoint or training workdir (its latest step), parameters cast to `dtype`
-    as they are read: onto one device, or with `mesh` each read straight into its sharding under `rules`
+def load_with_step(path: str, *, dtype="float32", attention_impl: str | None = None,
+                   mesh: jax.sharding.Mesh | None = None, rules="fsdp_tensor_expert"):
+    """(model, step, unreadable): the model of the newest readable checkpoint of a zoo checkpoint or
+    training workdir, the step it comes from, and the newer checkpoints that could not be read (see
+    `restore_newest_readable`). Parameters are cast to `dtype` (a name or a JAX/numpy dtype) as they are
+    read: onto one device, or with `mesh` each read straight into its sharding under `rules`
     (`zoo.sharding.state_shardings`), never passing through one device."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    dtype = dtypes.resolve(dtype)
     model_cfg = read_config(path).model
     model_cfg.dtype = dtype
     if attention_impl is not None:
@@ -137,10 +293,22 @@ def load(path: str, *, dtype: str = "float32", attention_impl: str | None = None
     graphdef, params, rest = nnx.split(build_abstract(model_cfg), nnx.Param, ...)
     shardings = None if mesh is None else nnx.to_pure_dict(
         sharding.state_shardings(params, mesh, sharding.resolve_rules(rules)))
-    target = abstract(nnx.to_pure_dict(params), sharding=shardings, dtype=DTYPES[dtype])
-    mngr, step = _existing_manager(path)
+    target = abstract(nnx.to_pure_dict(params), sharding=shardings, dtype=dtypes.to_jnp(dtype))
+    mngr, _ = _existing_manager(path)
     try:
-        restored = restore(mngr, step, {"params": target})["params"]
+        step, restored, unreadable = restore_newest_readable(mngr, {"params": target})
     finally:
         mngr.close()
-    return nnx.merge(graphdef, restored, rest)
+    return nnx.merge(graphdef, restored["params"], rest), step, unreadable
+
+
+def load(path: str, *, dtype="float32", attention_impl: str | None = None,
+         mesh: jax.sharding.Mesh | None = None, rules="fsdp_tensor_expert"):
+    """The model of a zoo checkpoint or training workdir: its newest readable checkpoint (a newer one that
+    cannot be read is skipped with a logged warning naming it), parameters cast to `dtype` (a name or a
+    JAX/numpy dtype) as they are read, onto one device or with `mesh` straight into their shardings."""
+    model, step, unreadable = load_with_step(path, dtype=dtype, attention_impl=attention_impl, mesh=mesh,
+                                             rules=rules)
+    for e in unreadable:
+        log.warning("%s; loaded step %d instead", e, step)
+    return model

@@ -5,18 +5,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo import families
+from zoo import dtypes, families
 from zoo.decoder import Decoder, DecoderOptions
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
 
 def validate(cfg) -> None:
     """Fails with a message naming the first bad setting of a model config: the decoder's options, the
     dtype, then the family's own checks (which check every layer's kinds)."""
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"unknown model.dtype {cfg.dtype!r}; expected one of {sorted(DTYPES)}")
     DecoderOptions.from_config(cfg)
+    dtypes.resolve(cfg.dtype, "model.dtype")
     families.get(cfg.family).validate(cfg)
 
 
@@ -35,7 +31,7 @@ def build_abstract(cfg) -> Decoder:
 
 def cast(model: Decoder, dtype) -> Decoder:
     """The same model with floating-point parameters cast to `dtype` (in place)."""
-    dtype = DTYPES.get(dtype, dtype)
+    dtype = dtypes.to_jnp(dtype)
     graphdef, state = nnx.split(model)
     state = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
     return nnx.merge(graphdef, state)

@@ -49,6 +49,56 @@ def dequantize(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return weight.astype(np.float32) * scale
 
 
+def read_json(file: str) -> dict:
+    """A JSON object from `file`; invalid JSON is reported with the file's name."""
+    try:
+        with open(file) as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is not valid JSON: not UTF-8 text") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def read_header(file: str) -> tuple[dict, int]:
+    """(tensor infos by name, offset of the data) of a safetensors file, checked against the file's size
+    so a damaged or foreign file is named instead of failing in allocation or memory mapping."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{file} is not a safetensors file: {size} bytes, shorter than its header length")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise ValueError(f"{file} is not a safetensors file or is truncated: its header claims "
+                             f"{header_len} bytes but the file has {size}")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{file} is not a safetensors file: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file} is not a safetensors file: its header is not a JSON object")
+    header.pop("__metadata__", None)
+    base = 8 + header_len
+    for key, info in header.items():
+        try:
+            start, end = (int(x) for x in info["data_offsets"])
+            shape, dtype = [int(n) for n in info["shape"]], info["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{file}: tensor {key!r} has a malformed header entry") from None
+        if not 0 <= start <= end or base + end > size:
+            raise ValueError(f"{file} is truncated or damaged: tensor {key!r} needs bytes {base + start}-"
+                             f"{base + end} but the file has {size}")
+        if dtype in DTYPES and end - start != int(np.prod(shape)) * np.dtype(DTYPES[dtype]).itemsize:
+            raise ValueError(f"{file}: tensor {key!r} of shape {shape} and dtype {dtype} does not fill "
+                             f"its {end - start} bytes")
+    return header, base
+
+
 class SafetensorsDir:
     """The tensors of a checkpoint directory: `model.safetensors`, or shards listed in the index."""
 
@@ -56,8 +106,9 @@ class SafetensorsDir:
         self.path = path
         index = os.path.join(path, INDEX)
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} has no `weight_map` object")
             files = sorted(set(weight_map.values()))
         elif os.path.exists(os.path.join(path, SINGLE)):
             files = [SINGLE]
@@ -70,12 +121,10 @@ class SafetensorsDir:
             file = os.path.join(path, name)
             if not os.path.exists(file):
                 raise FileNotFoundError(f"checkpoint shard {file} is missing (listed in {INDEX})")
-            with open(file, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(header_len))
-            header.pop("__metadata__", None)
+            header, base = read_header(file)
             for key, info in header.items():
-                self._where[key] = (file, info, 8 + header_len)
+                self._where[key] = (file, info, base)
+        self.files = [os.path.join(path, name) for name in files]
 
     def names(self) -> list[str]:
         return list(self._where)

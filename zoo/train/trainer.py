@@ -1,11 +1,13 @@
 """The training loop: resumable, deterministic, and safe to interrupt.
 
-Writes into WORKDIR: `config.json` (the full config), `metrics.jsonl` (one JSON object per logged step;
-both from process 0 only) and Orbax checkpoints under `checkpoints/<step>/` (items `params`, `opt_state`;
-written by every process together). Rerunning the same command resumes from the latest checkpoint and,
-because batch `s` is a pure function of (seed, s), reproduces the uninterrupted run exactly. SIGTERM/SIGINT
-finish the current step, save and return. A non-finite loss or gradient norm stops the run before anything
-from that step is saved.
+Writes into WORKDIR: `config.json` (the full config), `metrics.jsonl` (one JSON object per logged step),
+TensorBoard event files (`events.out.tfevents.*`, the same scalars; all three from process 0 only) and
+Orbax checkpoints under `checkpoints/<step>/` (items `params`, `opt_state`; written by every process
+together). Rerunning the same command resumes from the newest readable checkpoint and, because batch `s`
+is a pure function of (seed, s), reproduces the uninterrupted run exactly; a newer checkpoint that cannot
+be read is moved to `unreadable_checkpoints/` (never deleted) and named in a warning. SIGTERM/SIGINT
+finish the current step, save and return. A non-finite loss or gradient norm stops the run before
+anything from that step is saved. A finished run (a checkpoint at or past `train.steps`) is left as it is.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -21,15 +24,17 @@ import jax
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 import zoo
 from zoo import checkpoints, data, distributed, sharding
-from zoo.evaluate import bits_per_byte, make_loss_fn, validation_loss
 from zoo.sharding import check_batch_splits, shard_batch
+from zoo.train.loss import bits_per_byte, make_loss_fn, validation_loss
 from zoo.train.optimizer import make_optimizer
 
 METRICS_FILE = "metrics.jsonl"
+UNREADABLE_DIR = "unreadable_checkpoints"
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -39,9 +44,12 @@ class NonFiniteLoss(FloatingPointError):
 
 @dataclasses.dataclass
 class Result:
-    step: int                      # steps completed (and saved)
-    interrupted_by: str | None     # the signal's name when one stopped the run early
-    last_metrics: dict             # the last metrics line written
+    step: int                         # steps completed (and saved)
+    interrupted_by: str | None        # the signal's name when one stopped the run early
+    last_metrics: dict                # the last metrics line written
+    already_done: bool = False        # the workdir already held a checkpoint at or past train.steps
+    resumed_from: int | None = None   # the checkpoint step the run started from (None: a fresh start)
+    set_aside: tuple = ()             # unreadable checkpoints, as (step, reason, where they were moved)
 
 
 def enable_compilation_cache(directory: str = "~/.cache/lc-zoo/jax") -> None:
@@ -61,6 +69,9 @@ def validate(config) -> None:
         raise ValueError(f"unknown train.compute_dtype {t.compute_dtype!r}; expected one of {COMPUTE_DTYPES}")
     if t.keep_checkpoints is not None and int(t.keep_checkpoints) < 1:
         raise ValueError(f"train.keep_checkpoints must be at least 1 (or None: keep all), got {t.keep_checkpoints}")
+    max_positions = config.model.get("max_positions")
+    if max_positions is not None and int(t.seq_len) > int(max_positions):
+        raise ValueError(f"train.seq_len {t.seq_len} exceeds model.max_positions {max_positions}")
 
 
 class MetricsLog:
@@ -87,6 +98,53 @@ class MetricsLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+class RunLog:
+    """Where a logged step goes, on the primary process only: `metrics.jsonl`, TensorBoard event files in
+    the workdir (tensorboardX; `purge_step` hides a killed run's steps past the resume point), and the
+    console: a tqdm bar on a terminal, else (output redirected) one plain line per logged step. On other
+    processes every method does nothing."""
+
+    def __init__(self, workdir: str, steps: int, start: int, *, primary: bool, interactive: bool | None = None):
+        self.primary, self.steps = primary, steps
+        self.interactive = (sys.stdout.isatty() and sys.stderr.isatty()) if interactive is None else interactive
+        self.metrics = MetricsLog(os.path.join(workdir, METRICS_FILE), keep_through=start) if primary else None
+        self.tensorboard = SummaryWriter(logdir=workdir, purge_step=start + 1, flush_secs=30) if primary else None
+        self.bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not (primary and self.interactive))
+
+    def say(self, text: str) -> None:
+        """A status line (e.g. "compiling..."): above the bar, or printed."""
+        if self.primary:
+            self.bar.write(text) if self.interactive else print(text, flush=True)
+
+    def step_done(self) -> None:
+        self.bar.update(1)
+
+    def write(self, record: dict) -> None:
+        if not self.primary:
+            return
+        self.metrics.write(record)
+        for key, value in record.items():
+            if key != "step":
+                self.tensorboard.add_scalar(key, value, record["step"])
+        has_val = "val_bits_per_byte" in record
+        if self.interactive:
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}",
+                                 **({"val_bpb": f"{record['val_bits_per_byte']:.3f}"} if has_val else {}))
+        else:
+            val = (f", val_loss {record['val_loss']:.4f}, val_bits_per_byte {record['val_bits_per_byte']:.4f}"
+                   if has_val else "")
+            print(f"step {record['step']}/{self.steps}: loss {record['loss']:.4f}, grad_norm "
+                  f"{record['grad_norm']:.3f}, learning_rate {record['learning_rate']:.3g}, tokens/s "
+                  f"{record['tokens_per_second']:.0f}{val}", flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.primary:
+            self.metrics.close()
+            self.tensorboard.close()
 
 
 class StopOnSignal:
@@ -168,78 +226,154 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
                    out_shardings=(s.params, s.opt_state, s.replicated))
 
 
-def _initial_state(config, mngr, mesh=None):
-    """(graphdef, params, opt_state, tx, schedule, start_step, shardings): fresh from `train.seed`
-    (parameters and optimizer state created already sharded), or restored from the latest checkpoint
-    into abstract targets carrying the current mesh's shardings, whatever mesh saved it."""
-    start = mngr.latest_step() if mngr is not None else None
+@dataclasses.dataclass
+class TrainState:
+    """Everything the loop advances or needs to advance it: the model's graph and parameters (a pure
+    dict), the optimizer, its state and learning-rate schedule, the steps done, and the shardings."""
+    graphdef: nnx.GraphDef
+    params: dict
+    opt_state: object
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    step: int
+    shardings: Shardings
+
+
+def _set_aside(workdir: str, mngr, unreadable) -> tuple:
+    """Moves unreadable checkpoints out of `checkpoints/` into UNREADABLE_DIR (never deleting them), so
+    the resumed run can save those steps again; returns (step, reason, new path) for each."""
+    moved = []
+    for error in unreadable:
+        step = int(os.path.basename(error.where))
+        target = os.path.join(workdir, UNREADABLE_DIR, str(step))
+        if distributed.is_primary():
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if os.path.exists(target):   # set aside before: keep both
+                target = f"{target}.{time.strftime('%Y%m%d-%H%M%S')}"
+            os.rename(error.where, target)
+        moved.append((step, error.reason, target))
+    if moved:
+        checkpoints.barrier("set-aside:" + workdir)   # process 0 has moved them
+        mngr.reload()
+    return tuple(moved)
+
+
+def _skeleton(config, mesh=None):
+    """(graphdef, abstract params as a pure dict, tx, schedule, shardings) of `config`, nothing allocated."""
     abstract_model = zoo.build_abstract(config.model)
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     tx, schedule = make_optimizer(config, abstract_model)
     s = make_shardings(config, abstract_model, tx, mesh)
-    if start is None:
+    return graphdef, nnx.to_pure_dict(abstract_params), tx, schedule, s
+
+
+def fresh_state(config, mesh=None, params=None) -> TrainState:
+    """Step 0 on `config.mesh` (or `mesh`): parameters from `train.seed` (or `params`, already placed),
+    and a fresh optimizer state, created already sharded (nothing materialised whole on one device)."""
+    graphdef, _, tx, schedule, s = _skeleton(config, mesh)
+    if params is None:
         model = sharding.create_model(config.model, s.mesh, s.rules, seed=config.train.seed)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        opt_state = jax.jit(tx.init, in_shardings=(s.params,), out_shardings=s.opt_state)(params)
-        return graphdef, params, opt_state, tx, schedule, 0, s
-    params_target = checkpoints.abstract(nnx.to_pure_dict(abstract_params), sharding=s.params)
-    opt_target = checkpoints.abstract(jax.eval_shape(tx.init, params_target), sharding=s.opt_state)
-    restored = checkpoints.restore(mngr, start, {"params": params_target, "opt_state": opt_target})
-    return graphdef, restored["params"], restored["opt_state"], tx, schedule, start, s
+    opt_state = jax.jit(tx.init, in_shardings=(s.params,), out_shardings=s.opt_state)(params)
+    return TrainState(graphdef, params, opt_state, tx, schedule, 0, s)
 
 
-def train(config, workdir: str) -> Result:
-    """Trains `config` in `workdir` up to `train.steps`, resuming from the latest checkpoint there."""
+def _initial_state(config, mngr, workdir: str, init_from: str | None = None, mesh=None
+                   ) -> tuple[TrainState, int | None, tuple]:
+    """(state, resumed_from, unreadable): the newest readable checkpoint of `mngr` restored into abstract
+    targets carrying the current mesh's shardings (whatever mesh saved it), with the newer checkpoints
+    that could not be read; else the parameters of `init_from`'s newest readable checkpoint with a fresh
+    optimizer state; else `fresh_state`."""
+    graphdef, abstract_params, tx, schedule, s = _skeleton(config, mesh)
+    params_target = checkpoints.abstract(abstract_params, sharding=s.params)
+    if mngr.all_steps():
+        missing_opt = [step for step in mngr.all_steps()
+                       if not os.path.isdir(os.path.join(str(mngr.directory), str(step), "opt_state"))]
+        if missing_opt:
+            raise ValueError(f"{workdir} holds checkpoints without optimizer state (a converted checkpoint?); "
+                             f"to fine-tune from it use --init_from={workdir} with a new --workdir")
+        opt_target = checkpoints.abstract(jax.eval_shape(tx.init, params_target), sharding=s.opt_state)
+        start, restored, unreadable = checkpoints.restore_newest_readable(
+            mngr, {"params": params_target, "opt_state": opt_target})
+        state = TrainState(graphdef, restored["params"], restored["opt_state"], tx, schedule, start, s)
+        return state, start, unreadable
+    if init_from is None:
+        return fresh_state(config, mesh), None, ()
+    source, _ = checkpoints._existing_manager(init_from)
+    try:
+        _, restored, _ = checkpoints.restore_newest_readable(source, {"params": params_target})
+    finally:
+        source.close()
+    return fresh_state(config, mesh, params=restored["params"]), None, ()
+
+
+def train(config, workdir: str, *, init_from: str | None = None, interactive: bool | None = None) -> Result:
+    """Trains `config` in `workdir` up to `train.steps`, resuming from the newest readable checkpoint
+    there; a workdir without checkpoints starts from `init_from`'s parameters (a zoo checkpoint or another
+    run; fresh optimizer state) if given, else from `train.seed`. A workdir already at or past
+    `train.steps` is left untouched. `interactive`: show a progress bar (default: when stdout and stderr
+    are terminals) rather than plain log lines."""
     validate(config)
     t = config.train
     corpus = data.load_corpus(config.data)
     data.check_fits(corpus, config.model.vocab_size, t.seq_len)
     zoo.models.validate(config.model)
+    if init_from is not None:
+        checkpoints.read_config(init_from)   # names a missing directory or config.json before anything is written
 
     os.makedirs(workdir, exist_ok=True)
     mngr = checkpoints.manager(workdir, keep=t.keep_checkpoints)
     try:
-        graphdef, params, opt_state, tx, schedule, start, shardings = _initial_state(config, mngr)
-        log = None
+        state, resumed_from, unreadable = _initial_state(config, mngr, workdir, init_from)
+        if state.step >= t.steps:
+            return Result(step=state.step, interrupted_by=None, last_metrics={}, already_done=True,
+                          resumed_from=resumed_from)
+        set_aside = _set_aside(workdir, mngr, unreadable)
         if distributed.is_primary():
             checkpoints.write_config(config, workdir)
-            log = MetricsLog(os.path.join(workdir, METRICS_FILE), keep_through=start)
+        log = RunLog(workdir, t.steps, state.step, primary=distributed.is_primary(), interactive=interactive)
+        for step, reason, where in set_aside:
+            if distributed.is_primary():
+                print(f"warning: checkpoint step {step} cannot be read ({reason}); moved it to {where} and "
+                      f"resumed from step {state.step}", file=sys.stderr, flush=True)
         try:
-            return _loop(config, workdir, corpus, mngr, log, graphdef, params, opt_state, tx, schedule, start,
-                         shardings)
+            result = _loop(config, workdir, corpus, mngr, state, log)
         finally:
-            if log is not None:
-                log.close()
+            log.close()
+        return dataclasses.replace(result, resumed_from=resumed_from, set_aside=set_aside)
     finally:
-        mngr.wait_until_finished()
-        mngr.close()
+        try:
+            checkpoints.finish(mngr)
+        finally:
+            mngr.close()
 
 
-def _loop(config, workdir, corpus, mngr, log, graphdef, params, opt_state, tx, schedule, start,
-          shardings) -> Result:
-    """The steps from `start` to `train.steps`; `log` is None on processes other than the primary one."""
-    t = config.train
-    train_step = make_train_step(graphdef, tx, t.compute_dtype, shardings)
-    eval_loss = jax.jit(make_loss_fn(graphdef, t.compute_dtype, mesh=shardings.mesh, rules=shardings.rules),
-                        in_shardings=(shardings.params, shardings.batch, shardings.batch),
-                        out_shardings=shardings.replicated)
+def _loop(config, workdir: str, corpus, mngr, state: TrainState, log: RunLog) -> Result:
+    """The steps from `state.step` to `train.steps` (the state is advanced in place)."""
+    t, s = config.train, state.shardings
+    train_step = make_train_step(state.graphdef, state.tx, t.compute_dtype, s)
+    eval_loss = jax.jit(make_loss_fn(state.graphdef, t.compute_dtype, mesh=s.mesh, rules=s.rules),
+                        in_shardings=(s.params, s.batch, s.batch), out_shardings=s.replicated)
     tokens_per_step = t.batch_size * t.seq_len
-    step, saved, record = start, start, {}
+    start = state.step
+    saved, record = start, {}
     window_start, window_steps = time.perf_counter(), 0
-    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-               disable=not distributed.is_primary())
-    with StopOnSignal() as stop, bar:
-        while step < t.steps and stop.signal_name is None:
-            inputs_BT, targets_BT = data.train_batch(corpus, seed=t.seed, step=step + 1, batch_size=t.batch_size,
-                                                     seq_len=t.seq_len)
-            params, opt_state, out = train_step(params, opt_state, shard_batch(inputs_BT, shardings.batch),
-                                                shard_batch(targets_BT, shardings.batch))
+    with StopOnSignal() as stop:
+        while state.step < t.steps and stop.signal_name is None:
+            if state.step == start:
+                log.say(f"step {start + 1}: compiling the train step...")
+            inputs_BT, targets_BT = data.train_batch(corpus, seed=t.seed, step=state.step + 1,
+                                                     batch_size=t.batch_size, seq_len=t.seq_len)
+            state.params, state.opt_state, out = train_step(state.params, state.opt_state,
+                                                            shard_batch(inputs_BT, s.batch),
+                                                            shard_batch(targets_BT, s.batch))
             loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
-            step += 1
+            state.step += 1
+            step = state.step
             window_steps += 1
-            bar.update(1)
+            log.step_done()
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                mngr.wait_until_finished()
+                checkpoints.finish(mngr)
                 last = mngr.latest_step()
                 kept = f"the last good checkpoint is step {last}" if last is not None else "no checkpoint was saved"
                 raise NonFiniteLoss(f"loss {loss} (gradient norm {grad_norm}) at step {step}; stopped without "
@@ -248,22 +382,19 @@ def _loop(config, workdir, corpus, mngr, log, graphdef, params, opt_state, tx, s
             if step % t.log_every == 0 or is_eval:
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step, "loss": loss, "grad_norm": grad_norm,
-                          "learning_rate": float(schedule(step - 1)),
+                          "learning_rate": float(state.schedule(step - 1)),
                           "tokens_per_second": window_steps * tokens_per_step / max(elapsed, 1e-9)}
                 if is_eval:
-                    val = validation_loss(eval_loss, params, corpus, num_batches=t.eval_batches,
-                                          batch_size=t.batch_size, seq_len=t.seq_len,
-                                          batch_sharding=shardings.batch)
+                    val = validation_loss(eval_loss, state.params, corpus, num_batches=t.eval_batches,
+                                          batch_size=t.batch_size, seq_len=t.seq_len, batch_sharding=s.batch)
                     record.update(val_loss=val, val_bits_per_byte=bits_per_byte(val, corpus.bytes_per_token))
-                if log is not None:
-                    log.write(record)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_second']:.0f}",
-                                **({"val_bpb": f"{record['val_bits_per_byte']:.3f}"} if is_eval else {}))
+                log.write(record)
             if step % t.log_every == 0 or is_eval or step == start + 1:
                 window_start, window_steps = time.perf_counter(), 0   # step 1 of a process includes compiling
             if step % t.checkpoint_every == 0:
-                checkpoints.save(mngr, step, {"params": params, "opt_state": opt_state})
+                checkpoints.save(mngr, step, {"params": state.params, "opt_state": state.opt_state})
                 saved = step
-        if step > saved:
-            checkpoints.save(mngr, step, {"params": params, "opt_state": opt_state})
-    return Result(step=step, interrupted_by=stop.signal_name if step < t.steps else None, last_metrics=record)
+        if state.step > saved:
+            checkpoints.save(mngr, state.step, {"params": state.params, "opt_state": state.opt_state})
+    return Result(step=state.step, interrupted_by=stop.signal_name if state.step < t.steps else None,
+                  last_metrics=record)
