@@ -171,7 +171,7 @@ def evaluate_checkpoint(path: str, seq_lens: list[int], mesh_sizes: dict | None 
             raise
         raise ValueError(f"the checkpoint's config.mesh: {e}; choose a mesh with --mesh (e.g. --mesh=data=-1)"
                          ) from None
-    rules = sharding.resolve_rules(config.get("sharding_rules", "fsdp_tensor_expert"))
+    rules = sharding.resolve_rules(config.get("sharding_rules", sharding.DEFAULT_RULES))
     sharding.check_batch_splits(batch_size, sharding.batch_sharding(mesh, rules),   # before the (slow) restore
                        "--batch_size" if _BATCH_SIZE.value else "train.batch_size")
     corpus = data.load_corpus(config.data)

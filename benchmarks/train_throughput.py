@@ -47,7 +47,7 @@ def main() -> None:
     p.add_argument("--seq_len", type=int, default=4096)
     p.add_argument("--batch_size", type=int, default=8, help="global batch (sequences per step)")
     p.add_argument("--mesh", default="data=1,fsdp=-1", help="mesh axis sizes, e.g. fsdp=2,tensor=4")
-    p.add_argument("--rules", default="fsdp_tensor_expert", help="a zoo.sharding.RULES preset")
+    p.add_argument("--rules", default="fsdp_tensor_expert", help="a zoo.sharding.RULES preset (zoo.sharding.DEFAULT_RULES)")
     p.add_argument("--attention_impl", default=None, help="override model.attention_impl (xla|pallas|auto)")
     p.add_argument("--remat", default=None, help="override model.remat (none|full|dots)")
     p.add_argument("--warmup", type=int, default=2)

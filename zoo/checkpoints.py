@@ -279,7 +279,7 @@ def save_model(model, path: str, config=None, *, overwrite: bool = False) -> str
 
 
 def load_with_step(path: str, *, dtype="float32", attention_impl: str | None = None,
-                   mesh: jax.sharding.Mesh | None = None, rules="fsdp_tensor_expert"):
+                   mesh: jax.sharding.Mesh | None = None, rules=sharding.DEFAULT_RULES):
     """(model, step, unreadable): the model of the newest readable checkpoint of a zoo checkpoint or
     training workdir, the step it comes from, and the newer checkpoints that could not be read (see
     `restore_newest_readable`). Parameters are cast to `dtype` (a name or a JAX/numpy dtype) as they are
@@ -303,7 +303,7 @@ def load_with_step(path: str, *, dtype="float32", attention_impl: str | None = N
 
 
 def load(path: str, *, dtype="float32", attention_impl: str | None = None,
-         mesh: jax.sharding.Mesh | None = None, rules="fsdp_tensor_expert"):
+         mesh: jax.sharding.Mesh | None = None, rules=sharding.DEFAULT_RULES):
     """The model of a zoo checkpoint or training workdir: its newest readable checkpoint (a newer one that
     cannot be read is skipped with a logged warning naming it), parameters cast to `dtype` (a name or a
     JAX/numpy dtype) as they are read, onto one device or with `mesh` straight into their shardings."""

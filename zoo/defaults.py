@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from zoo.sharding import DEFAULT_RULES
+
 
 def default_config(model: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
     """The full config (`model`, `train`, `mesh`, `sharding_rules`, `optimizer`, `data`) with `model`
@@ -32,7 +34,7 @@ def default_config(model: ml_collections.ConfigDict | None = None) -> ml_collect
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
     # Logical axis -> mesh axes: a preset of zoo.sharding.RULES or the table itself. The default names
     # every mesh axis, so the mesh sizes alone decide the layout (all-data by default: replicated).
-    c.sharding_rules = "fsdp_tensor_expert"
+    c.sharding_rules = DEFAULT_RULES
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 3e-3

@@ -20,7 +20,7 @@ COLUMNS = ("seq_len", "val_loss", "val_bits_per_byte", "val_perplexity", "tokens
 
 
 def evaluate(model, corpus: data.Corpus, *, seq_lens: Sequence[int], num_batches: int, batch_size: int,
-             mesh: Mesh | None = None, rules="fsdp_tensor_expert") -> list[dict]:
+             mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES) -> list[dict]:
     """One row of COLUMNS per sequence length, for `model` in its own parameter dtype, on `mesh` (default:
     the first device alone): parameters laid out by `rules` as `zoo.sharding.state_shardings` places them
     (load them that way, `checkpoints.load(..., mesh=, rules=)`, and they never move), each batch split

@@ -44,6 +44,9 @@ RULES = {
 }
 
 
+DEFAULT_RULES = "fsdp_tensor_expert"   # names every mesh axis: the mesh sizes alone decide the layout
+
+
 def rules_preset(name: str) -> tuple:
     try:
         return RULES[name]

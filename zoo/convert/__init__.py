@@ -53,7 +53,7 @@ def _flat_params(model) -> dict[tuple, nnx.Variable]:
 
 
 def from_hf(path: str, *, dtype="float32", attention_impl: str = "xla", mesh=None,
-            rules="fsdp_tensor_expert", progress: bool = False):
+            rules=sharding.DEFAULT_RULES, progress: bool = False):
     """A zoo model from a Hugging Face checkpoint directory (single-file or sharded safetensors): onto
     one device, or with `mesh` each tensor placed straight into its sharding under `rules`
     (`zoo.sharding.state_shardings`) as it is converted, so the model is never whole on one device.

@@ -187,7 +187,7 @@ def make_shardings(config, model, tx, mesh=None) -> Shardings:
     (or `mesh`) under `config.sharding_rules`. Optimizer-state leaves shaped like the parameters take
     their parameter's sharding; the rest (step counts) are replicated."""
     mesh = mesh if mesh is not None else sharding.make_mesh(config.get("mesh", {}))
-    rules = sharding.resolve_rules(config.get("sharding_rules", "fsdp_tensor_expert"))
+    rules = sharding.resolve_rules(config.get("sharding_rules", sharding.DEFAULT_RULES))
     replicated = NamedSharding(mesh, PartitionSpec())
     params = nnx.to_pure_dict(sharding.state_shardings(nnx.state(model, nnx.Param), mesh, rules))
     abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
