@@ -78,3 +78,78 @@ def test_prefill_and_decode_equal_the_forward_pass(family, preset):
     np.testing.assert_array_equal(np.asarray(cache["lengths_B"]), [T, T])
     diff = float(jnp.max(jnp.abs(got_BTV - want_BTV)))
     assert diff <= 1e-4, f"{family}:{preset}: decode differs from the forward pass by {diff}"
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    """A tiny Gemma-4 stack: sliding rings, a full layer, KV-shared layers of both kinds."""
+    m = _small("gemma4")
+    return m, zoo.build(m, seed=2)
+
+
+def test_caches_hold_what_their_kinds_promise(gemma):
+    m, _ = gemma
+    spec = jax.eval_shape(lambda: zoo.init_cache(m, batch_size=3, max_len=100, dtype="bfloat16"))
+    for i, (kind, src, layer) in enumerate(zip(m.attention_types, m.kv_sources, spec["layers"])):
+        if src >= 0:
+            assert layer == {} and inference.cache_bytes(layer) == 0, i
+        else:
+            slots = WINDOW if kind == "sliding" else 100
+            assert layer["k_BSKH"].shape == (3, slots, m.num_kv_heads[i], m.head_dims[i]), i
+            assert layer["v_BSKH"].dtype == jnp.bfloat16
+    assert spec["lengths_B"].shape == (3,)
+
+
+def test_a_batch_of_prompts_gives_each_row_its_own_tokens(gemma):
+    m, model = gemma
+    rng = np.random.default_rng(5)
+    long, short = rng.integers(3, m.vocab_size, 11), rng.integers(3, m.vocab_size, 6)
+    alone = [np.asarray(zoo.generate(model, p[None], max_new_tokens=12, prefill_chunk=4))[0] for p in (long, short)]
+    batch_BT = np.stack([long, np.pad(short, (0, 5), constant_values=7)])   # the padding must not matter
+    got = np.asarray(zoo.generate(model, batch_BT, prompt_lengths=[11, 6], max_new_tokens=12, prefill_chunk=4))
+    np.testing.assert_array_equal(got, np.stack(alone))
+    # a stop token ends its row (pad_id after it) and leaves the other row alone up to its own stop
+    stop = int(alone[0][3])
+    got = np.asarray(zoo.generate(model, batch_BT, prompt_lengths=[11, 6], max_new_tokens=12, prefill_chunk=4,
+                                  stop_tokens=[stop], pad_id=0))
+    for row, want in zip(got, alone):
+        end = int(np.argmax(want == stop)) + 1 if (want == stop).any() else len(want)
+        np.testing.assert_array_equal(row[:end], want[:end])
+        assert (row[end:] == 0).all()
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(gemma):
+    m, model = gemma
+    prompt = np.random.default_rng(6).integers(3, m.vocab_size, (2, 9))
+    draw = lambda **kw: np.asarray(zoo.generate(model, prompt, max_new_tokens=10, **kw))
+    hot = dict(temperature=1.5, top_p=0.9)
+    first, again, other = draw(seed=1, **hot), draw(seed=1, **hot), draw(seed=2, **hot)
+    np.testing.assert_array_equal(first, again)
+    assert (first != other).any()
+    np.testing.assert_array_equal(draw(temperature=1.0, top_k=1, seed=3), draw())
+
+
+def test_sample_keeps_the_top_k_and_the_top_p_nucleus():
+    logits_BV = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000))
+    draws = np.asarray(inference.sample(logits_BV, jax.random.key(0), temperature=1.0, top_p=0.75))
+    assert set(draws) == {0, 1}          # 0.5 + 0.3 reaches 0.75: the nucleus is the first two
+    draws = np.asarray(inference.sample(logits_BV, jax.random.key(0), temperature=1.0, top_k=3))
+    assert set(draws) == {0, 1, 2}
+    assert abs((draws == 0).mean() - 0.5 / 0.95) < 0.05
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(prompt_ids=np.zeros((1, 0), int)), "non-empty"),
+    (dict(prompt_ids=[[3, 64]]), "outside the vocabulary"),
+    (dict(prompt_ids=[[3, -1]]), "outside the vocabulary"),
+    (dict(max_new_tokens=0), "max_new_tokens must be positive"),
+    (dict(top_p=0.0), "top_p must lie in"),
+    (dict(top_p=1.5), "top_p must lie in"),
+    (dict(max_len=3), "more than max_len"),
+    (dict(max_len=6), "do not fit max_len"),
+])
+def test_bad_input_gets_one_clear_error(gemma, kwargs, message):
+    _, model = gemma
+    args = {"prompt_ids": [[3, 4, 5, 6]], "max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        zoo.generate(model, args.pop("prompt_ids"), **args)
