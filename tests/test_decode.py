@@ -153,3 +153,14 @@ def test_bad_input_gets_one_clear_error(gemma, kwargs, message):
     args = {"prompt_ids": [[3, 4, 5, 6]], "max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
         zoo.generate(model, args.pop("prompt_ids"), **args)
+
+
+def test_generate_cli_fails_in_one_line_on_a_missing_workdir(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    result = subprocess.run([sys.executable, "generate.py", f"--workdir={tmp_path / 'none'}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: no such checkpoint directory: {tmp_path / 'none'}"]

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from layers import kinds
 from zoo.decoder import Decoder
@@ -105,10 +106,11 @@ def prefill(model: Decoder, cache: dict, prompt_BT: jax.Array, prompt_lengths_B:
 
 
 def decode(model: Decoder, cache: dict, logits_BV: jax.Array, key: jax.Array, *, max_new_tokens: int,
-           stop_tokens: tuple[int, ...] = (), pad_id: int = 0, **sampling) -> jax.Array:
+           stop_tokens: tuple[int, ...] = (), pad_id: int = 0, on_token=None, **sampling) -> jax.Array:
     """Samples max_new_tokens tokens per row, the first from `logits_BV`, each next one from the model
     run one token further inside a `lax.while_loop`; after a stop token a row emits `pad_id` and its
-    cache no longer grows. Returns int32 [B, N]."""
+    cache no longer grows. `on_token(tokens_B)` (optional) receives each step's tokens on the host, in
+    order, as they are produced. Returns int32 [B, N]."""
     B = logits_BV.shape[0]
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
 
@@ -121,6 +123,8 @@ def decode(model: Decoder, cache: dict, logits_BV: jax.Array, key: jax.Array, *,
         key, draw = jax.random.split(key)
         token_B = jnp.where(done_B, pad_id, sample(logits_BV, draw, **sampling))
         out_BN = out_BN.at[:, n].set(token_B)
+        if on_token is not None:
+            io_callback(on_token, None, token_B, ordered=True)
         done_B = done_B | jnp.isin(token_B, stops)
         logits_B1V, cache = model.extend(token_B[:, None], cache, (~done_B).astype(jnp.int32))
         return n + 1, cache, logits_B1V[:, 0], done_B, out_BN, key
@@ -131,24 +135,42 @@ def decode(model: Decoder, cache: dict, logits_BV: jax.Array, key: jax.Array, *,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "max_len", "max_new_tokens", "stop_tokens",
-                                             "pad_id", "temperature", "top_k", "top_p", "cache_dtype"))
+                                             "pad_id", "temperature", "top_k", "top_p", "cache_dtype", "on_token"))
 def _generate(graphdef, state, prompt_BT, prompt_lengths_B, key, *, chunk, max_len, max_new_tokens, stop_tokens,
-              pad_id, temperature, top_k, top_p, cache_dtype):
+              pad_id, temperature, top_k, top_p, cache_dtype, on_token=None):
     model = nnx.merge(graphdef, state)
     cache = init_cache(model, batch_size=prompt_BT.shape[0], max_len=max_len, dtype=cache_dtype)
     logits_BV, cache = prefill(model, cache, prompt_BT, prompt_lengths_B, chunk=chunk)
     return decode(model, cache, logits_BV, key, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
-                  pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p)
+                  pad_id=pad_id, on_token=on_token, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 def generate(model: Decoder, prompt_ids, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, stop_tokens=(), prompt_lengths=None, max_len: int | None = None,
-             prefill_chunk: int = 256, pad_id: int = 0, cache_dtype=None) -> jax.Array:
+             prefill_chunk: int = 256, pad_id: int = 0, cache_dtype=None, on_token=None) -> jax.Array:
     """The new token ids [B, N] (int32) after each prompt: greedy at temperature 0, else sampled
     (top_k, top_p), reproducible for a seed. prompt_ids: [B, T] or [T] ids (a list works);
     `prompt_lengths` [B] gives each row's own length (default: all T; rows are left-aligned). A row that
     emits one of `stop_tokens` stops; `pad_id` fills its remaining slots. `max_len` (the cache's length;
-    default prompt + new tokens) bounds both."""
+    default prompt + new tokens) bounds both. `on_token(tokens_B)` streams each step's tokens to the host."""
+    args, static = prepare_generate(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens,
+                                    prompt_lengths=prompt_lengths, max_len=max_len, prefill_chunk=prefill_chunk,
+                                    pad_id=pad_id, cache_dtype=cache_dtype, on_token=on_token)
+    return GENERATE(*args, **static)
+
+
+# The jitted generation program: `GENERATE.lower(*args, **static).compile()` compiles it ahead of a timed run
+# (generate.py), the compiled program then taking args[1:] (the graph definition is static).
+GENERATE = _generate
+
+
+def prepare_generate(model: Decoder, prompt_ids, *, max_new_tokens: int, temperature: float = 0.0,
+                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens=(), prompt_lengths=None,
+                     max_len: int | None = None, prefill_chunk: int = 256, pad_id: int = 0, cache_dtype=None,
+                     on_token=None) -> tuple[tuple, dict]:
+    """Checks `generate`'s input (a ValueError naming the first problem) and returns the arguments and
+    static options of the jitted program."""
     prompt_BT = np.asarray(prompt_ids)
     if prompt_BT.ndim == 1:
         prompt_BT = prompt_BT[None]
@@ -185,8 +207,9 @@ def generate(model: Decoder, prompt_ids, *, max_new_tokens: int, temperature: fl
                          f"tokens do not fit max_len={max_len}")
     graphdef, state = nnx.split(model)
     prompt_BT = np.where(real_BT, prompt_BT, pad_id).astype(np.int32)
-    return _generate(graphdef, state, jnp.asarray(prompt_BT), jnp.asarray(lengths_B, jnp.int32),
-                     jax.random.key(seed), chunk=min(prefill_chunk, T), max_len=max_len,
-                     max_new_tokens=max_new_tokens, stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=pad_id,
-                     temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                     cache_dtype=None if cache_dtype is None else jnp.dtype(DTYPES.get(cache_dtype, cache_dtype)).name)
+    args = (graphdef, state, jnp.asarray(prompt_BT), jnp.asarray(lengths_B, jnp.int32), jax.random.key(seed))
+    static = dict(chunk=min(prefill_chunk, T), max_len=max_len, max_new_tokens=max_new_tokens,
+                  stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=pad_id, temperature=float(temperature),
+                  top_k=int(top_k), top_p=float(top_p), on_token=on_token,
+                  cache_dtype=None if cache_dtype is None else jnp.dtype(DTYPES.get(cache_dtype, cache_dtype)).name)
+    return args, static
