@@ -15,7 +15,8 @@ from flax import nnx
 
 import zoo
 from configs.hybrid import get_config as hybrid_config
-from zoo import inference
+from layers.kinds import option
+from zoo import analysis, inference
 
 T, PROMPT, CHUNK, WINDOW = 29, 13, 5, 8   # ring of 8 wraps; chunks of 5 split ratio-4 and ratio-8 windows
 
@@ -164,3 +165,21 @@ def test_generate_cli_fails_in_one_line_on_a_missing_workdir(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"error: no such checkpoint directory: {tmp_path / 'none'}"]
+
+
+PRESETS = [(f, p) for f in ("gemma4", "laguna", "zaya1", "deepseek_v4", "hybrid")
+           for p in importlib.import_module(f"configs.{f}").PRESETS]
+
+
+@pytest.mark.parametrize("family,preset", PRESETS)
+def test_allocated_cache_is_the_analysis_figure(family, preset):
+    """At 128K tokens every preset's allocated cache (shapes only) is zoo.analysis's arithmetic
+    kv_cache_bytes plus the per-sequence state that is not keys, values or entries."""
+    cfg = importlib.import_module(f"configs.{family}").get_config(preset).model
+    kv = analysis.kv_cache(cfg, 131_072, "bfloat16", batch=2)
+    spec = inference.cache_spec(cfg, batch_size=2, max_len=131_072, dtype="bfloat16")
+    assert kv["kv_cache_bytes_measured"] == inference.cache_bytes(spec)
+    assert kv["kv_cache_bytes_measured"] - kv["kv_cache_bytes_measured_state"] == kv["kv_cache_bytes"]
+    for i, layer in enumerate(spec["layers"]):   # a KV-shared layer allocates nothing
+        if option(cfg, "kv_sources", i) >= 0:
+            assert inference.cache_bytes(layer) == 0

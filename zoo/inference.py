@@ -46,6 +46,20 @@ def cache_bytes(cache) -> int:
     return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache)))
 
 
+# Leaves that hold keys, values or compressed entries (what zoo.analysis's kv_cache_bytes counts); every
+# other leaf is per-sequence state: row lengths, a compressor's pending window, CCA's convolution inputs.
+KV_LEAVES = ("k_BSKH", "v_BSKH", "kv_BWH", "entries_BCH")
+
+
+def cache_bytes_by_part(cache) -> dict[str, int]:
+    """{"kv": bytes of keys/values/entries, "state": the rest} of a cache or its spec."""
+    parts = {"kv": 0, "state": 0}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]:
+        name = getattr(path[-1], "key", None)
+        parts["kv" if name in KV_LEAVES else "state"] += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+    return parts
+
+
 def layer_cache_bytes(cache) -> list[int]:
     """Bytes each layer's entry holds."""
     return [cache_bytes(layer) for layer in cache["layers"]]
