@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 import zoo
+from configs.gemma4 import get_config as get_gemma4
 from configs.hybrid import get_config as hybrid_config
 from layers.kinds import option
 from zoo import analysis, inference
@@ -99,6 +100,8 @@ def test_caches_hold_what_their_kinds_promise(gemma):
             assert layer["k_BSKH"].shape == (3, slots, m.num_kv_heads[i], m.head_dims[i]), i
             assert layer["v_BSKH"].dtype == jnp.bfloat16
     assert spec["lengths_B"].shape == (3,)
+    full = jax.eval_shape(lambda: zoo.init_cache(get_gemma4("tiny"), batch_size=3, max_len=100))   # a full config
+    assert inference.cache_bytes(full) > 0
 
 
 def test_a_batch_of_prompts_gives_each_row_its_own_tokens(gemma):

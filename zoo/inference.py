@@ -33,8 +33,11 @@ def cache_spec(config, *, batch_size: int, max_len: int, dtype=jnp.float32) -> d
 
 def init_cache(model_or_config, *, batch_size: int, max_len: int, dtype=None) -> dict:
     """An empty cache for `batch_size` rows of up to `max_len` tokens (zeros; under `jax.eval_shape` only
-    shapes). `dtype` defaults to the model's parameter dtype (a config's `dtype`)."""
+    shapes), for a model, its model config or a full config. `dtype` defaults to the model's parameter
+    dtype (a config's `dtype`)."""
     config = model_or_config.config if isinstance(model_or_config, Decoder) else model_or_config
+    if "model" in config:   # a full config (train/data/model sections)
+        config = config.model
     if dtype is None:
         dtype = _param_dtype(model_or_config) if isinstance(model_or_config, Decoder) else config.get("dtype", "float32")
     spec = cache_spec(config, batch_size=batch_size, max_len=max_len, dtype=dtype)
