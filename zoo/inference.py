@@ -131,24 +131,26 @@ def decode(model: Decoder, cache: dict, logits_BV: jax.Array, key: jax.Array, *,
     B = logits_BV.shape[0]
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
 
+    def emit(n, logits_BV, done_B, out_BN, key):
+        key, draw = jax.random.split(key)
+        token_B = jnp.where(done_B, pad_id, sample(logits_BV, draw, **sampling))
+        if on_token is not None:
+            io_callback(on_token, None, token_B, ordered=True)
+        return token_B, done_B | jnp.isin(token_B, stops), out_BN.at[:, n].set(token_B), key
+
     def cond(state):
         n, done_B = state[0], state[3]
         return (n < max_new_tokens) & ~jnp.all(done_B)
 
-    def body(state):
-        n, cache, logits_BV, done_B, out_BN, key = state
-        key, draw = jax.random.split(key)
-        token_B = jnp.where(done_B, pad_id, sample(logits_BV, draw, **sampling))
-        out_BN = out_BN.at[:, n].set(token_B)
-        if on_token is not None:
-            io_callback(on_token, None, token_B, ordered=True)
-        done_B = done_B | jnp.isin(token_B, stops)
+    def body(state):   # feed the last token (rows that stopped feed nothing), sample the next
+        n, cache, token_B, done_B, out_BN, key = state
         logits_B1V, cache = model.extend(token_B[:, None], cache, (~done_B).astype(jnp.int32))
-        return n + 1, cache, logits_B1V[:, 0], done_B, out_BN, key
+        token_B, done_B, out_BN, key = emit(n, logits_B1V[:, 0], done_B, out_BN, key)
+        return n + 1, cache, token_B, done_B, out_BN, key
 
-    state = (jnp.int32(0), cache, logits_BV, jnp.zeros((B,), bool),
-             jnp.full((B, max_new_tokens), pad_id, jnp.int32), key)
-    return jax.lax.while_loop(cond, body, state)[4]
+    token_B, done_B, out_BN, key = emit(0, logits_BV, jnp.zeros((B,), bool),
+                                        jnp.full((B, max_new_tokens), pad_id, jnp.int32), key)
+    return jax.lax.while_loop(cond, body, (jnp.int32(1), cache, token_B, done_B, out_BN, key))[4]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "max_len", "max_new_tokens", "stop_tokens",
