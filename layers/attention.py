@@ -13,7 +13,7 @@ from flax import nnx
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-from layers import params
+from layers import kv_cache, params
 from layers.context import LayerContext
 from layers.norms import RMSNorm
 from layers.partitioning import UNPARTITIONED, Partitioning
@@ -336,10 +336,21 @@ class Attention(nnx.Module):
 
     def mix(self, x_BTD: jax.Array, ctx: LayerContext) -> jax.Array:
         """The layer as a token mixer of a decoder stack: reads shared keys/values from the context and
-        hands its own on when later layers reuse them."""
+        hands its own on when later layers reuse them; with `ctx.caches` it runs the tokens as the next
+        chunk against its cache (a KV-shared layer against what its source attended over)."""
         shared_kv = ctx.kv_by_layer[self.kv_source] if self.kv_source >= 0 else None
-        y_BTD, kv = self(x_BTD, ctx.positions_BT, segment_ids_BT=ctx.segment_ids_BT, shared_kv=shared_kv,
-                         default_positions=ctx.default_positions, partitioning=ctx.partitioning)
+        if ctx.caches is None:
+            y_BTD, kv, _, _ = self._run(x_BTD, ctx.positions_BT, ctx.segment_ids_BT, shared_kv, None, None,
+                                        ctx.default_positions, ctx.partitioning)
+        else:
+            kv_source_positions = ctx.kv_positions_by_layer.get(self.kv_source)
+            cache = None if self.kv_source >= 0 else (ctx.caches[self.layer], ctx.cache_lengths_B, ctx.new_tokens_B)
+            y_BTD, kv, kv_positions_BS, new_cache = self._run(
+                x_BTD, ctx.positions_BT, None, shared_kv, kv_source_positions, cache, False, ctx.partitioning)
+            if self.kv_source < 0:
+                ctx.caches[self.layer] = new_cache
+            if self.publish_kv:
+                ctx.kv_positions_by_layer[self.layer] = kv_positions_BS
         if self.publish_kv:
             ctx.kv_by_layer[self.layer] = kv
         return y_BTD
@@ -348,10 +359,20 @@ class Attention(nnx.Module):
                  shared_kv: tuple[jax.Array, jax.Array] | None = None, default_positions: bool = False,
                  partitioning: Partitioning = UNPARTITIONED) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Returns the output [B, T, D] and this layer's (k [B, T, K, H], v [B, T, K, H])."""
+        y_BTD, kv, _, _ = self._run(x_BTD, positions_BT, segment_ids_BT, shared_kv, None, None, default_positions,
+                                    partitioning)
+        return y_BTD, kv
+
+    def _run(self, x_BTD, positions_BT, segment_ids_BT, shared_kv, shared_positions_BS, cache, default_positions,
+             partitioning):
+        """(output [B, T, D], the keys and values attended over, their positions [B, S], the updated
+        cache). Without a cache the keys are the tokens' own and the positions None; with `cache` =
+        (this layer's cache, lengths [B], real new tokens [B]) the chunk is appended to it first."""
         q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_proj[...])
         if self.q_norm is not None:
             q_BTNH = self.q_norm(q_BTNH)
         q_BTNH = apply_rope(q_BTNH, positions_BT, self.rope)
+        kv_positions_BS, new_cache = shared_positions_BS, None
         if self.kv_source >= 0:
             if shared_kv is None:
                 raise ValueError("a kv-shared attention layer needs the source layer's keys and values")
@@ -363,15 +384,21 @@ class Attention(nnx.Module):
             k_BTKH = apply_rope(k_BTKH, positions_BT, self.rope)
             if self.v_norm is not None:
                 v_BTKH = self.v_norm(v_BTKH)
+            if cache is not None:
+                layer_cache, lengths_B, new_B = cache
+                seen, kv_positions_BS, new_cache = kv_cache.extend(
+                    layer_cache, {"k_BSKH": k_BTKH, "v_BSKH": v_BTKH}, lengths_B, new_B, window=self.window)
+                k_BTKH, v_BTKH = seen["k_BSKH"], seen["v_BSKH"]
         out_BTNH = dot_product_attention(
-            q_BTNH, k_BTKH, v_BTKH, q_positions_BT=positions_BT, kv_positions_BS=positions_BT,
+            q_BTNH, k_BTKH, v_BTKH, q_positions_BT=positions_BT,
+            kv_positions_BS=positions_BT if kv_positions_BS is None else kv_positions_BS,
             window=self.window, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT,
             scale=self.scale, sinks_N=None if self.sinks is None else self.sinks[...], impl=self.impl,
             default_positions=default_positions, partitioning=partitioning)
         if self.g_proj is not None:
             out_BTNH = out_BTNH * self.output_gate(x_BTD).astype(out_BTNH.dtype)
         y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj[...])
-        return y_BTD, (k_BTKH, v_BTKH)
+        return y_BTD, (k_BTKH, v_BTKH), kv_positions_BS, new_cache
 
     def output_gate(self, x_BTD: jax.Array) -> jax.Array:
         """softplus(x W_g) in float32: [B, T, N, 1] per head, [B, T, N, H] per element."""

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers import params
+from layers import kv_cache, params
 from layers.attention import IMPLS, dot_product_attention
 from layers.context import LayerContext
 from layers.partitioning import UNPARTITIONED, Partitioning
@@ -66,7 +66,8 @@ class CCA(nnx.Module):
     of the depthwise and the grouped convolution over time."""
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, rope: RopeSpec,
-                 window: int = 0, kernel_sizes: tuple[int, int] = (2, 2), impl: str = "xla", rngs: nnx.Rngs):
+                 window: int = 0, kernel_sizes: tuple[int, int] = (2, 2), impl: str = "xla", layer: int = 0,
+                 rngs: nnx.Rngs):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}")
         if (num_kv_heads * head_dim) % 2:
@@ -81,7 +82,7 @@ class CCA(nnx.Module):
         t0, t1 = kernel_sizes
         self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
         self.kernel_sizes = (t0, t1)
-        self.rope, self.window, self.impl = rope, window, impl
+        self.rope, self.window, self.impl, self.layer = rope, window, impl, layer
         self.q_proj = params.normal(rngs, (D, N, H), ("embed", "q_heads", "head_dim"))
         self.k_proj = params.normal(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"))
         # The value halves are flat K*H/2 channels, head-major like the kv heads they are viewed as.
@@ -111,23 +112,40 @@ class CCA(nnx.Module):
             out_BTGH = out_BTGH + jnp.einsum("BTGI,GIO->BTGO", dw_BTGH, w_gr[t1 - 1 - i])
         return out_BTGH
 
-    def qkv(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None
-            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def qkv(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None,
+            history: dict | None = None) -> tuple[jax.Array, jax.Array, jax.Array, dict | None]:
         """The attention inputs: q [B, T, N, H] and k [B, T, K, H] after the convolutions, the norm and
-        RoPE, and v [B, T, K, H]."""
+        RoPE, and v [B, T, K, H]; and the history the next chunk needs. `history` (decoding) holds the
+        last t0 + t1 - 2 convolution inputs `qk_BMGH` and the last delayed value `v_delayed_B1V` of the
+        tokens before this chunk (zeros before the first token: the convolutions' own left pad), plus
+        `new_B`, the count of real tokens in each row of the chunk."""
         B, T, _ = x_BTD.shape
         N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
-        visible = lag_visibility(segment_ids_BT, (B, T), max(1, sum(self.kernel_sizes) - 2))
 
         q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_proj[...])
         k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k_proj[...])
-        conv_BTGH = self._conv(jnp.concatenate([q_BTNH, k_BTKH], axis=2), visible)
+        qk_BTGH = jnp.concatenate([q_BTNH, k_BTKH], axis=2)
+        v_del_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, self.v_delayed[...])
+        if history is None:
+            visible = lag_visibility(segment_ids_BT, (B, T), max(1, sum(self.kernel_sizes) - 2))
+            conv_BTGH = self._conv(qk_BTGH, visible)
+            v_del_BTV = shift_right(v_del_BTV, 1, visible[1])
+            new_history = None
+        else:   # the chunk behind its history: the history's rows stand where the zero pad stood
+            M = history["qk_BMGH"].shape[1]
+            qk_BXGH = jnp.concatenate([history["qk_BMGH"].astype(qk_BTGH.dtype), qk_BTGH], axis=1)
+            visible = lag_visibility(None, (B, M + T), max(1, M))
+            conv_BTGH = self._conv(qk_BXGH, visible)[:, M:]
+            v_del_BXV = jnp.concatenate([history["v_delayed_B1V"].astype(v_del_BTV.dtype), v_del_BTV], axis=1)
+            new_B = history["new_B"]
+            new_history = {"qk_BMGH": kv_cache.take_rows(qk_BXGH, new_B, M),
+                           "v_delayed_B1V": kv_cache.take_rows(v_del_BXV, new_B, 1)}
+            v_del_BTV = v_del_BXV[:, :T]
         q_res_BTKGH = (q_BTNH.reshape(B, T, K, N // K, H) + k_BTKH[:, :, :, None, :]) / 2
         q_BTNH = conv_BTGH[:, :, :N] + q_res_BTKGH.reshape(B, T, N, H)
         k_BTKH = conv_BTGH[:, :, N:] + q_res_BTKGH.mean(axis=3)
 
         v_cur_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, self.v_current[...])
-        v_del_BTV = shift_right(jnp.einsum("BTD,DV->BTV", x_BTD, self.v_delayed[...]), 1, visible[1])
         v_BTKH = jnp.concatenate([v_cur_BTV, v_del_BTV], axis=-1).reshape(B, T, K, H)
 
         dtype = x_BTD.dtype
@@ -135,22 +153,47 @@ class CCA(nnx.Module):
         k_BTKH = (l2_normalize(k_BTKH, H ** 0.5) * self.temp[...].astype(jnp.float32)[:, None]).astype(dtype)
         q_BTNH = apply_rope(q_BTNH, positions_BT, self.rope)
         k_BTKH = apply_rope(k_BTKH, positions_BT, self.rope)
-        return q_BTNH, k_BTKH, v_BTKH
+        return q_BTNH, k_BTKH, v_BTKH, new_history
+
+    def cache_spec(self, batch: int, max_len: int, dtype) -> dict:
+        """Keys and values in the latent space (every position, or a ring of the window), the last
+        t0 + t1 - 2 convolution inputs and the last delayed value half (the q-k mean needs no history)."""
+        N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
+        kv = jax.ShapeDtypeStruct((batch, self.window or max_len, K, H), dtype)
+        return {"k_BSKH": kv, "v_BSKH": kv,
+                "qk_BMGH": jax.ShapeDtypeStruct((batch, max(1, sum(self.kernel_sizes) - 2), N + K, H), dtype),
+                "v_delayed_B1V": jax.ShapeDtypeStruct((batch, 1, K * H // 2), dtype)}
 
     def mix(self, x_BTD: jax.Array, ctx: LayerContext) -> jax.Array:
-        """The layer as a token mixer of a decoder stack."""
-        return self(x_BTD, ctx.positions_BT, segment_ids_BT=ctx.segment_ids_BT,
-                    default_positions=ctx.default_positions, partitioning=ctx.partitioning)[0]
+        """The layer as a token mixer of a decoder stack; with `ctx.caches`, the next chunk against its cache."""
+        if ctx.caches is None:
+            return self(x_BTD, ctx.positions_BT, segment_ids_BT=ctx.segment_ids_BT,
+                        default_positions=ctx.default_positions, partitioning=ctx.partitioning)[0]
+        cache, lengths_B, new_B = ctx.caches[self.layer], ctx.cache_lengths_B, ctx.new_tokens_B
+        q_BTNH, k_BTKH, v_BTKH, history = self.qkv(
+            x_BTD, ctx.positions_BT, history={"qk_BMGH": cache["qk_BMGH"], "v_delayed_B1V": cache["v_delayed_B1V"],
+                                              "new_B": new_B})
+        seen, kv_positions_BS, kv = kv_cache.extend(
+            {"k_BSKH": cache["k_BSKH"], "v_BSKH": cache["v_BSKH"]}, {"k_BSKH": k_BTKH, "v_BSKH": v_BTKH},
+            lengths_B, new_B, window=self.window)
+        ctx.caches[self.layer] = {**kv, **history}
+        return self._attend(x_BTD, q_BTNH, seen["k_BSKH"], seen["v_BSKH"], ctx.positions_BT, kv_positions_BS,
+                            None, False, ctx.partitioning)
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *, segment_ids_BT: jax.Array | None = None,
                  default_positions: bool = False, partitioning: Partitioning = UNPARTITIONED
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Returns the output [B, T, D] and this layer's (k [B, T, K, H], v [B, T, K, H])."""
-        q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, positions_BT, segment_ids_BT)
+        q_BTNH, k_BTKH, v_BTKH, _ = self.qkv(x_BTD, positions_BT, segment_ids_BT)
+        y_BTD = self._attend(x_BTD, q_BTNH, k_BTKH, v_BTKH, positions_BT, positions_BT, segment_ids_BT,
+                             default_positions, partitioning)
+        return y_BTD, (k_BTKH, v_BTKH)
+
+    def _attend(self, x_BTD, q_BTNH, k_BSKH, v_BSKH, positions_BT, kv_positions_BS, segment_ids_BT,
+                default_positions, partitioning) -> jax.Array:
         out_BTNH = dot_product_attention(
-            q_BTNH, k_BTKH, v_BTKH, q_positions_BT=positions_BT, kv_positions_BS=positions_BT,
+            q_BTNH, k_BSKH, v_BSKH, q_positions_BT=positions_BT, kv_positions_BS=kv_positions_BS,
             window=self.window, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT,
             scale=self.head_dim ** -0.5, impl=self.impl, default_positions=default_positions,
             partitioning=partitioning)
-        y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj[...])
-        return y_BTD, (k_BTKH, v_BTKH)
+        return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj[...])

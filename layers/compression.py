@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import params
+from layers.kv_cache import chunk_positions, put_rows, take_rows
 from layers.norms import RMSNorm
 from layers.partitioning import UNPARTITIONED, Partitioning
 from layers.rope import RopeSpec, apply_rope_tail
@@ -83,11 +84,8 @@ class Compressor(nnx.Module):
         R, H = self.ratio, self.dim
         S = T // R
         x_BTD = x_BTD[:, :S * R]
-        kv_BSRC = jnp.einsum("BTD,DC->BTC", x_BTD, self.kv_proj[...],
-                             preferred_element_type=jnp.float32).reshape(B, S, R, -1)
-        gate_BSRC = jnp.einsum("BTD,DC->BTC", x_BTD, self.gate_proj[...],
-                               preferred_element_type=jnp.float32).reshape(B, S, R, -1)
-        gate_BSRC = gate_BSRC + self.position_bias[...].astype(jnp.float32)
+        kv_BTC, gate_BTC = self.project(x_BTD, jnp.arange(S * R))
+        kv_BSRC, gate_BSRC = kv_BTC.reshape(B, S, R, -1), gate_BTC.reshape(B, S, R, -1)
         if segment_ids_BT is None:
             valid_BSR = jnp.ones((B, S, R), bool)
         else:
@@ -96,17 +94,78 @@ class Compressor(nnx.Module):
             valid_BSR = (seg_BSR == entry_seg_BS1) & (seg_BSR != 0)
         if self.overlap:
             shift = lambda a: jnp.pad(a[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (a.ndim - 2))  # window s-1 at s
-            kv_BSRC = jnp.concatenate([shift(kv_BSRC[..., :H]), kv_BSRC[..., H:]], axis=2)
-            gate_BSRC = jnp.concatenate([shift(gate_BSRC[..., :H]), gate_BSRC[..., H:]], axis=2)
             prev_valid_BSR = shift(valid_BSR) & (jnp.arange(S) > 0)[None, :, None]
             if segment_ids_BT is not None:   # the previous window's tokens must be of this entry's segment
                 prev_valid_BSR &= shift(seg_BSR) == entry_seg_BS1
+            return self.pool(shift(kv_BSRC), shift(gate_BSRC), prev_valid_BSR, kv_BSRC, gate_BSRC, valid_BSR,
+                             positions_BT[:, R - 1:S * R:R] - (R - 1), x_BTD.dtype)
+        # first positions: robust to padding in front of the window
+        return self.pool(None, None, None, kv_BSRC, gate_BSRC, valid_BSR, positions_BT[:, R - 1:S * R:R] - (R - 1),
+                         x_BTD.dtype)
+
+    def project(self, x_BTD: jax.Array, slots_T: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """float32 kv and gate [B, T, C] of each token; `slots_T` (position mod ratio) picks the gate's
+        window-slot bias."""
+        kv_BTC = jnp.einsum("BTD,DC->BTC", x_BTD, self.kv_proj[...], preferred_element_type=jnp.float32)
+        gate_BTC = jnp.einsum("BTD,DC->BTC", x_BTD, self.gate_proj[...], preferred_element_type=jnp.float32)
+        bias_TC = self.position_bias[...].astype(jnp.float32)[jnp.mod(slots_T, self.ratio)]
+        return kv_BTC, gate_BTC + bias_TC
+
+    def pool(self, prev_kv_BSRC, prev_gate_BSRC, prev_valid_BSR, kv_BSRC, gate_BSRC, valid_BSR, first_BS, dtype
+             ) -> jax.Array:
+        """Entries [B, S, H] from the projected windows (and, overlapping, the windows before them, whose
+        first H channels join in); `first_BS` is the position of each window's first token."""
+        H = self.dim
+        if self.overlap:
+            kv_BSRC = jnp.concatenate([prev_kv_BSRC[..., :H], kv_BSRC[..., H:]], axis=2)
+            gate_BSRC = jnp.concatenate([prev_gate_BSRC[..., :H], gate_BSRC[..., H:]], axis=2)
             valid_BSR = jnp.concatenate([prev_valid_BSR, valid_BSR], axis=2)
         weights_BSRH = _masked_softmax(gate_BSRC, valid_BSR[..., None], axis=2)
-        entries_BSH = jnp.einsum("BSRH,BSRH->BSH", weights_BSRH, kv_BSRC).astype(x_BTD.dtype)
+        entries_BSH = jnp.einsum("BSRH,BSRH->BSH", weights_BSRH, kv_BSRC).astype(dtype)
         entries_BSH = self.norm(entries_BSH)
-        first_BS = positions_BT[:, R - 1:S * R:R] - (R - 1)   # robust to padding in front of the window
         return apply_rope_tail(entries_BSH[:, :, None], first_BS, self.rope, self.rope_dim)[:, :, 0]
+
+    def cache_spec(self, batch: int, max_len: int, dtype) -> dict:
+        """Every entry of `max_len` tokens, and the projected tokens of the window being filled (after
+        the window before it, whose channels an overlapping entry also pools)."""
+        C = self.kv_proj.shape[1]
+        pending = jax.ShapeDtypeStruct((batch, (2 if self.overlap else 1) * self.ratio, C), jnp.float32)
+        return {"entries_BCH": jax.ShapeDtypeStruct((batch, max_len // self.ratio, self.dim), dtype),
+                "pending_kv_BPC": pending, "pending_gate_BPC": pending}
+
+    def extend(self, x_BTD: jax.Array, cache: dict, lengths_B: jax.Array, new_B: jax.Array) -> dict:
+        """The cache after the first new_B tokens of each row of x [B, T, D] follow its L_B tokens: the
+        windows they complete become entries, the rest wait in the pending buffer.
+
+        The pending buffer holds positions [w0 - O, w0 + R) with w0 = R floor(L / R) (O = R overlapping,
+        else 0). The chunk is placed behind it in a buffer of whole windows, every window of it is pooled,
+        and the complete ones are written (the others dropped)."""
+        B, T, _ = x_BTD.shape
+        R, O = self.ratio, self.ratio if self.overlap else 0
+        C_max = cache["entries_BCH"].shape[1]
+        n = T // R + 2                                    # windows the chunk can touch, and one spare
+        lengths_B = lengths_B.astype(jnp.int32)
+        w0_B = lengths_B - jnp.mod(lengths_B, R)
+        kv_BTC, gate_BTC = self.project(x_BTD, chunk_positions(lengths_B, T))
+        buffers = []
+        for pending_BPC, new_BTC in ((cache["pending_kv_BPC"], kv_BTC), (cache["pending_gate_BPC"], gate_BTC)):
+            buf_BAC = jnp.concatenate([pending_BPC, jnp.zeros((B, n * R, pending_BPC.shape[-1]), jnp.float32)], 1)
+            buffers.append(put_rows(buf_BAC, new_BTC, O + lengths_B - w0_B))
+        kv_BAC, gate_BAC = buffers
+        pos_BA = (w0_B - O)[:, None] + jnp.arange(O + (n + 1) * R)[None]
+        valid_BA = (pos_BA >= 0) & (pos_BA < (lengths_B + new_B)[:, None])
+        cur = lambda a: a[:, O:O + n * R].reshape(B, n, R, *a.shape[2:])
+        prev = lambda a: a[:, :n * R].reshape(B, n, R, *a.shape[2:])
+        first_Bn = w0_B[:, None] + R * jnp.arange(n)[None]
+        entries_BnH = self.pool(prev(kv_BAC), prev(gate_BAC), prev(valid_BA), cur(kv_BAC), cur(gate_BAC),
+                                cur(valid_BA), first_Bn, cache["entries_BCH"].dtype)
+        complete_Bn = first_Bn + R <= (lengths_B + new_B)[:, None]
+        rows_Bn = jnp.where(complete_Bn, first_Bn // R, C_max)   # C_max: dropped
+        entries_BCH = cache["entries_BCH"].at[jnp.arange(B)[:, None], rows_Bn].set(entries_BnH, mode="drop")
+        ends_B = lengths_B + new_B
+        start_B = ends_B - jnp.mod(ends_B, R) - w0_B           # the new w0, in buffer rows (before O)
+        return {"entries_BCH": entries_BCH, "pending_kv_BPC": take_rows(kv_BAC, start_B, O + R),
+                "pending_gate_BPC": take_rows(gate_BAC, start_B, O + R)}
 
 
 def indexer_scores(q_BTNH: jax.Array, k_BSH: jax.Array, weights_BTN: jax.Array, *, ratio: int,
@@ -145,11 +204,7 @@ class LightningIndexer(nnx.Module):
         "pallas_tpu") scores through the Pallas indexer in chunks of tokens, never holding [B, T, S]
         scores; its result has `top_k` slots (segments there are runs of equal ids)."""
         keys_BSH = self.compressor(x_BTD, positions_BT, segment_ids_BT)
-        q_BTNH = jnp.einsum("BTQ,QNH->BTNH", qr_BTQ, self.q_proj[...])
-        q_BTNH = apply_rope_tail(q_BTNH, positions_BT, self.rope, self.rope_dim)
-        weights_BTN = jnp.einsum("BTD,DN->BTN", x_BTD, self.weights_proj[...],
-                                 preferred_element_type=jnp.float32)
-        weights_BTN = weights_BTN * (self.head_dim ** -0.5 * self.num_heads ** -0.5)
+        q_BTNH, weights_BTN = self._queries(x_BTD, qr_BTQ, positions_BT)
         if kernel:   # a token's score sums over the index heads: only rows split over a mesh
             top = lambda q, keys, weights, seg: indexer_topk(q, keys, weights, ratio=self.ratio, topk=self.top_k,
                                                              segment_ids_BT=seg, impl=kernel)
@@ -159,3 +214,30 @@ class LightningIndexer(nnx.Module):
                                                               segment_ids_BT)
         scores_BTS = indexer_scores(q_BTNH, keys_BSH, weights_BTN, ratio=self.ratio, segment_ids_BT=segment_ids_BT)
         return top_k_entries(scores_BTS, self.top_k)
+
+    def _queries(self, x_BTD, qr_BTQ, positions_BT) -> tuple[jax.Array, jax.Array]:
+        """The index queries [B, T, N, H_I] and their head weights [B, T, N] (float32, scales folded in)."""
+        q_BTNH = jnp.einsum("BTQ,QNH->BTNH", qr_BTQ, self.q_proj[...])
+        q_BTNH = apply_rope_tail(q_BTNH, positions_BT, self.rope, self.rope_dim)
+        weights_BTN = jnp.einsum("BTD,DN->BTN", x_BTD, self.weights_proj[...],
+                                 preferred_element_type=jnp.float32)
+        return q_BTNH, weights_BTN * (self.head_dim ** -0.5 * self.num_heads ** -0.5)
+
+    def cache_spec(self, batch: int, max_len: int, dtype) -> dict:
+        """The index keys of every compressed entry and the pending window of the indexer's compressor."""
+        return self.compressor.cache_spec(batch, max_len, dtype)
+
+    def extend(self, x_BTD: jax.Array, qr_BTQ: jax.Array, positions_BT: jax.Array, cache: dict,
+               lengths_B: jax.Array, new_B: jax.Array) -> tuple[jax.Array, dict]:
+        """Decoding: the chunk's index keys join the cache, then each query picks its top-k among all the
+        cached keys visible to it. Returns int32 indices [B, T, min(top_k, C)] (-1: unused) and the cache.
+        Ties (e.g. entries that all score exactly 0.0 after the ReLU) go to the lowest entry index, as in
+        the forward pass: both rank with `lax.top_k` over entries in position order."""
+        cache = self.compressor.extend(x_BTD, cache, lengths_B, new_B)
+        q_BTNH, weights_BTN = self._queries(x_BTD, qr_BTQ, positions_BT)
+        keys_BCH = cache["entries_BCH"]
+        dots_BTNC = jnp.einsum("BTNH,BCH->BTNC", q_BTNH, keys_BCH.astype(q_BTNH.dtype),
+                               preferred_element_type=jnp.float32)
+        scores_BTC = jnp.einsum("BTNC,BTN->BTC", jax.nn.relu(dots_BTNC), weights_BTN)
+        visible_BTC = jnp.arange(keys_BCH.shape[1])[None, None] < ((positions_BT + 1) // self.ratio)[..., None]
+        return top_k_entries(jnp.where(visible_BTC, scores_BTC, -jnp.inf), self.top_k), cache

@@ -27,6 +27,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -103,10 +104,21 @@ class Accounting:
 @dataclasses.dataclass(frozen=True)
 class AttentionKind:
     """One attention kind: `build(cfg, i, kind, rngs)` makes layer i's module, `check(cfg, i, kind)` fails
-    naming the first bad option of layer i, `accounting` counts its cache and FLOPs."""
+    naming the first bad option of layer i, `accounting` counts its cache and FLOPs, and
+    `cache(cfg, i, kind, batch, max_len, dtype)` describes what layer i stores for decoding (a pytree of
+    jax.ShapeDtypeStruct; the module's own `cache_spec`, read from a shape-only build)."""
     build: Callable[[Any, int, str, nnx.Rngs], nnx.Module]
     check: Callable[[Any, int, str], None]
     accounting: Accounting
+    cache: Callable[..., Any] = None
+
+    def __post_init__(self):
+        if self.cache is None:
+            object.__setattr__(self, "cache", self._module_cache)
+
+    def _module_cache(self, cfg, i: int, kind: str, batch: int, max_len: int, dtype) -> Any:
+        module = nnx.eval_shape(lambda: self.build(cfg, i, kind, nnx.Rngs(params=0)))
+        return module.cache_spec(batch, max_len, dtype)
 
 
 # ---- grouped-query attention (full, sliding, KV-shared) -------------------------------------------
@@ -129,6 +141,22 @@ def _gqa_flops_per_key(cfg, i: int) -> int:
 
 
 GQA = Accounting(_gqa_kv_bytes, _windowed_tokens, _gqa_flops_per_key)
+
+
+def _gqa_cache(cfg, i: int, kind: str, batch: int, max_len: int, dtype) -> dict:
+    """Keys and values of every position (full), a ring of the window (sliding), nothing (KV-shared: the
+    layer reads what its source attended over, so its window may not reach further than the source's)."""
+    src = option(cfg, "kv_sources", i)
+    if src >= 0:
+        own, theirs = (option(cfg, "windows", j) if cfg.attention_types[j] == "sliding" else 0 for j in (i, src))
+        if theirs and not 0 < own <= theirs:
+            raise ValueError(f"layer {i} shares the k/v of layer {src}, whose cache keeps a {theirs}-token window, "
+                             f"but attends over {'every token' if not own else f'{own} tokens'}")
+        return {}
+    window = option(cfg, "windows", i) if kind == "sliding" else 0
+    kv = jax.ShapeDtypeStruct((batch, window or max_len, option(cfg, "num_kv_heads", i), option(cfg, "head_dims", i)),
+                              dtype)
+    return {"k_BSKH": kv, "v_BSKH": kv}
 
 
 def _heads_check(cfg, i: int) -> None:
@@ -185,7 +213,7 @@ def _cca_build(cfg, i: int, kind: str, rngs: nnx.Rngs) -> CCA:
     return CCA(cfg.d_model, option(cfg, "num_heads", i), option(cfg, "num_kv_heads", i), option(cfg, "head_dims", i),
                rope=_rope(cfg, kind), window=option(cfg, "windows", i) if kind == "cca_sliding" else 0,
                kernel_sizes=tuple(option(cfg, "conv_kernel_sizes", i)), impl=option(cfg, "attention_impl", i),
-               rngs=rngs)
+               layer=i, rngs=rngs)
 
 
 # CCA caches K and V after the convolutions, norm and RoPE: kv heads x head dim each, as grouped-query
@@ -226,7 +254,7 @@ def _compressed_build(cfg, i: int, kind: str, rngs: nnx.Rngs) -> CompressedAtten
         compress_ratio=_ratio(cfg, i, kind), overlap=kind == "csa", index_heads=option(cfg, "index_heads", i, 0),
         index_dim=option(cfg, "index_dim", i, 0),
         index_top_k=option(cfg, "index_top_k", i, 0) if kind == "csa" else 0, eps=option(cfg, "norm_eps", i),
-        impl=option(cfg, "attention_impl", i), rngs=rngs)
+        impl=option(cfg, "attention_impl", i), layer=i, rngs=rngs)
 
 
 def _entry_bytes(cfg, i: int, itemsize: int) -> int:
@@ -284,8 +312,8 @@ def _native_bytes(kind: str):
 
 
 ATTENTION_KINDS: dict[str, AttentionKind] = {
-    "full": AttentionKind(_gqa_build, _gqa_check, GQA),
-    "sliding": AttentionKind(_gqa_build, _gqa_check, GQA),
+    "full": AttentionKind(_gqa_build, _gqa_check, GQA, _gqa_cache),
+    "sliding": AttentionKind(_gqa_build, _gqa_check, GQA, _gqa_cache),
     "cca": AttentionKind(_cca_build, _cca_check, CCA_ACCOUNTING),
     "cca_sliding": AttentionKind(_cca_build, _cca_check, CCA_ACCOUNTING),
     "swa": AttentionKind(_compressed_build, _compressed_check, Accounting(
@@ -303,6 +331,12 @@ def attention_kind(name: str) -> AttentionKind:
         return ATTENTION_KINDS[name]
     except KeyError:
         raise ValueError(f"unknown attention kind {name!r}; known kinds: {sorted(ATTENTION_KINDS)}") from None
+
+
+def attention_cache(cfg, i: int, batch: int, max_len: int, dtype, *, kind: str | None = None) -> Any:
+    """Layer i's decoding cache as a pytree of jax.ShapeDtypeStruct (`{}`: it stores nothing)."""
+    kind = kind or cfg.attention_types[i]
+    return attention_kind(kind).cache(cfg, i, kind, batch, max_len, dtype)
 
 
 def build_attention(cfg, i: int, rngs: nnx.Rngs, *, kind: str | None = None) -> nnx.Module:

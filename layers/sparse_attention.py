@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers import params
+from layers import kv_cache, params
 from layers.attention import IMPLS, kernel_lowering
 from layers.compression import Compressor, LightningIndexer, entry_visibility
 from layers.context import LayerContext
@@ -104,12 +104,12 @@ class CompressedAttention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, head_dim: int, *, q_rank: int, out_groups: int,
                  out_rank: int, window: int, rope: RopeSpec, rope_dim: int, compress_ratio: int = 0,
                  overlap: bool = False, index_heads: int = 0, index_dim: int = 0, index_top_k: int = 0,
-                 eps: float = 1e-6, impl: str = "xla", rngs: nnx.Rngs):
+                 eps: float = 1e-6, impl: str = "xla", layer: int = 0, rngs: nnx.Rngs):
         if num_heads % out_groups:
             raise ValueError(f"num_heads={num_heads} is not divisible by out_groups={out_groups}")
         if impl not in IMPLS:
             raise ValueError(f"unknown attention_impl {impl!r}; expected one of {IMPLS}")
-        self.impl = impl
+        self.impl, self.layer = impl, layer
         D, N, H, G = d_model, num_heads, head_dim, out_groups
         self.num_heads, self.head_dim, self.out_groups, self.window = N, H, G, window
         self.rope, self.rope_dim, self.ratio, self.eps = rope, rope_dim, compress_ratio, eps
@@ -129,11 +129,30 @@ class CompressedAttention(nnx.Module):
                         if compress_ratio and index_top_k else None)
 
     def mix(self, x_BTD: jax.Array, ctx: LayerContext) -> jax.Array:
-        """The layer as a token mixer of a decoder stack."""
-        return self(x_BTD, ctx.positions_BT, segment_ids_BT=ctx.segment_ids_BT, partitioning=ctx.partitioning)
+        """The layer as a token mixer of a decoder stack; with `ctx.caches`, the next chunk against its cache."""
+        if ctx.caches is None:
+            return self(x_BTD, ctx.positions_BT, segment_ids_BT=ctx.segment_ids_BT, partitioning=ctx.partitioning)
+        cache = (ctx.caches[self.layer], ctx.cache_lengths_B, ctx.new_tokens_B)
+        y_BTD, ctx.caches[self.layer] = self._run(x_BTD, ctx.positions_BT, None, ctx.partitioning, cache)
+        return y_BTD
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *, segment_ids_BT: jax.Array | None = None,
                  partitioning: Partitioning = UNPARTITIONED) -> jax.Array:
+        return self._run(x_BTD, positions_BT, segment_ids_BT, partitioning, None)[0]
+
+    def cache_spec(self, batch: int, max_len: int, dtype) -> dict:
+        """A ring of the last `window` K=V vectors; the compressor's entries and pending window; the
+        indexer's keys and pending window."""
+        spec = {"kv_BWH": jax.ShapeDtypeStruct((batch, self.window, self.head_dim), dtype)}
+        if self.compressor is not None:
+            spec["compressor"] = self.compressor.cache_spec(batch, max_len, dtype)
+        if self.indexer is not None:
+            spec["indexer"] = self.indexer.cache_spec(batch, max_len, dtype)
+        return spec
+
+    def _run(self, x_BTD, positions_BT, segment_ids_BT, partitioning, cache) -> tuple[jax.Array, dict | None]:
+        """The output [B, T, D] and, with `cache` = (this layer's cache, lengths [B], real new tokens [B]),
+        the updated cache."""
         B, T, _ = x_BTD.shape
         qr_BTQ = self.q_norm(jnp.einsum("BTD,DQ->BTQ", x_BTD, self.q_a_proj[...]))
         q_BTNH = jnp.einsum("BTQ,QNH->BTNH", qr_BTQ, self.q_b_proj[...])
@@ -141,11 +160,41 @@ class CompressedAttention(nnx.Module):
                                  self.rope_dim)
         kv_BTH = self.kv_norm(jnp.einsum("BTD,DH->BTH", x_BTD, self.kv_proj[...]))
         kv_BTH = apply_rope_tail(kv_BTH[:, :, None], positions_BT, self.rope, self.rope_dim)[:, :, 0]
-        out_BTNH = self._attention(x_BTD, qr_BTQ, q_BTNH, kv_BTH, positions_BT, segment_ids_BT, partitioning)
+        if cache is None:
+            out_BTNH = self._attention(x_BTD, qr_BTQ, q_BTNH, kv_BTH, positions_BT, segment_ids_BT, partitioning)
+            new_cache = None
+        else:
+            out_BTNH, new_cache = self._cached_attention(x_BTD, qr_BTQ, q_BTNH, kv_BTH, positions_BT, *cache)
         out_BTNH = apply_rope_tail(out_BTNH, positions_BT, self.rope, self.rope_dim, inverse=True)
         out_BTGMH = out_BTNH.reshape(B, T, self.out_groups, -1, self.head_dim)
         latent_BTGO = jnp.einsum("BTGMH,GMHO->BTGO", out_BTGMH, self.o_a_proj[...])
-        return jnp.einsum("BTGO,GOD->BTD", latent_BTGO, self.o_b_proj[...])
+        return jnp.einsum("BTGO,GOD->BTD", latent_BTGO, self.o_b_proj[...]), new_cache
+
+    def _cached_attention(self, x_BTD, qr_BTQ, q_BTNH, kv_BTH, positions_BT, cache, lengths_B, new_B
+                          ) -> tuple[jax.Array, dict]:
+        """Decoding (pure JAX): the window over the ring and the chunk, and the cached compressed entries
+        (all visible ones, or the indexer's top-k), in one softmax with the sink."""
+        seen, kv_positions_BS, ring = kv_cache.extend({"kv_BWH": cache["kv_BWH"]}, {"kv_BWH": kv_BTH}, lengths_B,
+                                                      new_B, window=self.window)
+        q_pos_BT1, kv_pos_B1S = positions_BT[:, :, None], kv_positions_BS[:, None]
+        in_window_BTS = (kv_pos_B1S <= q_pos_BT1) & (q_pos_BT1 - kv_pos_B1S < self.window)
+        parts = [(seen["kv_BWH"].astype(q_BTNH.dtype), in_window_BTS)]
+        new_cache = {"kv_BWH": ring["kv_BWH"]}
+        if self.compressor is not None:
+            new_cache["compressor"] = self.compressor.extend(x_BTD, cache["compressor"], lengths_B, new_B)
+            entries_BCH = new_cache["compressor"]["entries_BCH"]
+            C = entries_BCH.shape[1]
+            if self.indexer is None:
+                visible_BTC = jnp.arange(C)[None, None] < (q_pos_BT1 + 1) // self.ratio
+            else:
+                indices_BTK, new_cache["indexer"] = self.indexer.extend(x_BTD, qr_BTQ, positions_BT, cache["indexer"],
+                                                                        lengths_B, new_B)
+                rows_BTK = jnp.where(indices_BTK >= 0, indices_BTK, C)   # unused slots: a dropped column
+                B, T, _ = indices_BTK.shape
+                visible_BTC = jnp.zeros((B, T, C + 1), bool).at[
+                    jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], rows_BTK].set(True)[..., :C]
+            parts.append((entries_BCH.astype(q_BTNH.dtype), visible_BTC))
+        return _attend(q_BTNH, parts, self.sinks[...], self.head_dim ** -0.5), new_cache
 
     def _attention(self, x_BTD, qr_BTQ, q_BTNH, kv_BTH, positions_BT, segment_ids_BT, partitioning: Partitioning
                    ) -> jax.Array:

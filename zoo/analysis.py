@@ -119,7 +119,8 @@ def kv_cache(model_cfg, context: int, dtype="bfloat16", batch: int = 1) -> dict[
     `kv_sources[i] == -1`; each kind keeps its `cached_tokens`), with every allocating layer keeping the
     whole context, and both again as if every layer had its own k/v; `kv_cache_bytes_native` (only for
     kinds that define a native cache precision) the decoder's cache in that precision.
-    `kv_cache_bytes_mha_equivalent` is the
+    `kv_cache_bytes_measured` (see `measured_cache`) sums what the decoder actually allocates, for
+    configs whose kinds are all in the layer registry. `kv_cache_bytes_mha_equivalent` is the
     multi-head baseline at the same width: every layer caching full-width K and V (2 x d_model values per
     token) for the whole context. Also the bytes one token costs one layer, by attention type (an int, or
     the distinct values if layers of a type differ)."""
@@ -148,10 +149,25 @@ def kv_cache(model_cfg, context: int, dtype="bfloat16", batch: int = 1) -> dict[
                 native += kept
     if has_native:
         totals["kv_cache_bytes_native"] = native
+    if all(name in kinds.ATTENTION_KINDS for name in cfg.attention_types):   # else: accounting-only kinds
+        totals.update(measured_cache(cfg, context, dtype, batch))
     totals["kv_cache_bytes_mha_equivalent"] = batch * cfg.num_layers * 2 * cfg.d_model * itemsize * context
     totals["kv_bytes_per_token_by_type"] = {
         name: next(iter(values)) if len(values) == 1 else tuple(sorted(values)) for name, values in by_type.items()}
     return totals
+
+
+def measured_cache(model_cfg, context: int, dtype="bfloat16", batch: int = 1) -> dict[str, int]:
+    """The cache the decoder allocates for `batch` sequences of `context` tokens (zoo.inference.cache_spec,
+    shapes only): `kv_cache_bytes_measured`, all of it; `kv_cache_bytes_measured_state`, the part that is
+    not keys, values or compressed entries (row lengths, compressors' pending windows in float32, CCA's
+    convolution inputs), so that measured - state is the arithmetic `kv_cache_bytes` (at contexts of at
+    least every window: a sliding layer always allocates its whole ring)."""
+    from zoo import inference
+
+    parts = inference.cache_bytes_by_part(inference.cache_spec(model_cfg, batch_size=batch, max_len=context,
+                                                               dtype=_dtype(dtype)))
+    return {"kv_cache_bytes_measured": parts["kv"] + parts["state"], "kv_cache_bytes_measured_state": parts["state"]}
 
 
 def attention_flops(model_cfg, context: int) -> dict[str, float]:

@@ -160,7 +160,26 @@ class Decoder(nnx.Module):
             loss = loss + self.mtp_loss_weight * mtp
         return loss, parts
 
-    def _trunk(self, tokens_BT, positions_BT, segment_ids_BT, partitioning: Partitioning
+    def extend(self, tokens_BT: jax.Array, cache: dict, new_tokens_B: jax.Array | None = None, *,
+               partitioning: Partitioning = UNPARTITIONED) -> tuple[jax.Array, dict]:
+        """Decoding: runs token ids [B, T] as the next chunk of each row (the first `new_tokens_B` of them
+        real; default all T) through the same blocks against `cache` (zoo.inference.init_cache).
+        Returns float32 logits [B, T, V] and the cache with the chunk appended."""
+        if tokens_BT.ndim != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tokens_BT.shape}")
+        B, T = tokens_BT.shape
+        lengths_B = cache["lengths_B"]
+        new_tokens_B = (jnp.full((B,), T, jnp.int32) if new_tokens_B is None
+                        else jnp.asarray(new_tokens_B, jnp.int32))
+        caches = dict(enumerate(cache["layers"]))
+        ctx_fields = dict(caches=caches, cache_lengths_B=lengths_B, new_tokens_B=new_tokens_B)
+        x, _, compute_dtype = self._trunk(tokens_BT, lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None],
+                                          None, partitioning, ctx_fields)
+        logits_BTV = self._logits(x, compute_dtype, self.hyper_head, self.final_norm)
+        layers = tuple(caches[i] for i in range(len(cache["layers"])))
+        return logits_BTV, {"lengths_B": lengths_B + new_tokens_B, "layers": layers}
+
+    def _trunk(self, tokens_BT, positions_BT, segment_ids_BT, partitioning: Partitioning, ctx_fields=None
                ) -> tuple[jax.Array, LayerContext, jnp.dtype]:
         """The residual after the last block ([B, T, D], or [B, T, n, D] with streams), the blocks'
         context, and the compute dtype."""
@@ -172,7 +191,7 @@ class Decoder(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x_BTD = self.embed(tokens_BT)
         ctx = LayerContext(positions_BT, segment_ids_BT, default_positions, tokens_BT=tokens_BT,
-                           partitioning=partitioning)
+                           partitioning=partitioning, **(ctx_fields or {}))
         if self.per_layer_embed is not None:
             ctx.layer_inputs_BTLP = self.per_layer_embed(tokens_BT, x_BTD)
         if self.input_scale_bias is not None:
@@ -181,8 +200,8 @@ class Decoder(nnx.Module):
         if self.residual_fp32:
             x_BTD = x_BTD.astype(jnp.float32)
         x = self.hyper_head.expand(x_BTD) if self.hyper_head is not None else x_BTD
-        for block in self.blocks:
-            x = _call(block, (x,), ctx, self.remat)
+        for block in self.blocks:   # decoding needs no backward pass: no remat
+            x = _call(block, (x,), ctx, "none" if ctx.caches is not None else self.remat)
         return x, ctx, compute_dtype
 
     def _logits(self, x, compute_dtype, hyper_head: HyperHead | None, norm: RMSNorm) -> jax.Array:

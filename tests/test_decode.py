@@ -1,0 +1,188 @@
+"""Decoding with each layer kind's cache (zoo.inference): prefill in chunks plus token-by-token decode give
+the logits of one full forward pass, for every family and every hybrid preset; the caches hold what their
+kinds promise (a ring of `window` slots, nothing for a KV-shared layer); `generate` gives each row of a
+batch the tokens it gets alone, samples reproducibly, and rejects bad input with one clear error."""
+from __future__ import annotations
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import zoo
+from configs.gemma4 import get_config as get_gemma4
+from configs.hybrid import get_config as hybrid_config
+from layers.kinds import option
+from zoo import analysis, inference
+
+T, PROMPT, CHUNK, WINDOW = 29, 13, 5, 8   # ring of 8 wraps; chunks of 5 split ratio-4 and ratio-8 windows
+
+
+def _small(family: str, preset: str = "tiny"):
+    """The family's tiny preset (or a hybrid preset) with 8-token windows, ratio-8 heavy compression and a
+    64-token vocabulary, so a 29-token sequence wraps every ring and crosses several compression windows."""
+    if family == "hybrid":
+        m = hybrid_config(preset).model
+    else:
+        m = importlib.import_module(f"configs.{family}").get_config(preset).model
+    m.vocab_size = 64
+    if "windows" in m:
+        m.windows = tuple(WINDOW if w else 0 for w in m.windows) if isinstance(m.windows, tuple) else WINDOW
+    if "window" in m:
+        m.window = WINDOW
+    if "hca_ratio" in m:
+        m.hca_ratio = 8
+    if "index_heads" in m:   # >= 6 index heads: no exact ReLU ties among the indexer's scores
+        m.index_heads, m.index_top_k = 8, 3
+    if family == "gemma4":
+        m.k_eq_v = tuple(t == "full" for t in m.attention_types)
+    if "mtp_depth" in m:
+        m.mtp_depth = 0
+    return m
+
+
+CASES = [("gemma4", "tiny"), ("laguna", "tiny"), ("zaya1", "tiny"), ("deepseek_v4", "tiny"),
+         ("hybrid", "laguna_cca"), ("hybrid", "deepseek_shared"), ("hybrid", "gemma_hca")]
+
+
+def _jitted_extend(model):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, tokens_BT, cache, new_B):
+        return nnx.merge(graphdef, state).extend(tokens_BT, cache, new_B)
+
+    return functools.partial(run, state)
+
+
+@pytest.mark.parametrize("family,preset", CASES)
+def test_prefill_and_decode_equal_the_forward_pass(family, preset):
+    m = _small(family, preset)
+    model = zoo.build(m, seed=1)
+    tokens_BT = jnp.asarray(np.random.default_rng(0).integers(0, m.vocab_size, (2, T)), jnp.int32)
+    want_BTV = jax.jit(lambda t: model(t))(tokens_BT)
+    extend = _jitted_extend(model)
+    cache = inference.init_cache(model, batch_size=2, max_len=T)
+    got = []
+    for start in range(0, PROMPT, CHUNK):   # the last chunk is padded: 3 real tokens of 5
+        chunk_BT = jnp.pad(tokens_BT[:, start:start + CHUNK], [(0, 0), (0, max(0, start + CHUNK - PROMPT))])
+        n = min(CHUNK, PROMPT - start)
+        logits_BTV, cache = extend(chunk_BT, cache, jnp.full((2,), n, jnp.int32))
+        got.append(logits_BTV[:, :n])
+    for t in range(PROMPT, T):
+        logits_BTV, cache = extend(tokens_BT[:, t:t + 1], cache, jnp.ones((2,), jnp.int32))
+        got.append(logits_BTV)
+    got_BTV = jnp.concatenate(got, axis=1)
+    np.testing.assert_array_equal(np.asarray(cache["lengths_B"]), [T, T])
+    diff = float(jnp.max(jnp.abs(got_BTV - want_BTV)))
+    assert diff <= 1e-4, f"{family}:{preset}: decode differs from the forward pass by {diff}"
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    """A tiny Gemma-4 stack: sliding rings, a full layer, KV-shared layers of both kinds."""
+    m = _small("gemma4")
+    return m, zoo.build(m, seed=2)
+
+
+def test_caches_hold_what_their_kinds_promise(gemma):
+    m, _ = gemma
+    spec = jax.eval_shape(lambda: zoo.init_cache(m, batch_size=3, max_len=100, dtype="bfloat16"))
+    for i, (kind, src, layer) in enumerate(zip(m.attention_types, m.kv_sources, spec["layers"])):
+        if src >= 0:
+            assert layer == {} and inference.cache_bytes(layer) == 0, i
+        else:
+            slots = WINDOW if kind == "sliding" else 100
+            assert layer["k_BSKH"].shape == (3, slots, m.num_kv_heads[i], m.head_dims[i]), i
+            assert layer["v_BSKH"].dtype == jnp.bfloat16
+    assert spec["lengths_B"].shape == (3,)
+    full = jax.eval_shape(lambda: zoo.init_cache(get_gemma4("tiny"), batch_size=3, max_len=100))   # a full config
+    assert inference.cache_bytes(full) > 0
+
+
+def test_a_batch_of_prompts_gives_each_row_its_own_tokens(gemma):
+    m, model = gemma
+    rng = np.random.default_rng(5)
+    long, short = rng.integers(3, m.vocab_size, 11), rng.integers(3, m.vocab_size, 6)
+    alone = [np.asarray(zoo.generate(model, p[None], max_new_tokens=12, prefill_chunk=4))[0] for p in (long, short)]
+    batch_BT = np.stack([long, np.pad(short, (0, 5), constant_values=7)])   # the padding must not matter
+    got = np.asarray(zoo.generate(model, batch_BT, prompt_lengths=[11, 6], max_new_tokens=12, prefill_chunk=4))
+    np.testing.assert_array_equal(got, np.stack(alone))
+    # a stop token ends its row (pad_id after it) and leaves the other row alone up to its own stop
+    stop = int(alone[0][3])
+    got = np.asarray(zoo.generate(model, batch_BT, prompt_lengths=[11, 6], max_new_tokens=12, prefill_chunk=4,
+                                  stop_tokens=[stop], pad_id=0))
+    for row, want in zip(got, alone):
+        end = int(np.argmax(want == stop)) + 1 if (want == stop).any() else len(want)
+        np.testing.assert_array_equal(row[:end], want[:end])
+        assert (row[end:] == 0).all()
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(gemma):
+    m, model = gemma
+    prompt = np.random.default_rng(6).integers(3, m.vocab_size, (2, 9))
+    draw = lambda **kw: np.asarray(zoo.generate(model, prompt, max_new_tokens=10, **kw))
+    hot = dict(temperature=1.5, top_p=0.9)
+    first, again, other = draw(seed=1, **hot), draw(seed=1, **hot), draw(seed=2, **hot)
+    np.testing.assert_array_equal(first, again)
+    assert (first != other).any()
+    np.testing.assert_array_equal(draw(temperature=1.0, top_k=1, seed=3), draw())
+
+
+def test_sample_keeps_the_top_k_and_the_top_p_nucleus():
+    logits_BV = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000))
+    draws = np.asarray(inference.sample(logits_BV, jax.random.key(0), temperature=1.0, top_p=0.75))
+    assert set(draws) == {0, 1}          # 0.5 + 0.3 reaches 0.75: the nucleus is the first two
+    draws = np.asarray(inference.sample(logits_BV, jax.random.key(0), temperature=1.0, top_k=3))
+    assert set(draws) == {0, 1, 2}
+    assert abs((draws == 0).mean() - 0.5 / 0.95) < 0.05
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(prompt_ids=np.zeros((1, 0), int)), "non-empty"),
+    (dict(prompt_ids=[[3, 64]]), "outside the vocabulary"),
+    (dict(prompt_ids=[[3, -1]]), "outside the vocabulary"),
+    (dict(max_new_tokens=0), "max_new_tokens must be positive"),
+    (dict(top_p=0.0), "top_p must lie in"),
+    (dict(top_p=1.5), "top_p must lie in"),
+    (dict(max_len=3), "more than max_len"),
+    (dict(max_len=6), "do not fit max_len"),
+])
+def test_bad_input_gets_one_clear_error(gemma, kwargs, message):
+    _, model = gemma
+    args = {"prompt_ids": [[3, 4, 5, 6]], "max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        zoo.generate(model, args.pop("prompt_ids"), **args)
+
+
+def test_generate_cli_fails_in_one_line_on_a_missing_workdir(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    result = subprocess.run([sys.executable, "generate.py", f"--workdir={tmp_path / 'none'}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: no such checkpoint directory: {tmp_path / 'none'}"]
+
+
+PRESETS = [(f, p) for f in ("gemma4", "laguna", "zaya1", "deepseek_v4", "hybrid")
+           for p in importlib.import_module(f"configs.{f}").PRESETS]
+
+
+@pytest.mark.parametrize("family,preset", PRESETS)
+def test_allocated_cache_is_the_analysis_figure(family, preset):
+    """At 128K tokens every preset's allocated cache (shapes only) is zoo.analysis's arithmetic
+    kv_cache_bytes plus the per-sequence state that is not keys, values or entries."""
+    cfg = importlib.import_module(f"configs.{family}").get_config(preset).model
+    kv = analysis.kv_cache(cfg, 131_072, "bfloat16", batch=2)
+    spec = inference.cache_spec(cfg, batch_size=2, max_len=131_072, dtype="bfloat16")
+    assert kv["kv_cache_bytes_measured"] == inference.cache_bytes(spec)
+    assert kv["kv_cache_bytes_measured"] - kv["kv_cache_bytes_measured_state"] == kv["kv_cache_bytes"]
+    for i, layer in enumerate(spec["layers"]):   # a KV-shared layer allocates nothing
+        if option(cfg, "kv_sources", i) >= 0:
+            assert inference.cache_bytes(layer) == 0
