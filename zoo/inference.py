@@ -18,15 +18,15 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from layers import kinds
+from zoo import dtypes
 from zoo.decoder import Decoder
-from zoo.models import DTYPES
 
 
 def cache_spec(config, *, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
     """The cache's shapes and dtypes (jax.ShapeDtypeStruct leaves), from a model config alone."""
     if batch_size < 1 or max_len < 1:
         raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size} and {max_len}")
-    dtype = jnp.dtype(DTYPES.get(dtype, dtype))
+    dtype = jnp.dtype(dtypes.to_jnp(dtype, "cache dtype"))
     layers = tuple(kinds.attention_cache(config, i, batch_size, max_len, dtype) for i in range(config.num_layers))
     return {"lengths_B": jax.ShapeDtypeStruct((batch_size,), jnp.int32), "layers": layers}
 
@@ -230,5 +230,5 @@ def prepare_generate(model: Decoder, prompt_ids, *, max_new_tokens: int, tempera
     static = dict(chunk=min(prefill_chunk, T), max_len=max_len, max_new_tokens=max_new_tokens,
                   stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=pad_id, temperature=float(temperature),
                   top_k=int(top_k), top_p=float(top_p), on_token=on_token,
-                  cache_dtype=None if cache_dtype is None else jnp.dtype(DTYPES.get(cache_dtype, cache_dtype)).name)
+                  cache_dtype=None if cache_dtype is None else dtypes.resolve(cache_dtype, "cache_dtype"))
     return args, static

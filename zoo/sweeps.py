@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from zoo import checkpoints, data
+from zoo import checkpoints, data, inference
 from zoo import tasks as task_lib
 
 COLUMNS = ("model", "task", "length", "depth", "examples", "seed", "answer_logprob", "answer_logprob_per_token",
@@ -38,7 +38,7 @@ EXTRA_NEW_TOKENS = 16     # greedy generation runs for the answer's tokens plus 
 @dataclasses.dataclass
 class SweepModel:
     """A model as the sweep sees it. `logits_fn(tokens_BT) -> logits_BTV`; `generate_fn(prompt_ids_BT,
-    max_new_tokens) -> new ids [B, N]` (greedy), None until generation exists; `haystack_N`: token ids of
+    max_new_tokens) -> new ids [B, N]` (greedy), or None to score by teacher forcing alone; `haystack_N`: token ids of
     the text needles hide in (the validation split); `max_positions`: the longest sequence it may read."""
     name: str
     logits_fn: Callable
@@ -67,7 +67,14 @@ def load_model(path: str, *, name: str | None = None, dtype: str = "float32", at
     model = checkpoints.load(path, dtype=dtype, attention_impl=attention_impl)
     return SweepModel(name or os.path.basename(os.path.normpath(os.path.abspath(path))), model_logits_fn(model),
                       data.tokenizer(config.data.get("tokenizer", "bytes")), corpus.val_N,
-                      config.model.get("max_positions"))
+                      config.model.get("max_positions"), model_generate_fn(model))
+
+
+def model_generate_fn(model) -> Callable:
+    """`(prompt_ids_BT, max_new_tokens) -> new ids [B, N]`: greedy `zoo.inference.generate` with the
+    model's own caches."""
+    return lambda prompt_ids_BT, max_new_tokens: inference.generate(model, prompt_ids_BT,
+                                                                    max_new_tokens=max_new_tokens)
 
 
 def check_lengths(lengths: Sequence[int], max_positions: int | None, model: str) -> list[int]:
