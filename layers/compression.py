@@ -81,7 +81,7 @@ class Compressor(nnx.Module):
                  ) -> jax.Array:
         """Entries [B, S, H] in x's dtype; the tokens after the last complete window are not pooled."""
         B, T, _ = x_BTD.shape
-        R, H = self.ratio, self.dim
+        R = self.ratio
         S = T // R
         x_BTD = x_BTD[:, :S * R]
         kv_BTC, gate_BTC = self.project(x_BTD, jnp.arange(S * R))
