@@ -14,14 +14,18 @@ does: its "E2B 5.64 GB" is 5,637,144,576 bytes (5.25 GiB).
 from __future__ import annotations
 
 import math
+import re
+import sys
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import nnx
+from ml_collections import config_flags
 
 from layers import kinds
-from zoo import families
+from zoo import families, inference
 from zoo.decoder import DecoderOptions
 from zoo.models import build_abstract
 
@@ -163,8 +167,6 @@ def measured_cache(model_cfg, context: int, dtype="bfloat16", batch: int = 1) ->
     not keys, values or compressed entries (row lengths, compressors' pending windows in float32, CCA's
     convolution inputs), so that measured - state is the arithmetic `kv_cache_bytes` (at contexts of at
     least every window: a sliding layer always allocates its whole ring)."""
-    from zoo import inference
-
     parts = inference.cache_bytes_by_part(inference.cache_spec(model_cfg, batch_size=batch, max_len=context,
                                                                dtype=_dtype(dtype)))
     return {"kv_cache_bytes_measured": parts["kv"] + parts["state"], "kv_cache_bytes_measured_state": parts["state"]}
@@ -263,12 +265,6 @@ def format_table(rep: dict[str, Any]) -> str:
 def _cli() -> None:
     """`python -m zoo.analysis --config=FILE:PRESET [--context=N] [--dtype=D] [--batch=N]`: prints the
     table; a bad preset, key or value ends with one line on stderr naming it."""
-    import re
-    import sys
-
-    from absl import app, flags
-    from ml_collections import config_flags
-
     def fail(error) -> None:
         text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
         lines = [line.strip() for line in text.splitlines() if line.strip()]
