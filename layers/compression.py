@@ -1,14 +1,14 @@
 """Sequence compression for long-context attention: gated pooling of every `ratio` tokens into one
 compressed entry, and the lightning indexer that picks, per query, the entries worth attending to.
 
-Shapes: B batch, T tokens, R ratio, S = T // R compressed entries, D model width, H entry dim,
-C projected channels (H, or 2H for overlapping windows), N index heads, K selected entries.
+Shapes: B batch, T tokens, R ratio, C = T // R compressed entries, D model width, H entry dim,
+F projected channels (H, or 2H for overlapping windows), N index heads, K selected entries.
 
 Compressor; window s is the tokens [s R, (s + 1) R):
-    kv, z = x W_kv, x W_z + b[t mod R]                 [B, T, C], b: a learned bias per window slot
+    kv, z = x W_kv, x W_z + b[t mod R]                 [B, T, F], b: a learned bias per window slot
     e_s   = sum_t softmax_t(z_t) kv_t                  per channel, over the tokens of the window
     e_s   = rope(rmsnorm(e_s), position of window s's first token)
-Overlapping windows (C = 2H) pool 2R tokens: the first H channels of window s - 1's tokens and the last
+Overlapping windows (F = 2H) pool 2R tokens: the first H channels of window s - 1's tokens and the last
 H channels of window s's own (window 0 has nothing before it). Every entry is complete when its window
 ends, so entry s is visible to query t iff s < (t + 1) // R. With segment ids, an entry belongs to the
 segment of its window's last token: it pools only that segment's tokens (never padding, id 0) and only
@@ -35,21 +35,21 @@ from pallas_kernels import indexer_topk
 
 
 def entry_segments(segment_ids_BT: jax.Array, ratio: int) -> jax.Array:
-    """[B, S]: the segment of each window's last token."""
-    S = segment_ids_BT.shape[1] // ratio
-    return segment_ids_BT[:, ratio - 1:S * ratio:ratio]
+    """[B, C]: the segment of each window's last token."""
+    C = segment_ids_BT.shape[1] // ratio
+    return segment_ids_BT[:, ratio - 1:C * ratio:ratio]
 
 
 def entry_visibility(num_tokens: int, num_entries: int, ratio: int, segment_ids_BT: jax.Array | None = None
                      ) -> jax.Array:
-    """Boolean [B or 1, T, S]: entry s is complete before query t (s < (t + 1) // ratio) and, with
+    """Boolean [B or 1, T, C]: entry s is complete before query t (s < (t + 1) // ratio) and, with
     segment ids, belongs to t's segment (never to padding)."""
-    t_T1, s_1S = jnp.arange(num_tokens)[:, None], jnp.arange(num_entries)[None, :]
-    visible_1TS = (s_1S < (t_T1 + 1) // ratio)[None]
+    t_T1, s_1C = jnp.arange(num_tokens)[:, None], jnp.arange(num_entries)[None, :]
+    visible_1TC = (s_1C < (t_T1 + 1) // ratio)[None]
     if segment_ids_BT is None:
-        return visible_1TS
-    entry_seg_B1S = entry_segments(segment_ids_BT, ratio)[:, None, :num_entries]
-    return visible_1TS & (entry_seg_B1S == segment_ids_BT[:, :, None]) & (entry_seg_B1S != 0)
+        return visible_1TC
+    entry_seg_B1C = entry_segments(segment_ids_BT, ratio)[:, None, :num_entries]
+    return visible_1TC & (entry_seg_B1C == segment_ids_BT[:, :, None]) & (entry_seg_B1C != 0)
 
 
 def _masked_softmax(logits: jax.Array, valid: jax.Array, axis: int) -> jax.Array:
@@ -71,67 +71,67 @@ class Compressor(nnx.Module):
             raise ValueError(f"compressor needs ratio >= 1 and 0 < rope_dim <= dim, got ratio={ratio}, "
                              f"rope_dim={rope_dim}, dim={dim}")
         self.dim, self.ratio, self.overlap, self.rope, self.rope_dim = dim, ratio, overlap, rope, rope_dim
-        C = 2 * dim if overlap else dim
-        self.kv_proj = params.normal(rngs, (d_model, C), ("embed", "compress_kv"))
-        self.gate_proj = params.normal(rngs, (d_model, C), ("embed", "compress_kv"))
-        self.position_bias = params.zeros((ratio, C), ("compress_slot", "compress_kv"))
+        F = 2 * dim if overlap else dim
+        self.kv_proj = params.normal(rngs, (d_model, F), ("embed", "compress_kv"))
+        self.gate_proj = params.normal(rngs, (d_model, F), ("embed", "compress_kv"))
+        self.position_bias = params.zeros((ratio, F), ("compress_slot", "compress_kv"))
         self.norm = RMSNorm(dim, eps=eps, axis_name="compress_dim")
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None
                  ) -> jax.Array:
-        """Entries [B, S, H] in x's dtype; the tokens after the last complete window are not pooled."""
+        """Entries [B, C, H] in x's dtype; the tokens after the last complete window are not pooled."""
         B, T, _ = x_BTD.shape
         R = self.ratio
-        S = T // R
-        x_BTD = x_BTD[:, :S * R]
-        kv_BTC, gate_BTC = self.project(x_BTD, jnp.arange(S * R))
-        kv_BSRC, gate_BSRC = kv_BTC.reshape(B, S, R, -1), gate_BTC.reshape(B, S, R, -1)
+        C = T // R
+        x_BTD = x_BTD[:, :C * R]
+        kv_BTF, gate_BTF = self.project(x_BTD, jnp.arange(C * R))
+        kv_BCRF, gate_BCRF = kv_BTF.reshape(B, C, R, -1), gate_BTF.reshape(B, C, R, -1)
         if segment_ids_BT is None:
-            valid_BSR = jnp.ones((B, S, R), bool)
+            valid_BCR = jnp.ones((B, C, R), bool)
         else:
-            seg_BSR = segment_ids_BT[:, :S * R].reshape(B, S, R)
-            entry_seg_BS1 = entry_segments(segment_ids_BT, R)[:, :, None]
-            valid_BSR = (seg_BSR == entry_seg_BS1) & (seg_BSR != 0)
+            seg_BCR = segment_ids_BT[:, :C * R].reshape(B, C, R)
+            entry_seg_BC1 = entry_segments(segment_ids_BT, R)[:, :, None]
+            valid_BCR = (seg_BCR == entry_seg_BC1) & (seg_BCR != 0)
         if self.overlap:
             shift = lambda a: jnp.pad(a[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (a.ndim - 2))  # window s-1 at s
-            prev_valid_BSR = shift(valid_BSR) & (jnp.arange(S) > 0)[None, :, None]
+            prev_valid_BCR = shift(valid_BCR) & (jnp.arange(C) > 0)[None, :, None]
             if segment_ids_BT is not None:   # the previous window's tokens must be of this entry's segment
-                prev_valid_BSR &= shift(seg_BSR) == entry_seg_BS1
-            return self.pool(shift(kv_BSRC), shift(gate_BSRC), prev_valid_BSR, kv_BSRC, gate_BSRC, valid_BSR,
-                             positions_BT[:, R - 1:S * R:R] - (R - 1), x_BTD.dtype)
+                prev_valid_BCR &= shift(seg_BCR) == entry_seg_BC1
+            return self.pool(shift(kv_BCRF), shift(gate_BCRF), prev_valid_BCR, kv_BCRF, gate_BCRF, valid_BCR,
+                             positions_BT[:, R - 1:C * R:R] - (R - 1), x_BTD.dtype)
         # first positions: robust to padding in front of the window
-        return self.pool(None, None, None, kv_BSRC, gate_BSRC, valid_BSR, positions_BT[:, R - 1:S * R:R] - (R - 1),
+        return self.pool(None, None, None, kv_BCRF, gate_BCRF, valid_BCR, positions_BT[:, R - 1:C * R:R] - (R - 1),
                          x_BTD.dtype)
 
     def project(self, x_BTD: jax.Array, slots_T: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """float32 kv and gate [B, T, C] of each token; `slots_T` (position mod ratio) picks the gate's
+        """float32 kv and gate [B, T, F] of each token; `slots_T` (position mod ratio) picks the gate's
         window-slot bias."""
-        kv_BTC = jnp.einsum("BTD,DC->BTC", x_BTD, self.kv_proj[...], preferred_element_type=jnp.float32)
-        gate_BTC = jnp.einsum("BTD,DC->BTC", x_BTD, self.gate_proj[...], preferred_element_type=jnp.float32)
+        kv_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.kv_proj[...], preferred_element_type=jnp.float32)
+        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_proj[...], preferred_element_type=jnp.float32)
         bias_TC = self.position_bias[...].astype(jnp.float32)[jnp.mod(slots_T, self.ratio)]
-        return kv_BTC, gate_BTC + bias_TC
+        return kv_BTF, gate_BTF + bias_TC
 
-    def pool(self, prev_kv_BSRC, prev_gate_BSRC, prev_valid_BSR, kv_BSRC, gate_BSRC, valid_BSR, first_BS, dtype
+    def pool(self, prev_kv_BCRF, prev_gate_BCRF, prev_valid_BCR, kv_BCRF, gate_BCRF, valid_BCR, first_BC, dtype
              ) -> jax.Array:
-        """Entries [B, S, H] from the projected windows (and, overlapping, the windows before them, whose
-        first H channels join in); `first_BS` is the position of each window's first token."""
+        """Entries [B, C, H] from the projected windows (and, overlapping, the windows before them, whose
+        first H channels join in); `first_BC` is the position of each window's first token."""
         H = self.dim
         if self.overlap:
-            kv_BSRC = jnp.concatenate([prev_kv_BSRC[..., :H], kv_BSRC[..., H:]], axis=2)
-            gate_BSRC = jnp.concatenate([prev_gate_BSRC[..., :H], gate_BSRC[..., H:]], axis=2)
-            valid_BSR = jnp.concatenate([prev_valid_BSR, valid_BSR], axis=2)
-        weights_BSRH = _masked_softmax(gate_BSRC, valid_BSR[..., None], axis=2)
-        entries_BSH = jnp.einsum("BSRH,BSRH->BSH", weights_BSRH, kv_BSRC).astype(dtype)
-        entries_BSH = self.norm(entries_BSH)
-        return apply_rope_tail(entries_BSH[:, :, None], first_BS, self.rope, self.rope_dim)[:, :, 0]
+            kv_BCRF = jnp.concatenate([prev_kv_BCRF[..., :H], kv_BCRF[..., H:]], axis=2)
+            gate_BCRF = jnp.concatenate([prev_gate_BCRF[..., :H], gate_BCRF[..., H:]], axis=2)
+            valid_BCR = jnp.concatenate([prev_valid_BCR, valid_BCR], axis=2)
+        weights_BCRH = _masked_softmax(gate_BCRF, valid_BCR[..., None], axis=2)
+        entries_BCH = jnp.einsum("BCRH,BCRH->BCH", weights_BCRH, kv_BCRF).astype(dtype)
+        entries_BCH = self.norm(entries_BCH)
+        return apply_rope_tail(entries_BCH[:, :, None], first_BC, self.rope, self.rope_dim)[:, :, 0]
 
     def cache_spec(self, batch: int, max_len: int, dtype) -> dict:
         """Every entry of `max_len` tokens, and the projected tokens of the window being filled (after
         the window before it, whose channels an overlapping entry also pools)."""
-        C = self.kv_proj.shape[1]
-        pending = jax.ShapeDtypeStruct((batch, (2 if self.overlap else 1) * self.ratio, C), jnp.float32)
+        F = self.kv_proj.shape[1]
+        pending = jax.ShapeDtypeStruct((batch, (2 if self.overlap else 1) * self.ratio, F), jnp.float32)
         return {"entries_BCH": jax.ShapeDtypeStruct((batch, max_len // self.ratio, self.dim), dtype),
-                "pending_kv_BPC": pending, "pending_gate_BPC": pending}
+                "pending_kv_BPF": pending, "pending_gate_BPF": pending}
 
     def extend(self, x_BTD: jax.Array, cache: dict, lengths_B: jax.Array, new_B: jax.Array) -> dict:
         """The cache after the first new_B tokens of each row of x [B, T, D] follow its L_B tokens: the
@@ -146,42 +146,42 @@ class Compressor(nnx.Module):
         n = T // R + 2                                    # windows the chunk can touch, and one spare
         lengths_B = lengths_B.astype(jnp.int32)
         w0_B = lengths_B - jnp.mod(lengths_B, R)
-        kv_BTC, gate_BTC = self.project(x_BTD, chunk_positions(lengths_B, T))
+        kv_BTF, gate_BTF = self.project(x_BTD, chunk_positions(lengths_B, T))
         buffers = []
-        for pending_BPC, new_BTC in ((cache["pending_kv_BPC"], kv_BTC), (cache["pending_gate_BPC"], gate_BTC)):
-            buf_BAC = jnp.concatenate([pending_BPC, jnp.zeros((B, n * R, pending_BPC.shape[-1]), jnp.float32)], 1)
-            buffers.append(put_rows(buf_BAC, new_BTC, O + lengths_B - w0_B))
-        kv_BAC, gate_BAC = buffers
+        for pending_BPF, new_BTC in ((cache["pending_kv_BPF"], kv_BTF), (cache["pending_gate_BPF"], gate_BTF)):
+            buf_BAF = jnp.concatenate([pending_BPF, jnp.zeros((B, n * R, pending_BPF.shape[-1]), jnp.float32)], 1)
+            buffers.append(put_rows(buf_BAF, new_BTC, O + lengths_B - w0_B))
+        kv_BAF, gate_BAF = buffers
         pos_BA = (w0_B - O)[:, None] + jnp.arange(O + (n + 1) * R)[None]
         valid_BA = (pos_BA >= 0) & (pos_BA < (lengths_B + new_B)[:, None])
         cur = lambda a: a[:, O:O + n * R].reshape(B, n, R, *a.shape[2:])
         prev = lambda a: a[:, :n * R].reshape(B, n, R, *a.shape[2:])
         first_Bn = w0_B[:, None] + R * jnp.arange(n)[None]
-        entries_BnH = self.pool(prev(kv_BAC), prev(gate_BAC), prev(valid_BA), cur(kv_BAC), cur(gate_BAC),
+        entries_BnH = self.pool(prev(kv_BAF), prev(gate_BAF), prev(valid_BA), cur(kv_BAF), cur(gate_BAF),
                                 cur(valid_BA), first_Bn, cache["entries_BCH"].dtype)
         complete_Bn = first_Bn + R <= (lengths_B + new_B)[:, None]
         rows_Bn = jnp.where(complete_Bn, first_Bn // R, C_max)   # C_max: dropped
         entries_BCH = cache["entries_BCH"].at[jnp.arange(B)[:, None], rows_Bn].set(entries_BnH, mode="drop")
         ends_B = lengths_B + new_B
         start_B = ends_B - jnp.mod(ends_B, R) - w0_B           # the new w0, in buffer rows (before O)
-        return {"entries_BCH": entries_BCH, "pending_kv_BPC": take_rows(kv_BAC, start_B, O + R),
-                "pending_gate_BPC": take_rows(gate_BAC, start_B, O + R)}
+        return {"entries_BCH": entries_BCH, "pending_kv_BPF": take_rows(kv_BAF, start_B, O + R),
+                "pending_gate_BPF": take_rows(gate_BAF, start_B, O + R)}
 
 
-def indexer_scores(q_BTNH: jax.Array, k_BSH: jax.Array, weights_BTN: jax.Array, *, ratio: int,
+def indexer_scores(q_BTNH: jax.Array, k_BCH: jax.Array, weights_BTN: jax.Array, *, ratio: int,
                    segment_ids_BT: jax.Array | None = None) -> jax.Array:
-    """float32 [B, T, S]: sum_n weights[t, n] relu(q[t, n] . k[s]) over visible entries, -inf elsewhere
+    """float32 [B, T, C]: sum_n weights[t, n] relu(q[t, n] . k[s]) over visible entries, -inf elsewhere
     (the scales are folded into `weights`)."""
-    dots_BTNS = jnp.einsum("BTNH,BSH->BTNS", q_BTNH, k_BSH, preferred_element_type=jnp.float32)
-    scores_BTS = jnp.einsum("BTNS,BTN->BTS", jax.nn.relu(dots_BTNS), weights_BTN.astype(jnp.float32))
-    visible = entry_visibility(q_BTNH.shape[1], k_BSH.shape[1], ratio, segment_ids_BT)
-    return jnp.where(visible, scores_BTS, -jnp.inf)
+    dots_BTNC = jnp.einsum("BTNH,BCH->BTNC", q_BTNH, k_BCH, preferred_element_type=jnp.float32)
+    scores_BTC = jnp.einsum("BTNC,BTN->BTC", jax.nn.relu(dots_BTNC), weights_BTN.astype(jnp.float32))
+    visible = entry_visibility(q_BTNH.shape[1], k_BCH.shape[1], ratio, segment_ids_BT)
+    return jnp.where(visible, scores_BTC, -jnp.inf)
 
 
-def top_k_entries(scores_BTS: jax.Array, k: int) -> jax.Array:
-    """int32 [B, T, min(k, S)]: the best-scoring entries (-inf scores mark invisible ones), best first;
+def top_k_entries(scores_BTC: jax.Array, k: int) -> jax.Array:
+    """int32 [B, T, min(k, C)]: the best-scoring entries (-inf scores mark invisible ones), best first;
     slots without a visible entry hold -1."""
-    top_BTK, idx_BTK = jax.lax.top_k(jax.lax.stop_gradient(scores_BTS), min(k, scores_BTS.shape[-1]))
+    top_BTK, idx_BTK = jax.lax.top_k(jax.lax.stop_gradient(scores_BTC), min(k, scores_BTC.shape[-1]))
     return jnp.where(jnp.isneginf(top_BTK), -1, idx_BTK).astype(jnp.int32)
 
 
@@ -200,20 +200,20 @@ class LightningIndexer(nnx.Module):
     def __call__(self, x_BTD: jax.Array, qr_BTQ: jax.Array, positions_BT: jax.Array,
                  segment_ids_BT: jax.Array | None = None, *, kernel: str | None = None,
                  partitioning: Partitioning = UNPARTITIONED) -> jax.Array:
-        """int32 [B, T, min(top_k, S)] entry indices, -1 for unused slots. `kernel` ("pallas_gpu" or
-        "pallas_tpu") scores through the Pallas indexer in chunks of tokens, never holding [B, T, S]
+        """int32 [B, T, min(top_k, C)] entry indices, -1 for unused slots. `kernel` ("pallas_gpu" or
+        "pallas_tpu") scores through the Pallas indexer in chunks of tokens, never holding [B, T, C]
         scores; its result has `top_k` slots (segments there are runs of equal ids)."""
-        keys_BSH = self.compressor(x_BTD, positions_BT, segment_ids_BT)
+        keys_BCH = self.compressor(x_BTD, positions_BT, segment_ids_BT)
         q_BTNH, weights_BTN = self._queries(x_BTD, qr_BTQ, positions_BT)
         if kernel:   # a token's score sums over the index heads: only rows split over a mesh
             top = lambda q, keys, weights, seg: indexer_topk(q, keys, weights, ratio=self.ratio, topk=self.top_k,
                                                              segment_ids_BT=seg, impl=kernel)
             rows = ("batch", None, None)
             in_axes = (rows + (None,), rows, rows, None if segment_ids_BT is None else ("batch", None))
-            return partitioning.per_shard(top, in_axes, rows)(q_BTNH, keys_BSH.astype(q_BTNH.dtype), weights_BTN,
+            return partitioning.per_shard(top, in_axes, rows)(q_BTNH, keys_BCH.astype(q_BTNH.dtype), weights_BTN,
                                                               segment_ids_BT)
-        scores_BTS = indexer_scores(q_BTNH, keys_BSH, weights_BTN, ratio=self.ratio, segment_ids_BT=segment_ids_BT)
-        return top_k_entries(scores_BTS, self.top_k)
+        scores_BTC = indexer_scores(q_BTNH, keys_BCH, weights_BTN, ratio=self.ratio, segment_ids_BT=segment_ids_BT)
+        return top_k_entries(scores_BTC, self.top_k)
 
     def _queries(self, x_BTD, qr_BTQ, positions_BT) -> tuple[jax.Array, jax.Array]:
         """The index queries [B, T, N, H_I] and their head weights [B, T, N] (float32, scales folded in)."""

@@ -1,8 +1,9 @@
 """Attention over one K = V vector per token (MQA) that joins a sliding window of raw tokens with
 compressed entries of the whole past in ONE softmax, plus a learned per-head sink logit.
 
-Shapes: B batch, T tokens, N query heads, H head dim, S compressed entries, K selected entries per query,
-Q query latent (low-rank) width, G output groups, M = N / G heads per group, O output latent width.
+Shapes: B batch, T tokens, S window (cache) keys, N query heads, H head dim, C compressed entries, K selected
+entries per query, Q query latent (low-rank) width, G output groups, M = N / G heads per group, O output
+latent width.
 
     qr  = rmsnorm(x W_qa)                                   [B, T, Q]
     q   = rope(rmsnorm_unweighted(qr W_qb))                 [B, T, N, H], per head, no weight
@@ -73,27 +74,27 @@ def sliding_attention(q_BTNH: jax.Array, kv_BTH: jax.Array, sinks_N: jax.Array, 
     return _attend(q_BTNH, [(kv_BTH, visible)], sinks_N, scale)
 
 
-def hca_attention(q_BTNH: jax.Array, kv_BTH: jax.Array, compressed_BSH: jax.Array, sinks_N: jax.Array, *,
+def hca_attention(q_BTNH: jax.Array, kv_BTH: jax.Array, compressed_BCH: jax.Array, sinks_N: jax.Array, *,
                   window: int, ratio: int, scale: float, segment_ids_BT: jax.Array | None = None) -> jax.Array:
     """Window of raw tokens plus every compressed entry visible to the query: [B, T, N, H]."""
-    T, S = q_BTNH.shape[1], compressed_BSH.shape[1]
+    T, C = q_BTNH.shape[1], compressed_BCH.shape[1]
     return _attend(q_BTNH, [(kv_BTH, window_visibility(T, window, segment_ids_BT)),
-                            (compressed_BSH, entry_visibility(T, S, ratio, segment_ids_BT))], sinks_N, scale)
+                            (compressed_BCH, entry_visibility(T, C, ratio, segment_ids_BT))], sinks_N, scale)
 
 
-def csa_attention(q_BTNH: jax.Array, kv_BTH: jax.Array, compressed_BSH: jax.Array, indices_BTK: jax.Array,
+def csa_attention(q_BTNH: jax.Array, kv_BTH: jax.Array, compressed_BCH: jax.Array, indices_BTK: jax.Array,
                   sinks_N: jax.Array, *, window: int, scale: float, segment_ids_BT: jax.Array | None = None
                   ) -> jax.Array:
     """Window of raw tokens plus the compressed entries `indices` [B, T, K] names for each query (-1 marks
     an unused slot; the indexer already applied causality; an entry named twice counts once, and the
     indexer never names one twice): [B, T, N, H]."""
     B, T, _ = indices_BTK.shape
-    S = compressed_BSH.shape[1]
-    rows_BTK = jnp.where(indices_BTK >= 0, indices_BTK, S)   # unused slots land in a dropped column
-    selected_BTS = jnp.zeros((B, T, S + 1), bool).at[
-        jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], rows_BTK].set(True)[..., :S]
+    C = compressed_BCH.shape[1]
+    rows_BTK = jnp.where(indices_BTK >= 0, indices_BTK, C)   # unused slots land in a dropped column
+    selected_BTC = jnp.zeros((B, T, C + 1), bool).at[
+        jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], rows_BTK].set(True)[..., :C]
     return _attend(q_BTNH, [(kv_BTH, window_visibility(T, window, segment_ids_BT)),
-                            (compressed_BSH, selected_BTS)], sinks_N, scale)
+                            (compressed_BCH, selected_BTC)], sinks_N, scale)
 
 
 class CompressedAttention(nnx.Module):
@@ -215,20 +216,20 @@ class CompressedAttention(nnx.Module):
                 return partitioning.per_shard(sliding, (heads, rows, ("q_heads",), segment_axes), heads)(
                     q_BTNH, kv_BTH, sinks_N, segment_ids_BT)
             return sliding_attention(q_BTNH, kv_BTH, sinks_N, **common)
-        entries_BSH = self.compressor(x_BTD, positions_BT, segment_ids_BT)
+        entries_BCH = self.compressor(x_BTD, positions_BT, segment_ids_BT)
         if self.indexer is None:
             if lowering:
                 hca = lambda q, kv, entries, sinks, seg: hca_kernel(
                     q, kv, entries, sinks, window=self.window, ratio=self.ratio, scale=scale, segment_ids_BT=seg,
                     impl=lowering)
                 return partitioning.per_shard(hca, (heads, rows, rows, ("q_heads",), segment_axes), heads)(
-                    q_BTNH, kv_BTH, entries_BSH, sinks_N, segment_ids_BT)
-            return hca_attention(q_BTNH, kv_BTH, entries_BSH, sinks_N, ratio=self.ratio, **common)
+                    q_BTNH, kv_BTH, entries_BCH, sinks_N, segment_ids_BT)
+            return hca_attention(q_BTNH, kv_BTH, entries_BCH, sinks_N, ratio=self.ratio, **common)
         indices_BTK = self.indexer(x_BTD, qr_BTQ, positions_BT, segment_ids_BT, kernel=lowering,
                                    partitioning=partitioning)
         if lowering:
             csa = lambda q, kv, entries, indices, sinks, seg: csa_kernel(
                 q, kv, entries, indices, sinks, window=self.window, scale=scale, segment_ids_BT=seg, impl=lowering)
             return partitioning.per_shard(csa, (heads, rows, rows, rows, ("q_heads",), segment_axes), heads)(
-                q_BTNH, kv_BTH, entries_BSH, indices_BTK, sinks_N, segment_ids_BT)
-        return csa_attention(q_BTNH, kv_BTH, entries_BSH, indices_BTK, sinks_N, **common)
+                q_BTNH, kv_BTH, entries_BCH, indices_BTK, sinks_N, segment_ids_BT)
+        return csa_attention(q_BTNH, kv_BTH, entries_BCH, indices_BTK, sinks_N, **common)
