@@ -225,7 +225,8 @@ def staged(path: str, overwrite: bool = False, *, all_processes: bool = True) ->
     path = os.path.abspath(path)
     check_destination(path, overwrite)
     partial = path + ".partial"
-    if distributed.is_primary():
+    owner = jax.process_index() == 0   # process 0 keeps the staging directory, whoever writes config files
+    if owner:
         if os.path.exists(partial):   # left by an interrupted write; never a finished destination
             shutil.rmtree(partial)
         os.makedirs(partial)
@@ -234,11 +235,11 @@ def staged(path: str, overwrite: bool = False, *, all_processes: bool = True) ->
     try:
         yield partial
     except BaseException:   # an incomplete output is removed; `path` was never touched
-        if distributed.is_primary():
+        if owner:
             shutil.rmtree(partial, ignore_errors=True)
         raise
     meet("staged-written:" + path)
-    if distributed.is_primary():
+    if owner:
         old = path + ".replaced"
         if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
             os.rename(path, old)
