@@ -251,7 +251,7 @@ def _flash_value_xla_gradient(q_BTNH, k_BTKH, v_BTKH, *, scale: float) -> jax.Ar
 
 
 def _fused_attention(backend: str, q_BTNH, k_BTKH, v_BTKH, sinks_N, segment_ids_BT, *, window: int,
-                     scale: float, partitioning: Partitioning) -> jax.Array:
+                     scale: float, partitioning: Partitioning = UNPARTITIONED) -> jax.Array:
     """Self-attention through a fused kernel ("cudnn", "splash", "flash", "flash_xla_vjp"), called shard
     by shard (`partitioning.per_shard`): batch rows and kv-head groups are independent, so a query head
     travels with its kv head (q seen as [B, T, K, G, H]) wherever the mesh splits the kv heads."""
