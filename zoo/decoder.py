@@ -222,13 +222,14 @@ class Decoder(nnx.Module):
 def _call(module, inputs: tuple, ctx: LayerContext, policy: str) -> jax.Array:
     """`module(*inputs, ctx)`; unless `policy` is "none", under `jax.checkpoint` with that policy. The
     context's arrays then go in as arguments and what the module hands on (`LayerContext.HANDED_ON`)
-    comes out as results, so nothing traced inside leaks out."""
-    if policy == "none":
+    comes out as results, so nothing traced inside leaks out. Cached decoding (`ctx.caches`) never
+    recomputes: it has no backward pass."""
+    if policy == "none" or ctx.caches is not None:
         return module(*inputs, ctx)
     static = ("default_positions", "partitioning")
 
     def run(module, inputs, arrays):
-        inner = dataclasses.replace(ctx, **arrays, kv_by_layer=dict(arrays["kv_by_layer"]))
+        inner = dataclasses.replace(ctx, **{**arrays, "kv_by_layer": dict(arrays["kv_by_layer"])})
         return module(*inputs, inner), {name: getattr(inner, name) for name in LayerContext.HANDED_ON}
 
     arrays = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx) if f.name not in static}
