@@ -64,7 +64,7 @@ _LONGCTX_SEED = flags.DEFINE_integer("longctx_seed", 0, "--tasks: example i of e
 
 def run_longctx() -> None:
     """The `--tasks` sweep: every model (--workdir/--checkpoint, then --workdirs) over tasks x lengths x
-    depths, on one device, scored by teacher forcing (greedy-generation scoring waits for zoo.generate);
+    depths, on one device, scored by teacher forcing and by greedy generation (RULER string_match_all);
     bad input ends with one line on stderr before any model runs."""
     from zoo import checkpoints, sweeps, tasks
     from zoo.train import enable_compilation_cache

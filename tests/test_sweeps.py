@@ -109,7 +109,7 @@ def test_two_models_and_generation_hook(micro, tmp_path):
     (dict(depths=[0.5, 1.5]), r"depth 1.5 is outside \[0, 1\]"),
     (dict(depths=[-0.1]), r"depth -0.1 is outside \[0, 1\]"),
     (dict(lengths=[256, 1024]), "length 1024 is beyond model.max_positions 512 of model micro"),
-    (dict(lengths=[510]), "length 510 plus task passkey's answer needs 515 positions, beyond model.max_positions "
+    (dict(lengths=[510]), "length 510 plus task passkey's answer needs 541 positions, beyond model.max_positions "
                           "512"),
     (dict(lengths=[100]), "task passkey: length 100 is too short"),
 ])

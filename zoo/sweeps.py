@@ -115,7 +115,9 @@ def _check(models, task_names, lengths, depths, examples, seed) -> tuple[list[st
             for n in (min(lengths), max(lengths)):
                 e = task_lib.generate(task, seed=seed, length=n, depth=depths[0], tokenizer=m.tokenizer,
                                       haystack_N=m.haystack_N)
-                extra = len(e.answer_ids_A) - 1 if m.generate_fn is None else len(e.answer_ids_A) + EXTRA_NEW_TOKENS
+                answer = len(e.answer_ids_A)
+                extra = max(task_lib.bucket(answer) - 1,
+                            0 if m.generate_fn is None else task_lib.bucket(answer + EXTRA_NEW_TOKENS))
                 if m.max_positions is not None and n + extra > m.max_positions:
                     raise ValueError(f"length {n} plus task {task}'s answer needs {n + extra} positions, beyond "
                                      f"model.max_positions {m.max_positions} of model {m.name}")
@@ -151,7 +153,7 @@ def score_cell(model: SweepModel, task: str, length: int, depth: float, examples
         chunk = batch[start:start + batch_size]
         scores += task_lib.answer_loglik(model.logits_fn, chunk)
         if model.generate_fn is not None:
-            new_tokens = max(len(e.answer_ids_A) for e in chunk) + EXTRA_NEW_TOKENS
+            new_tokens = task_lib.bucket(max(len(e.answer_ids_A) for e in chunk) + EXTRA_NEW_TOKENS)
             new_ids_BN = np.asarray(model.generate_fn(np.stack([e.prompt_ids_T for e in chunk]), new_tokens))
             generations += [model.tokenizer.decode(ids) for ids in new_ids_BN]
     return {"model": model.name, "task": task, "length": length, "depth": depth, "examples": examples, "seed": seed,

@@ -316,11 +316,20 @@ def string_match_all(predictions: Sequence[str], golds: Sequence[Sequence[str]])
     return round(score, 2)
 
 
+ANSWER_BUCKET = 32   # answer and generation lengths are rounded up to this (one compilation per prompt length)
+
+
+def bucket(n: int) -> int:
+    """n rounded up to a multiple of ANSWER_BUCKET."""
+    return -(-n // ANSWER_BUCKET) * ANSWER_BUCKET
+
+
 def answer_loglik(logits_fn: Callable, examples: Sequence[Example]) -> list[dict]:
     """For each example, `{"logprob": total log-probability of the answer tokens given the prompt (nats),
     "tokens": answer tokens, "exact": greedy argmax reproduces every answer token}`, from one call of
     `logits_fn(tokens_BT) -> logits_BTV` on prompt + answer (teacher forcing). The examples must share a
-    prompt length; shorter answers are padded (the pad is causal-invisible to the tokens scored)."""
+    prompt length; shorter answers are padded, to a multiple of ANSWER_BUCKET tokens so that cells of one
+    length share a compiled program (the pad is causal-invisible to the tokens scored)."""
     if not examples:
         raise ValueError("answer_loglik needs at least one example")
     T = len(examples[0].prompt_ids_T)
@@ -329,7 +338,7 @@ def answer_loglik(logits_fn: Callable, examples: Sequence[Example]) -> list[dict
     A = max(len(e.answer_ids_A) for e in examples)
     if A == 0:
         raise ValueError("the examples' answers are empty")
-    tokens_BS = np.zeros((len(examples), T + A - 1), np.int32)
+    tokens_BS = np.zeros((len(examples), T + bucket(A) - 1), np.int32)
     answers_BA = np.zeros((len(examples), A), np.int32)
     mask_BA = np.zeros((len(examples), A), bool)
     for b, e in enumerate(examples):
@@ -340,7 +349,7 @@ def answer_loglik(logits_fn: Callable, examples: Sequence[Example]) -> list[dict
     logits_BSV = logits_fn(tokens_BS)
     if logits_BSV.shape[:2] != tokens_BS.shape:
         raise ValueError(f"logits_fn returned shape {logits_BSV.shape} for tokens of shape {tokens_BS.shape}")
-    logits_BAV = np.asarray(logits_BSV[:, T - 1:], np.float64)   # row T-1+i predicts answer token i
+    logits_BAV = np.asarray(logits_BSV[:, T - 1:T - 1 + A], np.float64)   # row T-1+i predicts answer token i
     logprobs_BAV = logits_BAV - _logsumexp(logits_BAV)
     picked_BA = np.take_along_axis(logprobs_BAV, answers_BA[..., None], axis=-1)[..., 0]
     hits_BA = logits_BAV.argmax(-1) == answers_BA
