@@ -9,6 +9,9 @@ simulated CPU devices (the flag must be set before jax starts, so it cannot run 
                                                          table layout per mesh, and on one device
     python tests/sharding_runs.py convert WORKDIR     -> JSON: from_hf / to_hf / the CLI on fsdp=2 x tensor=4
                                                          vs one device: logits, layouts, written files
+    python tests/sharding_runs.py decode DIR FAMILY...  -> JSON: prefill + decode with the cache sharded on
+                                                         data=4 x tensor=2 vs one device, the cache's
+                                                         layouts, and decoding on from a saved cache
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ MESHES = {
     "expert2_fsdp4": dict(data=1, fsdp=4, tensor=1, expert=2),
     "expert4_data2": dict(data=2, fsdp=1, tensor=1, expert=4),
     "fsdp2_expert2_tensor2": dict(data=1, fsdp=2, tensor=2, expert=2),
+    "data4_tensor2": dict(data=4, fsdp=1, tensor=2, expert=1),
 }
 
 
@@ -305,6 +309,61 @@ def convert(workdir: str) -> dict:
             all(filecmp.cmp(os.path.join(first, f), os.path.join(second, f), shallow=False) for f in files)}
 
 
+def decode(directory: str, *families: str) -> dict:
+    """Per family: a prompt prefilled and decoded 3 tokens on one device, then on data=4 x tensor=2 with
+    parameters and cache sharded by the same rules, then on one device again from the sharded cache saved
+    after the prompt (Orbax): the logits of each, and each cache leaf's PartitionSpec on the mesh."""
+    import zoo
+    from zoo import checkpoints, inference
+
+    out = {}
+    B, T, steps, max_len = 4, 21, 3, 40
+    for family in families:
+        cfg = micro_config(family)
+        rng = np.random.default_rng(0)
+        prompt_BT = jnp.asarray(rng.integers(3, cfg.model.vocab_size, (B, T)), jnp.int32)
+        lengths_B = jnp.asarray([21, 17, 9, 14], jnp.int32)
+        feed_BN = jnp.asarray(rng.integers(3, cfg.model.vocab_size, (B, steps)), jnp.int32)
+        prefill = jax.jit(lambda m, c: inference.prefill(m, c, prompt_BT, lengths_B, chunk=8))
+        extend = jax.jit(lambda m, c, t: m.extend(t[:, None], c))
+
+        def run(model, cache, logits=None, extend=extend):
+            got = []
+            if logits is None:
+                logits, cache = prefill(model, cache)
+                got.append(np.asarray(logits))
+            for n in range(steps):
+                logits, cache = extend(model, cache, feed_BN[:, n])
+                got.append(np.asarray(logits[:, 0]))
+            return got, cache
+
+        single = zoo.build(cfg.model, seed=0)
+        spec = jax.eval_shape(lambda: inference.init_cache(single, batch_size=B, max_len=max_len))
+        one, _ = run(single, inference.init_cache(single, batch_size=B, max_len=max_len))
+
+        mesh = sharding.make_mesh(MESHES["data4_tensor2"])
+        rules = sharding.resolve_rules(cfg.sharding_rules)
+        model = sharding.create_model(cfg.model, mesh, rules, seed=0)
+        shardings = sharding.cache_shardings(spec, mesh, rules)
+        cache = jax.jit(lambda: inference.init_cache(model, batch_size=B, max_len=max_len),
+                        out_shardings=shardings)()
+        logits, cache = jax.jit(prefill, out_shardings=(None, shardings))(model, cache)
+        saved = os.path.join(directory, family)
+        checkpoints.save_cache(saved, cache)
+        meshed, cache = run(model, cache, logits, jax.jit(extend, out_shardings=(None, shardings)))
+        layouts = {}   # PartitionSpecs without trailing Nones (replicated axes)
+        for k, v in jax.tree_util.tree_flatten_with_path(cache)[0]:
+            spec_axes = list(v.sharding.spec)
+            while spec_axes and spec_axes[-1] is None:
+                spec_axes.pop()
+            layouts[jax.tree_util.keystr(k)] = str(tuple(spec_axes))
+        resumed, _ = run(single, checkpoints.load_cache(saved, spec), logits)
+        out[family] = {"single": [x.tolist() for x in one], "mesh": [np.asarray(logits).tolist()] +
+                       [x.tolist() for x in meshed], "resumed": [x.tolist() for x in resumed],
+                       "layouts": layouts}
+    return out
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     mode, *args = sys.argv[1:]
@@ -312,5 +371,5 @@ if __name__ == "__main__":
         result = losses(args[0], args[1:] or list(MESHES))
     else:
         result = {"expert_parallel": expert_parallel, "resume": resume, "evaluate": evaluate,
-                  "convert": convert}[mode](*args)
+                  "convert": convert, "decode": decode}[mode](*args)
     print("RESULT " + json.dumps(result))

@@ -37,6 +37,7 @@ FAMILY_MESHES = {
 EXPERT_SHARDS = {"expert2_fsdp4": 2, "expert4_data2": 4, "fsdp2_expert2_tensor2": 2}   # the `expert` axis
 NUM_EXPERTS = 4   # every MoE micro config
 RTOL = 1e-5
+DECODE_FAMILIES = ("gemma4", "zaya1", "deepseek_v4")   # grouped-query, CCA, and compressed caches
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,7 @@ def runs():
     commands["resume"] = ["resume", tmp.name]
     commands["evaluate"] = ["evaluate", os.path.join(tmp.name, "evaluate")]
     commands["convert"] = ["convert", os.path.join(tmp.name, "convert")]
+    commands["decode"] = ["decode", tmp.name, *DECODE_FAMILIES]
     procs = {k: subprocess.Popen([sys.executable, HELPER, *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True) for k, args in commands.items()}
     cache = {}
@@ -191,3 +193,23 @@ def test_spec_rules_on_one_device_mesh():
         sharding.resolve_rules("nope")
     with pytest.raises(ValueError, match="needs 8 devices"):
         sharding.make_mesh({"fsdp": 8}, devices=jax.devices()[:1])
+
+
+def test_sharded_cache_decodes_as_one_device(runs):
+    """The decoding cache sharded by the parameters' rules (zoo.sharding.cache_shardings: rows over
+    `data`, kv heads over `tensor`) gives one device's logits through prefill and decode, keeps its layout
+    across steps, and, saved with Orbax on the mesh, resumes decoding on one device."""
+    result = runs("decode")
+    for family in DECODE_FAMILIES:
+        got = result[family]
+        for name in ("mesh", "resumed"):
+            ref = got["single"] if name == "mesh" else got["single"][1:]
+            for a, b in zip(ref, got[name], strict=True):
+                np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4, err_msg=f"{family} {name}")
+        layouts = got["layouts"]
+        assert layouts["['lengths_B']"] == "('data',)", family
+        assert all(spec.startswith("('data'") for spec in layouts.values()), (family, layouts)
+    # ZAYA1's micro config has 2 kv heads: its K and V caches split over tensor=2 as its kv projections do
+    assert result["zaya1"]["layouts"]["['layers'][0]['k_BSKH']"] == "('data', None, 'tensor')"
+    # Gemma 4's micro config has 1 kv head: nothing to split, so the heads stay whole
+    assert result["gemma4"]["layouts"]["['layers'][0]['k_BSKH']"] == "('data',)"

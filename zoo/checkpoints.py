@@ -111,6 +111,38 @@ def finish(mngr: ocp.CheckpointManager) -> None:
                                    ) from None
 
 
+def save_cache(path: str, cache) -> None:
+    """Writes a decoding cache (`zoo.init_cache` after prefill/decode; sharded or not) to `path` with
+    Orbax, so a long prompt is prefilled once and decoding resumes from it later or elsewhere."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists; give a new directory for the cache")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, cache)
+
+
+def load_cache(path: str, like):
+    """The cache saved at `path`, read into the shapes, dtypes and shardings of `like` (a cache or
+    `jax.eval_shape(zoo.init_cache, ...)` whose leaves may carry `sharding=`: each device reads only its
+    slice, whatever mesh saved it). A cache of another model, batch or length fails naming the leaf."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no saved cache at {path}")
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)
+                                                         or jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+                          like)
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(path)
+        stored = getattr(stored, "item_metadata", stored)
+        got = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
+        for key, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+            name = jax.tree_util.keystr(key)
+            if got.get(name) != tuple(leaf.shape):
+                raise ValueError(f"the cache at {path} does not match: {name} is "
+                                 f"{got.get(name, 'missing')} there, {tuple(leaf.shape)} here")
+        return ckptr.restore(path, target)
+
+
 class CheckpointWriteError(OSError):
     """Writing a checkpoint failed (e.g. the disk is full); the checkpoints written before are intact."""
 

@@ -130,6 +130,26 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules) -> nnx.State:
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+# A decoding cache leaf's axes, read from its name's shape suffix (the repo's legend): B is the batch,
+# K the kv heads; its other axes (slots, head dim, packed channels) stay whole on every device.
+_CACHE_AXES = {"B": "batch", "K": "kv_heads"}
+
+
+def cache_shardings(cache, mesh: Mesh, rules):
+    """NamedShardings for a decoding cache (`zoo.init_cache`, arrays or shape structs) laid out like
+    the parameters: rows over the `batch` rule's mesh axes, kv heads over the `kv_heads` rule's (so each
+    device caches the heads its attention computes), the rest replicated. A leaf whose name carries no
+    shape suffix (e.g. `lengths_B` does) is split on its leading, batch axis only."""
+    table = resolve_rules(rules)
+
+    def one(path, leaf):
+        suffix = str(getattr(path[-1], "key", "")).rsplit("_", 1)[-1]
+        if len(suffix) != leaf.ndim or not suffix.startswith("B"):
+            suffix = "B" + "." * (leaf.ndim - 1) if leaf.ndim else ""
+        return NamedSharding(mesh, spec([_CACHE_AXES.get(c) for c in suffix], leaf.shape, table, mesh))
+    return jax.tree_util.tree_map_with_path(one, cache)
+
+
 def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
     """Sharding of a [batch, ...] input: batch over the mesh axes of the `batch` rule."""
     batch_axes = tuple(a for a in dict(rules).get("batch", ()) if mesh.shape[a] > 1)
