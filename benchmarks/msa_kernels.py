@@ -77,12 +77,12 @@ def check(args, impl, blocks):
         valid = jnp.array([T, T // 3], jnp.int32)
         probe = normal(2, (2, C), jnp.float32)
         for head_reduce in ("mean", "max"):
-            def run(impl_, head_reduce=head_reduce):
+            def route(impl_, head_reduce=head_reduce):
                 f = lambda q, k: msa_chunk_scores(q, k, valid_B=valid, head_reduce=head_reduce, impl=impl_,
                                                   block_sizes=blocks if impl_ != "xla" else None)
                 out, vjp = jax.vjp(f, q, k)
                 return out, vjp(probe)
-            got, ref = jax.jit(lambda: run(impl))(), jax.jit(lambda: run("xla"))()
+            got, ref = jax.jit(lambda: route(impl))(), jax.jit(lambda: route("xla"))()
             report(f"routing {head_reduce:<4}", dtype, zip(("scores", "dq", "dk"), [got[0], *got[1]],
                                                            [ref[0], *ref[1]]), tol[dtype])
         ks = [normal(i, shape, dtype) for i, shape in enumerate([(2, S, N, H), (2, S, K, H), (2, S, K, H),
@@ -90,12 +90,12 @@ def check(args, impl, blocks):
         sinks, count = normal(9, (N,), jnp.float32), jnp.array([300, 77], jnp.int32)
         probe = normal(10, (2, S, N, H), dtype)
         for window in (0, 256):
-            def run(impl_, window=window):
+            def attend(impl_, window=window):
                 f = lambda *a: msa_attention(*a[:5], count, sinks_N=a[5], window=window, impl=impl_,
                                              block_sizes=blocks if impl_ != "xla" else None)
                 out, vjp = jax.vjp(f, *ks, sinks)
                 return out, vjp(probe)
-            got, ref = jax.jit(lambda: run(impl))(), jax.jit(lambda: run("xla"))()
+            got, ref = jax.jit(lambda: attend(impl))(), jax.jit(lambda: attend("xla"))()
             names = ("out", "dq", "dk", "dv", "dmem_k", "dmem_v", "dsinks")
             report(f"attention window {window:<3}", dtype, zip(names, [got[0], *got[1]], [ref[0], *ref[1]]),
                    tol[dtype])
@@ -136,11 +136,11 @@ def bench_routing(args, impl, blocks):
                 cells += ["OOM", "OOM"]
                 continue
             b = blocks if impl_ != "xla" else None
-            scores = lambda q, k, impl_=impl_, b=b: msa_chunk_scores(q, k, impl=impl_, block_sizes=b)
-            route = lambda q, k, impl_=impl_, b=b: msa_route(q, k, doc_C, M, min(TOP_K, M), impl=impl_,
-                                                             block_sizes=b)[1]
+            scores = lambda q, k, doc_C, impl_=impl_, b=b: msa_chunk_scores(q, k, impl=impl_, block_sizes=b)
+            route = lambda q, k, doc_C, impl_=impl_, b=b: msa_route(q, k, doc_C, M, min(TOP_K, M), impl=impl_,
+                                                                    block_sizes=b)[1]
             for fn in (scores, route):
-                status, seconds = timed(fn, (q, k), args.iters)
+                status, seconds = timed(fn, (q, k, doc_C), args.iters)
                 cells.append(seconds if seconds else status)
         kernel = cells[0]
         ms = lambda x: f"{x * 1e3:.3f}" if isinstance(x, float) else x

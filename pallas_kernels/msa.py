@@ -65,7 +65,7 @@ class MsaBlockSizes:
 
 
 DEFAULT_BLOCKS = {"pallas_gpu": MsaBlockSizes(),
-                  "pallas_tpu": MsaBlockSizes(block_t=8, block_c=128, block_q=128, block_kv=128)}
+                  "pallas_tpu": MsaBlockSizes(block_t=16, block_c=128, block_q=128, block_kv=128)}
 
 
 # ---------------------------------------------------------------------------------------------- routing

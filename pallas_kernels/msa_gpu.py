@@ -32,10 +32,10 @@ _BIG = 2 ** 30
 
 
 # ---------------------------------------------------------------------------------------------- routing
-def route_tile(q_at, keys_at, t_t, valid, *, kv_heads, groups, mean: bool, dot_nt=dot_nt):
-    """One token block against one chunk block: (the block's best score [c], its token [c] and head [c]).
-    q_at(n) -> [t, Hp] queries of head n; keys_at(kv) -> [c, Hp] chunk keys of kv head kv; t_t the
-    block's token positions, valid the row's number of query tokens."""
+def route_tile(q_at, keys_at, t_t1, valid, *, kv_heads, groups, mean: bool, dot_nt=dot_nt):
+    """One token block against one chunk block: the block's best score, its token and its head, each
+    [1, c]. q_at(n) -> [t, Hp] queries of head n; keys_at(kv) -> [c, Hp] chunk keys of kv head kv; t_t1
+    [t, 1] the block's token positions; valid the row's number of query tokens."""
     red_tc = arg_n_tc = None
     for kv in range(kv_heads):
         keys_ch = keys_at(kv)
@@ -52,11 +52,11 @@ def route_tile(q_at, keys_at, t_t, valid, *, kv_heads, groups, mean: bool, dot_n
                 red_tc = jnp.where(take, z_tc, red_tc)
     if mean:
         red_tc = red_tc * (1.0 / (kv_heads * groups))
-    red_tc = jnp.where(t_t[:, None] < valid, red_tc, -jnp.inf)
-    best_c = jnp.max(red_tc, axis=0)
-    arg_t_c = jnp.min(jnp.where(red_tc == best_c[None, :], t_t[:, None], _BIG), axis=0)
-    arg_n_c = jnp.sum(jnp.where(t_t[:, None] == arg_t_c[None, :], arg_n_tc, 0), axis=0)
-    return best_c, arg_t_c, arg_n_c
+    red_tc = jnp.where(t_t1 < valid, red_tc, -jnp.inf)
+    best_1c = jnp.max(red_tc, axis=0, keepdims=True)
+    arg_t_1c = jnp.min(jnp.where(red_tc == best_1c, t_t1, _BIG), axis=0, keepdims=True)
+    arg_n_1c = jnp.sum(jnp.where(t_t1 == arg_t_1c, arg_n_tc, 0), axis=0, keepdims=True)
+    return best_1c, arg_t_1c, arg_n_1c
 
 
 def merge_best(carry, block):
@@ -71,12 +71,12 @@ def _route_kernel(valid_ref, q_ref, k_ref, score_ref, argt_ref, argn_ref, *, bt,
     valid = valid_ref[pl.program_id(1)]
 
     def step(i, carry):
-        t_t = i * bt + lax.broadcasted_iota(jnp.int32, (bt,), 0)
-        block = route_tile(lambda n: q_ref[n, pl.ds(i * bt, bt), :], lambda kv: k_ref[kv, :, :], t_t, valid,
+        t_t1 = (i * bt + lax.broadcasted_iota(jnp.int32, (bt,), 0))[:, None]
+        block = route_tile(lambda n: q_ref[n, pl.ds(i * bt, bt), :], lambda kv: k_ref[kv, :, :], t_t1, valid,
                            kv_heads=kv_heads, groups=groups, mean=mean)
         return merge_best(carry, block)
 
-    init = (jnp.full((bc,), -jnp.inf, F32), jnp.zeros((bc,), jnp.int32), jnp.zeros((bc,), jnp.int32))
+    init = (jnp.full((1, bc), -jnp.inf, F32), jnp.zeros((1, bc), jnp.int32), jnp.zeros((1, bc), jnp.int32))
     best, arg_t, arg_n = lax.fori_loop(0, cdiv(valid, bt), step, init)
     score_ref[...], argt_ref[...], argn_ref[...] = best, arg_t, arg_n
 
@@ -89,7 +89,7 @@ def route_forward(q_BTNH, k_CKH, valid_B, *, mean: bool, blocks, interpret):
     Tp, Cp = round_up(T, bt), round_up(C, bc)
     q = pad_axis(pad_axis(q_BTNH.transpose(0, 2, 1, 3), 2, Tp), 3, Hp)     # [B, N, Tp, Hp]
     k = pad_axis(pad_axis(k_CKH.transpose(1, 0, 2), 1, Cp), 2, Hp)         # [K, Cp, Hp]
-    out = pl.BlockSpec((None, bc), lambda c, b: (b, c))
+    out = pl.BlockSpec((None, 1, bc), lambda c, b: (b, 0, c))
     scores, arg_t, arg_n = pl.pallas_call(
         functools.partial(_route_kernel, bt=bt, bc=bc, kv_heads=K, groups=N // K, mean=mean),
         grid=(Cp // bc, B),
@@ -97,20 +97,20 @@ def route_forward(q_BTNH, k_CKH, valid_B, *, mean: bool, blocks, interpret):
                   pl.BlockSpec((None, N, Tp, Hp), lambda c, b: (b, 0, 0, 0)),
                   pl.BlockSpec((K, bc, Hp), lambda c, b: (0, c, 0))],
         out_specs=[out, out, out],
-        out_shape=[jax.ShapeDtypeStruct((B, Cp), F32), jax.ShapeDtypeStruct((B, Cp), jnp.int32),
-                   jax.ShapeDtypeStruct((B, Cp), jnp.int32)],
+        out_shape=[jax.ShapeDtypeStruct((B, 1, Cp), F32), jax.ShapeDtypeStruct((B, 1, Cp), jnp.int32),
+                   jax.ShapeDtypeStruct((B, 1, Cp), jnp.int32)],
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret, name="msa_chunk_scores",
     )(valid_B, q, k)
-    return scores[:, :C], arg_t[:, :C], arg_n[:, :C]
+    return scores[:, 0, :C], arg_t[:, 0, :C], arg_n[:, 0, :C]
 
 
 # -------------------------------------------------------------------------------------------- attention
-def own_visible(t_r, s_k, window: int):
-    """[r, k]: own key s visible to the row's token t (s <= t, t - s < window)."""
-    vis = s_k[None, :] <= t_r[:, None]
+def own_visible(t_r1, s_1k, window: int):
+    """[r, k]: own key s visible to the row's token t (s <= t, t - s < window); t_r1 [r, 1], s_1k [1, k]."""
+    vis = s_1k <= t_r1
     if window:
-        vis &= t_r[:, None] - s_k[None, :] < window
+        vis &= t_r1 - s_1k < window
     return vis
 
 
@@ -129,7 +129,7 @@ def _walk_keys(count, t_r, i, mk_ref, mv_ref, k_ref, v_ref, body, carry, *, bq, 
     def own_step(j, carry):
         s_k = j * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
         blk = pl.ds(j * bk, bk)
-        return body(carry, k_ref[blk, :], v_ref[blk, :], own_visible(t_r, s_k, window))
+        return body(carry, k_ref[blk, :], v_ref[blk, :], own_visible(t_r[:, None], s_k[None, :], window))
 
     carry = lax.fori_loop(0, cdiv(count, bk), mem_step, carry)
     lo, hi = key_block_range(i, bq=bq, bk=bk, groups=groups, tokens=tokens, window=window)
@@ -192,7 +192,8 @@ def _dkv_kernel(count_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, dk_r
         dk, dv = carry
         rows = pl.ds(i * bq, bq)
         q, do = q_ref[rows, :], do_ref[rows, :]
-        vis = (s_k < count)[None, :] if memory else own_visible(_rows_of(i, bq, groups), s_k, window)
+        vis = (s_k < count)[None, :] if memory else own_visible(_rows_of(i, bq, groups)[:, None], s_k[None, :],
+                                                                 window)
         s = jnp.where(vis, dot_nt(q, keys) * scale, -jnp.inf)
         p = jnp.exp(s - lse_ref[rows][:, None])
         dv = dv + dot_tn(p.astype(do.dtype), do)

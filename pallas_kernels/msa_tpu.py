@@ -47,12 +47,11 @@ def _route_kernel(valid_ref, q_ref, k_ref, score_ref, argt_ref, argn_ref, best_a
     @pl.when(tb * bt < valid)
     def _step():
         precision = tpu_precision(q_ref.dtype)
-        t_t = tb * bt + lax.broadcasted_iota(jnp.int32, (bt,), 0)
-        block = route_tile(lambda n: q_ref[n], lambda kv: k_ref[kv], t_t, valid, kv_heads=kv_heads,
+        t_t1 = tb * bt + lax.broadcasted_iota(jnp.int32, (bt, 1), 0)
+        block = route_tile(lambda n: q_ref[n], lambda kv: k_ref[kv], t_t1, valid, kv_heads=kv_heads,
                            groups=groups, mean=mean, dot_nt=functools.partial(dot_nt, precision=precision))
-        carry = (best_acc[0], argt_acc[0], argn_acc[0])
-        best, arg_t, arg_n = merge_best(carry, block)
-        best_acc[...], argt_acc[...], argn_acc[...] = best[None], arg_t[None], arg_n[None]
+        best, arg_t, arg_n = merge_best((best_acc[...], argt_acc[...], argn_acc[...]), block)
+        best_acc[...], argt_acc[...], argn_acc[...] = best, arg_t, arg_n
 
     @pl.when(tb == pl.num_programs(2) - 1)
     def _finish():
@@ -128,8 +127,8 @@ class _Walk:
 
         @pl.when((jo >= lo) & (jo < hi))
         def _own():
-            t_r = lax.div(i * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0), self.groups)
-            body(k_ref[...], v_ref[...], own_visible(t_r, jo * bk + s_1k[0], self.window))
+            t_r1 = lax.div(i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0), self.groups)
+            body(k_ref[...], v_ref[...], own_visible(t_r1, jo * bk + s_1k, self.window))
 
 
 def _forward_kernel(count_ref, sink_ref, q_ref, mk_ref, mv_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref,
@@ -208,11 +207,11 @@ def _dkv_kernel(count_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, dk_r
     def _step():
         q, do, keys, vals = q_ref[...], do_ref[...], k_ref[...], v_ref[...]
         precision = tpu_precision(q.dtype)
-        s_k = j * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
+        s_1k = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         if memory:
-            vis = jnp.broadcast_to((s_k < count)[None, :], (bq, bk))
+            vis = jnp.broadcast_to(s_1k < count, (bq, bk))
         else:
-            vis = own_visible(lax.div(i * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0), groups), s_k, window)
+            vis = own_visible(lax.div(i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0), groups), s_1k, window)
         s = jnp.where(vis, dot_nt(q, keys, precision) * scale, -jnp.inf)
         p = jnp.exp(s - lse_ref[...])
         dv_acc[...] += dot_tn(p.astype(do.dtype), do, precision)
