@@ -9,7 +9,9 @@
                    with the sink logit (m = sink, l = 1); writes O and the log-sum-exp.
   _dq_kernel       the same walk recomputing P: dQ.
   _dkv_kernel      one program per (batch, kv head, key block) of the memory or the own keys, walking the
-                   row blocks that see it: dK and dV (the G heads of a kv head summed in the matmuls).
+                   row blocks that see it: dK and dV (the G heads of a kv head summed in the matmuls). Every
+                   row sees a memory block, so when memory blocks are few their rows are split over
+                   programs (float32 partial sums added after) to keep the GPU busy.
 
 Rows are (token, group head) pairs, token major (row r is token r // G); tiles are padded to powers of two.
 Shapes: B batch, T tokens, N query heads, K kv heads, G = N // K, H head dim (padded to Hp), C chunks
@@ -29,6 +31,7 @@ from pallas_kernels.common import F32, cdiv, dot, dot_nt, dot_tn, next_pow2, pad
 from pallas_kernels.flash_blocks import key_block_range, row_block_range
 
 _BIG = 2 ** 30
+_BUSY_PROGRAMS = 512     # the memory dK/dV kernel splits its rows until about this many programs run
 
 
 # ---------------------------------------------------------------------------------------------- routing
@@ -175,15 +178,16 @@ def _dq_kernel(count_ref, q_ref, do_ref, lse_ref, delta_ref, mk_ref, mv_ref, k_r
 
 
 def _dkv_kernel(count_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, memory: bool,
-                scale, bq, bk, groups, tokens, window, n_row_blocks):
-    """dK, dV of key block pl.program_id(2): memory keys (every row sees those below the count) or own keys
-    (the rows at or after them, within the window)."""
+                scale, bq, bk, groups, tokens, window, n_row_blocks, split_blocks):
+    """dK, dV of key block pl.program_id(2): memory keys (every row of split pl.program_id(3), split_blocks
+    row blocks, sees those below the count) or own keys (the rows at or after them, within the window)."""
     j = pl.program_id(2)
     keys, vals = k_ref[...], v_ref[...]
     s_k = j * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
     if memory:
         count = count_ref[pl.program_id(0)]
-        lo, hi = 0, jnp.where(j * bk < count, n_row_blocks, 0)
+        lo = pl.program_id(3) * split_blocks
+        hi = jnp.where(j * bk < count, jnp.minimum(lo + split_blocks, n_row_blocks), lo)
     else:
         lo, hi = row_block_range(j, bq=bq, bk=bk, groups=groups, tokens=tokens, window=window,
                                  n_row_blocks=n_row_blocks)
@@ -212,7 +216,7 @@ def _specs(p, bq):
     row_vec = pl.BlockSpec((None, None, bq), lambda b, k, i: (b, k, i))
     whole = lambda n: pl.BlockSpec((None, None, n, Hp), lambda b, k, i: (b, k, 0, 0))
     keys = [whole(p.mem_k.shape[2]), whole(p.mem_k.shape[2]), whole(p.k.shape[2]), whole(p.k.shape[2])]
-    return pl.BlockSpec((B,), lambda b, k, i: (0,)), rows, row_vec, keys
+    return pl.BlockSpec((B,), lambda *grid: (0,)), rows, row_vec, keys
 
 
 def attention_forward(p, *, scale, window, blocks, interpret):
@@ -245,20 +249,27 @@ def attention_backward(p, do, lse, delta, *, scale, window, blocks, interpret):
         interpret=interpret, name="msa_attention_dq",
     )(p.count, p.q, do, lse, delta, p.mem_k, p.mem_v, p.k, p.v)
 
-    key_block = pl.BlockSpec((None, None, bk, Hp), lambda b, k, j: (b, k, j, 0))
-    all_rows = pl.BlockSpec((None, None, R, Hp), lambda b, k, j: (b, k, 0, 0))
-    all_vec = pl.BlockSpec((None, None, R), lambda b, k, j: (b, k, 0))
+    key_block = pl.BlockSpec((None, None, bk, Hp), lambda b, k, j, sp: (b, k, j, 0))
+    all_rows = pl.BlockSpec((None, None, R, Hp), lambda b, k, j, sp: (b, k, 0, 0))
+    all_vec = pl.BlockSpec((None, None, R), lambda b, k, j, sp: (b, k, 0))
+    n_rb = R // bq
 
     def key_major(k, v, memory: bool):
-        return pl.pallas_call(
-            functools.partial(_dkv_kernel, memory=memory, n_row_blocks=R // bq, **kw),
-            grid=(B, K, k.shape[2] // bk),
+        n_kb = k.shape[2] // bk
+        n_splits = max(1, min(n_rb, -(-_BUSY_PROGRAMS // (B * K * n_kb)))) if memory else 1
+        split_blocks = -(-n_rb // n_splits)
+        partial_block = pl.BlockSpec((None, None, None, bk, Hp), lambda b, h, j, sp: (sp, b, h, j, 0))
+        out_dtype = F32 if n_splits > 1 else k.dtype
+        dk, dv = pl.pallas_call(
+            functools.partial(_dkv_kernel, memory=memory, n_row_blocks=n_rb, split_blocks=split_blocks, **kw),
+            grid=(B, K, n_kb, n_splits),
             in_specs=[count, key_block, key_block, all_rows, all_rows, all_vec, all_vec],
-            out_specs=[key_block, key_block],
-            out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+            out_specs=[partial_block, partial_block],
+            out_shape=[jax.ShapeDtypeStruct((n_splits, *k.shape), out_dtype)] * 2,
             compiler_params=params, interpret=interpret,
             name="msa_attention_dkv_memory" if memory else "msa_attention_dkv",
         )(p.count, k, v, p.q, do, lse, delta)
+        return dk.sum(axis=0).astype(k.dtype), dv.sum(axis=0).astype(v.dtype)
 
     dk, dv = key_major(p.k, p.v, memory=False)
     dmem_k, dmem_v = key_major(p.mem_k, p.mem_v, memory=True)
