@@ -107,10 +107,11 @@ def test_routing_reference_matches_a_numpy_loop():
                 for t in range(valid[b]):
                     dots = [qn[b, t, n] @ kn[c, n // 2] for n in range(4)]
                     expected[b, c] = max(expected[b, c], reduce(dots))
-        scores = msa_chunk_scores_reference(q, k, valid_B=jnp.array(valid, jnp.int32), head_reduce=head_reduce)
+        scores = jax.jit(msa_chunk_scores_reference, static_argnames="head_reduce")(
+            q, k, valid_B=jnp.array(valid, jnp.int32), head_reduce=head_reduce)
         np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
-    doc_BM, top_BK = msa_route(q, k, jnp.array(doc_C), 4, 3, impl="xla")
-    chunk_BC = np.asarray(msa_chunk_scores_reference(q, k))
+    doc_BM, top_BK = jax.jit(lambda q, k: msa_route(q, k, jnp.array(doc_C), 4, 3, impl="xla"))(q, k)
+    chunk_BC = np.asarray(jax.jit(msa_chunk_scores_reference)(q, k))
     for b in range(2):
         per_doc = [max((s for s, d in zip(chunk_BC[b], doc_C) if d == m), default=-np.inf) for m in range(4)]
         np.testing.assert_allclose(doc_BM[b], per_doc, rtol=1e-6)
@@ -157,8 +158,8 @@ def test_attention_and_gradients_match_reference(impl, dtype, window, sinks, ass
 def test_attention_reference_matches_a_numpy_loop():
     q, k, v, mem_k, mem_v, sinks = _attention_inputs(jnp.float32, C=5)
     count, window, scale = np.array([5, 2]), 3, 0.3
-    out = msa_attention_reference(q, k, v, mem_k, mem_v, jnp.array(count, jnp.int32), window=window,
-                                  sinks_N=sinks, scale=scale)
+    out = jax.jit(lambda *a: msa_attention_reference(*a, jnp.array(count, jnp.int32), window=window, sinks_N=sinks,
+                                                     scale=scale))(q, k, v, mem_k, mem_v)
     qn, kn, vn, mkn, mvn, sn = (np.asarray(x, np.float64) for x in (q, k, v, mem_k, mem_v, sinks))
     expected = np.zeros(out.shape)
     for b in range(B):
