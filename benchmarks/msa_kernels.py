@@ -10,8 +10,9 @@ references, at the paper's Qwen3-4B heads (32 query / 8 kv heads of 128, bf16).
    tolerance (a fraction of the reference's largest magnitude).
 2. Routing: one query of T router tokens against banks of 16K, 1M, 10M and 100M tokens (C = tokens / 64
    pooled chunks, documents of 1024 tokens, top-16): the chunk-score kernel alone and the whole route
-   (+ document max + top-k), ms per query, GB/s of bank keys read (C x 8 x 128 bf16) and TFLOP/s; the
-   reference where its [B, T, N, C] dots fit. Banks that do not fit the device's memory are skipped.
+   (+ document max + top-k), ms per query, GB/s of bank keys read (C x 8 x 128 bf16) and TFLOP/s (of the
+   T x N x C per-head dots the scores stand for; the mean-reduction kernel does them as T x K x C dots of
+   group-mean queries, in two 16-bit halves); the reference where its [B, T, N, C] dots fit. Banks that do not fit the device's memory are skipped.
 3. Attention over [memory; own]: forward and forward+backward ms and TFLOP/s (fwd+bwd counted as 3.5x the
    forward's FLOPs) of the kernel and the reference; "OOM" where the reference does not fit.
 """

@@ -14,7 +14,8 @@ own(t) = {s : s <= t, t - s < window} (window 0 = unlimited); the sink is an opt
 only enters the denominator.
 
 Kernels: `msa_chunk_scores` walks the bank in blocks of chunks, each tile reducing heads and query tokens
-in registers (a running max over token blocks), so [B, T, N, C] never exists; it keeps the arg-max token
+in registers (a running max over token blocks), so [B, T, N, C] never exists (for "mean" the G query heads
+of a kv head are averaged first: one dot per kv head, not per query head); it keeps the arg-max token
 (and head, for "max") per (b, c), and its custom VJP routes the gradient through them with one XLA gather
 and one scatter-add: the backward is a bandwidth-bound pass over B x C rows, only run when training on
 banks that fit a batch, so a kernel would buy little. Document scores are a segment max and the top-k is

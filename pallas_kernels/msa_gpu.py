@@ -1,9 +1,10 @@
 """Triton (Pallas GPU) lowering of Memory Sparse Attention (`msa.py`).
 
   _route_kernel    one program per (block of bank chunks, batch row): walks the row's valid query tokens in
-                   blocks, one [bt, H] x [H, bc] dot per query head against its kv head's chunk keys,
-                   reduced over the heads (sum or max) and then over the block's tokens into a running
-                   max; keeps the arg-max token (and head). The chunk keys are read from HBM once per row.
+                   blocks, [bt, H] x [H, bc] dots of query sets against their kv head's chunk keys (per head
+                   for max; per kv head with the group-mean query for mean, `route_queries`), reduced over
+                   the sets (sum or max) and then over the block's tokens into a running max; keeps the
+                   arg-max token (and head). The chunk keys are read from HBM once per row.
   _forward_kernel  one program per (batch, kv head, row block): online softmax over the visible memory
                    blocks, then over the own key blocks the row block can see (causal, window), seeded
                    with the sink logit (m = sink, l = 1); writes O and the log-sum-exp.
@@ -35,31 +36,49 @@ _BUSY_PROGRAMS = 512     # the memory dK/dV kernel splits its rows until about t
 
 
 # ---------------------------------------------------------------------------------------------- routing
-def route_tile(q_at, keys_at, t_t1, valid, *, kv_heads, groups, mean: bool, dot_nt=dot_nt):
-    """One token block against one chunk block: the block's best score, its token and its head, each
-    [1, c]. q_at(n) -> [t, Hp] queries of head n; keys_at(kv) -> [c, Hp] chunk keys of kv head kv; t_t1
-    [t, 1] the block's token positions; valid the row's number of query tokens."""
-    red_tc = arg_n_tc = None
-    for kv in range(kv_heads):
+def route_queries(q_BTNH, kv_heads: int, mean: bool):
+    """The routing kernels' query sets [B, X, T, H] and which sets meet each kv head's keys.
+
+    max: the N heads themselves (set n meets kv head n // G). mean: (1/N) sum_n q[n] . k[n // G] equals
+    sum_kv qbar[kv] . k[kv] with qbar[kv] = (1/N) sum_g q[kv, g], G times fewer dots; qbar is formed in
+    float32 and, for 16-bit inputs, kept as a 16-bit high part and a 16-bit remainder (two dots, sets kv
+    and K + kv), so the scores keep float32 accuracy on the 16-bit tensor cores."""
+    B, T, N, H = q_BTNH.shape
+    G = N // kv_heads
+    if not mean:
+        return q_BTNH.transpose(0, 2, 1, 3), tuple(tuple(range(kv * G, (kv + 1) * G)) for kv in range(kv_heads))
+    qbar_BTKH = q_BTNH.astype(F32).reshape(B, T, kv_heads, G, H).sum(axis=3) / N
+    if q_BTNH.dtype == F32:
+        return qbar_BTKH.transpose(0, 2, 1, 3), tuple((kv,) for kv in range(kv_heads))
+    high = qbar_BTKH.astype(q_BTNH.dtype)
+    low = (qbar_BTKH - high.astype(F32)).astype(q_BTNH.dtype)
+    parts_BXTH = jnp.concatenate([high, low], axis=2).transpose(0, 2, 1, 3)
+    return parts_BXTH, tuple((kv, kv_heads + kv) for kv in range(kv_heads))
+
+
+def route_tile(q_at, keys_at, t_t1, valid, *, heads_of_kv, reduce_max: bool, dot_nt=dot_nt):
+    """One token block against one chunk block: the block's best score, its token and its query set (the
+    head, for max), each [1, c]. q_at(x) -> [t, Hp] queries of set x; keys_at(kv) -> [c, Hp] chunk keys of
+    kv head kv; heads_of_kv[kv]: the sets that meet kv head kv, summed or maxed over (`route_queries`);
+    t_t1 [t, 1] the block's token positions; valid the row's number of query tokens."""
+    red_tc = arg_x_tc = None
+    for kv, sets in enumerate(heads_of_kv):
         keys_ch = keys_at(kv)
-        for g in range(groups):
-            n = kv * groups + g
-            z_tc = dot_nt(q_at(n), keys_ch)
+        for x in sets:
+            z_tc = dot_nt(q_at(x), keys_ch)
             if red_tc is None:
-                red_tc, arg_n_tc = z_tc, jnp.zeros(z_tc.shape, jnp.int32)
-            elif mean:
+                red_tc, arg_x_tc = z_tc, jnp.full(z_tc.shape, x, jnp.int32)
+            elif not reduce_max:
                 red_tc = red_tc + z_tc
             else:
                 take = z_tc > red_tc            # strict: the lowest head wins a tie
-                arg_n_tc = jnp.where(take, n, arg_n_tc)
+                arg_x_tc = jnp.where(take, x, arg_x_tc)
                 red_tc = jnp.where(take, z_tc, red_tc)
-    if mean:
-        red_tc = red_tc * (1.0 / (kv_heads * groups))
     red_tc = jnp.where(t_t1 < valid, red_tc, -jnp.inf)
     best_1c = jnp.max(red_tc, axis=0, keepdims=True)
     arg_t_1c = jnp.min(jnp.where(red_tc == best_1c, t_t1, _BIG), axis=0, keepdims=True)
-    arg_n_1c = jnp.sum(jnp.where(t_t1 == arg_t_1c, arg_n_tc, 0), axis=0, keepdims=True)
-    return best_1c, arg_t_1c, arg_n_1c
+    arg_x_1c = jnp.sum(jnp.where(t_t1 == arg_t_1c, arg_x_tc, 0), axis=0, keepdims=True)
+    return best_1c, arg_t_1c, arg_x_1c
 
 
 def merge_best(carry, block):
@@ -70,13 +89,13 @@ def merge_best(carry, block):
     return jnp.where(take, new_best, best), jnp.where(take, new_t, arg_t), jnp.where(take, new_n, arg_n)
 
 
-def _route_kernel(valid_ref, q_ref, k_ref, score_ref, argt_ref, argn_ref, *, bt, bc, kv_heads, groups, mean):
+def _route_kernel(valid_ref, q_ref, k_ref, score_ref, argt_ref, argn_ref, *, bt, bc, heads_of_kv, reduce_max):
     valid = valid_ref[pl.program_id(1)]
 
     def step(i, carry):
         t_t1 = (i * bt + lax.broadcasted_iota(jnp.int32, (bt,), 0))[:, None]
-        block = route_tile(lambda n: q_ref[n, pl.ds(i * bt, bt), :], lambda kv: k_ref[kv, :, :], t_t1, valid,
-                           kv_heads=kv_heads, groups=groups, mean=mean)
+        block = route_tile(lambda x: q_ref[x, pl.ds(i * bt, bt), :], lambda kv: k_ref[kv, :, :], t_t1, valid,
+                           heads_of_kv=heads_of_kv, reduce_max=reduce_max)
         return merge_best(carry, block)
 
     init = (jnp.full((1, bc), -jnp.inf, F32), jnp.zeros((1, bc), jnp.int32), jnp.zeros((1, bc), jnp.int32))
@@ -85,19 +104,20 @@ def _route_kernel(valid_ref, q_ref, k_ref, score_ref, argt_ref, argn_ref, *, bt,
 
 
 def route_forward(q_BTNH, k_CKH, valid_B, *, mean: bool, blocks, interpret):
-    """(scores f32 [B, C], arg-max token int32 [B, C], arg-max head int32 [B, C] (0 for mean))."""
+    """(scores f32 [B, C], arg-max token int32 [B, C], arg-max head int32 [B, C] (meaningless for mean))."""
     B, T, N, H = q_BTNH.shape
     C, K, _ = k_CKH.shape
     bt, bc, Hp = max(16, blocks.block_t), max(16, blocks.block_c), max(16, next_pow2(H))
     Tp, Cp = round_up(T, bt), round_up(C, bc)
-    q = pad_axis(pad_axis(q_BTNH.transpose(0, 2, 1, 3), 2, Tp), 3, Hp)     # [B, N, Tp, Hp]
+    q_BXTH, heads_of_kv = route_queries(q_BTNH, K, mean)
+    q = pad_axis(pad_axis(q_BXTH, 2, Tp), 3, Hp)                           # [B, X, Tp, Hp]
     k = pad_axis(pad_axis(k_CKH.transpose(1, 0, 2), 1, Cp), 2, Hp)         # [K, Cp, Hp]
     out = pl.BlockSpec((None, 1, bc), lambda c, b: (b, 0, c))
     scores, arg_t, arg_n = pl.pallas_call(
-        functools.partial(_route_kernel, bt=bt, bc=bc, kv_heads=K, groups=N // K, mean=mean),
+        functools.partial(_route_kernel, bt=bt, bc=bc, heads_of_kv=heads_of_kv, reduce_max=not mean),
         grid=(Cp // bc, B),
         in_specs=[pl.BlockSpec((B,), lambda c, b: (0,)),
-                  pl.BlockSpec((None, N, Tp, Hp), lambda c, b: (b, 0, 0, 0)),
+                  pl.BlockSpec((None, q.shape[1], Tp, Hp), lambda c, b: (b, 0, 0, 0)),
                   pl.BlockSpec((K, bc, Hp), lambda c, b: (0, c, 0))],
         out_specs=[out, out, out],
         out_shape=[jax.ShapeDtypeStruct((B, 1, Cp), F32), jax.ShapeDtypeStruct((B, 1, Cp), jnp.int32),

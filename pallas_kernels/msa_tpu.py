@@ -2,9 +2,10 @@
 
 The reduction axis of every kernel is the last grid axis ("arbitrary"), its running state in VMEM scratch:
 
-  _route_kernel    grid (batch, chunk block, token block): per tile one [bt, H] x [H, bc] dot per query head,
-                   reduced over heads and tokens into the running (max, arg-max token, arg-max head) of the
-                   chunk block (the tile math is `msa_gpu.route_tile`'s). Token blocks past the row's valid
+  _route_kernel    grid (batch, chunk block, token block): per tile [bt, H] x [H, bc] dots of the query sets
+                   of `msa_gpu.route_queries` (heads for max, group-mean queries for mean), reduced over
+                   sets and tokens into the running (max, arg-max token, arg-max head) of the chunk block
+                   (the tile math is `msa_gpu.route_tile`'s). Token blocks past the row's valid
                    length are skipped and their index clamped onto the last valid block (no DMA).
   _forward_kernel  grid (batch, kv head, row block, key step): steps [0, n_mem) are memory blocks, the rest
                    own key blocks; blocks that are not visible (past the count, the future, left of the
@@ -27,14 +28,14 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import F32, cdiv, dot, dot_nt, dot_tn, pad_axis, round_up, tpu_precision
 from pallas_kernels.flash_blocks import key_block_range, row_block_range
-from pallas_kernels.msa_gpu import merge_best, own_visible, route_tile
+from pallas_kernels.msa_gpu import merge_best, own_visible, route_queries, route_tile
 
 _ARBITRARY_LAST = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
 # ---------------------------------------------------------------------------------------------- routing
 def _route_kernel(valid_ref, q_ref, k_ref, score_ref, argt_ref, argn_ref, best_acc, argt_acc, argn_acc, *, bt,
-                  kv_heads, groups, mean):
+                  heads_of_kv, reduce_max):
     b, tb = pl.program_id(0), pl.program_id(2)
     valid = valid_ref[b]
 
@@ -48,8 +49,8 @@ def _route_kernel(valid_ref, q_ref, k_ref, score_ref, argt_ref, argn_ref, best_a
     def _step():
         precision = tpu_precision(q_ref.dtype)
         t_t1 = tb * bt + lax.broadcasted_iota(jnp.int32, (bt, 1), 0)
-        block = route_tile(lambda n: q_ref[n], lambda kv: k_ref[kv], t_t1, valid, kv_heads=kv_heads,
-                           groups=groups, mean=mean, dot_nt=functools.partial(dot_nt, precision=precision))
+        block = route_tile(lambda x: q_ref[x], lambda kv: k_ref[kv], t_t1, valid, heads_of_kv=heads_of_kv,
+                           reduce_max=reduce_max, dot_nt=functools.partial(dot_nt, precision=precision))
         best, arg_t, arg_n = merge_best((best_acc[...], argt_acc[...], argn_acc[...]), block)
         best_acc[...], argt_acc[...], argn_acc[...] = best, arg_t, arg_n
 
@@ -59,12 +60,13 @@ def _route_kernel(valid_ref, q_ref, k_ref, score_ref, argt_ref, argn_ref, best_a
 
 
 def route_forward(q_BTNH, k_CKH, valid_B, *, mean: bool, blocks, interpret):
-    """(scores f32 [B, C], arg-max token int32 [B, C], arg-max head int32 [B, C] (0 for mean))."""
+    """(scores f32 [B, C], arg-max token int32 [B, C], arg-max head int32 [B, C] (meaningless for mean))."""
     B, T, N, H = q_BTNH.shape
     C, K, _ = k_CKH.shape
     bt, bc = blocks.block_t, blocks.block_c
     Tp, Cp = round_up(T, bt), round_up(C, bc)
-    q = pad_axis(q_BTNH.transpose(0, 2, 1, 3), 2, Tp)        # [B, N, Tp, H]
+    q_BXTH, heads_of_kv = route_queries(q_BTNH, K, mean)
+    q = pad_axis(q_BXTH, 2, Tp)                              # [B, X, Tp, H]
     k = pad_axis(k_CKH.transpose(1, 0, 2), 1, Cp)            # [K, Cp, H]
 
     def token_block(b, cb, tb, valid_ref):
@@ -72,10 +74,10 @@ def route_forward(q_BTNH, k_CKH, valid_B, *, mean: bool, blocks, interpret):
 
     out = pl.BlockSpec((None, 1, bc), lambda b, cb, tb, valid_ref: (b, 0, cb))
     scores, arg_t, arg_n = pl.pallas_call(
-        functools.partial(_route_kernel, bt=bt, kv_heads=K, groups=N // K, mean=mean),
+        functools.partial(_route_kernel, bt=bt, heads_of_kv=heads_of_kv, reduce_max=not mean),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(B, Cp // bc, Tp // bt),
-            in_specs=[pl.BlockSpec((None, N, bt, H), lambda b, cb, tb, v: (b, 0, token_block(b, cb, tb, v), 0)),
+            in_specs=[pl.BlockSpec((None, q.shape[1], bt, H), lambda b, cb, tb, v: (b, 0, token_block(b, cb, tb, v), 0)),
                       pl.BlockSpec((K, bc, H), lambda b, cb, tb, v: (0, cb, 0))],
             out_specs=[out, out, out],
             scratch_shapes=[pltpu.VMEM((1, bc), F32), pltpu.VMEM((1, bc), jnp.int32),

@@ -50,7 +50,8 @@ def _scores_and_grads(impl, head_reduce, valid_B):
 @pytest.mark.parametrize("impl,head_reduce,dtype", [("pallas_gpu", "mean", jnp.float32),
                                                     ("pallas_gpu", "max", jnp.float32),
                                                     ("pallas_gpu", "mean", jnp.bfloat16),
-                                                    ("pallas_tpu", "max", jnp.float32)])
+                                                    ("pallas_tpu", "max", jnp.float32),
+                                                    ("pallas_tpu", "mean", jnp.bfloat16)])
 def test_chunk_scores_and_gradients_match_reference(impl, head_reduce, dtype, assert_close):
     """37 chunks = 3 blocks of 16 (the last partial); row 1 has 9 valid query tokens of 21."""
     q, k = unit(normal(0, (B, T, N, H), dtype)), unit(normal(1, (37, K, H), dtype))
