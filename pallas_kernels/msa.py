@@ -170,12 +170,12 @@ def msa_chunk_scores(q_BTNH: jax.Array, k_CKH: jax.Array, *, valid_B: jax.Array 
 
 def msa_document_scores(chunk_scores_BC: jax.Array, doc_C: jax.Array, num_docs: int) -> jax.Array:
     """float32 [B, M]: each document's best chunk score (-inf for a document without chunks). doc_C int32
-    [C] holds each chunk's document in [0, num_docs), the chunks of a document contiguous."""
+    [C] holds each chunk's document in [0, num_docs) (any order; MSA stores a document's chunks together)."""
     check_array("chunk_scores", chunk_scores_BC, 2, (F32,), "[B, C] float32")
     check_array("doc_C", doc_C, 1, (jnp.int32,), "[C]")
     check_dim("doc_C", doc_C, 0, chunk_scores_BC.shape[1], "chunks")
     check_positive("num_docs", num_docs)
-    scores_CB = jax.ops.segment_max(chunk_scores_BC.T, doc_C, num_segments=num_docs, indices_are_sorted=True)
+    scores_CB = jax.ops.segment_max(chunk_scores_BC.T, doc_C, num_segments=num_docs)
     return scores_CB.T
 
 
