@@ -144,8 +144,9 @@ def attention_backend(impl: str, q_BTNH, k_BSKH, *, sinks_N=None, softcap: float
                | else ref.                |                           |
 
     "pallas" raises on an attention softcap (the kernel has none) and falls back to the reference where
-    the kernel does not apply: positions other than 0..T-1 in every row (e.g. decoding against a cache),
-    or keys that are not the queries' own tokens. cuDNN fits causal self-attention over default positions
+    the kernel does not apply: positions other than 0..T-1 in every row (e.g. decoding against a cache:
+    there `Attention` sends chunks of at most DECODE_MAX_TOKENS tokens to the decode kernel instead), or
+    keys that are not the queries' own tokens. cuDNN fits causal self-attention over default positions
     in bf16/fp16, head_dim <= `cudnn_max_head_dim()` (a multiple of 8; above 128 only for calls of at least
     CUDNN_WIDE_HEAD_MIN_TOKENS tokens), no sinks, softcap or segments; splash fits default
     positions, T and head_dim multiples of 128, no sinks, softcap or segments.

@@ -41,10 +41,12 @@ EMPTY_POSITION = 2 ** 30
 class DecodeBlockSizes:
     """block_s slots per step; block_r rows (tokens x heads of one kv head) per program; min_programs:
     the slot axis is split until batch x kv heads x row blocks x splits reaches it (fills the GPU's SMs;
-    on TPU 1 keeps one split per row); num_warps, num_stages: Triton launch parameters (GPU only)."""
+    on TPU 1 keeps one split per row), but a split keeps at least min_split_blocks slot blocks (so the
+    partials stay small next to the cache); num_warps, num_stages: Triton launch parameters (GPU only)."""
     block_s: int = 64
     block_r: int = 64
     min_programs: int = 264
+    min_split_blocks: int = 4
     num_warps: int = 4
     num_stages: int = 2
 
@@ -54,6 +56,8 @@ class DecodeBlockSizes:
             if value < 8 or value & (value - 1):
                 raise ValueError(f"DecodeBlockSizes.{field}={value} must be a power of two >= 8")
         check_positive("DecodeBlockSizes.min_programs", self.min_programs)
+        check_positive("DecodeBlockSizes.min_split_blocks", self.min_split_blocks)
+        check_positive("DecodeBlockSizes.min_split_blocks", self.min_split_blocks)
 
 
 def default_block_sizes(impl: str, head_dim: int) -> DecodeBlockSizes:
@@ -153,7 +157,7 @@ def _partials(lowering: Lowering, blocks: DecodeBlockSizes, q_BKRH, qpos_BR, k_B
         kpos = pad_axis(kpos, 1, blocks.block_s, value=EMPTY_POSITION)
     caches = [c.reshape(B, c.shape[1], K * Hp) for c in caches]   # a kv head is a column block: no copy
     n_blocks = -(-kpos.shape[1] // blocks.block_s)
-    splits = max(1, min(n_blocks, -(-blocks.min_programs // (B * K * (Rp // br)))))
+    splits = max(1, min(-(-n_blocks // blocks.min_split_blocks), -(-blocks.min_programs // (B * K * (Rp // br)))))
     bounds_B2 = _slot_bounds(qpos, kpos, window)
     acc, m, l = _ENGINES[lowering.impl].partials(
         q, qpos, caches[0], caches[1] if v_BSKH is not None else None, kpos, bounds_B2, window=window,
@@ -332,7 +336,6 @@ def compressed_decode_attention(q_BTNH: jax.Array, window_kv_BSH: jax.Array, win
 def indexer_decode_topk_reference(q_BTNH, k_BCH, weights_BTN, q_positions_BT, *, ratio: int, topk: int
                                   ) -> jax.Array:
     """Pure JAX: float32 scores of every cached index key, -inf past (q_pos + 1) // ratio, lax.top_k."""
-    C = k_BCH.shape[1]
     z_BTNC = jnp.einsum("BTNH,BCH->BTNC", q_BTNH, k_BCH, precision=HIGHEST, preferred_element_type=F32)
     scores_BTC = jnp.einsum("BTNC,BTN->BTC", jax.nn.relu(z_BTNC), weights_BTN.astype(F32), precision=HIGHEST)
     return _topk(scores_BTC, q_positions_BT, ratio, topk)
