@@ -51,9 +51,9 @@ def dense_rows(sizes, batches, dtype, iters, impl):
     for S in sizes:
         for B in batches:
             ks = jax.random.split(jax.random.key(S + B), 3)
-            q = jax.random.normal(ks[0], (B, 1, N, H), jnp.float32).astype(dtype)
-            k = jax.random.normal(ks[1], (B, S, K, H), jnp.float32).astype(dtype)
-            v = jax.random.normal(ks[2], (B, S, K, H), jnp.float32).astype(dtype)
+            q = jax.random.normal(ks[0], (B, 1, N, H), dtype)
+            k = jax.random.normal(ks[1], (B, S, K, H), dtype)   # drawn in their dtype: no float32 copy
+            v = jax.random.normal(ks[2], (B, S, K, H), dtype)
             q_pos = jnp.full((B, 1), S - 1, jnp.int32)
             kv_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
             kernel = jax.jit(lambda q, k, v, qp, kp: decode_attention(q, k, v, qp, kp, impl=impl))
@@ -81,7 +81,7 @@ def sparse_rows(context, batches, dtype, iters, impl, preset):
           f"| {'max err':>8}")
     for B in batches:
         ks = jax.random.split(jax.random.key(B), 7)
-        normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
+        normal = lambda key, shape: jax.random.normal(key, shape, dtype)
         q, ring = normal(ks[0], (B, 1, N, H)), normal(ks[1], (B, W + 1, H))
         entries, index_keys = normal(ks[2], (B, C, H)), normal(ks[3], (B, C, HI))
         index_q = normal(ks[4], (B, 1, NI, HI))
