@@ -11,8 +11,9 @@ a kv head and the T tokens are the rows of one tile ([T * G, H] against a block 
      accumulator, running max and sum (float32) for its slots;
   2. combine (pure JAX, small): one softmax over all splits plus the per-head sink logit, which enters the
      denominator only. A query that sees no slot (and has no sink) gets 0.
-`compressed_decode_attention` (DeepSeek-V4) feeds the window ring and the compressed entries (all visible
-ones for HCA, each token's top-k for CSA) through step 1 and combines them in ONE softmax with the sink;
+`compressed_decode_attention` (DeepSeek-V4) feeds the window ring and the compressed entries through step 1
+and combines them in ONE softmax with the sink: CSA in one kernel call over each token's window slots and
+its gathered top-k entries, HCA in one call per part (window ring; every visible entry);
 `indexer_decode_topk` picks a new token's top-k entries. Forward only: decoding is never differentiated.
 The references are pure JAX (float32 logits and softmax), independent of the kernels.
 
@@ -309,25 +310,31 @@ def compressed_decode_attention(q_BTNH: jax.Array, window_kv_BSH: jax.Array, win
     blocks = block_sizes or default_block_sizes(lowering.impl, H)
     q_B1RH = q_BTNH.reshape(B, 1, T * N, H)                  # one kv head: rows (token, head)
     qpos_BR = jnp.repeat(q_positions_BT, N, axis=1)
-    parts = [_partials(lowering, blocks, q_B1RH, qpos_BR, window_kv_BSH[:, :, None], None, window_positions_BS,
-                       window=window, scale=scale)]
+    S = window_kv_BSH.shape[1]
+    if entries_BCH is not None and entries_BCH.shape[1] and indices_BTK is not None:
+        # CSA, one kernel call per token: its window slots followed by its selected entries (gathered, K
+        # rows), each entry at the token's own position (visible, inside the window) or, unused, empty.
+        Kt, C = indices_BTK.shape[2], entries_BCH.shape[1]
+        picked_BTKH = jax.vmap(lambda e_CH, r_TK: e_CH[r_TK])(entries_BCH, jnp.clip(indices_BTK, 0, C - 1))
+        slots_BTXH = jnp.concatenate([jnp.broadcast_to(window_kv_BSH[:, None], (B, T, S, H)), picked_BTKH], axis=2)
+        entry_pos_BTK = jnp.where(indices_BTK >= 0, q_positions_BT[:, :, None], EMPTY_POSITION)
+        kpos_BTX = jnp.concatenate([jnp.broadcast_to(window_positions_BS[:, None], (B, T, S)), entry_pos_BTK], 2)
+        acc, m, l = _partials(lowering, blocks, q_BTNH.reshape(B * T, 1, N, H),
+                              jnp.repeat(q_positions_BT.reshape(B * T, 1), N, axis=1),
+                              slots_BTXH.reshape(B * T, S + Kt, 1, H), None,
+                              kpos_BTX.reshape(B * T, S + Kt).astype(jnp.int32), window=window, scale=scale)
+        per_token = lambda x: jnp.moveaxis(x.reshape(B, T, *x.shape[2:]), 1, 2).reshape(
+            B, 1, x.shape[2], T * N, *x.shape[4:])
+        parts = [(per_token(acc), per_token(m), per_token(l))]
+    else:
+        parts = [_partials(lowering, blocks, q_B1RH, qpos_BR, window_kv_BSH[:, :, None], None, window_positions_BS,
+                           window=window, scale=scale)]
     if entries_BCH is not None and entries_BCH.shape[1] and indices_BTK is None:
         # HCA: entry c pools positions [c * ratio, (c + 1) * ratio): visible from its last one on.
         C = entries_BCH.shape[1]
         kpos_BC = jnp.broadcast_to((jnp.arange(C, dtype=jnp.int32) + 1) * ratio - 1, (B, C))
         parts.append(_partials(lowering, blocks, q_B1RH, qpos_BR, entries_BCH[:, :, None], None, kpos_BC, window=0,
                                scale=scale))
-    elif entries_BCH is not None and entries_BCH.shape[1]:
-        # CSA: each token's selected entries, gathered (K rows per token), as a cache of its own.
-        Kt, C = indices_BTK.shape[2], entries_BCH.shape[1]
-        picked_bKH = jax.vmap(lambda e_CH, r_TK: e_CH[r_TK])(entries_BCH, jnp.clip(indices_BTK, 0, C - 1))
-        picked_bKH = picked_bKH.reshape(B * T, Kt, 1, H)
-        kpos_bK = jnp.where(indices_BTK >= 0, 0, EMPTY_POSITION).reshape(B * T, Kt).astype(jnp.int32)
-        acc, m, l = _partials(lowering, blocks, q_BTNH.reshape(B * T, 1, N, H), jnp.zeros((B * T, N), jnp.int32),
-                              picked_bKH, None, kpos_bK, window=0, scale=scale)
-        per_token = lambda x: jnp.moveaxis(x.reshape(B, T, *x.shape[2:]), 1, 2).reshape(
-            B, 1, x.shape[2], T * N, *x.shape[4:])
-        parts.append((per_token(acc), per_token(m), per_token(l)))
     out_BRH = _combine(parts, jnp.tile(sinks_N, T)[None])[:, 0]
     return out_BRH.reshape(B, T, N, H).astype(q_BTNH.dtype)
 
