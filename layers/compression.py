@@ -31,7 +31,7 @@ from layers.kv_cache import chunk_positions, put_rows, take_rows
 from layers.norms import RMSNorm
 from layers.partitioning import UNPARTITIONED, Partitioning
 from layers.rope import RopeSpec, apply_rope_tail
-from pallas_kernels import indexer_topk
+from pallas_kernels import indexer_decode_topk, indexer_topk
 
 
 def entry_segments(segment_ids_BT: jax.Array, ratio: int) -> jax.Array:
@@ -228,14 +228,20 @@ class LightningIndexer(nnx.Module):
         return self.compressor.cache_spec(batch, max_len, dtype)
 
     def extend(self, x_BTD: jax.Array, qr_BTQ: jax.Array, positions_BT: jax.Array, cache: dict,
-               lengths_B: jax.Array, new_B: jax.Array) -> tuple[jax.Array, dict]:
+               lengths_B: jax.Array, new_B: jax.Array, *, kernel: str | None = None) -> tuple[jax.Array, dict]:
         """Decoding: the chunk's index keys join the cache, then each query picks its top-k among all the
         cached keys visible to it. Returns int32 indices [B, T, min(top_k, C)] (-1: unused) and the cache.
         Ties (e.g. entries that all score exactly 0.0 after the ReLU) go to the lowest entry index, as in
-        the forward pass: both rank with `lax.top_k` over entries in position order."""
+        the forward pass: both rank with `lax.top_k` over entries in position order. `kernel`
+        ("pallas_gpu" or "pallas_tpu") scores through the indexer's kernel (pallas_kernels.indexer_decode_topk,
+        `top_k` slots)."""
         cache = self.compressor.extend(x_BTD, cache, lengths_B, new_B)
         q_BTNH, weights_BTN = self._queries(x_BTD, qr_BTQ, positions_BT)
         keys_BCH = cache["entries_BCH"]
+        if kernel:
+            return indexer_decode_topk(q_BTNH, keys_BCH.astype(q_BTNH.dtype), weights_BTN,
+                                       positions_BT.astype(jnp.int32), ratio=self.ratio, topk=self.top_k,
+                                       impl=kernel), cache
         dots_BTNC = jnp.einsum("BTNH,BCH->BTNC", q_BTNH, keys_BCH.astype(q_BTNH.dtype),
                                preferred_element_type=jnp.float32)
         scores_BTC = jnp.einsum("BTNC,BTN->BTC", jax.nn.relu(dots_BTNC), weights_BTN)

@@ -59,27 +59,48 @@ def _jitted_extend(model):
     return functools.partial(run, state)
 
 
+def _decode_logits(model, tokens_BT, prompt: int = PROMPT):
+    """Logits of the first `prompt` tokens prefilled in chunks of 5 (the last padded), then token by token;
+    checks the cache lengths."""
+    extend = _jitted_extend(model)
+    cache = inference.init_cache(model, batch_size=2, max_len=T)
+    got = []
+    for start in range(0, prompt, CHUNK):   # the last chunk is padded: 3 real tokens of 5
+        chunk_BT = jnp.pad(tokens_BT[:, start:start + CHUNK], [(0, 0), (0, max(0, start + CHUNK - PROMPT))])
+        n = min(CHUNK, prompt - start)
+        logits_BTV, cache = extend(chunk_BT, cache, jnp.full((2,), n, jnp.int32))
+        got.append(logits_BTV[:, :n])
+    for t in range(prompt, T):
+        logits_BTV, cache = extend(tokens_BT[:, t:t + 1], cache, jnp.ones((2,), jnp.int32))
+        got.append(logits_BTV)
+    np.testing.assert_array_equal(np.asarray(cache["lengths_B"]), [T, T])
+    return jnp.concatenate(got, axis=1)
+
+
 @pytest.mark.parametrize("family,preset", CASES)
 def test_prefill_and_decode_equal_the_forward_pass(family, preset):
     m = _small(family, preset)
     model = zoo.build(m, seed=1)
     tokens_BT = jnp.asarray(np.random.default_rng(0).integers(0, m.vocab_size, (2, T)), jnp.int32)
     want_BTV = jax.jit(lambda t: model(t))(tokens_BT)
-    extend = _jitted_extend(model)
-    cache = inference.init_cache(model, batch_size=2, max_len=T)
-    got = []
-    for start in range(0, PROMPT, CHUNK):   # the last chunk is padded: 3 real tokens of 5
-        chunk_BT = jnp.pad(tokens_BT[:, start:start + CHUNK], [(0, 0), (0, max(0, start + CHUNK - PROMPT))])
-        n = min(CHUNK, PROMPT - start)
-        logits_BTV, cache = extend(chunk_BT, cache, jnp.full((2,), n, jnp.int32))
-        got.append(logits_BTV[:, :n])
-    for t in range(PROMPT, T):
-        logits_BTV, cache = extend(tokens_BT[:, t:t + 1], cache, jnp.ones((2,), jnp.int32))
-        got.append(logits_BTV)
-    got_BTV = jnp.concatenate(got, axis=1)
-    np.testing.assert_array_equal(np.asarray(cache["lengths_B"]), [T, T])
-    diff = float(jnp.max(jnp.abs(got_BTV - want_BTV)))
+    diff = float(jnp.max(jnp.abs(_decode_logits(model, tokens_BT) - want_BTV)))
     assert diff <= 1e-4, f"{family}:{preset}: decode differs from the forward pass by {diff}"
+
+
+@pytest.mark.parametrize("family", ["gemma4", "deepseek_v4"])
+def test_decode_kernels_equal_the_forward_pass(family):
+    """attention_impl="pallas": every decode step attends through the decode kernels (Triton lowering in
+    interpret mode here; DeepSeek-V4's indexer top-k, HCA and CSA too), against the pure-JAX forward pass
+    of the same weights. Token by token from the first (one compiled step; chunks of several tokens are
+    the kernel tests' business)."""
+    m = _small(family)
+    reference = zoo.build(m, seed=1)
+    m.attention_impl = "pallas"
+    model = zoo.build(m, seed=1)
+    tokens_BT = jnp.asarray(np.random.default_rng(0).integers(0, m.vocab_size, (2, T)), jnp.int32)
+    want_BTV = jax.jit(lambda t: reference(t))(tokens_BT)
+    diff = float(jnp.max(jnp.abs(_decode_logits(model, tokens_BT, prompt=0) - want_BTV)))
+    assert diff <= 1e-4, f"{family}: kernel decode differs from the forward pass by {diff}"
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +116,16 @@ def test_caches_hold_what_their_kinds_promise(gemma):
     for i, (kind, src, layer) in enumerate(zip(m.attention_types, m.kv_sources, spec["layers"])):
         if src >= 0:
             assert layer == {} and inference.cache_bytes(layer) == 0, i
+            continue
+        slots = WINDOW if kind == "sliding" else 100
+        shape = (3, slots, m.num_kv_heads[i], m.head_dims[i])
+        if m.k_eq_v[i]:   # one tensor (the raw key projection): half of a K and V cache
+            assert set(layer) == {"kv_BSKH"} and layer["kv_BSKH"].shape == shape, i
+            assert inference.cache_bytes(layer) == np.prod(shape) * 2, i
         else:
-            slots = WINDOW if kind == "sliding" else 100
-            assert layer["k_BSKH"].shape == (3, slots, m.num_kv_heads[i], m.head_dims[i]), i
-            assert layer["v_BSKH"].dtype == jnp.bfloat16
-    assert spec["lengths_B"].shape == (3,)
+            assert layer["k_BSKH"].shape == shape and layer["v_BSKH"].dtype == jnp.bfloat16, i
+            assert inference.cache_bytes(layer) == 2 * np.prod(shape) * 2, i
+    assert any(m.k_eq_v) and spec["lengths_B"].shape == (3,)
     full = jax.eval_shape(lambda: zoo.init_cache(get_gemma4("tiny"), batch_size=3, max_len=100))   # a full config
     assert inference.cache_bytes(full) > 0
 

@@ -51,7 +51,7 @@ def cache_bytes(cache) -> int:
 
 # Leaves that hold keys, values or compressed entries (what zoo.analysis's kv_cache_bytes counts); every
 # other leaf is per-sequence state: row lengths, a compressor's pending window, CCA's convolution inputs.
-KV_LEAVES = ("k_BSKH", "v_BSKH", "kv_BWH", "entries_BCH")
+KV_LEAVES = ("k_BSKH", "v_BSKH", "kv_BSKH", "kv_BWH", "entries_BCH")
 
 
 def cache_bytes_by_part(cache) -> dict[str, int]:
