@@ -128,6 +128,15 @@ def decode(model: Decoder, cache: dict, logits_BV: jax.Array, key: jax.Array, *,
     run one token further inside a `lax.while_loop`; after a stop token a row emits `pad_id` and its
     cache no longer grows. `on_token(tokens_B)` (optional) receives each step's tokens on the host, in
     order, as they are produced. Returns int32 [B, N]."""
+    return decode_with_cache(model, cache, logits_BV, key, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
+                             pad_id=pad_id, on_token=on_token, **sampling)[0]
+
+
+def decode_with_cache(model: Decoder, cache: dict, logits_BV: jax.Array, key: jax.Array, *, max_new_tokens: int,
+                      stop_tokens: tuple[int, ...] = (), pad_id: int = 0, on_token=None, **sampling
+                      ) -> tuple[jax.Array, dict]:
+    """`decode`'s tokens [B, N] and the cache after them. Without `on_token` the loop never returns to
+    the host between steps."""
     B = logits_BV.shape[0]
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
 
@@ -150,7 +159,26 @@ def decode(model: Decoder, cache: dict, logits_BV: jax.Array, key: jax.Array, *,
 
     token_B, done_B, out_BN, key = emit(0, logits_BV, jnp.zeros((B,), bool),
                                         jnp.full((B, max_new_tokens), pad_id, jnp.int32), key)
-    return jax.lax.while_loop(cond, body, (jnp.int32(1), cache, token_B, done_B, out_BN, key))[4]
+    state = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, token_B, done_B, out_BN, key))
+    return state[4], state[1]
+
+
+# Prefill and decode as separate jitted programs over a donated cache (updated in place, never copied):
+# what a benchmark times. Each compiles once per (graph, shapes, static options).
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk"), donate_argnames=("cache",))
+def prefill_program(graphdef, state, cache, prompt_BT, prompt_lengths_B, *, chunk):
+    """`prefill` of a split model: (logits [B, V] at each row's last prompt token, cache)."""
+    return prefill(nnx.merge(graphdef, state), cache, prompt_BT, prompt_lengths_B, chunk=chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "stop_tokens", "pad_id", "temperature",
+                                             "top_k", "top_p"), donate_argnames=("cache",))
+def decode_program(graphdef, state, cache, logits_BV, key, *, max_new_tokens, stop_tokens=(), pad_id=0, temperature=0.0,
+           top_k=0, top_p=1.0):
+    """`decode_with_cache` of a split model, with no host callback: (tokens [B, N], cache)."""
+    return decode_with_cache(nnx.merge(graphdef, state), cache, logits_BV, key, max_new_tokens=max_new_tokens,
+                             stop_tokens=stop_tokens, pad_id=pad_id, temperature=temperature, top_k=top_k,
+                             top_p=top_p)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "max_len", "max_new_tokens", "stop_tokens",
