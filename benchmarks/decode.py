@@ -132,6 +132,8 @@ def run_hf(path: str, context: int, batch: int, new: int, dtype: str, seed: int)
     from transformers import AutoModelForCausalLM
     transformers.utils.logging.disable_progress_bar()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.empty_cache()   # the previous row's model is gone
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     model.generation_config.eos_token_id = None
     V = model.config.vocab_size
@@ -155,9 +157,6 @@ def run_hf(path: str, context: int, batch: int, new: int, dtype: str, seed: int)
     full, out = timed(new)
     step = max(full - one, 1e-9) / (new - 1)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return {"prefill_tokens_per_s": batch * context / one, "decode_tokens_per_s": batch / step,
             "ms_per_step": 1e3 * step, "peak_bytes": peak, "tokens": out[:, context:].cpu().numpy()}
 
