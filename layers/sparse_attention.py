@@ -143,8 +143,11 @@ class CompressedAttention(nnx.Module):
 
     def cache_spec(self, batch: int, max_len: int, dtype) -> dict:
         """A ring of the last `window` K=V vectors; the compressor's entries and pending window; the
-        indexer's keys and pending window."""
-        spec = {"kv_BWH": jax.ShapeDtypeStruct((batch, self.window, self.head_dim), dtype)}
+        indexer's keys and pending window. A float8 `dtype` keeps the ring and entries in the native
+        precision (fp8 + block scales + bf16 RoPE part; the index keys fp4)."""
+        spec = {"kv_BWH": (kv_cache.packed_spec((batch, self.window), self.head_dim, rope_dim=self.rope_dim)
+                           if jnp.dtype(dtype) == kv_cache.FP8
+                           else jax.ShapeDtypeStruct((batch, self.window, self.head_dim), dtype))}
         if self.compressor is not None:
             spec["compressor"] = self.compressor.cache_spec(batch, max_len, dtype)
         if self.indexer is not None:
@@ -175,15 +178,18 @@ class CompressedAttention(nnx.Module):
                           ) -> tuple[jax.Array, dict]:
         """Decoding (pure JAX): the window over the ring and the chunk, and the cached compressed entries
         (all visible ones, or the indexer's top-k), in one softmax with the sink."""
-        seen, kv_positions_BS, ring = kv_cache.extend({"kv_BWH": cache["kv_BWH"]}, {"kv_BWH": kv_BTH}, lengths_B,
-                                                      new_B, window=self.window)
+        ring = cache["kv_BWH"]   # packed parts under a float8 cache (layers.kv_cache.packed_spec)
+        store, new = ((ring, kv_cache.pack(kv_BTH, ring)) if kv_cache.is_packed(ring)
+                      else ({"kv_BWH": ring}, {"kv_BWH": kv_BTH}))
+        seen, kv_positions_BS, ring = kv_cache.extend(store, new, lengths_B, new_B, window=self.window)
         q_pos_BT1, kv_pos_B1S = positions_BT[:, :, None], kv_positions_BS[:, None]
         in_window_BTS = (kv_pos_B1S <= q_pos_BT1) & (q_pos_BT1 - kv_pos_B1S < self.window)
-        parts = [(seen["kv_BWH"].astype(q_BTNH.dtype), in_window_BTS)]
-        new_cache = {"kv_BWH": ring["kv_BWH"]}
+        packed = kv_cache.is_packed(cache["kv_BWH"])
+        parts = [(kv_cache.read(seen if packed else seen["kv_BWH"], q_BTNH.dtype), in_window_BTS)]
+        new_cache = {"kv_BWH": ring if packed else ring["kv_BWH"]}
         if self.compressor is not None:
             new_cache["compressor"] = self.compressor.extend(x_BTD, cache["compressor"], lengths_B, new_B)
-            entries_BCH = new_cache["compressor"]["entries_BCH"]
+            entries_BCH = kv_cache.read(new_cache["compressor"]["entries_BCH"], q_BTNH.dtype)
             C = entries_BCH.shape[1]
             if self.indexer is None:
                 visible_BTC = jnp.arange(C)[None, None] < (q_pos_BT1 + 1) // self.ratio
@@ -194,7 +200,7 @@ class CompressedAttention(nnx.Module):
                 B, T, _ = indices_BTK.shape
                 visible_BTC = jnp.zeros((B, T, C + 1), bool).at[
                     jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], rows_BTK].set(True)[..., :C]
-            parts.append((entries_BCH.astype(q_BTNH.dtype), visible_BTC))
+            parts.append((entries_BCH, visible_BTC))
         return _attend(q_BTNH, parts, self.sinks[...], self.head_dim ** -0.5), new_cache
 
     def _attention(self, x_BTD, qr_BTQ, q_BTNH, kv_BTH, positions_BT, segment_ids_BT, partitioning: Partitioning

@@ -32,7 +32,7 @@ from flax import nnx
 from layers import kinds
 from layers.context import LayerContext
 from layers.partitioning import UNPARTITIONED
-from zoo import dtypes, inference
+from zoo import inference
 from zoo.decoder import Decoder
 
 
@@ -43,7 +43,7 @@ def _depth(model: Decoder) -> int:
 def init_mtp_cache(model: Decoder, *, batch_size: int, max_len: int, dtype) -> dict:
     """Empty caches of the MTP blocks' attention layers (layer indices num_layers + j)."""
     cfg, L = model.config, model.config.num_layers
-    dtype = jnp.dtype(dtypes.to_jnp(dtype, "cache dtype"))
+    dtype = inference.resolve_cache_dtype(dtype, cfg)
     layers = tuple(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                                 kinds.attention_cache(cfg, L + j, batch_size, max_len, dtype,
                                                       kind=cfg.mtp_attention_type))
