@@ -9,10 +9,13 @@ positions p+1..p+k (k = mtp_depth):
              token after position p+i
     accept   n = the number of leading drafts with d_{i+1} = g_i; emit g_0..g_n (n drafts + the main
              model's own next token), c = n + 1 tokens per row, whatever the others do
-    rewind   the cache must hold x, d_1..d_n only. A full cache would need only its lengths reset, but a
-             sliding ring has overwritten older slots and a compressor's pending window has moved on, so
-             when any row rejected a draft the cache is rebuilt exactly by extending the snapshot taken
-             before verification by the c committed tokens (a second main call, under `lax.cond`)
+    rewind   the cache must hold x, d_1..d_n only: its lengths are reset, ring slots that rejected tokens
+             overwrote come back from the snapshot taken before verification, compressed entries stay
+             (one a rejected token completed is invisible until rewritten), and a compressor's pending
+             window is rebuilt from the snapshot's and the verified one. Where that cannot be exact (a
+             non-overlapping compressor whose window the chunk crossed needs the chunk's own tokens; a
+             state of another kind; a chunk longer than a ring) the cache is rebuilt by extending the
+             snapshot by the c committed tokens (a second main call, under `lax.cond`)
     draft    each depth runs over the c committed positions (its own cache advances with the main one),
              and its output at position p+n drafts the next step's tokens.
 
@@ -106,6 +109,73 @@ def _draft(model: Decoder, h, known_BT, last_B, mtp_cache, new_B):
     return jnp.stack(drafts, axis=1), cache
 
 
+RING_LEAVES = ("kv_BWH", "k_BSKH", "v_BSKH")      # slot = position % slots (a full cache is a ring of max_len)
+PENDING_LEAVES = ("pending_kv_BPF", "pending_gate_BPF")
+
+
+def _rewind_ring(old_BS, new_BS, lengths_B, T, verify_B, commit_B):
+    """new with the slots of positions L + commit .. L + verify - 1 (written by rejected tokens) as in old."""
+    S = old_BS.shape[1]
+    t_1T = jnp.arange(T)[None]
+    rejected_BT = (t_1T >= commit_B[:, None]) & (t_1T < verify_B[:, None])
+    slots_BT = jnp.where(rejected_BT, jnp.mod(lengths_B[:, None] + t_1T, S), S)
+    rejected_BS = jnp.any(slots_BT[:, None, :] == jnp.arange(S)[None, :, None], axis=-1)
+    return jnp.where(rejected_BS.reshape(rejected_BS.shape + (1,) * (old_BS.ndim - 2)), old_BS, new_BS)
+
+
+def _rewind_pending(old_BP, new_BP, lengths_B, verify_B, commit_B, ratio: int, overlap: bool):
+    """A compressor's pending window at L + commit from the one at L (old) and at L + verify (new): row r
+    holds position w0 - O + r (w0 = R floor(length / R), O = R if overlapping); rows at or past the
+    length are never read. Returns it and whether every needed row was found (else the chunk's tokens
+    between L and the new window's start are needed, which neither holds)."""
+    R, O = ratio, ratio if overlap else 0
+    w0 = lambda n_B: n_B - jnp.mod(n_B, R)
+    target_B = lengths_B + commit_B
+    pos_BP = (w0(target_B) - O)[:, None] + jnp.arange(O + R)[None]
+    new_start_B1 = (w0(lengths_B + verify_B) - O)[:, None]
+    old_start_B1 = (w0(lengths_B) - O)[:, None]
+    from_new_BP = pos_BP >= new_start_B1
+    take = lambda a_BP, rows_BP: jnp.take_along_axis(a_BP, jnp.clip(rows_BP, 0, O + R - 1)[..., None], axis=1)
+    out_BP = jnp.where(from_new_BP[..., None], take(new_BP, pos_BP - new_start_B1), take(old_BP, pos_BP - old_start_B1))
+    needed_BP = pos_BP < target_B[:, None]
+    missing_BP = needed_BP & ~from_new_BP & (pos_BP >= lengths_B[:, None])
+    return out_BP, ~jnp.any(missing_BP, axis=1)
+
+
+def _rewind(cfg, old: dict, new: dict, T: int, verify_B, commit_B):
+    """The main cache after L + commit tokens, from the cache before verification (`old`, lengths L)
+    and after the verify_B tokens of a chunk of T (`new`), where that is exact without running the model: rings get back the slots
+    rejected tokens overwrote, compressed entries stay (one completed by a rejected token is invisible
+    until its window completes again and rewrites it), pending windows are rebuilt from both. Returns
+    it and, per row, whether it is exact (a leaf of another kind, a chunk longer than a ring, or a pending
+    window that needs the chunk's middle tokens make it not)."""
+    lengths_B = old["lengths_B"]
+    exact_B = jnp.ones_like(commit_B, dtype=bool)
+    layers = []
+    for i, (old_l, new_l) in enumerate(zip(old["layers"], new["layers"])):
+        kind = cfg.attention_types[i]
+        ratio = kinds.option(cfg, f"{kind}_ratio", i) if kind in ("csa", "hca") else 0
+
+        def leaf(path, o, n):
+            nonlocal exact_B
+            names = [getattr(k, "key", None) for k in path]
+            if any(name in RING_LEAVES for name in names):
+                if o.shape[1] < T:
+                    exact_B = exact_B & False
+                return _rewind_ring(o, n, lengths_B, T, verify_B, commit_B)
+            if "entries_BCH" in names:
+                return n
+            if names[-1] in PENDING_LEAVES and ratio:
+                out, ok_B = _rewind_pending(o, n, lengths_B, verify_B, commit_B, ratio, kind == "csa")
+                exact_B = exact_B & ok_B
+                return out
+            exact_B = exact_B & False   # a state this rewind does not know
+            return n
+
+        layers.append(jax.tree_util.tree_map_with_path(leaf, old_l, new_l))
+    return {"lengths_B": lengths_B + commit_B, "layers": tuple(layers)}, exact_B
+
+
 def prefill(model: Decoder, cache: dict, prompt_BT, prompt_lengths_B, *, chunk: int):
     """Prefills the main and MTP caches with each row's prompt and drafts after the first new token.
     Returns (the first new token [B], drafts [B, depth], cache)."""
@@ -148,13 +218,14 @@ def prefill(model: Decoder, cache: dict, prompt_BT, prompt_lengths_B, *, chunk: 
 def decode(model: Decoder, cache: dict, first_B, drafts_BK, *, max_new_tokens: int, stop_tokens=(), pad_id: int = 0
            ) -> tuple[jax.Array, dict]:
     """The greedy tokens [B, max_new_tokens] (first_B first) and counts over the loop (int32 scalars):
-    drafts proposed and accepted, tokens emitted (all rows), main-model calls and steps."""
+    drafts proposed and accepted, tokens emitted (all rows), main-model calls (verifications and
+    re-runs), re-runs (steps whose rewind had to extend the snapshot again) and steps."""
     B, K = drafts_BK.shape
     N = max_new_tokens
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
     out_BX = jnp.full((B, N + K + 1), pad_id, jnp.int32).at[:, 0].set(first_B)
     zero = jnp.int32(0)
-    counts = {"drafted": zero, "accepted": zero, "emitted": zero, "main_calls": zero, "steps": zero}
+    counts = {"drafted": zero, "accepted": zero, "emitted": zero, "main_calls": zero, "reruns": zero, "steps": zero}
 
     def done(count_B, out_BX):
         stopped_B = jnp.any(jnp.isin(out_BX, stops) & (jnp.arange(N + K + 1)[None] < count_B[:, None]), axis=1)
@@ -173,9 +244,10 @@ def decode(model: Decoder, cache: dict, first_B, drafts_BK, *, max_new_tokens: i
         g_BT = jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32)
         n_B = jnp.sum(jnp.cumprod(drafts_BK == g_BT[:, :K], axis=1), axis=1).astype(jnp.int32)
         commit_B = jnp.where(live_B, n_B + 1, 0)
-        rejected = jnp.any(commit_B != verify_B)
-        main = jax.lax.cond(rejected, lambda: _main_extend(model, tokens_BT, cache["main"], commit_B)[2],
-                            lambda: verified)
+        rewound, exact_B = _rewind(model.config, cache["main"], verified, T, verify_B, commit_B)
+        rerun = jnp.any((commit_B != verify_B) & ~exact_B)
+        main = jax.lax.cond(rerun, lambda: _main_extend(model, tokens_BT, cache["main"], commit_B)[2],
+                            lambda: rewound)
         slots_BT = jnp.where(jnp.arange(T)[None] < commit_B[:, None], count_B[:, None] + jnp.arange(T)[None],
                              N + K + 1)
         out_BX = out_BX.at[jnp.arange(B)[:, None], slots_BT].set(g_BT, mode="drop")
@@ -184,7 +256,8 @@ def decode(model: Decoder, cache: dict, first_B, drafts_BK, *, max_new_tokens: i
         counts = {"drafted": counts["drafted"] + K * jnp.sum(live_B, dtype=jnp.int32),
                   "accepted": counts["accepted"] + jnp.sum(jnp.where(live_B, n_B, 0)),
                   "emitted": counts["emitted"] + jnp.sum(commit_B),
-                  "main_calls": counts["main_calls"] + 1 + rejected.astype(jnp.int32),
+                  "main_calls": counts["main_calls"] + 1 + rerun.astype(jnp.int32),
+                  "reruns": counts["reruns"] + rerun.astype(jnp.int32),
                   "steps": counts["steps"] + 1}
         return {"main": main, "mtp": mtp}, x_B, new_drafts_BK, count_B + commit_B, out_BX, counts
 
