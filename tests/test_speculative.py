@@ -1,7 +1,8 @@
 """MTP self-speculative decoding (zoo.speculative): greedy output identical to plain greedy `zoo.generate`
 on a tiny DeepSeek-V4 config whose rings wrap and whose compressors cross windows while drafts are
 verified, with drafts both accepted and rejected (weights perturbed so that the MTP module's guess often,
-not always, agrees with the main model)."""
+not always, agrees with the main model), and rewinds both in place and by re-extending the snapshot
+(an HCA compressor's pending window the verified chunk crossed)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -45,6 +46,7 @@ def test_mtp_speculation_equals_greedy_decoding():
                                           prefill_chunk=5, return_stats=True)
     np.testing.assert_array_equal(np.asarray(got), want)
     assert 0 < stats["accepted"] < stats["drafted"], stats   # drafts accepted and rejected
+    assert 0 < stats["reruns"] < stats["rewinds"], stats      # rewinds in place, and by re-extending
     assert stats["emitted"] >= 3 * (NEW - 1)
     assert stats["tokens_per_step"] > 1.0 and stats["acceptance_rate"] == stats["accepted"] / stats["drafted"]
 

@@ -219,13 +219,15 @@ def decode(model: Decoder, cache: dict, first_B, drafts_BK, *, max_new_tokens: i
            ) -> tuple[jax.Array, dict]:
     """The greedy tokens [B, max_new_tokens] (first_B first) and counts over the loop (int32 scalars):
     drafts proposed and accepted, tokens emitted (all rows), main-model calls (verifications and
-    re-runs), re-runs (steps whose rewind had to extend the snapshot again) and steps."""
+    re-runs), rewinds (steps where a row rejected a draft), re-runs (rewinds that had to extend the
+    snapshot again) and steps."""
     B, K = drafts_BK.shape
     N = max_new_tokens
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
     out_BX = jnp.full((B, N + K + 1), pad_id, jnp.int32).at[:, 0].set(first_B)
     zero = jnp.int32(0)
-    counts = {"drafted": zero, "accepted": zero, "emitted": zero, "main_calls": zero, "reruns": zero, "steps": zero}
+    counts = {"drafted": zero, "accepted": zero, "emitted": zero, "main_calls": zero, "rewinds": zero,
+              "reruns": zero, "steps": zero}
 
     def done(count_B, out_BX):
         stopped_B = jnp.any(jnp.isin(out_BX, stops) & (jnp.arange(N + K + 1)[None] < count_B[:, None]), axis=1)
@@ -257,6 +259,7 @@ def decode(model: Decoder, cache: dict, first_B, drafts_BK, *, max_new_tokens: i
                   "accepted": counts["accepted"] + jnp.sum(jnp.where(live_B, n_B, 0)),
                   "emitted": counts["emitted"] + jnp.sum(commit_B),
                   "main_calls": counts["main_calls"] + 1 + rerun.astype(jnp.int32),
+                  "rewinds": counts["rewinds"] + jnp.any(commit_B != verify_B).astype(jnp.int32),
                   "reruns": counts["reruns"] + rerun.astype(jnp.int32),
                   "steps": counts["steps"] + 1}
         return {"main": main, "mtp": mtp}, x_B, new_drafts_BK, count_B + commit_B, out_BX, counts
