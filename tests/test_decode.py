@@ -209,13 +209,16 @@ def test_packed_entries_round_off_as_fp8_and_fp4_do():
 
 
 def test_fp8_cache_is_the_native_figure_and_close_to_the_bf16_cache():
-    """cache_dtype float8_e4m3fn on DeepSeek-V4 layers allocates exactly zoo.analysis's native bytes, and
+    """cache_dtype float8_e4m3fn on DeepSeek-V4 layers allocates exactly zoo.analysis's native bytes (the
+    tiny test config, and the flash preset at 128K: head_dim 512, 448 fp8 channels in 7 scaled blocks), and
     its logits after prefill + decode stay within the README's tolerance of the bf16 cache's: median
     per-position relative L2 error < 0.1 (most positions 2-5 %; a flipped top-k or MoE route moves a few
     positions further)."""
     m = _small("deepseek_v4")
-    spec = inference.cache_spec(m, batch_size=2, max_len=T, dtype="float8_e4m3fn")
-    assert inference.cache_bytes_by_part(spec)["kv"] == analysis.kv_cache(m, T, batch=2)["kv_cache_bytes_native"]
+    for cfg, length in ((m, T), (importlib.import_module("configs.deepseek_v4").get_config("flash").model, 131_072)):
+        spec = inference.cache_spec(cfg, batch_size=2, max_len=length, dtype="float8_e4m3fn")
+        assert (inference.cache_bytes_by_part(spec)["kv"]
+                == analysis.kv_cache(cfg, length, batch=2)["kv_cache_bytes_native"])
     model = zoo.build(m, seed=1)
     extend = _jitted_extend(model)
     tokens_BT = jnp.asarray(np.random.default_rng(0).integers(0, m.vocab_size, (2, T)), jnp.int32)
