@@ -4,6 +4,8 @@ decode step, peak memory and the fraction of the measured copy bandwidth a decod
     python benchmarks/decode.py --config=configs/gemma4.py:1b --contexts=4096,32768 --batch=1,32 --out=d.json
     python benchmarks/decode.py --config=configs/deepseek_v4.py:small --contexts=4096 --batch=1,32
     python benchmarks/decode.py --smoke             # the config's tiny preset, tiny shapes, on CPU
+    python benchmarks/decode.py --config=configs/deepseek_v4.py:small --checkpoint=runs/dsv4_small \
+        --speculative --contexts=512 --batch=1 --new=256          # MTP speculation against plain greedy
 
 Per (context, batch) row, random-init weights (--dtype, bf16 by default), a random prompt of `context`
 tokens per row:
@@ -21,8 +23,13 @@ bandwidth, where the copy bandwidth is 2 x bytes / time of a large elementwise d
 (read + write) measured in the same run; weight bytes count every matmul weight a step multiplies (the
 output head, not the embedding lookup; of MoE experts the expected number a batch touches under uniform
 routing: E (1 - (1 - k / E)^B)); cache bytes are `zoo.analysis.kv_cache`'s arithmetic figure at the
-context (what attention must read). Peak memory: zoo, XLA's figure for the larger of the two programs
+context (what attention must read; with `--cache_dtype=float8_e4m3fn` the native figure). Peak memory: zoo, XLA's figure for the larger of the two programs
 (arguments + outputs + temporaries - donated aliases); hf, torch's max_memory_allocated (GPU only).
+
+--speculative (a config with MTP modules; `--checkpoint` loads trained weights, as random ones rarely
+agree): per row, greedy `zoo.generate` against `zoo.speculative.generate_mtp` on the same prompts, each
+compiled first and timed whole (prefill included: keep the context short against --new), with the
+acceptance rate, tokens per main-model call and the speed-up; the outputs must be identical.
 """
 from __future__ import annotations
 
@@ -85,7 +92,8 @@ def program_peak(compiled) -> int | None:
         return None
 
 
-def run_zoo(model, context: int, batch: int, new: int, chunk: int, fill: str, reps: int, seed: int) -> dict:
+def run_zoo(model, context: int, batch: int, new: int, chunk: int, fill: str, reps: int, seed: int,
+            cache_dtype=None) -> dict:
     from flax import nnx
 
     from zoo import inference
@@ -94,7 +102,7 @@ def run_zoo(model, context: int, batch: int, new: int, chunk: int, fill: str, re
     prompt_BT = jnp.asarray(np.random.default_rng(seed).integers(1, V, (batch, context)), jnp.int32)
     lengths_B = jnp.full((batch,), context, jnp.int32)
     max_len = context + new
-    empty = jax.jit(lambda: inference.init_cache(model, batch_size=batch, max_len=max_len))
+    empty = jax.jit(lambda: inference.init_cache(model, batch_size=batch, max_len=max_len, dtype=cache_dtype))
     key = jax.random.key(seed)
     chunk = min(chunk, context)
     cache = empty()
@@ -124,6 +132,30 @@ def run_zoo(model, context: int, batch: int, new: int, chunk: int, fill: str, re
             "decode_tokens_per_s": batch / step, "ms_per_step": 1e3 * step,
             "peak_bytes": max(peaks) if peaks else None, "device_peak_bytes": stats.get("peak_bytes_in_use"),
             "tokens": np.asarray(tokens_BN)}
+
+
+def run_speculative(model, context: int, batch: int, new: int, chunk: int, reps: int, seed: int,
+                    cache_dtype=None) -> dict:
+    """Plain greedy against MTP speculation, whole generations (prefill included), medians of `reps`."""
+    from zoo import inference, speculative
+    prompt_BT = np.random.default_rng(seed).integers(1, model.vocab_size, (batch, context))
+    common = dict(max_new_tokens=new, prefill_chunk=chunk, cache_dtype=cache_dtype)
+    plain = lambda: inference.generate(model, prompt_BT, **common)
+    spec = lambda: speculative.generate_mtp(model, prompt_BT, return_stats=True, **common)
+
+    def timed(fn):
+        out = jax.block_until_ready(fn())   # compiles
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            out = jax.block_until_ready(fn())
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), out
+
+    plain_s, want = timed(plain)
+    spec_s, (got, stats) = timed(spec)
+    return {"plain_s": plain_s, "speculative_s": spec_s, "speedup": plain_s / spec_s,
+            "identical": bool(np.array_equal(np.asarray(got), np.asarray(want))), **stats}
 
 
 def run_hf(path: str, context: int, batch: int, new: int, dtype: str, seed: int) -> dict:
@@ -176,6 +208,10 @@ def main() -> None:
     p.add_argument("--fill", choices=("prefill", "direct"), default="prefill",
                    help="fill the context by a real prefill, or set the cache lengths directly")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--cache_dtype", default=None, help="cache dtype (default --dtype; float8_e4m3fn: DeepSeek-V4 "
+                   "native fp8 cache)")
+    p.add_argument("--speculative", action="store_true", help="time MTP speculation against plain greedy")
+    p.add_argument("--checkpoint", default="", help="load weights from this zoo checkpoint or workdir")
     p.add_argument("--attention_impl", default=None, help="override model.attention_impl (xla|pallas|auto)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no_hf", action="store_true", help="skip the transformers side")
@@ -192,7 +228,7 @@ def main() -> None:
         a.dtype, a.copy_mib = "float32", 64
     config = load_config(a.config)
     cfg = config.model
-    if "mtp_depth" in cfg:
+    if "mtp_depth" in cfg and not a.speculative:
         cfg.mtp_depth = 0      # plain decoding; transformers has no MTP module either
     if a.attention_impl:
         cfg.attention_impl = a.attention_impl
@@ -202,7 +238,31 @@ def main() -> None:
     contexts = [int(c) for c in a.contexts.split(",")]
     batches = [int(b) for b in a.batch.split(",")]
     itemsize = jnp.dtype(a.dtype).itemsize
-    model = models.cast(zoo.build(cfg, seed=0), a.dtype)
+    rows = []
+    if a.checkpoint:
+        model = zoo.load(a.checkpoint, dtype=a.dtype)
+        cfg = model.config
+        if cfg.get("mtp_depth", 0) and not a.speculative:
+            raise SystemExit("error: plain decoding of a checkpoint with MTP modules: pass --speculative")
+    else:
+        model = models.cast(zoo.build(cfg, seed=0), a.dtype)
+    if a.speculative:
+        for context in contexts:
+            for batch in batches:
+                r = run_speculative(model, context, batch, a.new, a.chunk, a.reps, seed=context + batch,
+                                    cache_dtype=a.cache_dtype)
+                r.update(config=a.config, checkpoint=a.checkpoint, device=str(jax.devices()[0].device_kind),
+                         context=context, batch=batch, new_tokens=a.new)
+                print(f"context {context} batch {batch}: plain {r['plain_s'] * 1e3:.1f} ms, speculative "
+                      f"{r['speculative_s'] * 1e3:.1f} ms, speed-up {r['speedup']:.2f}x, acceptance "
+                      f"{r['acceptance_rate']:.2f}, {r['tokens_per_main_call']:.2f} tokens per main call "
+                      f"({r['reruns']} re-runs in {r['steps']} steps), identical output: {r['identical']}",
+                      flush=True)
+                rows.append(r)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(rows, f, indent=2)
+        return
     bandwidth = copy_bandwidth(a.copy_mib << 20)
     device = str(jax.devices()[0].device_kind)
     print(f"# {a.config} on {device}, {a.dtype}, copy bandwidth {bandwidth / 1e9:.0f} GB/s, fill={a.fill}, "
@@ -211,7 +271,6 @@ def main() -> None:
     if not a.no_hf:
         hf_dir = tempfile.mkdtemp(prefix="decode_bench_hf_")
         zoo.to_hf(model, os.path.join(hf_dir, "model"))
-    rows = []
     header = (f"{'context':>8} {'batch':>5} | {'prefill tok/s':>13} {'decode tok/s':>12} {'ms/step':>8} "
               f"{'peak GiB':>8} {'bw frac':>7} | {'hf prefill':>10} {'hf decode':>10} {'hf ms':>8} "
               f"{'hf GiB':>7} | {'x hf':>6}")
@@ -220,11 +279,14 @@ def main() -> None:
     for context in contexts:
         for batch in batches:
             row = {"config": a.config, "device": device, "dtype": a.dtype, "context": context, "batch": batch,
-                   "new_tokens": a.new, "fill": a.fill, "copy_bandwidth_bytes_per_s": bandwidth}
+                   "new_tokens": a.new, "fill": a.fill, "cache_dtype": a.cache_dtype or a.dtype,
+                   "copy_bandwidth_bytes_per_s": bandwidth}
             weights = weight_bytes_per_step(cfg, batch, itemsize)
-            cache = analysis.kv_cache(cfg, context, a.dtype, batch)["kv_cache_bytes"]
+            kv = analysis.kv_cache(cfg, context, a.dtype, batch)
+            cache = kv["kv_cache_bytes_native" if a.cache_dtype == "float8_e4m3fn" else "kv_cache_bytes"]
             row.update(weight_bytes_per_step=weights, cache_bytes_per_step=cache)
-            z = run_zoo(model, context, batch, a.new, a.chunk, a.fill, a.reps, seed=context + batch)
+            z = run_zoo(model, context, batch, a.new, a.chunk, a.fill, a.reps, seed=context + batch,
+                        cache_dtype=a.cache_dtype)
             zoo_tokens = z.pop("tokens")
             row["zoo"] = z
             row["bandwidth_fraction"] = (weights + cache) / (z["ms_per_step"] / 1e3) / bandwidth

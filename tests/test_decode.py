@@ -122,6 +122,24 @@ def test_a_batch_of_prompts_gives_each_row_its_own_tokens(gemma):
         assert (row[end:] == 0).all()
 
 
+def test_separate_prefill_and_decode_programs_give_generate_tokens(gemma):
+    """inference.prefill_program + decode_program (what benchmarks/decode.py times: a donated cache, no
+    host callback) give zoo.generate's greedy tokens, and compile once for repeated calls of one shape."""
+    m, model = gemma
+    graphdef, state = nnx.split(model)
+    prompt_BT = jnp.asarray(np.random.default_rng(6).integers(3, m.vocab_size, (2, 11)), jnp.int32)
+    lengths_B = jnp.full((2,), 11, jnp.int32)
+    want = np.asarray(zoo.generate(model, prompt_BT, max_new_tokens=9, prefill_chunk=4))
+    for _ in range(2):
+        cache = inference.init_cache(model, batch_size=2, max_len=11 + 9)
+        logits_BV, cache = inference.prefill_program(graphdef, state, cache, prompt_BT, lengths_B, chunk=4)
+        tokens_BN, cache = inference.decode_program(graphdef, state, cache, logits_BV, jax.random.key(0),
+                                                    max_new_tokens=9)
+        np.testing.assert_array_equal(np.asarray(tokens_BN), want)
+        np.testing.assert_array_equal(np.asarray(cache["lengths_B"]), [11 + 8, 11 + 8])
+    assert inference.prefill_program._cache_size() == 1 and inference.decode_program._cache_size() == 1
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(gemma):
     m, model = gemma
     prompt = np.random.default_rng(6).integers(3, m.vocab_size, (2, 9))
