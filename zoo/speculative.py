@@ -118,9 +118,9 @@ def _rewind_ring(old_BS, new_BS, lengths_B, T, verify_B, commit_B):
     S = old_BS.shape[1]
     t_1T = jnp.arange(T)[None]
     rejected_BT = (t_1T >= commit_B[:, None]) & (t_1T < verify_B[:, None])
-    slots_BT = jnp.where(rejected_BT, jnp.mod(lengths_B[:, None] + t_1T, S), S)
-    rejected_BS = jnp.any(slots_BT[:, None, :] == jnp.arange(S)[None, :, None], axis=-1)
-    return jnp.where(rejected_BS.reshape(rejected_BS.shape + (1,) * (old_BS.ndim - 2)), old_BS, new_BS)
+    slots_BT = jnp.where(rejected_BT, jnp.mod(lengths_B[:, None] + t_1T, S), S)   # S: dropped
+    rows_B1 = jnp.arange(old_BS.shape[0])[:, None]
+    return new_BS.at[rows_B1, slots_BT].set(old_BS[rows_B1, jnp.minimum(slots_BT, S - 1)], mode="drop")
 
 
 def _rewind_pending(old_BP, new_BP, lengths_B, verify_B, commit_B, ratio: int, overlap: bool):
