@@ -144,8 +144,11 @@ class CompressedAttention(nnx.Module):
 
     def cache_spec(self, batch: int, max_len: int, dtype) -> dict:
         """A ring of the last `window` K=V vectors; the compressor's entries and pending window; the
-        indexer's keys and pending window."""
-        spec = {"kv_BWH": jax.ShapeDtypeStruct((batch, self.window, self.head_dim), dtype)}
+        indexer's keys and pending window. A float8 `dtype` keeps the ring and entries in the native
+        precision (fp8 + block scales + bf16 RoPE part; the index keys fp4)."""
+        spec = {"kv_BWH": (kv_cache.packed_spec((batch, self.window), self.head_dim, rope_dim=self.rope_dim)
+                           if jnp.dtype(dtype) == kv_cache.FP8
+                           else jax.ShapeDtypeStruct((batch, self.window, self.head_dim), dtype))}
         if self.compressor is not None:
             spec["compressor"] = self.compressor.cache_spec(batch, max_len, dtype)
         if self.indexer is not None:
@@ -175,20 +178,24 @@ class CompressedAttention(nnx.Module):
     def _cached_attention(self, x_BTD, qr_BTQ, q_BTNH, kv_BTH, positions_BT, cache, lengths_B, new_B
                           ) -> tuple[jax.Array, dict]:
         """Decoding: the window over the ring and the chunk, and the cached compressed entries (all visible
-        ones, or the indexer's top-k), in one softmax with the sink; through the decode kernels
+        ones, or the indexer's top-k), in one softmax with the sink. A float8 cache's packed ring and entries
+        are unpacked first; then the chunk attends through the decode kernels
         (pallas_kernels.compressed_decode_attention) where `kernel_lowering` names one and the chunk is
         short, else pure JAX."""
         lowering = kernel_lowering(self.impl)
         if q_BTNH.shape[1] > DECODE_MAX_TOKENS:
             lowering = None
-        seen, kv_positions_BS, ring = kv_cache.extend({"kv_BWH": cache["kv_BWH"]}, {"kv_BWH": kv_BTH}, lengths_B,
-                                                      new_B, window=self.window)
-        window_kv_BSH = seen["kv_BWH"].astype(q_BTNH.dtype)
-        new_cache = {"kv_BWH": ring["kv_BWH"]}
+        ring = cache["kv_BWH"]   # packed parts under a float8 cache (layers.kv_cache.packed_spec)
+        packed = kv_cache.is_packed(ring)
+        store, new = ((ring, kv_cache.pack(kv_BTH, ring)) if packed
+                      else ({"kv_BWH": ring}, {"kv_BWH": kv_BTH}))
+        seen, kv_positions_BS, ring = kv_cache.extend(store, new, lengths_B, new_B, window=self.window)
+        window_kv_BSH = kv_cache.read(seen if packed else seen["kv_BWH"], q_BTNH.dtype)
+        new_cache = {"kv_BWH": ring if packed else ring["kv_BWH"]}
         entries_BCH = indices_BTK = None
         if self.compressor is not None:
             new_cache["compressor"] = self.compressor.extend(x_BTD, cache["compressor"], lengths_B, new_B)
-            entries_BCH = new_cache["compressor"]["entries_BCH"].astype(q_BTNH.dtype)
+            entries_BCH = kv_cache.read(new_cache["compressor"]["entries_BCH"], q_BTNH.dtype)
             if self.indexer is not None:
                 indices_BTK, new_cache["indexer"] = self.indexer.extend(x_BTD, qr_BTQ, positions_BT, cache["indexer"],
                                                                         lengths_B, new_B, kernel=lowering)
