@@ -51,6 +51,23 @@ def test_mtp_speculation_equals_greedy_decoding():
     assert stats["tokens_per_step"] > 1.0 and stats["acceptance_rate"] == stats["accepted"] / stats["drafted"]
 
 
+def test_mtp_speculation_through_decode_kernels():
+    """attention_impl="pallas" (interpret mode here): the prefill chunks and the verified chunks (<= 16
+    tokens) attend through the decode kernels, on an fp8 cache; still plain greedy's tokens."""
+    m = _small("deepseek_v4")
+    m.mtp_depth, m.attention_impl = 1, "pallas"
+    model = _agreeing(zoo.build(m, seed=1), block_scale=0.15, embed_scale=10.0)
+    prompts = np.random.default_rng(0).integers(2, m.vocab_size, (3, 11))
+    lengths, new = [11, 6, 9], 12
+    want = np.asarray(zoo.generate(model, prompts, max_new_tokens=new, prompt_lengths=lengths, prefill_chunk=5,
+                                   cache_dtype="float8_e4m3fn"))
+    got, stats = speculative.generate_mtp(model, prompts, max_new_tokens=new, prompt_lengths=lengths,
+                                          prefill_chunk=5, cache_dtype="float8_e4m3fn", return_stats=True)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert 0 < stats["accepted"] < stats["drafted"], stats
+    assert 0 < stats["reruns"] < stats["rewinds"], stats
+
+
 def test_speculation_needs_mtp_modules():
     m = _small("deepseek_v4")
     model = zoo.build(m, seed=0)
