@@ -3,6 +3,7 @@
     python generate.py                                   # the default training run, runs/default
     python generate.py --workdir=runs/default --prompt="def main(" --max_new_tokens=200
     python generate.py --checkpoint=ckpt/gemma4 --prompt="Hello" --temperature=0.8 --top_p=0.95
+    python generate.py --workdir=runs/deepseek --speculative          # greedy, drafted by the MTP modules
 
 Text is encoded with the checkpoint's tokenizer (`data.tokenizer` of its config: bytes, or a Hugging Face
 tokenizer.json; a tokenizer.json inside the checkpoint directory wins). The program is compiled first,
@@ -28,6 +29,9 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 256, "prompt tokens per prefill step")
 _MAX_LEN = flags.DEFINE_integer("max_len", None, "cache length (default: prompt + max_new_tokens)")
 _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "stop at the model's eos_id")
+_SPECULATIVE = flags.DEFINE_bool("speculative", False, "greedy self-speculative decoding with the model's MTP "
+                                 "modules (zoo.speculative; DeepSeek-V4); prints the text when done, with the "
+                                 "acceptance rate and tokens per main-model call")
 
 
 def fail(message) -> None:
@@ -104,6 +108,8 @@ def main(argv):
 
         eos = config.model.get("eos_id", None)
         stops = (eos,) if _STOP_AT_EOS.value and eos is not None else ()
+        if _SPECULATIVE.value:
+            return _speculative(model, text, prompt, stops)
         args, static = inference.prepare_generate(
             model, np.asarray([prompt]), max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
             top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value, stop_tokens=stops,
@@ -121,6 +127,35 @@ def main(argv):
     decode_rate = (done["count"] - 1) / (end - first) if done["count"] > 1 and end > first else float("nan")
     print(f"\n[prefill {len(prompt) / (first - start):.1f} tokens/s ({len(prompt)} tokens), decode "
           f"{decode_rate:.1f} tokens/s ({done['count']} tokens), cache {inference.cache_bytes(cache) / 2**20:.2f} MiB]")
+
+
+def _speculative(model, text, prompt, stops) -> None:
+    """Greedy MTP speculative decoding (no streaming: the loop runs on device to the end), timed after a
+    compiling run."""
+    import jax
+    import numpy as np
+
+    from zoo import speculative
+    run = lambda: speculative.generate_mtp(model, np.asarray([prompt]), max_new_tokens=_MAX_NEW.value,
+                                           stop_tokens=stops, max_len=_MAX_LEN.value,
+                                           prefill_chunk=_PREFILL_CHUNK.value, cache_dtype=_DTYPE.value,
+                                           return_stats=True)
+    try:
+        jax.block_until_ready(run()[0])
+    except ValueError as e:
+        fail(e)
+    start = time.perf_counter()
+    tokens, stats = run()
+    tokens = np.asarray(tokens)[0]
+    seconds = time.perf_counter() - start
+    sys.stdout.write(_PROMPT.value)
+    for token in tokens:
+        if int(token) in stops:
+            break
+        text.push(int(token))
+    print(f"\n[speculative: {len(tokens) / seconds:.1f} tokens/s with prefill, acceptance "
+          f"{stats['acceptance_rate']:.2f}, {stats['tokens_per_main_call']:.2f} tokens per main-model call, "
+          f"{stats['tokens_per_step']:.2f} per step]")
 
 
 if __name__ == "__main__":

@@ -18,11 +18,15 @@ from layers.context import LayerContext
 from layers.norms import RMSNorm
 from layers.partitioning import UNPARTITIONED, Partitioning
 from layers.rope import RopeSpec, apply_rope
-from pallas_kernels import flash_attention, gpu_compute_capability, hopper_kernel_runs_both_ways
+from pallas_kernels import decode_attention, flash_attention, gpu_compute_capability, hopper_kernel_runs_both_ways
 
 IMPLS = ("xla", "pallas", "auto")
 OUTPUT_GATES = ("none", "per_head", "per_element")
 _MASKED = -1e30
+# Cached chunks of at most this many tokens per row (decode steps, speculative verification) attend through
+# the decode kernel (pallas_kernels.decode_attention) where `kernel_lowering` names one; longer chunks
+# (prefill) through `dot_product_attention`.
+DECODE_MAX_TOKENS = 16
 
 
 def attention_mask(q_positions_BT: jax.Array, kv_positions_BS: jax.Array, *, window: int = 0,
@@ -140,8 +144,9 @@ def attention_backend(impl: str, q_BTNH, k_BSKH, *, sinks_N=None, softcap: float
                | else ref.                |                           |
 
     "pallas" raises on an attention softcap (the kernel has none) and falls back to the reference where
-    the kernel does not apply: positions other than 0..T-1 in every row (e.g. decoding against a cache),
-    or keys that are not the queries' own tokens. cuDNN fits causal self-attention over default positions
+    the kernel does not apply: positions other than 0..T-1 in every row (e.g. decoding against a cache:
+    there `Attention` sends chunks of at most DECODE_MAX_TOKENS tokens to the decode kernel instead), or
+    keys that are not the queries' own tokens. cuDNN fits causal self-attention over default positions
     in bf16/fp16, head_dim <= `cudnn_max_head_dim()` (a multiple of 8; above 128 only for calls of at least
     CUDNN_WIDE_HEAD_MIN_TOKENS tokens), no sinks, softcap or segments; splash fits default
     positions, T and head_dim multiples of 128, no sinks, softcap or segments.
@@ -285,6 +290,29 @@ def _fused_attention(backend: str, q_BTNH, k_BTKH, v_BTKH, sinks_N, segment_ids_
     return out_BTKGH.reshape(B, T, N, -1)
 
 
+def _decode_attention(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_positions_BT, kv_positions_BS, *, window: int,
+                      scale: float, impl: str, partitioning: Partitioning = UNPARTITIONED) -> jax.Array:
+    """A few new tokens against the keys/values a cache holds, through the decode kernel, shard by shard
+    (batch rows and kv-head groups are independent, as in `_fused_attention`)."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+
+    def kernel(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, q_positions_BT, kv_positions_BS):
+        b, t, k, g, h = q_BTKGH.shape
+        out_BTNH = decode_attention(
+            q_BTKGH.reshape(b, t, k * g, h).astype(k_BSKH.dtype), k_BSKH, v_BSKH.astype(k_BSKH.dtype),
+            q_positions_BT, kv_positions_BS, window=window, scale=scale,
+            sinks_N=None if sinks_KG is None else sinks_KG.reshape(k * g), impl=impl)
+        return out_BTNH.reshape(b, t, k, g, -1)
+
+    q_axes, kv_axes, rows = ("batch", None, "kv_heads", None, None), ("batch", None, "kv_heads", None), ("batch", None)
+    in_axes = (q_axes, kv_axes, kv_axes, None if sinks_N is None else ("kv_heads", None), rows, rows)
+    out_BTKGH = partitioning.per_shard(kernel, in_axes, q_axes)(
+        q_BTNH.reshape(B, T, K, N // K, H), k_BSKH, v_BSKH, None if sinks_N is None else sinks_N.reshape(K, N // K),
+        q_positions_BT.astype(jnp.int32), kv_positions_BS.astype(jnp.int32))
+    return out_BTKGH.reshape(B, T, N, -1).astype(q_BTNH.dtype)
+
+
 class Attention(nnx.Module):
     """GQA/MQA self-attention with optional q/k/v norms, RoPE, sliding window, cross-layer KV sharing,
     per-head sinks and output gating.
@@ -293,7 +321,7 @@ class Attention(nnx.Module):
     `kv_source` computed (passed in as `shared_kv`, or read from the context by `mix`); `publish_kv` makes
     `mix` hand this layer's keys and values on to such readers under its index `layer`. `k_eq_v=True`
     drops the value projection: the values are the raw key projection (before the key norm and RoPE),
-    then the value norm. `sinks` adds a learned per-head logit that enters only the softmax denominator.
+    then the value norm; its cache holds that raw projection once (`kv_BSKH`), normed and rotated on read. `sinks` adds a learned per-head logit that enters only the softmax denominator.
     `output_gate` multiplies the attention output, before the output projection, by softplus(x W_g)
     computed in float32 from the layer input x: one gate per head broadcast over the head dim
     (`per_head`, W_g [D, N]) or one per channel (`per_element`, W_g [D, N, H]).
@@ -379,26 +407,48 @@ class Attention(nnx.Module):
             k_BTKH, v_BTKH = shared_kv
         else:
             k_raw_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k_proj[...])
-            v_BTKH = k_raw_BTKH if self.k_eq_v else jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v_proj[...])
-            k_BTKH = self.k_norm(k_raw_BTKH) if self.k_norm is not None else k_raw_BTKH
-            k_BTKH = apply_rope(k_BTKH, positions_BT, self.rope)
-            if self.v_norm is not None:
-                v_BTKH = self.v_norm(v_BTKH)
-            if cache is not None:
+            v_raw_BTKH = None if self.k_eq_v else jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v_proj[...])
+            if cache is None:
+                k_BTKH, v_BTKH = self.keys_values(k_raw_BTKH, v_raw_BTKH, positions_BT)
+            elif self.k_eq_v:   # one cached tensor: the raw projection, normed and rotated on read
                 layer_cache, lengths_B, new_B = cache
+                seen, kv_positions_BS, new_cache = kv_cache.extend(
+                    layer_cache, {"kv_BSKH": k_raw_BTKH}, lengths_B, new_B, window=self.window)
+                k_BTKH, v_BTKH = self.keys_values(seen["kv_BSKH"], None, kv_positions_BS)
+            else:
+                layer_cache, lengths_B, new_B = cache
+                k_BTKH, v_BTKH = self.keys_values(k_raw_BTKH, v_raw_BTKH, positions_BT)
                 seen, kv_positions_BS, new_cache = kv_cache.extend(
                     layer_cache, {"k_BSKH": k_BTKH, "v_BSKH": v_BTKH}, lengths_B, new_B, window=self.window)
                 k_BTKH, v_BTKH = seen["k_BSKH"], seen["v_BSKH"]
-        out_BTNH = dot_product_attention(
-            q_BTNH, k_BTKH, v_BTKH, q_positions_BT=positions_BT,
-            kv_positions_BS=positions_BT if kv_positions_BS is None else kv_positions_BS,
-            window=self.window, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT,
-            scale=self.scale, sinks_N=None if self.sinks is None else self.sinks[...], impl=self.impl,
-            default_positions=default_positions, partitioning=partitioning)
+        sinks_N = None if self.sinks is None else self.sinks[...]
+        lowering = kernel_lowering(self.impl)
+        if kv_positions_BS is not None and lowering and q_BTNH.shape[1] <= DECODE_MAX_TOKENS:
+            out_BTNH = _decode_attention(q_BTNH, k_BTKH, v_BTKH, sinks_N, positions_BT, kv_positions_BS,
+                                         window=self.window, scale=self.scale, impl=lowering,
+                                         partitioning=partitioning)
+        else:
+            out_BTNH = dot_product_attention(
+                q_BTNH, k_BTKH, v_BTKH, q_positions_BT=positions_BT,
+                kv_positions_BS=positions_BT if kv_positions_BS is None else kv_positions_BS,
+                window=self.window, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT,
+                scale=self.scale, sinks_N=sinks_N, impl=self.impl, default_positions=default_positions,
+                partitioning=partitioning)
         if self.g_proj is not None:
             out_BTNH = out_BTNH * self.output_gate(x_BTD).astype(out_BTNH.dtype)
         y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj[...])
         return y_BTD, (k_BTKH, v_BTKH), kv_positions_BS, new_cache
+
+    def keys_values(self, k_raw_BTKH: jax.Array, v_raw_BTKH: jax.Array | None, positions_BT: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+        """Keys (k_norm, RoPE at `positions`) and values (v_norm) from the projections; v_raw None (k_eq_v):
+        the values are the raw key projection."""
+        v_BTKH = k_raw_BTKH if v_raw_BTKH is None else v_raw_BTKH
+        k_BTKH = self.k_norm(k_raw_BTKH) if self.k_norm is not None else k_raw_BTKH
+        k_BTKH = apply_rope(k_BTKH, positions_BT, self.rope)
+        if self.v_norm is not None:
+            v_BTKH = self.v_norm(v_BTKH)
+        return k_BTKH, v_BTKH
 
     def output_gate(self, x_BTD: jax.Array) -> jax.Array:
         """softplus(x W_g) in float32: [B, T, N, 1] per head, [B, T, N, H] per element."""

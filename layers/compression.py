@@ -27,11 +27,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import params
+from layers import kv_cache
 from layers.kv_cache import chunk_positions, put_rows, take_rows
 from layers.norms import RMSNorm
 from layers.partitioning import UNPARTITIONED, Partitioning
 from layers.rope import RopeSpec, apply_rope_tail
-from pallas_kernels import indexer_topk
+from pallas_kernels import indexer_decode_topk, indexer_topk
 
 
 def entry_segments(segment_ids_BT: jax.Array, ratio: int) -> jax.Array:
@@ -66,11 +67,12 @@ class Compressor(nnx.Module):
     docstring); `overlap` makes each entry also pool the previous window with its own channels."""
 
     def __init__(self, d_model: int, dim: int, ratio: int, *, overlap: bool, rope: RopeSpec, rope_dim: int,
-                 eps: float = 1e-6, rngs: nnx.Rngs):
+                 eps: float = 1e-6, fp4_cache: bool = False, rngs: nnx.Rngs):
         if ratio < 1 or not 0 < rope_dim <= dim:
             raise ValueError(f"compressor needs ratio >= 1 and 0 < rope_dim <= dim, got ratio={ratio}, "
                              f"rope_dim={rope_dim}, dim={dim}")
         self.dim, self.ratio, self.overlap, self.rope, self.rope_dim = dim, ratio, overlap, rope, rope_dim
+        self.fp4_cache = fp4_cache   # a float8 cache keeps these entries as fp4 keys (an indexer's), else fp8
         F = 2 * dim if overlap else dim
         self.kv_proj = params.normal(rngs, (d_model, F), ("embed", "compress_kv"))
         self.gate_proj = params.normal(rngs, (d_model, F), ("embed", "compress_kv"))
@@ -127,10 +129,14 @@ class Compressor(nnx.Module):
 
     def cache_spec(self, batch: int, max_len: int, dtype) -> dict:
         """Every entry of `max_len` tokens, and the projected tokens of the window being filled (after
-        the window before it, whose channels an overlapping entry also pools)."""
+        the window before it, whose channels an overlapping entry also pools). A float8 `dtype` packs the
+        entries (layers.kv_cache.packed_spec: fp8 + block scales + bf16 RoPE part, or fp4 keys)."""
         F = self.kv_proj.shape[1]
         pending = jax.ShapeDtypeStruct((batch, (2 if self.overlap else 1) * self.ratio, F), jnp.float32)
-        return {"entries_BCH": jax.ShapeDtypeStruct((batch, max_len // self.ratio, self.dim), dtype),
+        C = max_len // self.ratio
+        entries = (kv_cache.packed_spec((batch, C), self.dim, rope_dim=self.rope_dim, fp4=self.fp4_cache)
+                   if jnp.dtype(dtype) == kv_cache.FP8 else jax.ShapeDtypeStruct((batch, C, self.dim), dtype))
+        return {"entries_BCH": entries,
                 "pending_kv_BPF": pending, "pending_gate_BPF": pending}
 
     def extend(self, x_BTD: jax.Array, cache: dict, lengths_B: jax.Array, new_B: jax.Array) -> dict:
@@ -142,7 +148,7 @@ class Compressor(nnx.Module):
         and the complete ones are written (the others dropped)."""
         B, T, _ = x_BTD.shape
         R, O = self.ratio, self.ratio if self.overlap else 0
-        C_max = cache["entries_BCH"].shape[1]
+        C_max = jax.tree.leaves(cache["entries_BCH"])[0].shape[1]
         n = T // R + 2                                    # windows the chunk can touch, and one spare
         lengths_B = lengths_B.astype(jnp.int32)
         w0_B = lengths_B - jnp.mod(lengths_B, R)
@@ -157,11 +163,14 @@ class Compressor(nnx.Module):
         cur = lambda a: a[:, O:O + n * R].reshape(B, n, R, *a.shape[2:])
         prev = lambda a: a[:, :n * R].reshape(B, n, R, *a.shape[2:])
         first_Bn = w0_B[:, None] + R * jnp.arange(n)[None]
+        stored = cache["entries_BCH"]
+        packed = kv_cache.is_packed(stored)
         entries_BnH = self.pool(prev(kv_BAF), prev(gate_BAF), prev(valid_BA), cur(kv_BAF), cur(gate_BAF),
-                                cur(valid_BA), first_Bn, cache["entries_BCH"].dtype)
+                                cur(valid_BA), first_Bn, x_BTD.dtype if packed else stored.dtype)
         complete_Bn = first_Bn + R <= (lengths_B + new_B)[:, None]
         rows_Bn = jnp.where(complete_Bn, first_Bn // R, C_max)   # C_max: dropped
-        entries_BCH = cache["entries_BCH"].at[jnp.arange(B)[:, None], rows_Bn].set(entries_BnH, mode="drop")
+        entries_BCH = (kv_cache.write_rows(stored, rows_Bn, entries_BnH) if packed else
+                       stored.at[jnp.arange(B)[:, None], rows_Bn].set(entries_BnH, mode="drop"))
         ends_B = lengths_B + new_B
         start_B = ends_B - jnp.mod(ends_B, R) - w0_B           # the new w0, in buffer rows (before O)
         return {"entries_BCH": entries_BCH, "pending_kv_BPF": take_rows(kv_BAF, start_B, O + R),
@@ -193,7 +202,7 @@ class LightningIndexer(nnx.Module):
         self.num_heads, self.head_dim, self.ratio, self.top_k = num_heads, head_dim, ratio, top_k
         self.rope, self.rope_dim = rope, rope_dim
         self.compressor = Compressor(d_model, head_dim, ratio, overlap=overlap, rope=rope, rope_dim=rope_dim,
-                                     eps=eps, rngs=rngs)
+                                     eps=eps, fp4_cache=True, rngs=rngs)
         self.q_proj = params.normal(rngs, (q_rank, num_heads, head_dim), ("q_lora", "index_heads", "index_dim"))
         self.weights_proj = params.normal(rngs, (d_model, num_heads), ("embed", "index_heads"))
 
@@ -228,15 +237,21 @@ class LightningIndexer(nnx.Module):
         return self.compressor.cache_spec(batch, max_len, dtype)
 
     def extend(self, x_BTD: jax.Array, qr_BTQ: jax.Array, positions_BT: jax.Array, cache: dict,
-               lengths_B: jax.Array, new_B: jax.Array) -> tuple[jax.Array, dict]:
+               lengths_B: jax.Array, new_B: jax.Array, *, kernel: str | None = None) -> tuple[jax.Array, dict]:
         """Decoding: the chunk's index keys join the cache, then each query picks its top-k among all the
         cached keys visible to it. Returns int32 indices [B, T, min(top_k, C)] (-1: unused) and the cache.
         Ties (e.g. entries that all score exactly 0.0 after the ReLU) go to the lowest entry index, as in
-        the forward pass: both rank with `lax.top_k` over entries in position order."""
+        the forward pass: both rank with `lax.top_k` over entries in position order. `kernel`
+        ("pallas_gpu" or "pallas_tpu") scores through the indexer's kernel (pallas_kernels.indexer_decode_topk,
+        `top_k` slots)."""
         cache = self.compressor.extend(x_BTD, cache, lengths_B, new_B)
         q_BTNH, weights_BTN = self._queries(x_BTD, qr_BTQ, positions_BT)
-        keys_BCH = cache["entries_BCH"]
-        dots_BTNC = jnp.einsum("BTNH,BCH->BTNC", q_BTNH, keys_BCH.astype(q_BTNH.dtype),
+        keys_BCH = kv_cache.read(cache["entries_BCH"], q_BTNH.dtype)   # unpacked under an fp4 index cache
+        if kernel:
+            return indexer_decode_topk(q_BTNH, keys_BCH, weights_BTN,
+                                       positions_BT.astype(jnp.int32), ratio=self.ratio, topk=self.top_k,
+                                       impl=kernel), cache
+        dots_BTNC = jnp.einsum("BTNH,BCH->BTNC", q_BTNH, keys_BCH,
                                preferred_element_type=jnp.float32)
         scores_BTC = jnp.einsum("BTNC,BTN->BTC", jax.nn.relu(dots_BTNC), weights_BTN)
         visible_BTC = jnp.arange(keys_BCH.shape[1])[None, None] < ((positions_BT + 1) // self.ratio)[..., None]

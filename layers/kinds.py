@@ -124,9 +124,10 @@ class AttentionKind:
 # ---- grouped-query attention (full, sliding, KV-shared) -------------------------------------------
 
 def _gqa_kv_bytes(cfg, i: int, itemsize: int) -> int:
-    """K and V, each kv heads x head dim. `k_eq_v` layers cache both too: V is the raw key projection
-    after v_norm, K is that projection after k_norm and RoPE, so they differ."""
-    return 2 * option(cfg, "num_kv_heads", i) * option(cfg, "head_dims", i) * itemsize
+    """K and V, each kv heads x head dim; a `k_eq_v` layer caches only its raw key projection (V is that
+    projection after v_norm, K after k_norm and RoPE: both follow on read)."""
+    tensors = 1 if option(cfg, "k_eq_v", i) else 2
+    return tensors * option(cfg, "num_kv_heads", i) * option(cfg, "head_dims", i) * itemsize
 
 
 def _windowed_tokens(cfg, i: int, context):
@@ -145,7 +146,9 @@ GQA = Accounting(_gqa_kv_bytes, _windowed_tokens, _gqa_flops_per_key)
 
 def _gqa_cache(cfg, i: int, kind: str, batch: int, max_len: int, dtype) -> dict:
     """Keys and values of every position (full), a ring of the window (sliding), nothing (KV-shared: the
-    layer reads what its source attended over, so its window may not reach further than the source's)."""
+    layer reads what its source attended over, so its window may not reach further than the source's).
+    A `k_eq_v` layer stores one tensor, its raw key projection (`kv_BSKH`): keys and values follow from it
+    on read (Attention.keys_values), so its cache is half the size."""
     src = option(cfg, "kv_sources", i)
     if src >= 0:
         own, theirs = (option(cfg, "windows", j) if cfg.attention_types[j] == "sliding" else 0 for j in (i, src))
@@ -156,7 +159,7 @@ def _gqa_cache(cfg, i: int, kind: str, batch: int, max_len: int, dtype) -> dict:
     window = option(cfg, "windows", i) if kind == "sliding" else 0
     kv = jax.ShapeDtypeStruct((batch, window or max_len, option(cfg, "num_kv_heads", i), option(cfg, "head_dims", i)),
                               dtype)
-    return {"k_BSKH": kv, "v_BSKH": kv}
+    return {"kv_BSKH": kv} if option(cfg, "k_eq_v", i) else {"k_BSKH": kv, "v_BSKH": kv}
 
 
 def _heads_check(cfg, i: int) -> None:

@@ -79,3 +79,98 @@ def put_rows(x_BA: jax.Array, new_BT: jax.Array, start_B: jax.Array) -> jax.Arra
     """x with new[b] written at x[b, start_B[b]:] per row."""
     return jax.vmap(lambda x, n, s: jax.lax.dynamic_update_slice_in_dim(x, n, s, axis=0))(
         x_BA, new_BT.astype(x_BA.dtype), start_B)
+
+
+# ---- packed low-precision entries (DeepSeek-V4's native cache precision) -------------------------------
+# An fp8 entry of width H: its first H - R channels (no RoPE) as float8_e4m3fn in blocks of FP8_BLOCK, each
+# block's scale a power of two stored as one biased exponent byte (e8m0) among SCALE_BYTES bytes, and the
+# last R (RoPE) channels in bfloat16: (H - R) + 8 + 2R bytes. An fp4 key of width H: float4 e2m1 codes, two
+# per byte, with one e8m0 scale byte per FP4_BLOCK values: H / 2 + H / 32 bytes.
+
+FP8 = jnp.float8_e4m3fn
+FP8_BLOCK, FP4_BLOCK, SCALE_BYTES = 64, 32, 8
+_FP8_MAX, _FP4_MAX = 448.0, 6.0
+_FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def is_packed(leaf) -> bool:
+    """Whether a cache leaf is a packed entry (a dict of its parts) rather than a plain array."""
+    return isinstance(leaf, dict)
+
+
+def packed_spec(shape: tuple[int, ...], dim: int, *, rope_dim: int = 0, fp4: bool = False) -> dict:
+    """The parts (jax.ShapeDtypeStruct) of packed entries of width `dim` at leading `shape` (e.g. (B, C))."""
+    if fp4:
+        if dim % FP4_BLOCK:
+            raise ValueError(f"fp4 keys need a width divisible by {FP4_BLOCK}, got {dim}")
+        return {"codes_fp4x2": jax.ShapeDtypeStruct((*shape, dim // 2), jnp.uint8),
+                "scales_e8m0": jax.ShapeDtypeStruct((*shape, dim // FP4_BLOCK), jnp.uint8)}
+    nope = dim - rope_dim
+    if -(-nope // FP8_BLOCK) > SCALE_BYTES:
+        raise ValueError(f"fp8 entries keep {SCALE_BYTES} block scales of {FP8_BLOCK} channels: at most "
+                         f"{SCALE_BYTES * FP8_BLOCK} non-RoPE channels, got {nope}")
+    return {"values_fp8": jax.ShapeDtypeStruct((*shape, nope), FP8),
+            "scales_e8m0": jax.ShapeDtypeStruct((*shape, SCALE_BYTES), jnp.uint8),
+            "rope_bf16": jax.ShapeDtypeStruct((*shape, rope_dim), jnp.bfloat16)}
+
+
+def _block_exponents(x_blocks: jax.Array, top: float) -> jax.Array:
+    """int32 biased exponents e (scale 2^(e - 127), in [1, 254]) putting each block's max |x| <= top."""
+    amax = jnp.max(jnp.abs(x_blocks), axis=-1)
+    e = jnp.ceil(jnp.log2(jnp.maximum(amax, 1e-30) / top)).astype(jnp.int32) + 127
+    return jnp.clip(e, 1, 254)
+
+
+def _scale(e: jax.Array) -> jax.Array:
+    return jnp.exp2((e.astype(jnp.int32) - 127).astype(jnp.float32))
+
+
+def pack(x: jax.Array, like: dict) -> dict:
+    """Entries x [..., H] in the packed layout of `like` (a packed spec or packed entries)."""
+    x = x.astype(jnp.float32)
+    lead = x.shape[:-1]
+    if "codes_fp4x2" in like:
+        blocks = x.reshape(*lead, -1, FP4_BLOCK)
+        e = _block_exponents(blocks, _FP4_MAX)
+        v = blocks / _scale(e)[..., None]
+        mids = jnp.asarray([(a + b) / 2 for a, b in zip(_FP4_VALUES, _FP4_VALUES[1:])], jnp.float32)
+        codes = jnp.searchsorted(mids, jnp.abs(v)).astype(jnp.uint8) | jnp.where(v < 0, 8, 0).astype(jnp.uint8)
+        codes = codes.reshape(*lead, -1, 2)
+        return {"codes_fp4x2": codes[..., 0] | (codes[..., 1] << 4), "scales_e8m0": e.astype(jnp.uint8)}
+    nope = like["values_fp8"].shape[-1]
+    body, rope = x[..., :nope], x[..., nope:]
+    blocks = -(-nope // FP8_BLOCK)
+    padded = jnp.pad(body, [(0, 0)] * len(lead) + [(0, blocks * FP8_BLOCK - nope)]).reshape(*lead, blocks, FP8_BLOCK)
+    e = _block_exponents(padded, _FP8_MAX)
+    values = (padded / _scale(e)[..., None]).reshape(*lead, -1)[..., :nope].astype(FP8)
+    scales = jnp.pad(e, [(0, 0)] * len(lead) + [(0, SCALE_BYTES - blocks)]).astype(jnp.uint8)
+    return {"values_fp8": values, "scales_e8m0": scales, "rope_bf16": rope.astype(jnp.bfloat16)}
+
+
+def unpack(packed: dict, dtype) -> jax.Array:
+    """Packed entries back as [..., H] in `dtype`."""
+    if "codes_fp4x2" in packed:
+        codes = packed["codes_fp4x2"]
+        lead = codes.shape[:-1]
+        nibbles = jnp.stack([codes & 15, codes >> 4], axis=-1).reshape(*lead, -1, FP4_BLOCK)
+        table = jnp.asarray(_FP4_VALUES + tuple(-v for v in _FP4_VALUES), jnp.float32)
+        values = table[nibbles.astype(jnp.int32)] * _scale(packed["scales_e8m0"])[..., None]
+        return values.reshape(*lead, -1).astype(dtype)
+    values = packed["values_fp8"]
+    lead, nope = values.shape[:-1], values.shape[-1]
+    blocks = -(-nope // FP8_BLOCK)
+    scale = jnp.repeat(_scale(packed["scales_e8m0"][..., :blocks]), FP8_BLOCK, axis=-1)[..., :nope]
+    body = values.astype(jnp.float32) * scale
+    return jnp.concatenate([body, packed["rope_bf16"].astype(jnp.float32)], axis=-1).astype(dtype)
+
+
+def write_rows(packed: dict, rows_BN: jax.Array, new_BNH: jax.Array) -> dict:
+    """Packed entries with new [B, N, H] written at rows_BN[b, n] of row b (out-of-range rows dropped)."""
+    new = pack(new_BNH, packed)
+    B = rows_BN.shape[0]
+    return {k: packed[k].at[jnp.arange(B)[:, None], rows_BN].set(new[k], mode="drop") for k in packed}
+
+
+def read(leaf, dtype) -> jax.Array:
+    """A cache leaf's entries [..., H] in `dtype`, unpacked if packed."""
+    return unpack(leaf, dtype) if is_packed(leaf) else leaf.astype(dtype)

@@ -27,13 +27,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import kv_cache, params
-from layers.attention import IMPLS, kernel_lowering
+from layers.attention import DECODE_MAX_TOKENS, IMPLS, kernel_lowering
 from layers.compression import Compressor, LightningIndexer, entry_visibility
 from layers.context import LayerContext
 from layers.norms import RMSNorm, rms_normalize
 from layers.partitioning import UNPARTITIONED, Partitioning
 from layers.rope import RopeSpec, apply_rope_tail
-from pallas_kernels import csa_attention as csa_kernel, flash_attention, hca_attention as hca_kernel
+from pallas_kernels import (compressed_decode_attention, csa_attention as csa_kernel, flash_attention,
+                            hca_attention as hca_kernel)
 
 
 def window_visibility(num_tokens: int, window: int, segment_ids_BT: jax.Array | None = None) -> jax.Array:
@@ -143,8 +144,11 @@ class CompressedAttention(nnx.Module):
 
     def cache_spec(self, batch: int, max_len: int, dtype) -> dict:
         """A ring of the last `window` K=V vectors; the compressor's entries and pending window; the
-        indexer's keys and pending window."""
-        spec = {"kv_BWH": jax.ShapeDtypeStruct((batch, self.window, self.head_dim), dtype)}
+        indexer's keys and pending window. A float8 `dtype` keeps the ring and entries in the native
+        precision (fp8 + block scales + bf16 RoPE part; the index keys fp4)."""
+        spec = {"kv_BWH": (kv_cache.packed_spec((batch, self.window), self.head_dim, rope_dim=self.rope_dim)
+                           if jnp.dtype(dtype) == kv_cache.FP8
+                           else jax.ShapeDtypeStruct((batch, self.window, self.head_dim), dtype))}
         if self.compressor is not None:
             spec["compressor"] = self.compressor.cache_spec(batch, max_len, dtype)
         if self.indexer is not None:
@@ -173,29 +177,48 @@ class CompressedAttention(nnx.Module):
 
     def _cached_attention(self, x_BTD, qr_BTQ, q_BTNH, kv_BTH, positions_BT, cache, lengths_B, new_B
                           ) -> tuple[jax.Array, dict]:
-        """Decoding (pure JAX): the window over the ring and the chunk, and the cached compressed entries
-        (all visible ones, or the indexer's top-k), in one softmax with the sink."""
-        seen, kv_positions_BS, ring = kv_cache.extend({"kv_BWH": cache["kv_BWH"]}, {"kv_BWH": kv_BTH}, lengths_B,
-                                                      new_B, window=self.window)
-        q_pos_BT1, kv_pos_B1S = positions_BT[:, :, None], kv_positions_BS[:, None]
-        in_window_BTS = (kv_pos_B1S <= q_pos_BT1) & (q_pos_BT1 - kv_pos_B1S < self.window)
-        parts = [(seen["kv_BWH"].astype(q_BTNH.dtype), in_window_BTS)]
-        new_cache = {"kv_BWH": ring["kv_BWH"]}
+        """Decoding: the window over the ring and the chunk, and the cached compressed entries (all visible
+        ones, or the indexer's top-k), in one softmax with the sink. A float8 cache's packed ring and entries
+        are unpacked first; then the chunk attends through the decode kernels
+        (pallas_kernels.compressed_decode_attention) where `kernel_lowering` names one and the chunk is
+        short, else pure JAX."""
+        lowering = kernel_lowering(self.impl)
+        if q_BTNH.shape[1] > DECODE_MAX_TOKENS:
+            lowering = None
+        ring = cache["kv_BWH"]   # packed parts under a float8 cache (layers.kv_cache.packed_spec)
+        packed = kv_cache.is_packed(ring)
+        store, new = ((ring, kv_cache.pack(kv_BTH, ring)) if packed
+                      else ({"kv_BWH": ring}, {"kv_BWH": kv_BTH}))
+        seen, kv_positions_BS, ring = kv_cache.extend(store, new, lengths_B, new_B, window=self.window)
+        window_kv_BSH = kv_cache.read(seen if packed else seen["kv_BWH"], q_BTNH.dtype)
+        new_cache = {"kv_BWH": ring if packed else ring["kv_BWH"]}
+        entries_BCH = indices_BTK = None
         if self.compressor is not None:
             new_cache["compressor"] = self.compressor.extend(x_BTD, cache["compressor"], lengths_B, new_B)
-            entries_BCH = new_cache["compressor"]["entries_BCH"]
+            entries_BCH = kv_cache.read(new_cache["compressor"]["entries_BCH"], q_BTNH.dtype)
+            if self.indexer is not None:
+                indices_BTK, new_cache["indexer"] = self.indexer.extend(x_BTD, qr_BTQ, positions_BT, cache["indexer"],
+                                                                        lengths_B, new_B, kernel=lowering)
+        sinks_N, scale = self.sinks[...], self.head_dim ** -0.5
+        if lowering:
+            return compressed_decode_attention(
+                q_BTNH, window_kv_BSH, kv_positions_BS, positions_BT.astype(jnp.int32), entries_BCH, sinks_N,
+                window=self.window, ratio=self.ratio if indices_BTK is None and entries_BCH is not None else None,
+                indices_BTK=indices_BTK, scale=scale, impl=lowering), new_cache
+        q_pos_BT1, kv_pos_B1S = positions_BT[:, :, None], kv_positions_BS[:, None]
+        in_window_BTS = (kv_pos_B1S <= q_pos_BT1) & (q_pos_BT1 - kv_pos_B1S < self.window)
+        parts = [(window_kv_BSH, in_window_BTS)]
+        if entries_BCH is not None:
             C = entries_BCH.shape[1]
-            if self.indexer is None:
+            if indices_BTK is None:
                 visible_BTC = jnp.arange(C)[None, None] < (q_pos_BT1 + 1) // self.ratio
             else:
-                indices_BTK, new_cache["indexer"] = self.indexer.extend(x_BTD, qr_BTQ, positions_BT, cache["indexer"],
-                                                                        lengths_B, new_B)
                 rows_BTK = jnp.where(indices_BTK >= 0, indices_BTK, C)   # unused slots: a dropped column
                 B, T, _ = indices_BTK.shape
                 visible_BTC = jnp.zeros((B, T, C + 1), bool).at[
                     jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], rows_BTK].set(True)[..., :C]
-            parts.append((entries_BCH.astype(q_BTNH.dtype), visible_BTC))
-        return _attend(q_BTNH, parts, self.sinks[...], self.head_dim ** -0.5), new_cache
+            parts.append((entries_BCH, visible_BTC))
+        return _attend(q_BTNH, parts, sinks_N, scale), new_cache
 
     def _attention(self, x_BTD, qr_BTQ, q_BTNH, kv_BTH, positions_BT, segment_ids_BT, partitioning: Partitioning
                    ) -> jax.Array:

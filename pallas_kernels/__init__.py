@@ -1,7 +1,10 @@
-"""Pallas kernels: dense causal flash attention (GQA, window, sinks, segments) and DeepSeek-V4 compressed
+"""Pallas kernels: dense causal flash attention (GQA, window, sinks, segments), DeepSeek-V4 compressed
 attention: CSA (window + top-k compressed entries), HCA (window + every visible compressed entry) and the
-lightning indexer. Each has a pure-JAX reference, a Triton (GPU) and a Mosaic (TPU) lowering and a custom
-VJP whose backward is also a kernel; everything public is importable from here.
+lightning indexer, and Memory Sparse Attention (document routing over a memory bank, attention over the
+selected documents' pooled chunks and the own tokens). Each has a pure-JAX reference, a Triton (GPU) and a
+Mosaic (TPU) lowering and a custom VJP whose backward is also a kernel; the decode kernels (flash-decoding of
+the cached paths) have the references and both lowerings but are forward only. Everything public is importable
+from here.
 
 Files, by kind (the API file of a kind holds its reference and custom VJP; the others its lowerings):
   common.py                 shared helpers: lowering choice, input checks, padding, tile matmuls, window
@@ -20,6 +23,15 @@ Files, by kind (the API file of a kind holds its reference and custom VJP; the o
   indexer.py                lightning indexer: API, reference, custom VJP, chunked top-k
   indexer_gpu.py            Triton scores kernel and its backward
   indexer_tpu.py            Mosaic TPU scores kernel and its backward
+  msa.py                    Memory Sparse Attention: routing (chunk scores, document top-k) and attention
+                            over [memory; own]: API, references, custom VJPs
+  msa_gpu.py                Triton routing kernel, attention forward, dQ and dK/dV kernels
+  msa_tpu.py                Mosaic TPU routing kernel, attention forward, dQ and dK/dV kernels
+  decode.py                 decode attention (flash-decoding, forward only): dense GQA over a full cache or
+                            a ring, DeepSeek-V4 window + compressed entries, the indexer's decode top-k;
+                            references, the split-combine step
+  decode_gpu.py             Triton partial-softmax kernel of decode attention
+  decode_tpu.py             Mosaic TPU partial-softmax kernel of decode attention
 
 Shapes follow the repo's one legend (DESIGN.md): B batch, T query tokens, S key tokens, N query heads,
 K kv heads, G query heads per kv head, H head dim, C compressed entries, P chunk size; K also counts the
@@ -28,11 +40,19 @@ top-k slots of CSA's indices [B, T, K].
 from pallas_kernels.common import BlockSizes, gpu_compute_capability, resolve_lowering
 from pallas_kernels.compressed import (csa_attention, csa_attention_reference, hca_attention,
                                        hca_attention_reference)
+from pallas_kernels.decode import (DecodeBlockSizes, compressed_decode_attention,
+                                   compressed_decode_attention_reference, decode_attention, decode_attention_reference,
+                                   indexer_decode_topk, indexer_decode_topk_reference)
 from pallas_kernels.flash_attention import (FlashBlockSizes, flash_attention, flash_attention_reference,
                                             hopper_kernel_runs_both_ways)
 from pallas_kernels.indexer import IndexerBlockSizes, indexer_scores, indexer_scores_reference, indexer_topk
+from pallas_kernels.msa import (MsaBlockSizes, msa_attention, msa_attention_reference, msa_chunk_scores,
+                                msa_chunk_scores_reference, msa_document_scores, msa_route)
 
-__all__ = ["BlockSizes", "FlashBlockSizes", "IndexerBlockSizes", "csa_attention", "csa_attention_reference",
-           "flash_attention", "flash_attention_reference", "gpu_compute_capability", "hca_attention",
+__all__ = ["BlockSizes", "DecodeBlockSizes", "FlashBlockSizes", "IndexerBlockSizes", "compressed_decode_attention",
+           "compressed_decode_attention_reference", "csa_attention", "csa_attention_reference",
+           "decode_attention", "decode_attention_reference", "flash_attention", "flash_attention_reference", "gpu_compute_capability", "hca_attention",
            "hca_attention_reference", "hopper_kernel_runs_both_ways", "indexer_scores", "indexer_scores_reference",
-           "indexer_topk", "resolve_lowering"]
+           "indexer_decode_topk", "indexer_decode_topk_reference", "indexer_topk", "MsaBlockSizes", "msa_attention",
+           "msa_attention_reference", "msa_chunk_scores", "msa_chunk_scores_reference", "msa_document_scores",
+           "msa_route", "resolve_lowering"]

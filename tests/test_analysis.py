@@ -102,8 +102,8 @@ def test_released_kv_cache_matches_the_sheet(preset, m, sliding_b, full_b, gb_no
 def test_moe_active_params_drop_the_unselected_experts():
     rep = _report("26b_a4b")
     assert rep["params_total"] - rep["params_active"] == (128 - 8) * 3 * 2816 * 704 * 30
-    # k_eq_v full layers (2 kv heads x 512) still cache K and V separately
-    assert rep["kv_bytes_per_token_by_type"] == {"sliding": 2 * 8 * 256 * 2, "full": 2 * 2 * 512 * 2}
+    # k_eq_v full layers (2 kv heads x 512) cache one tensor, the raw key projection (K and V follow on read)
+    assert rep["kv_bytes_per_token_by_type"] == {"sliding": 2 * 8 * 256 * 2, "full": 1 * 2 * 512 * 2}
 
 
 def test_tiny_counts_every_parameter_of_the_built_model():

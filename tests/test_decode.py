@@ -59,27 +59,48 @@ def _jitted_extend(model):
     return functools.partial(run, state)
 
 
+def _decode_logits(model, tokens_BT, prompt: int = PROMPT):
+    """Logits of the first `prompt` tokens prefilled in chunks of 5 (the last padded), then token by token;
+    checks the cache lengths."""
+    extend = _jitted_extend(model)
+    cache = inference.init_cache(model, batch_size=2, max_len=T)
+    got = []
+    for start in range(0, prompt, CHUNK):   # the last chunk is padded: 3 real tokens of 5
+        chunk_BT = jnp.pad(tokens_BT[:, start:start + CHUNK], [(0, 0), (0, max(0, start + CHUNK - PROMPT))])
+        n = min(CHUNK, prompt - start)
+        logits_BTV, cache = extend(chunk_BT, cache, jnp.full((2,), n, jnp.int32))
+        got.append(logits_BTV[:, :n])
+    for t in range(prompt, T):
+        logits_BTV, cache = extend(tokens_BT[:, t:t + 1], cache, jnp.ones((2,), jnp.int32))
+        got.append(logits_BTV)
+    np.testing.assert_array_equal(np.asarray(cache["lengths_B"]), [T, T])
+    return jnp.concatenate(got, axis=1)
+
+
 @pytest.mark.parametrize("family,preset", CASES)
 def test_prefill_and_decode_equal_the_forward_pass(family, preset):
     m = _small(family, preset)
     model = zoo.build(m, seed=1)
     tokens_BT = jnp.asarray(np.random.default_rng(0).integers(0, m.vocab_size, (2, T)), jnp.int32)
     want_BTV = jax.jit(lambda t: model(t))(tokens_BT)
-    extend = _jitted_extend(model)
-    cache = inference.init_cache(model, batch_size=2, max_len=T)
-    got = []
-    for start in range(0, PROMPT, CHUNK):   # the last chunk is padded: 3 real tokens of 5
-        chunk_BT = jnp.pad(tokens_BT[:, start:start + CHUNK], [(0, 0), (0, max(0, start + CHUNK - PROMPT))])
-        n = min(CHUNK, PROMPT - start)
-        logits_BTV, cache = extend(chunk_BT, cache, jnp.full((2,), n, jnp.int32))
-        got.append(logits_BTV[:, :n])
-    for t in range(PROMPT, T):
-        logits_BTV, cache = extend(tokens_BT[:, t:t + 1], cache, jnp.ones((2,), jnp.int32))
-        got.append(logits_BTV)
-    got_BTV = jnp.concatenate(got, axis=1)
-    np.testing.assert_array_equal(np.asarray(cache["lengths_B"]), [T, T])
-    diff = float(jnp.max(jnp.abs(got_BTV - want_BTV)))
+    diff = float(jnp.max(jnp.abs(_decode_logits(model, tokens_BT) - want_BTV)))
     assert diff <= 1e-4, f"{family}:{preset}: decode differs from the forward pass by {diff}"
+
+
+@pytest.mark.parametrize("family", ["gemma4", "deepseek_v4"])
+def test_decode_kernels_equal_the_forward_pass(family):
+    """attention_impl="pallas": every decode step attends through the decode kernels (Triton lowering in
+    interpret mode here; DeepSeek-V4's indexer top-k, HCA and CSA too), against the pure-JAX forward pass
+    of the same weights. Token by token from the first (one compiled step; chunks of several tokens are
+    the kernel tests' business)."""
+    m = _small(family)
+    reference = zoo.build(m, seed=1)
+    m.attention_impl = "pallas"
+    model = zoo.build(m, seed=1)
+    tokens_BT = jnp.asarray(np.random.default_rng(0).integers(0, m.vocab_size, (2, T)), jnp.int32)
+    want_BTV = jax.jit(lambda t: reference(t))(tokens_BT)
+    diff = float(jnp.max(jnp.abs(_decode_logits(model, tokens_BT, prompt=0) - want_BTV)))
+    assert diff <= 1e-4, f"{family}: kernel decode differs from the forward pass by {diff}"
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +116,16 @@ def test_caches_hold_what_their_kinds_promise(gemma):
     for i, (kind, src, layer) in enumerate(zip(m.attention_types, m.kv_sources, spec["layers"])):
         if src >= 0:
             assert layer == {} and inference.cache_bytes(layer) == 0, i
+            continue
+        slots = WINDOW if kind == "sliding" else 100
+        shape = (3, slots, m.num_kv_heads[i], m.head_dims[i])
+        if m.k_eq_v[i]:   # one tensor (the raw key projection): half of a K and V cache
+            assert set(layer) == {"kv_BSKH"} and layer["kv_BSKH"].shape == shape, i
+            assert inference.cache_bytes(layer) == np.prod(shape) * 2, i
         else:
-            slots = WINDOW if kind == "sliding" else 100
-            assert layer["k_BSKH"].shape == (3, slots, m.num_kv_heads[i], m.head_dims[i]), i
-            assert layer["v_BSKH"].dtype == jnp.bfloat16
-    assert spec["lengths_B"].shape == (3,)
+            assert layer["k_BSKH"].shape == shape and layer["v_BSKH"].dtype == jnp.bfloat16, i
+            assert inference.cache_bytes(layer) == 2 * np.prod(shape) * 2, i
+    assert any(m.k_eq_v) and spec["lengths_B"].shape == (3,)
     full = jax.eval_shape(lambda: zoo.init_cache(get_gemma4("tiny"), batch_size=3, max_len=100))   # a full config
     assert inference.cache_bytes(full) > 0
 
@@ -120,6 +146,24 @@ def test_a_batch_of_prompts_gives_each_row_its_own_tokens(gemma):
         end = int(np.argmax(want == stop)) + 1 if (want == stop).any() else len(want)
         np.testing.assert_array_equal(row[:end], want[:end])
         assert (row[end:] == 0).all()
+
+
+def test_separate_prefill_and_decode_programs_give_generate_tokens(gemma):
+    """inference.prefill_program + decode_program (what benchmarks/decode.py times: a donated cache, no
+    host callback) give zoo.generate's greedy tokens, and compile once for repeated calls of one shape."""
+    m, model = gemma
+    graphdef, state = nnx.split(model)
+    prompt_BT = jnp.asarray(np.random.default_rng(6).integers(3, m.vocab_size, (2, 11)), jnp.int32)
+    lengths_B = jnp.full((2,), 11, jnp.int32)
+    want = np.asarray(zoo.generate(model, prompt_BT, max_new_tokens=9, prefill_chunk=4))
+    for _ in range(2):
+        cache = inference.init_cache(model, batch_size=2, max_len=11 + 9)
+        logits_BV, cache = inference.prefill_program(graphdef, state, cache, prompt_BT, lengths_B, chunk=4)
+        tokens_BN, cache = inference.decode_program(graphdef, state, cache, logits_BV, jax.random.key(0),
+                                                    max_new_tokens=9)
+        np.testing.assert_array_equal(np.asarray(tokens_BN), want)
+        np.testing.assert_array_equal(np.asarray(cache["lengths_B"]), [11 + 8, 11 + 8])
+    assert inference.prefill_program._cache_size() == 1 and inference.decode_program._cache_size() == 1
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(gemma):
@@ -186,3 +230,53 @@ def test_allocated_cache_is_the_analysis_figure(family, preset):
     for i, layer in enumerate(spec["layers"]):   # a KV-shared layer allocates nothing
         if option(cfg, "kv_sources", i) >= 0:
             assert inference.cache_bytes(layer) == 0
+
+
+def test_packed_entries_round_off_as_fp8_and_fp4_do():
+    """layers.kv_cache.pack/unpack: each fp8 value within half an e4m3 step of x (relative 2^-4, or the
+    subnormal step 2^-9 of its block scale), the RoPE part bf16-rounded, each fp4 value on the e2m1 grid
+    within half its widest gap (1 x scale)."""
+    from layers import kv_cache
+    x = np.asarray(jax.random.normal(jax.random.key(0), (3, 5, 160)) * np.logspace(-3, 2, 160), np.float32)
+    packed = kv_cache.pack(jnp.asarray(x), kv_cache.packed_spec((3, 5), 160, rope_dim=32))
+    assert packed["values_fp8"].shape == (3, 5, 128) and packed["scales_e8m0"].shape == (3, 5, 8)
+    y = np.asarray(kv_cache.unpack(packed, jnp.float32))
+    scale = np.repeat(2.0 ** (np.asarray(packed["scales_e8m0"][..., :2], np.float32) - 127), 64, axis=-1)
+    assert np.all(np.abs(y[..., :128] - x[..., :128]) <= 2 ** -4 * np.abs(x[..., :128]) + 2 ** -10 * scale)
+    np.testing.assert_allclose(y[..., 128:], x[..., 128:], rtol=2 ** -8)
+    packed = kv_cache.pack(jnp.asarray(x), kv_cache.packed_spec((3, 5), 160, fp4=True))
+    assert packed["codes_fp4x2"].shape == (3, 5, 80) and packed["scales_e8m0"].shape == (3, 5, 5)
+    y = np.asarray(kv_cache.unpack(packed, jnp.float32))
+    scale = np.repeat(2.0 ** (np.asarray(packed["scales_e8m0"], np.float32) - 127), 32, axis=-1)
+    assert np.all(np.isin(np.abs(y / scale), [0, 0.5, 1, 1.5, 2, 3, 4, 6]))
+    assert np.all(np.abs(y - x) <= scale)
+
+
+def test_fp8_cache_is_the_native_figure_and_close_to_the_bf16_cache():
+    """cache_dtype float8_e4m3fn on DeepSeek-V4 layers allocates exactly zoo.analysis's native bytes (the
+    tiny test config, and the flash preset at 128K: head_dim 512, 448 fp8 channels in 7 scaled blocks), and
+    its logits after prefill + decode stay within the README's tolerance of the bf16 cache's: median
+    per-position relative L2 error < 0.1 (most positions 2-5 %; a flipped top-k or MoE route moves a few
+    positions further)."""
+    m = _small("deepseek_v4")
+    for cfg, length in ((m, T), (importlib.import_module("configs.deepseek_v4").get_config("flash").model, 131_072)):
+        spec = inference.cache_spec(cfg, batch_size=2, max_len=length, dtype="float8_e4m3fn")
+        assert (inference.cache_bytes_by_part(spec)["kv"]
+                == analysis.kv_cache(cfg, length, batch=2)["kv_cache_bytes_native"])
+    model = zoo.build(m, seed=1)
+    extend = _jitted_extend(model)
+    tokens_BT = jnp.asarray(np.random.default_rng(0).integers(0, m.vocab_size, (2, T)), jnp.int32)
+    logits = {}
+    for dtype in ("bfloat16", "float8_e4m3fn"):
+        cache = inference.init_cache(model, batch_size=2, max_len=T, dtype=dtype)
+        first_BTV, cache = extend(tokens_BT[:, :PROMPT], cache, jnp.full((2,), PROMPT, jnp.int32))
+        got = [first_BTV]
+        for t in range(PROMPT, T):
+            step_BTV, cache = extend(tokens_BT[:, t:t + 1], cache, jnp.ones((2,), jnp.int32))
+            got.append(step_BTV)
+        logits[dtype] = np.asarray(jnp.concatenate(got, axis=1))
+    error_BT = (np.linalg.norm(logits["float8_e4m3fn"] - logits["bfloat16"], axis=-1)
+                / np.linalg.norm(logits["bfloat16"], axis=-1))
+    assert np.median(error_BT) < 0.1 and 0 < np.min(error_BT), np.round(error_BT, 3)
+    with pytest.raises(ValueError, match="float8_e4m3fn needs every attention kind"):
+        inference.cache_spec(_small("gemma4"), batch_size=1, max_len=8, dtype="float8_e4m3fn")

@@ -26,9 +26,38 @@ def cache_spec(config, *, batch_size: int, max_len: int, dtype=jnp.float32) -> d
     """The cache's shapes and dtypes (jax.ShapeDtypeStruct leaves), from a model config alone."""
     if batch_size < 1 or max_len < 1:
         raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size} and {max_len}")
-    dtype = jnp.dtype(dtypes.to_jnp(dtype, "cache dtype"))
+    dtype = resolve_cache_dtype(dtype, config)
     layers = tuple(kinds.attention_cache(config, i, batch_size, max_len, dtype) for i in range(config.num_layers))
     return {"lengths_B": jax.ShapeDtypeStruct((batch_size,), jnp.int32), "layers": layers}
+
+
+# A float8 cache stores entries in the model's native cache precision (fp8 with block scales, bf16 RoPE
+# part, fp4 index keys: layers.kv_cache.packed_spec); only the kinds that define one take it.
+FP8_CACHE, FP8_KINDS = "float8_e4m3fn", ("swa", "csa", "hca")
+
+
+def resolve_cache_dtype(dtype, config=None) -> jnp.dtype:
+    """The cache's dtype: a parameter dtype (zoo.dtypes) or "float8_e4m3fn" (for a config whose every
+    attention kind is one of FP8_KINDS)."""
+    if isinstance(dtype, str) and dtype.strip().lower() == FP8_CACHE or (
+            not isinstance(dtype, str) and np.dtype(dtype) == np.dtype(jnp.float8_e4m3fn)):
+        kinds_used = set(config.attention_types) if config is not None else set()
+        if config is not None and config.get("mtp_depth", 0):
+            kinds_used.add(config.mtp_attention_type)
+        if not kinds_used <= set(FP8_KINDS):
+            raise ValueError(f"cache dtype {FP8_CACHE} needs every attention kind to be one of {FP8_KINDS} "
+                             f"(DeepSeek-V4 layers), got {sorted(kinds_used - set(FP8_KINDS))}")
+        return jnp.dtype(jnp.float8_e4m3fn)
+    try:
+        return jnp.dtype(dtypes.to_jnp(dtype, "cache dtype"))
+    except ValueError:
+        raise ValueError(f"unknown cache dtype {dtype!r}; expected one of {list(dtypes.NAMES) + [FP8_CACHE]}"
+                         ) from None
+
+
+def cache_dtype_name(dtype, config=None) -> str:
+    """`resolve_cache_dtype`'s canonical name (a hashable static argument)."""
+    return resolve_cache_dtype(dtype, config).name
 
 
 def init_cache(model_or_config, *, batch_size: int, max_len: int, dtype=None) -> dict:
@@ -49,9 +78,11 @@ def cache_bytes(cache) -> int:
     return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache)))
 
 
-# Leaves that hold keys, values or compressed entries (what zoo.analysis's kv_cache_bytes counts); every
-# other leaf is per-sequence state: row lengths, a compressor's pending window, CCA's convolution inputs.
-KV_LEAVES = ("k_BSKH", "v_BSKH", "kv_BWH", "entries_BCH")
+# Leaves that hold keys, values or compressed entries (k_eq_v layers: one kv_BSKH), or their packed parts
+# (what zoo.analysis's kv_cache_bytes counts); every other leaf is per-sequence state: row lengths, a
+# compressor's pending window, CCA's convolution inputs.
+KV_LEAVES = ("k_BSKH", "v_BSKH", "kv_BSKH", "kv_BWH", "entries_BCH", "values_fp8", "scales_e8m0", "rope_bf16",
+             "codes_fp4x2")
 
 
 def cache_bytes_by_part(cache) -> dict[str, int]:
@@ -128,6 +159,15 @@ def decode(model: Decoder, cache: dict, logits_BV: jax.Array, key: jax.Array, *,
     run one token further inside a `lax.while_loop`; after a stop token a row emits `pad_id` and its
     cache no longer grows. `on_token(tokens_B)` (optional) receives each step's tokens on the host, in
     order, as they are produced. Returns int32 [B, N]."""
+    return decode_with_cache(model, cache, logits_BV, key, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
+                             pad_id=pad_id, on_token=on_token, **sampling)[0]
+
+
+def decode_with_cache(model: Decoder, cache: dict, logits_BV: jax.Array, key: jax.Array, *, max_new_tokens: int,
+                      stop_tokens: tuple[int, ...] = (), pad_id: int = 0, on_token=None, **sampling
+                      ) -> tuple[jax.Array, dict]:
+    """`decode`'s tokens [B, N] and the cache after them. Without `on_token` the loop never returns to
+    the host between steps."""
     B = logits_BV.shape[0]
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
 
@@ -150,7 +190,26 @@ def decode(model: Decoder, cache: dict, logits_BV: jax.Array, key: jax.Array, *,
 
     token_B, done_B, out_BN, key = emit(0, logits_BV, jnp.zeros((B,), bool),
                                         jnp.full((B, max_new_tokens), pad_id, jnp.int32), key)
-    return jax.lax.while_loop(cond, body, (jnp.int32(1), cache, token_B, done_B, out_BN, key))[4]
+    state = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, token_B, done_B, out_BN, key))
+    return state[4], state[1]
+
+
+# Prefill and decode as separate jitted programs over a donated cache (updated in place, never copied):
+# what a benchmark times. Each compiles once per (graph, shapes, static options).
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk"), donate_argnames=("cache",))
+def prefill_program(graphdef, state, cache, prompt_BT, prompt_lengths_B, *, chunk):
+    """`prefill` of a split model: (logits [B, V] at each row's last prompt token, cache)."""
+    return prefill(nnx.merge(graphdef, state), cache, prompt_BT, prompt_lengths_B, chunk=chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "stop_tokens", "pad_id", "temperature",
+                                             "top_k", "top_p"), donate_argnames=("cache",))
+def decode_program(graphdef, state, cache, logits_BV, key, *, max_new_tokens, stop_tokens=(), pad_id=0, temperature=0.0,
+           top_k=0, top_p=1.0):
+    """`decode_with_cache` of a split model, with no host callback: (tokens [B, N], cache)."""
+    return decode_with_cache(nnx.merge(graphdef, state), cache, logits_BV, key, max_new_tokens=max_new_tokens,
+                             stop_tokens=stop_tokens, pad_id=pad_id, temperature=temperature, top_k=top_k,
+                             top_p=top_p)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "max_len", "max_new_tokens", "stop_tokens",
@@ -230,5 +289,5 @@ def prepare_generate(model: Decoder, prompt_ids, *, max_new_tokens: int, tempera
     static = dict(chunk=min(prefill_chunk, T), max_len=max_len, max_new_tokens=max_new_tokens,
                   stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=pad_id, temperature=float(temperature),
                   top_k=int(top_k), top_p=float(top_p), on_token=on_token,
-                  cache_dtype=None if cache_dtype is None else dtypes.resolve(cache_dtype, "cache_dtype"))
+                  cache_dtype=None if cache_dtype is None else cache_dtype_name(cache_dtype, model.config))
     return args, static

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -96,10 +97,9 @@ def _check(models, task_names, lengths, depths, examples, seed) -> tuple[list[st
     each task's answer appended, which teacher forcing reads), lengths too short for a task."""
     if not models:
         raise ValueError("no models to sweep")
-    try:   # the plots come last; a missing matplotlib should stop the sweep before it starts
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise ImportError("the sweep's plots need matplotlib: pip install matplotlib") from None
+    # the plots come last; a missing matplotlib should stop the sweep before it starts
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("the sweep's plots need matplotlib: pip install matplotlib")
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must differ, got {names}")
