@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--skip_train", action="store_true", help="sweep and measure existing workdirs only")
     p.add_argument("--train_only", action="store_true", help="train (or finish training), then stop")
     p.add_argument("--parallel", type=int, default=1, help="runs sharing the device at once")
+    p.add_argument("--attention_impl", default=None, help="override model.attention_impl for the sweep and "
+                   "the decode timing (training keeps the preset's)")
     args = p.parse_args(argv)
     if args.smoke:
         args.preset, args.steps, args.seq_len, args.batch_size = "tiny", 4, 512, 1
@@ -112,7 +114,7 @@ def measure(workdir: str, args, dtype: str) -> dict:
     spec = jax.eval_shape(lambda: inference.init_cache(config.model, batch_size=1, max_len=args.analysis_context,
                                                        dtype="bfloat16"))
     parts = inference.cache_bytes_by_part(spec)
-    model = zoo.load(workdir, dtype=dtype)
+    model = zoo.load(workdir, dtype=dtype, attention_impl=args.attention_impl)
     prompt_BT = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, args.seq_len)), jnp.int32)
     times = {}
     for new in (8, 72):   # the difference removes prefill and compilation-free overheads
@@ -146,7 +148,8 @@ def main(argv=None) -> None:
     sweep = lambda paths, out: [sys.executable, "eval.py", f"--workdir={paths[0]}", f"--workdirs={','.join(paths[1:])}",
                                 f"--tasks={args.tasks}", f"--lengths={args.lengths}", f"--depths={args.depths}",
                                 f"--examples={args.examples}", f"--batch_size={args.examples}", f"--dtype={dtype}",
-                                f"--longctx_dir={out}"]
+                                f"--longctx_dir={out}"] + (
+                                    [f"--attention_impl={args.attention_impl}"] if args.attention_impl else [])
     start = time.perf_counter()
     run_all([sweep([workdirs[f]], f"{sweep_dir}_{f}") for f in families], args.parallel)
     os.makedirs(sweep_dir, exist_ok=True)
@@ -173,7 +176,7 @@ def main(argv=None) -> None:
     settings = {k: v for k, v in vars(args).items()}
     import jax
 
-    settings.update(device=str(jax.devices()[0].device_kind), dtype=dtype, sweep_s=sweep_s)
+    settings.update(attention_impl=args.attention_impl or "preset", device=str(jax.devices()[0].device_kind), dtype=dtype, sweep_s=sweep_s)
     with open(os.path.join(args.out, "study.json"), "w") as f:
         json.dump({"settings": settings, "rows": rows}, f, indent=1)
     header = (["family", "params", "train s", "val bits/byte"] + [f"{t} @{n}" for t in tasks for n in lengths]
