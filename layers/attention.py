@@ -18,14 +18,15 @@ from layers.context import LayerContext
 from layers.norms import RMSNorm
 from layers.partitioning import UNPARTITIONED, Partitioning
 from layers.rope import RopeSpec, apply_rope
-from pallas_kernels import decode_attention, flash_attention, gpu_compute_capability, hopper_kernel_runs_both_ways
+from pallas_kernels import (decode_attention, flash_attention, gpu_compute_capability, hopper_kernel_runs_both_ways,
+                            msa_attention)
 
 IMPLS = ("xla", "pallas", "auto")
 OUTPUT_GATES = ("none", "per_head", "per_element")
 _MASKED = -1e30
 # Cached chunks of at most this many tokens per row (decode steps, speculative verification) attend through
 # the decode kernel (pallas_kernels.decode_attention) where `kernel_lowering` names one; longer chunks
-# (prefill) through `dot_product_attention`.
+# (prefill) of full-attention layers through `_prefill_attention`, of windowed ones `dot_product_attention`.
 DECODE_MAX_TOKENS = 16
 
 
@@ -313,6 +314,31 @@ def _decode_attention(q_BTNH, k_BSKH, v_BSKH, sinks_N, q_positions_BT, kv_positi
     return out_BTKGH.reshape(B, T, N, -1).astype(q_BTNH.dtype)
 
 
+def _prefill_attention(q_BTNH, k_BTKH, v_BTKH, cached_k_BSKH, cached_v_BSKH, lengths_B, sinks_N, *, scale: float,
+                       impl: str, partitioning: Partitioning = UNPARTITIONED) -> jax.Array:
+    """A chunk of new tokens of a full-attention layer over [the cache's first lengths_B slots, all visible;
+    the chunk itself, causal], through the fused kernel of `pallas_kernels.msa_attention` (whose memory is
+    the cache here): prefill reads the cache once per key block, never a [T, S] mask or logits."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BTKH.shape[2]
+    dtype = cached_k_BSKH.dtype
+
+    def kernel(q_BTKGH, k_BTKH, v_BTKH, cached_k_BSKH, cached_v_BSKH, lengths_B, sinks_KG):
+        b, t, k, g, h = q_BTKGH.shape
+        out_BTNH = msa_attention(
+            q_BTKGH.reshape(b, t, k * g, h).astype(dtype), k_BTKH.astype(dtype), v_BTKH.astype(dtype),
+            cached_k_BSKH, cached_v_BSKH.astype(dtype), lengths_B,
+            sinks_N=None if sinks_KG is None else sinks_KG.reshape(k * g), scale=scale, impl=impl)
+        return out_BTNH.reshape(b, t, k, g, -1)
+
+    q_axes, kv_axes = ("batch", None, "kv_heads", None, None), ("batch", None, "kv_heads", None)
+    in_axes = (q_axes, kv_axes, kv_axes, kv_axes, kv_axes, ("batch",), None if sinks_N is None else ("kv_heads", None))
+    out_BTKGH = partitioning.per_shard(kernel, in_axes, q_axes)(
+        q_BTNH.reshape(B, T, K, N // K, H), k_BTKH, v_BTKH, cached_k_BSKH, cached_v_BSKH,
+        lengths_B.astype(jnp.int32), None if sinks_N is None else sinks_N.reshape(K, N // K))
+    return out_BTKGH.reshape(B, T, N, -1).astype(q_BTNH.dtype)
+
+
 class Attention(nnx.Module):
     """GQA/MQA self-attention with optional q/k/v norms, RoPE, sliding window, cross-layer KV sharing,
     per-head sinks and output gating.
@@ -400,7 +426,7 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q_BTNH = self.q_norm(q_BTNH)
         q_BTNH = apply_rope(q_BTNH, positions_BT, self.rope)
-        kv_positions_BS, new_cache = shared_positions_BS, None
+        kv_positions_BS, new_cache, prefill = shared_positions_BS, None, None
         if self.kv_source >= 0:
             if shared_kv is None:
                 raise ValueError("a kv-shared attention layer needs the source layer's keys and values")
@@ -415,15 +441,22 @@ class Attention(nnx.Module):
                 seen, kv_positions_BS, new_cache = kv_cache.extend(
                     layer_cache, {"kv_BSKH": k_raw_BTKH}, lengths_B, new_B, window=self.window)
                 k_BTKH, v_BTKH = self.keys_values(seen["kv_BSKH"], None, kv_positions_BS)
+                if self._prefill_kernel(q_BTNH):
+                    prefill = (*self.keys_values(k_raw_BTKH, None, positions_BT), k_BTKH, v_BTKH, lengths_B)
             else:
                 layer_cache, lengths_B, new_B = cache
                 k_BTKH, v_BTKH = self.keys_values(k_raw_BTKH, v_raw_BTKH, positions_BT)
+                if self._prefill_kernel(q_BTNH):
+                    prefill = (k_BTKH, v_BTKH, layer_cache["k_BSKH"], layer_cache["v_BSKH"], lengths_B)
                 seen, kv_positions_BS, new_cache = kv_cache.extend(
                     layer_cache, {"k_BSKH": k_BTKH, "v_BSKH": v_BTKH}, lengths_B, new_B, window=self.window)
                 k_BTKH, v_BTKH = seen["k_BSKH"], seen["v_BSKH"]
         sinks_N = None if self.sinks is None else self.sinks[...]
         lowering = kernel_lowering(self.impl)
-        if kv_positions_BS is not None and lowering and q_BTNH.shape[1] <= DECODE_MAX_TOKENS:
+        if prefill is not None:
+            out_BTNH = _prefill_attention(q_BTNH, *prefill, sinks_N, scale=self.scale, impl=lowering,
+                                          partitioning=partitioning)
+        elif kv_positions_BS is not None and lowering and q_BTNH.shape[1] <= DECODE_MAX_TOKENS:
             out_BTNH = _decode_attention(q_BTNH, k_BTKH, v_BTKH, sinks_N, positions_BT, kv_positions_BS,
                                          window=self.window, scale=self.scale, impl=lowering,
                                          partitioning=partitioning)
@@ -438,6 +471,12 @@ class Attention(nnx.Module):
             out_BTNH = out_BTNH * self.output_gate(x_BTD).astype(out_BTNH.dtype)
         y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj[...])
         return y_BTD, (k_BTKH, v_BTKH), kv_positions_BS, new_cache
+
+    def _prefill_kernel(self, q_BTNH) -> bool:
+        """Whether a cached chunk of this layer attends through `_prefill_attention`: a full-attention
+        layer (no window) with a kernel lowering and more tokens than the decode kernel takes."""
+        return (not self.window and kernel_lowering(self.impl) is not None
+                and q_BTNH.shape[1] > DECODE_MAX_TOKENS)
 
     def keys_values(self, k_raw_BTKH: jax.Array, v_raw_BTKH: jax.Array | None, positions_BT: jax.Array
                     ) -> tuple[jax.Array, jax.Array]:
