@@ -4,7 +4,7 @@
 # then sweep and measure them; what comes back goes to $OUT.
 set -u
 OUT=${OUT:-/tmp/study_out}; STUDY=${STUDY:-/tmp/study}; TRAIN_S=${TRAIN_S:-330}; SWEEP_S=${SWEEP_S:-230}
-ARGS="--out=$STUDY --families=deepseek_v4,zaya1,laguna,gemma4 --steps=${STEPS:-250} --parallel=4 --attention_impl=${IMPL:-xla}"
+ARGS="--out=$STUDY --families=deepseek_v4,zaya1,laguna,gemma4 --steps=${STEPS:-250} --batch_size=${BATCH:-32} --parallel=4 --attention_impl=${IMPL:-xla}"
 mkdir -p "$OUT"
 timeout "$TRAIN_S" python benchmarks/long_context_study.py $ARGS --train_only > "$OUT/train.log" 2>&1
 echo "train rc=$?"
