@@ -1,0 +1,184 @@
+"""Memory Sparse Attention: pooling, scoring and selection against direct numpy loops, the layer and its
+gradients against an independent per-token reference, the encoding pass, training, the memory bank."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from layers.context import LayerContext
+from layers.msa import MemorySparseAttention, PooledMemory, pool_chunks, route_scores, select_documents
+from layers.rope import RopeSpec, apply_rope
+
+
+def _loop_pool(x, lengths, P):
+    B, L = x.shape[:2]
+    C = -(-L // P)
+    out, valid = np.zeros((B, C, *x.shape[2:])), np.zeros((B, C), bool)
+    for b in range(B):
+        for c in range(C):
+            tokens = [x[b, s] for s in range(c * P, min((c + 1) * P, L)) if s < lengths[b]]
+            if tokens:
+                out[b, c], valid[b, c] = np.mean(tokens, axis=0), True
+    return out, valid
+
+
+def test_pooling_partial_chunks_and_restarts_match_a_loop():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 37, 2, 3)).astype(np.float32)
+    lengths = np.array([37, 16, 5, 33])   # ends mid-chunk, on a boundary, in the first chunk, mid-chunk
+    got, valid = pool_chunks(jnp.asarray(x), jnp.asarray(lengths), 8)
+    want, want_valid = _loop_pool(x, lengths, 8)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(valid), want_valid)
+    assert want_valid.sum(1).tolist() == [5, 2, 1, 5]
+
+
+def _loop_scores(q, qmask, k, valid, reduce):
+    B, T, N, H = q.shape
+    _, M, C, K, _ = k.shape
+    unit = lambda v: v / np.linalg.norm(v)
+    scores = np.full((B, M), -1e9)
+    for b in range(B):
+        kb = k[0] if k.shape[0] == 1 else k[b]
+        for m in range(M):
+            for c in range(C):
+                if not valid[0 if valid.shape[0] == 1 else b, m, c]:
+                    continue
+                for t in range(T):
+                    if not qmask[b, t]:
+                        continue
+                    cos = [unit(q[b, t, n]) @ unit(kb[m, c, n // (N // K)]) for n in range(N)]
+                    scores[b, m] = max(scores[b, m], np.mean(cos) if reduce == "mean" else np.max(cos))
+    return scores
+
+
+@pytest.mark.parametrize("reduce,shared", [("mean", False), ("max", True)])
+def test_scores_and_selection_match_a_loop(reduce, shared):
+    rng = np.random.default_rng(1)
+    B, T, N, K, H, M, C = 2, 5, 4, 2, 3, 6, 3
+    q = rng.normal(size=(B, T, N, H)).astype(np.float32)
+    k = rng.normal(size=(1 if shared else B, M, C, K, H)).astype(np.float32)
+    valid = rng.random((k.shape[0], M, C)) < 0.7
+    valid[:, 2] = False   # a document without a real chunk never wins
+    qmask = rng.random((B, T)) < 0.6
+    qmask[:, 0] = True
+    got = np.asarray(route_scores(jnp.asarray(q), jnp.asarray(qmask), jnp.asarray(k), jnp.asarray(valid),
+                                  head_reduce=reduce))
+    want = _loop_scores(q, qmask, k, valid, reduce)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    top = np.asarray(select_documents(jnp.asarray(got), 3))
+    np.testing.assert_array_equal(top, np.argsort(-want, axis=1, kind="stable")[:, :3])
+    assert 2 not in top
+    with pytest.raises(ValueError, match="top-k 7"):
+        select_documents(jnp.asarray(got), 7)
+
+
+# ---- the layer against an independent reference ------------------------------------------------------
+
+ROPE = RopeSpec(kind="default", theta=100.0)
+
+
+def _layer(**kw):
+    return MemorySparseAttention(16, 4, 2, 8, rope=ROPE, chunk_size=4, top_k=2, query_offset=10, qk_norm=False,
+                                 rngs=nnx.Rngs(params=3), **kw)
+
+
+def _memory(rng, B, M=4, C=2, K=2, H=8):
+    arr = lambda: jnp.asarray(rng.normal(size=(B, M, C, K, H)).astype(np.float32))
+    valid = rng.random((B, M, C)) < 0.8
+    valid[:, :, 0] = True
+    return PooledMemory(arr(), jnp.asarray(valid), arr(), arr())
+
+
+def _reference(p, x, mem: PooledMemory, prefix, route_mask, chosen_by_row=None):
+    """Row by row, written differently from the layer: kv heads repeated to the query heads, cosines of
+    explicitly normalised vectors, the two best documents by numpy sorting (or `chosen_by_row`), their
+    real chunks gathered by boolean indexing, and one masked softmax over [chunks; own tokens]."""
+    B, T, _ = x.shape
+    N, K, H = 4, 2, 8
+    kv_head = np.arange(N) // (N // K)
+    valid = np.asarray(mem.valid_BMC)
+    unit = lambda a: a / jnp.linalg.norm(a, axis=-1, keepdims=True)
+    out, all_scores = [], []
+    for b in range(B):
+        pos = (np.arange(T) + 10 * (np.arange(T) >= prefix[b]))[None]
+        q = apply_rope(jnp.einsum("td,dnh->tnh", x[b], p["q_proj"])[None], pos, ROPE)[0]
+        k = apply_rope(jnp.einsum("td,dkh->tkh", x[b], p["k_proj"])[None], pos, ROPE)[0][:, kv_head]
+        v = jnp.einsum("td,dkh->tkh", x[b], p["v_proj"])[:, kv_head]
+        rq = unit(jnp.einsum("td,dnh->tnh", x[b], p["router_q"]))
+        rk = unit(mem.router_k_BMCKH[b][:, :, kv_head])                      # [M, C, N, H]
+        cos = jnp.einsum("tnh,mcnh->tnmc", rq, rk).mean(1)                   # [T, M, C]
+        ok = route_mask[b][:, None, None] & valid[b][None]
+        scores = jnp.where(ok, cos, -1e9).max(axis=(0, 2))
+        all_scores.append(scores)
+        chosen = (np.argsort(-np.asarray(scores), kind="stable")[:2] if chosen_by_row is None
+                  else np.asarray(chosen_by_row[b]))
+        real = np.zeros(valid.shape[1:], bool)
+        real[chosen] = valid[b][chosen]
+        mem_k, mem_v = mem.k_BMCKH[b][real][:, kv_head], mem.v_BMCKH[b][real][:, kv_head]   # [S, N, H]
+        keys, vals = jnp.concatenate([mem_k, k]), jnp.concatenate([mem_v, v])
+        S = mem_k.shape[0]
+        visible = np.zeros((T, S + T), bool)
+        for t in range(T):
+            visible[t, :S] = t >= prefix[b]
+            visible[t, S:S + t + 1] = True
+        logits = jnp.einsum("tnh,snh->nts", q, keys) / np.sqrt(H)
+        w = jax.nn.softmax(jnp.where(visible[None], logits, -jnp.inf), axis=-1)
+        out.append(jnp.einsum("nts,snh,nhd->td", w, vals, p["o_proj"]))
+    return jnp.stack(out), jnp.stack(all_scores)
+
+
+def _reference_choice(p, x, mem, prefix, route_mask):
+    """The documents the reference picks (from its own scores, outside any differentiation)."""
+    scores = np.asarray(_reference(p, x, mem, prefix, route_mask)[1])
+    return [np.argsort(-scores[b], kind="stable")[:2] for b in range(x.shape[0])]
+
+
+def test_layer_and_gradients_match_an_independent_reference():
+    rng = np.random.default_rng(2)
+    B, T = 2, 5
+    layer = _layer()
+    x = jnp.asarray(rng.normal(size=(B, T, 16)).astype(np.float32))
+    mem = _memory(rng, B)
+    prefix = np.array([0, 2])
+    route_mask = np.arange(T)[None] >= prefix[:, None]
+    route_mask[1, -1] = False
+    cot = jnp.asarray(rng.normal(size=(B, T, 16)).astype(np.float32))
+    graphdef, state = nnx.split(layer)
+    p = nnx.to_pure_dict(state)
+
+    def ours(p, x, arrays):
+        mem = PooledMemory(arrays[0], valid, arrays[1], arrays[2])
+        model = nnx.merge(graphdef, _state(state, p))
+        ctx = LayerContext(jnp.broadcast_to(jnp.arange(T), (B, T)), msa_memory={0: mem},
+                           msa_prefix_len_B=jnp.asarray(prefix), msa_route_mask_BT=jnp.asarray(route_mask))
+        y = model.mix(x, ctx)
+        return jnp.sum(y * cot) + jnp.sum(ctx.msa_routing[0].doc_scores_BM ** 2), (y, ctx.msa_routing[0])
+
+    def theirs(p, x, arrays):
+        y, scores = _reference(p, x, PooledMemory(arrays[0], valid, arrays[1], arrays[2]), prefix, route_mask,
+                               chosen)
+        return jnp.sum(y * cot) + jnp.sum(scores ** 2), y
+
+    valid, arrays = mem.valid_BMC, (mem.router_k_BMCKH, mem.k_BMCKH, mem.v_BMCKH)
+    chosen = _reference_choice(p, x, mem, prefix, route_mask)
+    (v1, (y1, routing)), g1 = jax.value_and_grad(ours, argnums=(0, 1, 2), has_aux=True)(p, x, arrays)
+    (v2, y2), g2 = jax.value_and_grad(theirs, argnums=(0, 1, 2), has_aux=True)(p, x, arrays)
+    np.testing.assert_allclose(np.asarray(y1), np.asarray(y2), rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(float(v1), float(v2), rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-5)
+    np.testing.assert_array_equal(np.sort(np.asarray(routing.selected_Bk), 1), np.sort(chosen, 1))
+    assert float(jnp.abs(g1[0]["router_q"]).sum()) > 0   # the router learns through the scores
+
+
+def _state(state, p):
+    state = jax.tree.map(lambda v: v, state)
+    nnx.replace_by_pure_dict(state, p)
+    return state
