@@ -239,7 +239,7 @@ class MemorySparseAttention(nnx.Module):
         router_q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.router_q[...])
         scores_BM = route_scores(router_q_BTNH, route_mask_BT, memory.router_k_BMCKH, memory.valid_BMC,
                                  head_reduce=self.head_reduce)
-        selected_Bk = select_documents(scores_BM, min(self.top_k, scores_BM.shape[1]))
+        selected_Bk = select_documents(scores_BM, self.top_k)
         ctx.msa_routing[self.layer] = Routing(scores_BM, selected_Bk)
         mem_k_BkCKH, mem_v_BkCKH = memory.content(selected_Bk, B)
         valid_BkC = jnp.take_along_axis(jnp.broadcast_to(memory.valid_BMC, (B, *memory.valid_BMC.shape[1:])),

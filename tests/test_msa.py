@@ -2,8 +2,6 @@
 gradients against an independent per-token reference, the encoding pass, training, the memory bank."""
 from __future__ import annotations
 
-import json
-import os
 
 import jax
 import jax.numpy as jnp

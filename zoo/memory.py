@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,17 @@ def _encode(text: str) -> np.ndarray:
     return np.frombuffer(text.encode(), np.uint8).astype(np.int32)
 
 
+def make_document(rng: np.random.Generator, tokens_N: np.ndarray, fact: str, length: int, chunk_size: int
+                  ) -> np.ndarray:
+    """`length` tokens of corpus text with `fact` written over it from a chunk boundary."""
+    fact_F = _encode(fact)
+    start = int(rng.integers(0, len(tokens_N) - length))
+    doc_L = tokens_N[start:start + length].astype(np.int32)
+    at = chunk_size * int(rng.integers(0, max((length - len(fact_F)) // chunk_size, 0) + 1))
+    doc_L[at:at + len(fact_F)] = fact_F[:length - at]
+    return doc_L
+
+
 def make_example(task: MemoryTask, tokens_N: np.ndarray, *, seed: int, index: int) -> dict[str, np.ndarray]:
     """One example as numpy arrays: docs [M, L], doc_lengths [M], query inputs/targets [T], the answer's
     target positions, the routing (question) positions, and gold documents [M] (1.0 = holds the answer)."""
@@ -94,12 +106,8 @@ def make_example(task: MemoryTask, tokens_N: np.ndarray, *, seed: int, index: in
     docs_ML = np.full((M, L), PAD, np.int32)
     lengths_M = rng.integers(L - L // 4, L + 1, size=M)
     for m in range(M):
-        fact = _encode(f"{keys[picked[holders[m]]]}={values[holders[m]]};")
         n = int(lengths_M[m])
-        start = int(rng.integers(0, len(tokens_N) - n))
-        docs_ML[m, :n] = tokens_N[start:start + n]
-        at = P * int(rng.integers(0, max((n - len(fact)) // P, 0) + 1))
-        docs_ML[m, at:at + len(fact)] = fact[:n - at]
+        docs_ML[m, :n] = make_document(rng, tokens_N, f"{keys[picked[holders[m]]]}={values[holders[m]]};", n, P)
     question, answer = _encode(f"?{keys[picked[gold]]}="), _encode(f"{values[gold]}\n")
     seq = np.concatenate([question, answer])
     T = task.query_len
@@ -111,7 +119,7 @@ def make_example(task: MemoryTask, tokens_N: np.ndarray, *, seed: int, index: in
     answer_T[len(question) - 1:len(seq) - 1] = True   # targets[t] = row[t + 1] is an answer token
     return dict(docs_BML=docs_ML, doc_lengths_BM=lengths_M.astype(np.int32), inputs_BT=row[:-1],
                 targets_BT=row[1:], answer_mask_BT=answer_T, route_mask_BT=np.arange(T) < len(question),
-                gold_BM=gold_M)
+                gold_BM=gold_M, key=keys[picked[gold]])
 
 
 def batch(task: MemoryTask, tokens_N: np.ndarray, *, seed: int, start: int, size: int) -> dict[str, np.ndarray]:
@@ -181,3 +189,260 @@ def memory_metrics(logits_BTV: jax.Array, routing: dict[int, Routing], b: dict) 
     recall = sum(recall_at_k(r.selected_Bk, b["gold_BM"]).mean() for r in routing.values()) / len(routing)
     right_BT = (jnp.argmax(logits_BTV, -1) == b["targets_BT"]) | ~b["answer_mask_BT"]
     return {"routing_recall": recall, "answer_accuracy": jnp.all(right_BT, axis=-1).mean()}
+
+
+# ---- the memory bank ---------------------------------------------------------------------------------------
+
+def config_fingerprint(model_cfg) -> str:
+    """A short hash of the model config: a bank is only valid for the config that encoded it."""
+    cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class MemoryBank:
+    """Documents encoded once (each at its own local positions 0..len-1): per router layer the pooled
+    routing keys on the device ([1, M, C, K, H], with the chunk mask [1, M, C]) and the pooled content K/V in
+    host memory (numpy [M, C, K, H]); a query fetches the selected documents' chunks only.
+
+    `MemoryBank.build(model, docs)` encodes; `query(model, tokens_BT)` runs a query batch against it;
+    `save(path)` / `MemoryBank.load(path, model_cfg)` keep it as one .npz with the config's fingerprint."""
+
+    def __init__(self, fingerprint: str, doc_lengths_M: np.ndarray, router_k: dict, valid_MC: np.ndarray,
+                 content_k: dict, content_v: dict):
+        if len(doc_lengths_M) == 0:
+            raise ValueError("the memory bank is empty: give it at least one document")
+        self.fingerprint, self.doc_lengths_M = fingerprint, np.asarray(doc_lengths_M)
+        self.layers = sorted(router_k)
+        self.router_k = {i: jnp.asarray(router_k[i])[None] for i in self.layers}   # device
+        self.valid = jnp.asarray(valid_MC)[None]
+        self.content_k = {i: np.asarray(content_k[i]) for i in self.layers}        # host
+        self.content_v = {i: np.asarray(content_v[i]) for i in self.layers}
+        self._fetch = {i: self._fetcher(i) for i in self.layers}
+        self._query_fn = {}
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doc_lengths_M)
+
+    def _fetcher(self, layer: int):
+        k_MCKH, v_MCKH = self.content_k[layer], self.content_v[layer]
+        dtype = np.dtype(self.router_k[layer].dtype)
+
+        def fetch(selected_Bk):
+            selected_Bk = np.asarray(selected_Bk)
+            return k_MCKH[selected_Bk].astype(dtype), v_MCKH[selected_Bk].astype(dtype)
+        return fetch
+
+    def memory(self) -> dict[int, PooledMemory]:
+        """Router layer -> PooledMemory whose content comes from host memory through `fetch`."""
+        return {i: PooledMemory(self.router_k[i], self.valid, fetch=self._fetch[i]) for i in self.layers}
+
+    def device_bytes(self) -> int:
+        return sum(int(x.nbytes) for x in self.router_k.values()) + int(self.valid.nbytes)
+
+    def host_bytes(self) -> int:
+        return sum(int(self.content_k[i].nbytes + self.content_v[i].nbytes) for i in self.layers)
+
+    @classmethod
+    def build(cls, model: Decoder, docs: list[np.ndarray], *, batch_size: int = 64) -> "MemoryBank":
+        """Encodes `docs` (token id arrays) `batch_size` at a time; fails naming a document longer than the
+        model's `msa_max_doc_len` or an empty list."""
+        if len(docs) == 0:
+            raise ValueError("the memory bank is empty: give it at least one document")
+        cfg = model.config
+        layers = router_layers(cfg)
+        if not layers:
+            raise ValueError("a memory bank needs a model with at least one 'msa' layer")
+        limit, P = kinds.option(cfg, "msa_max_doc_len", layers[0]), kinds.option(cfg, "msa_chunk_size", layers[0])
+        lengths_M = np.array([len(d) for d in docs], np.int32)
+        for m, n in enumerate(lengths_M):
+            if not 0 < n <= limit:
+                raise ValueError(f"document {m} has {n} tokens; documents need 1..{limit} (model.msa_max_doc_len)")
+        L = num_chunks(int(lengths_M.max()), P) * P
+        graphdef, state = nnx.split(model)
+        encode = jax.jit(lambda state, docs_BL, lengths_B: encode_documents(nnx.merge(graphdef, state), docs_BL,
+                                                                              lengths_B))
+        parts: dict[int, list] = {i: [] for i in layers}
+        for start in range(0, len(docs), batch_size):
+            chunk = docs[start:start + batch_size]
+            docs_BL = np.full((batch_size, L), PAD, np.int32)
+            lengths_B = np.ones(batch_size, np.int32)
+            for r, d in enumerate(chunk):
+                docs_BL[r, :len(d)], lengths_B[r] = d, len(d)
+            encoded = jax.device_get(encode(state, docs_BL, lengths_B))
+            for i in layers:
+                parts[i].append(jax.tree.map(lambda x: x[:len(chunk)], encoded[i]))
+        cat = lambda i, field: np.concatenate([getattr(e, field) for e in parts[i]])
+        return cls(config_fingerprint(cfg), lengths_M, {i: cat(i, "router_k_BCKH") for i in layers},
+                   cat(layers[0], "valid_BC"), {i: cat(i, "k_BCKH") for i in layers},
+                   {i: cat(i, "v_BCKH") for i in layers})
+
+    def check_top_k(self, model: Decoder) -> None:
+        for i in self.layers:
+            k = kinds.option(model.config, "msa_top_k", i)
+            if k > self.num_docs:
+                raise ValueError(f"top-k {k} (model.msa_top_k of layer {i}) exceeds the {self.num_docs} documents "
+                                 "in the memory bank")
+
+    def query(self, model: Decoder, tokens_BT, route_mask_BT=None) -> tuple[jax.Array, dict[int, Routing]]:
+        """Logits [B, T, V] of a query batch against the bank and each router layer's Routing."""
+        if config_fingerprint(model.config) != self.fingerprint:
+            raise ValueError(f"the memory bank was encoded by another model config (fingerprint {self.fingerprint}, "
+                             f"this model's {config_fingerprint(model.config)})")
+        self.check_top_k(model)
+        graphdef, state = nnx.split(model)
+        key = id(model)
+        if key not in self._query_fn:
+            self._query_fn = {key: jax.jit(lambda state, tokens, mask, memory: query_forward(
+                nnx.merge(graphdef, state), tokens, memory, route_mask_BT=mask))}
+        return self._query_fn[key](state, jnp.asarray(tokens_BT), None if route_mask_BT is None
+                                   else jnp.asarray(route_mask_BT), self.memory())
+
+    def save(self, path: str) -> None:
+        """One .npz: the fingerprint, document lengths, chunk mask and every layer's pooled arrays."""
+        arrays = {"fingerprint": np.array(self.fingerprint), "doc_lengths_M": self.doc_lengths_M,
+                  "valid_MC": np.asarray(self.valid[0])}
+        for i in self.layers:
+            arrays[f"router_k_{i}"] = np.asarray(self.router_k[i][0])
+            arrays[f"k_{i}"], arrays[f"v_{i}"] = self.content_k[i], self.content_v[i]
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    @classmethod
+    def load(cls, path: str, model_cfg) -> "MemoryBank":
+        """The bank saved at `path`; fails if it was saved for another model config."""
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no memory bank at {path}")
+        with np.load(path) as z:
+            saved, ours = str(z["fingerprint"]), config_fingerprint(model_cfg)
+            if saved != ours:
+                raise ValueError(f"the memory bank {path} was saved by another model config (fingerprint {saved}, "
+                                 f"this config's {ours})")
+            layers = sorted(int(k.split("_")[-1]) for k in z.files if k.startswith("router_k_"))
+            return cls(saved, z["doc_lengths_M"], {i: z[f"router_k_{i}"] for i in layers}, z["valid_MC"],
+                       {i: z[f"k_{i}"] for i in layers}, {i: z[f"v_{i}"] for i in layers})
+
+
+# ---- retrieval against bank size (eval.py --memory) -------------------------------------------------------
+
+SWEEP_FIELDS = ("bank_tokens", "bank_docs", "routing_recall", "answer_accuracy", "route_ms_per_query",
+                "query_ms_per_query", "device_bytes", "host_bytes")
+
+
+def sweep_queries(task: MemoryTask, tokens_N: np.ndarray, *, num_queries: int, seed: int) -> list[dict]:
+    """`num_queries` examples with distinct gold keys (examples whose key repeats an earlier one are skipped)."""
+    if num_queries > len(task.keys()):
+        raise ValueError(f"at most {len(task.keys())} queries have distinct keys, asked for {num_queries}")
+    out, seen, index = [], set(), 0
+    while len(out) < num_queries:
+        ex = make_example(task, tokens_N, seed=seed, index=index)
+        index += 1
+        if ex["key"] not in seen:
+            seen.add(ex["key"])
+            out.append(ex)
+    return out
+
+
+def distractor_docs(task: MemoryTask, tokens_N: np.ndarray, n: int, *, seed: int) -> list[np.ndarray]:
+    """`n` documents whose facts use keys no query asks about (adjectives outside the task's)."""
+    rng = np.random.default_rng([seed, 1 << 20])
+    keys = [f"{a} {w}" for a in ADJECTIVES[6:] for w in NOUNS]
+    docs = []
+    for _ in range(n):
+        length = int(rng.integers(task.doc_len - task.doc_len // 4, task.doc_len + 1))
+        fact = f"{keys[int(rng.integers(len(keys)))]}={int(rng.integers(1000)):03d};"
+        docs.append(make_document(rng, tokens_N, fact, length, task.chunk_size))
+    return docs
+
+
+def _timed(fn, *args, repeats: int = 3) -> float:
+    """Best wall time of `fn(*args)` (compiled first) in seconds."""
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bank_sweep(model: Decoder, task: MemoryTask, tokens_N: np.ndarray, *, sizes: list[int], num_queries: int,
+               seed: int = 0, batch_size: int = 8) -> list[dict]:
+    """For each bank size (tokens, ascending): a bank of the queries' gold documents plus distractors (each
+    bank holds the smaller ones' documents), the queries run against it; one row of SWEEP_FIELDS each.
+    Routing latency: one router layer's scores + top-k over the bank for a batch of queries (router
+    queries of the real shape), per query; query latency: the whole query pass with host fetches."""
+    queries = sweep_queries(task, tokens_N, num_queries=num_queries, seed=seed)
+    gold_docs, gold_of = [], []
+    for ex in queries:
+        mine = []
+        for m in np.flatnonzero(ex["gold_BM"]):
+            mine.append(len(gold_docs))
+            gold_docs.append(ex["docs_BML"][m, :ex["doc_lengths_BM"][m]])
+        gold_of.append(mine)
+    mean_len = (task.doc_len + task.doc_len - task.doc_len // 4) / 2
+    counts = [max(int(size / mean_len) - len(gold_docs), 0) for size in sorted(sizes)]
+    distractors = distractor_docs(task, tokens_N, max(counts), seed=seed)
+    layers = router_layers(model.config)
+    rows = []
+    for size, count in zip(sorted(sizes), counts):
+        docs = gold_docs + distractors[:count]
+        order = np.random.default_rng([seed, size]).permutation(len(docs))   # bank slot j holds docs[order[j]]
+        where = np.argsort(order)
+        bank = MemoryBank.build(model, [docs[j] for j in order], batch_size=64)
+        bank.check_top_k(model)
+        recalls, right, query_s = [], [], 0.0
+        for start in range(0, len(queries), batch_size):
+            group = queries[start:start + batch_size]
+            b = {k: np.stack([ex[k] for ex in group]) for k in ("inputs_BT", "targets_BT", "answer_mask_BT",
+                                                                  "route_mask_BT")}
+            gold_BM = np.zeros((len(group), bank.num_docs), np.float32)
+            for r, q in enumerate(range(start, start + len(group))):
+                gold_BM[r, where[gold_of[q]]] = 1.0
+            query_s += _timed(bank.query, model, b["inputs_BT"], b["route_mask_BT"], repeats=1)
+            logits_BTV, routing = bank.query(model, b["inputs_BT"], b["route_mask_BT"])
+            metrics = memory_metrics(logits_BTV, routing, {**b, "gold_BM": jnp.asarray(gold_BM)})
+            recalls.append(float(metrics["routing_recall"]) * len(group))
+            right.append(float(metrics["answer_accuracy"]) * len(group))
+        layer = layers[0]
+        N, H = kinds.option(model.config, "num_heads", layer), kinds.option(model.config, "head_dims", layer)
+        router_q_BTNH = jax.random.normal(jax.random.key(seed), (batch_size, task.query_len, N, H))
+        mask_BT = jnp.ones((batch_size, task.query_len), bool)
+        top_k = kinds.option(model.config, "msa_top_k", layer)
+        route = jax.jit(lambda q, m, k, v: select_documents(route_scores(q, m, k, v), top_k))
+        route_s = _timed(route, router_q_BTNH, mask_BT, bank.router_k[layer], bank.valid)
+        rows.append({"bank_tokens": int(bank.doc_lengths_M.sum()), "bank_docs": bank.num_docs,
+                     "routing_recall": sum(recalls) / len(queries), "answer_accuracy": sum(right) / len(queries),
+                     "route_ms_per_query": 1e3 * route_s / batch_size, "query_ms_per_query": 1e3 * query_s / len(queries),
+                     "device_bytes": bank.device_bytes(), "host_bytes": bank.host_bytes()})
+    return rows
+
+
+def write_sweep(rows: list[dict], out_dir: str) -> list[str]:
+    """results.json, results.csv and results.png (recall and accuracy, and latency, against bank tokens)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, f"results.{ext}") for ext in ("json", "csv", "png")]
+    with open(paths[0], "w") as f:
+        json.dump(rows, f, indent=2)
+    with open(paths[1], "w") as f:
+        f.write(",".join(SWEEP_FIELDS) + "\n")
+        f.writelines(",".join(str(r[k]) for k in SWEEP_FIELDS) + "\n" for r in rows)
+    tokens = [r["bank_tokens"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(tokens, [r["routing_recall"] for r in rows], "o-", label="routing recall@k")
+    left.plot(tokens, [r["answer_accuracy"] for r in rows], "s-", label="answer accuracy")
+    left.set(xscale="log", xlabel="bank tokens", ylim=(0, 1.05), title="retrieval against bank size")
+    left.legend()
+    right.plot(tokens, [r["route_ms_per_query"] for r in rows], "o-", label="routing (scores + top-k)")
+    right.plot(tokens, [r["query_ms_per_query"] for r in rows], "s-", label="whole query pass")
+    right.set(xscale="log", yscale="log", xlabel="bank tokens", ylabel="ms per query", title="latency")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(paths[2], dpi=100)
+    plt.close(fig)
+    return paths
