@@ -2,6 +2,8 @@
 gradients against an independent per-token reference, the encoding pass, training, the memory bank."""
 from __future__ import annotations
 
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -180,3 +182,138 @@ def _state(state, p):
     state = jax.tree.map(lambda v: v, state)
     nnx.replace_by_pure_dict(state, p)
     return state
+
+
+# ---- the model level: encoding pass, training, the bank ------------------------------------------------
+
+def _micro_config():
+    from configs.msa import get_config
+    c = get_config("tiny")
+    m = c.model
+    m.d_model, m.head_dims, m.mlp_dim = 32, (8, 8), 64
+    m.msa_chunk_size, m.msa_top_k, m.msa_max_doc_len = 8, 2, 48
+    c.memory.num_docs, c.memory.doc_len = 4, 40
+    c.train.batch_size, c.train.steps, c.train.eval_every, c.train.eval_batches = 2, 2, 2, 1
+    c.train.log_every, c.train.checkpoint_every = 1, 2
+    return c
+
+
+@pytest.fixture(scope="module")
+def micro():
+    from zoo import data, memory, models
+    c = _micro_config()
+    corpus = data.load_corpus(c.data)
+    return c, models.build(c.model, seed=1), memory.MemoryTask.from_config(c), corpus
+
+
+def test_encoding_restarts_at_every_document(micro):
+    """A document's pooled chunks do not depend on its row's padding or on the other documents: each is
+    encoded at its own local positions."""
+    from zoo import memory
+    c, model, task, corpus = micro
+    rng = np.random.default_rng(4)
+    docs = rng.integers(3, 256, size=(3, 40)).astype(np.int32)
+    lengths = np.array([40, 19, 8], np.int32)
+    together = memory.encode_documents(model, jnp.asarray(docs), jnp.asarray(lengths))[1]
+    for d in range(3):
+        alone_doc = np.where(np.arange(40) < lengths[d], docs[d], 7)[None]   # other padding
+        alone = memory.encode_documents(model, jnp.asarray(alone_doc), jnp.asarray(lengths[d:d + 1]))[1]
+        n = int(alone.valid_BC.sum())
+        assert n == -(-lengths[d] // 8)
+        for field in ("k_BCKH", "v_BCKH", "router_k_BCKH"):
+            np.testing.assert_allclose(np.asarray(getattr(together, field)[d, :n]),
+                                       np.asarray(getattr(alone, field)[0, :n]), rtol=1e-5, atol=1e-5)
+
+
+def test_routing_loss_decreases_on_a_fixed_batch(micro):
+    import optax
+    from zoo import memory
+    c, model, task, corpus = micro
+    b = {k: jnp.asarray(v) for k, v in memory.batch(task, corpus.train_N, seed=0, start=0, size=2).items()}
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    tx = optax.adam(1e-2)
+
+    @jax.jit
+    def step(params, opt):
+        def loss(params):
+            return memory.memory_loss(nnx.merge(graphdef, _state(state, params)), b, routing_weight=1.0,
+                                      temperature=0.1)
+        (value, parts), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt = tx.update(grads, opt)
+        return optax.apply_updates(params, updates), opt, parts
+
+    opt, routing = tx.init(params), []
+    for _ in range(8):
+        params, opt, parts = step(params, opt)
+        routing.append(float(parts["loss_routing"]))
+    assert all(np.isfinite(routing)) and routing[-1] < 0.5 * routing[0], routing
+    assert 0.0 <= float(parts["routing_recall"]) <= 1.0
+
+
+def test_training_logs_routing_recall_and_answer_accuracy(micro, tmp_path):
+    from zoo.train.trainer import METRICS_FILE, train
+    c = _micro_config()
+    train(c, str(tmp_path), interactive=False)
+    rows = [json.loads(line) for line in open(tmp_path / METRICS_FILE)]
+    last = rows[-1]
+    assert last["step"] == 2
+    for key in ("routing_recall", "answer_accuracy", "val_loss", "loss_routing", "train_routing_recall"):
+        assert key in last and np.isfinite(last[key]), key
+    assert 0.0 <= last["routing_recall"] <= 1.0
+
+
+def test_bank_matches_in_memory_pooling_and_round_trips(micro, tmp_path):
+    """Bank queries (router keys on the device, K/V fetched from host numpy per selection) give the logits
+    of the same memory held whole on the device; save/load keeps them."""
+    from zoo import memory
+    c, model, task, corpus = micro
+    ex = memory.make_example(task, corpus.val_N, seed=3, index=0)
+    docs = [ex["docs_BML"][m, :ex["doc_lengths_BM"][m]] for m in range(task.num_docs)]
+    bank = memory.MemoryBank.build(model, docs, batch_size=3)
+    tokens, mask = ex["inputs_BT"][None], ex["route_mask_BT"][None]
+    logits, routing = bank.query(model, tokens, mask)
+    encoded = memory.encode_documents(model, jnp.asarray(ex["docs_BML"]), jnp.asarray(ex["doc_lengths_BM"]))
+    whole = {i: memory.memory_from_encoded(e, task.num_docs) for i, e in encoded.items()}
+    want, want_routing = memory.query_forward(model, jnp.asarray(tokens), whole, route_mask_BT=jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(routing[1].selected_Bk), np.asarray(want_routing[1].selected_Bk))
+    assert bank.device_bytes() > 0 and bank.host_bytes() == 2 * bank.content_k[1].nbytes
+    bank.save(str(tmp_path / "bank.npz"))
+    again = memory.MemoryBank.load(str(tmp_path / "bank.npz"), model.config)
+    np.testing.assert_array_equal(np.asarray(again.query(model, tokens, mask)[0]), np.asarray(logits))
+
+
+def test_bank_errors_are_one_line(micro, tmp_path):
+    from zoo import memory
+    c, model, task, corpus = micro
+    small = memory.MemoryBank.build(model, [np.ones(5, np.int32)])
+    small.save(str(tmp_path / "b.npz"))
+    other = c.model.copy_and_resolve_references()
+    other.msa_top_k = 1
+    cases = [
+        (lambda: memory.MemoryBank.build(model, [np.ones(5, np.int32), np.ones(49, np.int32)]),
+         r"^document 1 has 49 tokens; documents need 1..48 \(model.msa_max_doc_len\)$"),
+        (lambda: memory.MemoryBank.build(model, []), "^the memory bank is empty"),
+        (lambda: small.query(model, np.ones((1, 4), np.int32)),
+         r"^top-k 2 \(model.msa_top_k of layer 1\) exceeds the 1 documents in the memory bank$"),
+        (lambda: memory.MemoryBank.load(str(tmp_path / "b.npz"), other),
+         "^the memory bank .*b.npz was saved by another model config"),
+    ]
+    for call, pattern in cases:
+        with pytest.raises(ValueError, match=pattern) as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+def test_bank_size_sweep_writes_its_files(micro, tmp_path):
+    from zoo import memory
+    c, model, task, corpus = micro
+    rows = memory.bank_sweep(model, task, corpus.val_N, sizes=[200, 600], num_queries=3, seed=0, batch_size=2)
+    assert [r["bank_docs"] for r in rows][0] < rows[1]["bank_docs"]
+    for r in rows:
+        assert set(r) == set(memory.SWEEP_FIELDS) and 0 <= r["routing_recall"] <= 1 and r["host_bytes"] > 0
+        assert r["host_bytes"] > r["device_bytes"]   # pooled K and V on the host, router keys on the device
+    paths = memory.write_sweep(rows, str(tmp_path / "sweep"))
+    assert all(os.path.getsize(p) > 0 for p in paths)
+    assert json.load(open(paths[0])) == rows
