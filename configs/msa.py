@@ -57,7 +57,7 @@ def get_config(preset: str = "tiny"):
     config.memory = memory_config(preset)
     t = config.train
     if preset == "tiny":
-        t.steps, t.batch_size, t.seq_len, t.eval_every, t.eval_batches, t.checkpoint_every = 600, 8, 128, 100, 4, 200
+        t.steps, t.batch_size, t.seq_len, t.eval_every, t.eval_batches, t.checkpoint_every = 800, 8, 128, 200, 4, 400
         config.optimizer.learning_rate, config.optimizer.warmup_steps = 3e-3, 30
     else:
         t.steps, t.batch_size, t.seq_len, t.eval_every, t.eval_batches, t.checkpoint_every = 4000, 16, 1024, 250, 8, 500
