@@ -42,8 +42,8 @@ PRESETS = ("tiny", "small")
 def memory_config(preset: str) -> ml_collections.ConfigDict:
     """The `memory` section: the examples (zoo.memory.MemoryTask) and the routing loss."""
     c = ml_collections.ConfigDict()
-    c.num_docs = 8 if preset == "tiny" else 32            # documents per example
-    c.doc_len = 128 if preset == "tiny" else 1024         # longest document (tokens); <= model.msa_max_doc_len
+    c.num_docs = 8 if preset == "tiny" else 16            # documents per example
+    c.doc_len = 128 if preset == "tiny" else 512          # longest document (tokens); <= model.msa_max_doc_len
     c.query_len = 24 if preset == "tiny" else 32          # query + answer tokens (padded)
     c.multi_positive_rate = 0.25                          # examples whose fact sits in two documents
     c.routing_loss_weight = 1.0
@@ -60,6 +60,6 @@ def get_config(preset: str = "tiny"):
         t.steps, t.batch_size, t.seq_len, t.eval_every, t.eval_batches, t.checkpoint_every = 800, 8, 128, 200, 4, 400
         config.optimizer.learning_rate, config.optimizer.warmup_steps = 3e-3, 30
     else:
-        t.steps, t.batch_size, t.seq_len, t.eval_every, t.eval_batches, t.checkpoint_every = 4000, 16, 1024, 250, 8, 500
+        t.steps, t.batch_size, t.seq_len, t.eval_every, t.eval_batches, t.checkpoint_every = 2000, 16, 512, 250, 8, 500
         config.optimizer.learning_rate = 1e-3
     return config

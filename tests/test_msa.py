@@ -317,3 +317,17 @@ def test_bank_size_sweep_writes_its_files(micro, tmp_path):
     paths = memory.write_sweep(rows, str(tmp_path / "sweep"))
     assert all(os.path.getsize(p) > 0 for p in paths)
     assert json.load(open(paths[0])) == rows
+
+
+def test_without_memory_an_msa_layer_decodes_like_its_forward_pass(micro):
+    from zoo import inference
+    c, model, task, corpus = micro
+    tokens = jnp.asarray(np.random.default_rng(5).integers(3, 256, size=(2, 9)), jnp.int32)
+    cache = inference.init_cache(model, batch_size=2, max_len=12, dtype=jnp.float32)
+    first, cache = model.extend(tokens[:, :5], cache)
+    rest = []
+    for t in range(5, 9):
+        logits, cache = model.extend(tokens[:, t:t + 1], cache)
+        rest.append(logits)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate([first, *rest], 1)), np.asarray(model(tokens)),
+                               rtol=1e-4, atol=1e-4)
