@@ -1,6 +1,7 @@
-"""Pallas kernels: dense causal flash attention (GQA, window, sinks, segments) and DeepSeek-V4 compressed
+"""Pallas kernels: dense causal flash attention (GQA, window, sinks, segments), DeepSeek-V4 compressed
 attention: CSA (window + top-k compressed entries), HCA (window + every visible compressed entry) and the
-lightning indexer. Each has a pure-JAX reference, a Triton (GPU) and a Mosaic (TPU) lowering and a custom
+lightning indexer, and Memory Sparse Attention (document routing over a memory bank, attention over the
+selected documents' pooled chunks and the own tokens). Each has a pure-JAX reference, a Triton (GPU) and a Mosaic (TPU) lowering and a custom
 VJP whose backward is also a kernel; everything public is importable from here.
 
 Files, by kind (the API file of a kind holds its reference and custom VJP; the others its lowerings):
@@ -20,6 +21,10 @@ Files, by kind (the API file of a kind holds its reference and custom VJP; the o
   indexer.py                lightning indexer: API, reference, custom VJP, chunked top-k
   indexer_gpu.py            Triton scores kernel and its backward
   indexer_tpu.py            Mosaic TPU scores kernel and its backward
+  msa.py                    Memory Sparse Attention: routing (chunk scores, document top-k) and attention
+                            over [memory; own]: API, references, custom VJPs
+  msa_gpu.py                Triton routing kernel, attention forward, dQ and dK/dV kernels
+  msa_tpu.py                Mosaic TPU routing kernel, attention forward, dQ and dK/dV kernels
 
 Shapes follow the repo's one legend (DESIGN.md): B batch, T query tokens, S key tokens, N query heads,
 K kv heads, G query heads per kv head, H head dim, C compressed entries, P chunk size; K also counts the
@@ -31,8 +36,11 @@ from pallas_kernels.compressed import (csa_attention, csa_attention_reference, h
 from pallas_kernels.flash_attention import (FlashBlockSizes, flash_attention, flash_attention_reference,
                                             hopper_kernel_runs_both_ways)
 from pallas_kernels.indexer import IndexerBlockSizes, indexer_scores, indexer_scores_reference, indexer_topk
+from pallas_kernels.msa import (MsaBlockSizes, msa_attention, msa_attention_reference, msa_chunk_scores,
+                                msa_chunk_scores_reference, msa_document_scores, msa_route)
 
 __all__ = ["BlockSizes", "FlashBlockSizes", "IndexerBlockSizes", "csa_attention", "csa_attention_reference",
            "flash_attention", "flash_attention_reference", "gpu_compute_capability", "hca_attention",
            "hca_attention_reference", "hopper_kernel_runs_both_ways", "indexer_scores", "indexer_scores_reference",
-           "indexer_topk", "resolve_lowering"]
+           "indexer_topk", "MsaBlockSizes", "msa_attention", "msa_attention_reference", "msa_chunk_scores",
+           "msa_chunk_scores_reference", "msa_document_scores", "msa_route", "resolve_lowering"]
