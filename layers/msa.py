@@ -22,7 +22,10 @@ A decoder runs MSA in three modes, chosen by explicit `LayerContext` fields (sta
   query     (`msa_memory[layer]` set, a `PooledMemory`): routing + attention over the selected chunks;
             the document scores and selection go to `ctx.msa_routing[layer]` (`Routing`).
   plain     (neither): causal attention over the row's own tokens, so the model is also a plain decoder.
-The two kernel-shaped computations are `route_scores` and `memory_attention` (one function each).
+The two kernel-shaped computations are `route_scores` and `memory_attention` (one function each); with
+`lowering` set (the layer's attention_impl through `layers.attention.kernel_lowering`: "pallas" always,
+interpret mode on CPU; "auto" on GPU/TPU) they run the Pallas kernels of pallas_kernels.msa, otherwise the
+pure-JAX math below, which is their reference.
 """
 from __future__ import annotations
 
@@ -35,10 +38,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import kv_cache, params
-from layers.attention import IMPLS, dot_product_attention, reference_attention
+from layers.attention import IMPLS, dot_product_attention, kernel_lowering, reference_attention
 from layers.context import LayerContext
 from layers.norms import RMSNorm
 from layers.rope import RopeSpec, apply_rope
+from pallas_kernels.msa import msa_attention, msa_chunk_scores
 
 HEAD_REDUCTIONS = ("mean", "max")
 NO_SCORE = -1e9   # the score of a document without a real chunk (finite: a loss over scores stays finite)
@@ -112,14 +116,19 @@ def _unit(x: jax.Array) -> jax.Array:
 
 
 def route_scores(router_q_BTNH: jax.Array, query_mask_BT: jax.Array, router_k_BMCKH: jax.Array,
-                 valid_BMC: jax.Array, *, head_reduce: str = "mean") -> jax.Array:
+                 valid_BMC: jax.Array, *, head_reduce: str = "mean", lowering: str | None = None) -> jax.Array:
     """Document scores [B, M] (float32): the max over the document's real chunks of the max over the
     routing query tokens of the cosine of query head h and chunk router key h // G, reduced over heads
-    (`mean`, the paper, or `max`). A memory with leading dim 1 is shared by every row."""
+    (`mean`, the paper, or `max`). A memory with leading dim 1 is shared by every row. `lowering`
+    ("pallas_gpu"/"pallas_tpu"): the chunk scores come from the `msa_chunk_scores` kernel."""
     if head_reduce not in HEAD_REDUCTIONS:
         raise ValueError(f"unknown head reduction {head_reduce!r}; expected one of {HEAD_REDUCTIONS}")
     B, T, N, H = router_q_BTNH.shape
     K = router_k_BMCKH.shape[3]
+    if lowering is not None:
+        chunk_BMC = _kernel_chunk_scores(_unit(router_q_BTNH), query_mask_BT, _unit(router_k_BMCKH), head_reduce,
+                                         lowering)
+        return jnp.max(jnp.where(valid_BMC, chunk_BMC, NO_SCORE), axis=-1)
     q_BTKGH = _unit(router_q_BTNH).reshape(B, T, K, N // K, H)
     k_BMCKH = _unit(router_k_BMCKH)
     cos_BMCTKG = jnp.einsum("BTKGH,bMCKH->BMCTKG", q_BTKGH, k_BMCKH) if k_BMCKH.shape[0] == 1 else \
@@ -130,6 +139,28 @@ def route_scores(router_q_BTNH: jax.Array, query_mask_BT: jax.Array, router_k_BM
     return jnp.max(jnp.where(valid_BMC, chunk_BMC, NO_SCORE), axis=-1)
 
 
+def _front(mask_BX: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A stable order of each row that puts its True entries first, and their count (int32 [B]): the
+    kernels take "the first n" where the layer has a mask."""
+    order_BX = jnp.argsort(~mask_BX, axis=1, stable=True)
+    return order_BX, mask_BX.sum(axis=1).astype(jnp.int32)
+
+
+def _kernel_chunk_scores(q_BTNH, query_mask_BT, k_BMCKH, head_reduce, lowering) -> jax.Array:
+    """Chunk scores [B, M, C] through the kernel: the routing tokens moved to the front of each row; a
+    shared bank (leading dim 1) in one call, per-row memories one row per (vmapped) call."""
+    B, T = query_mask_BT.shape
+    M, C = k_BMCKH.shape[1:3]
+    order_BT, count_B = _front(query_mask_BT)
+    q_BTNH = jnp.take_along_axis(q_BTNH, order_BT[:, :, None, None], axis=1)
+    score = lambda q_BTNH, k_CKH, n_B: jnp.maximum(msa_chunk_scores(
+        q_BTNH, k_CKH, valid_B=n_B, head_reduce=head_reduce, impl=lowering), NO_SCORE)
+    if k_BMCKH.shape[0] == 1:
+        return score(q_BTNH, k_BMCKH.reshape(M * C, *k_BMCKH.shape[3:]), count_B).reshape(B, M, C)
+    one_row = lambda q_TNH, k_MCKH, n: score(q_TNH[None], k_MCKH.reshape(M * C, *k_MCKH.shape[2:]), n[None])[0]
+    return jax.vmap(one_row)(q_BTNH, k_BMCKH, count_B).reshape(B, M, C)
+
+
 def select_documents(doc_scores_BM: jax.Array, top_k: int) -> jax.Array:
     """Indices [B, k] of the k best documents, best first (ties: the lower index)."""
     if not 0 < top_k <= doc_scores_BM.shape[1]:
@@ -138,17 +169,32 @@ def select_documents(doc_scores_BM: jax.Array, top_k: int) -> jax.Array:
 
 
 def memory_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, mem_k_BSKH: jax.Array,
-                     mem_v_BSKH: jax.Array, mem_valid_BS: jax.Array, sees_memory_BT: jax.Array, *,
-                     scale: float) -> jax.Array:
+                     mem_v_BSKH: jax.Array, mem_valid_BS: jax.Array, sees_memory_BT: jax.Array | None, *,
+                     scale: float, lowering: str | None = None) -> jax.Array:
     """Attention of each query token over [prefix; memory entries; own tokens], causal: own key s is
     visible to query t iff s <= t, a memory entry iff it is real and t is not a prefix token (the
-    prefix comes before the memory). Softmax in float32; returns [B, T, N, H]."""
-    T = q_BTNH.shape[1]
+    prefix comes before the memory; None: no prefix). Softmax in float32; returns [B, T, N, H].
+    `lowering`: through the `msa_attention` kernel (real entries moved to the front; prefix tokens, if
+    any, from a second call without memory)."""
+    dtype = k_BTKH.dtype
+    mem_k_BSKH, mem_v_BSKH = mem_k_BSKH.astype(dtype), mem_v_BSKH.astype(dtype)
+    if lowering is not None:
+        order_BS, count_B = _front(mem_valid_BS)
+        front = lambda x_BSKH: jnp.take_along_axis(x_BSKH, order_BS[:, :, None, None], axis=1)
+        attend = lambda count_B: msa_attention(q_BTNH.astype(dtype), k_BTKH, v_BTKH, front(mem_k_BSKH),
+                                               front(mem_v_BSKH), count_B, scale=scale, impl=lowering)
+        out_BTNH = attend(count_B)
+        if sees_memory_BT is None:
+            return out_BTNH
+        return jnp.where(sees_memory_BT[:, :, None, None], out_BTNH, attend(jnp.zeros_like(count_B)))
+    B, T = q_BTNH.shape[:2]
+    if sees_memory_BT is None:
+        sees_memory_BT = jnp.ones((B, T), bool)
     causal_TT = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
     mem_BTS = sees_memory_BT[:, :, None] & mem_valid_BS[:, None, :]
-    mask_BTS = jnp.concatenate([mem_BTS, jnp.broadcast_to(causal_TT, (q_BTNH.shape[0], T, T))], axis=-1)
-    k_BSKH = jnp.concatenate([mem_k_BSKH.astype(k_BTKH.dtype), k_BTKH], axis=1)
-    v_BSKH = jnp.concatenate([mem_v_BSKH.astype(v_BTKH.dtype), v_BTKH], axis=1)
+    mask_BTS = jnp.concatenate([mem_BTS, jnp.broadcast_to(causal_TT, (B, T, T))], axis=-1)
+    k_BSKH = jnp.concatenate([mem_k_BSKH, k_BTKH], axis=1)
+    v_BSKH = jnp.concatenate([mem_v_BSKH, v_BTKH], axis=1)
     return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=scale)
 
 
@@ -237,8 +283,9 @@ class MemorySparseAttention(nnx.Module):
         q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, positions_BT)
         route_mask_BT = sees_memory_BT if ctx.msa_route_mask_BT is None else ctx.msa_route_mask_BT
         router_q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.router_q[...])
+        lowering = kernel_lowering(self.impl)
         scores_BM = route_scores(router_q_BTNH, route_mask_BT, memory.router_k_BMCKH, memory.valid_BMC,
-                                 head_reduce=self.head_reduce)
+                                 head_reduce=self.head_reduce, lowering=lowering)
         selected_Bk = select_documents(scores_BM, self.top_k)
         ctx.msa_routing[self.layer] = Routing(scores_BM, selected_Bk)
         mem_k_BkCKH, mem_v_BkCKH = memory.content(selected_Bk, B)
@@ -246,7 +293,8 @@ class MemorySparseAttention(nnx.Module):
                                         selected_Bk[:, :, None], axis=1)
         flat = lambda x: x.reshape(B, -1, *x.shape[3:])
         out_BTNH = memory_attention(q_BTNH, k_BTKH, v_BTKH, flat(mem_k_BkCKH), flat(mem_v_BkCKH),
-                                    valid_BkC.reshape(B, -1), sees_memory_BT, scale=self.scale)
+                                    valid_BkC.reshape(B, -1), None if ctx.msa_prefix_len_B is None else sees_memory_BT,
+                                    scale=self.scale, lowering=lowering)
         return self._out(out_BTNH)
 
     def _decode(self, x_BTD: jax.Array, ctx: LayerContext) -> jax.Array:

@@ -331,3 +331,34 @@ def test_without_memory_an_msa_layer_decodes_like_its_forward_pass(micro):
         rest.append(logits)
     np.testing.assert_allclose(np.asarray(jnp.concatenate([first, *rest], 1)), np.asarray(model(tokens)),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_pallas_layer_equals_xla_layer_with_gradients():
+    """attention_impl='pallas' (the msa kernels, interpret mode on CPU) gives the pure-JAX layer's output,
+    routing and gradients: per-row and shared memories, a prefix and a routing mask with holes."""
+    rng = np.random.default_rng(6)
+    B, T = 2, 5
+    x = jnp.asarray(rng.normal(size=(B, T, 16)).astype(np.float32))
+    cot = jnp.asarray(rng.normal(size=(B, T, 16)).astype(np.float32))
+    route_mask = jnp.asarray([[True, False, True, True, False], [False, True, True, False, True]])
+    for mem, prefix in ((_memory(rng, B), jnp.asarray([0, 2])), (_memory(rng, 1), None)):
+        results = []
+        for impl in ("xla", "pallas"):
+            graphdef, state = nnx.split(_layer(impl=impl))
+
+            def loss(state, x, arrays):
+                ctx = LayerContext(jnp.broadcast_to(jnp.arange(T), (B, T)),
+                                   msa_memory={0: PooledMemory(arrays[0], mem.valid_BMC, arrays[1], arrays[2])},
+                                   msa_prefix_len_B=prefix, msa_route_mask_BT=route_mask)
+                y = nnx.merge(graphdef, state).mix(x, ctx)
+                routing = ctx.msa_routing[0]
+                return jnp.sum(y * cot) + jnp.sum(routing.doc_scores_BM ** 2), (y, routing)
+
+            arrays = (mem.router_k_BMCKH, mem.k_BMCKH, mem.v_BMCKH)
+            results.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(state, x, arrays))
+        ((_, (y1, r1)), g1), ((_, (y2, r2)), g2) = results
+        np.testing.assert_allclose(np.asarray(y2), np.asarray(y1), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(r2.doc_scores_BM), np.asarray(r1.doc_scores_BM), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(r2.selected_Bk), np.asarray(r1.selected_Bk))
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-5)
