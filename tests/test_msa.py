@@ -362,3 +362,27 @@ def test_pallas_layer_equals_xla_layer_with_gradients():
         np.testing.assert_array_equal(np.asarray(r2.selected_Bk), np.asarray(r1.selected_Bk))
         for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-5)
+
+
+def test_reinjected_context_matches_a_loop():
+    """The selected documents' real tokens in order, then the query, padded at the end; per-token query
+    arrays placed at the query's start."""
+    from zoo import memory
+    rng = np.random.default_rng(7)
+    B, M, L, T = 3, 4, 6, 5
+    docs = rng.integers(3, 256, size=(B, M, L)).astype(np.int32)
+    lengths = np.array([[6, 2, 4, 1], [3, 6, 5, 2], [1, 1, 6, 4]], np.int32)
+    selected = np.array([[2, 0], [1, 3], [0, 1]], np.int32)
+    query = rng.integers(3, 256, size=(B, T)).astype(np.int32)
+    tokens, start = memory.reinjected_context(jnp.asarray(docs), jnp.asarray(lengths), jnp.asarray(selected),
+                                              jnp.asarray(query))
+    for b in range(B):
+        want = np.concatenate([docs[b, m, :lengths[b, m]] for m in selected[b]] + [query[b]])
+        want = np.pad(want, (0, 2 * L + T - len(want)))
+        np.testing.assert_array_equal(np.asarray(tokens[b]), want)
+        assert int(start[b]) == sum(lengths[b, m] for m in selected[b])
+    placed = np.asarray(memory.place(jnp.asarray(query > 100), start, 2 * L + T, False))
+    for b in range(B):
+        assert placed[b].sum() == (query[b] > 100).sum()
+        np.testing.assert_array_equal(placed[b, int(start[b]):int(start[b]) + T], query[b] > 100)
+

@@ -148,15 +148,62 @@ def query_forward(model: Decoder, tokens_BT: jax.Array, memory: dict[int, Pooled
     return model._logits(x, dtype, model.hyper_head, model.final_norm), ctx.msa_routing
 
 
-def memory_forward(model: Decoder, b: dict, *, partitioning: Partitioning = UNPARTITIONED
-                   ) -> tuple[jax.Array, dict[int, Routing]]:
-    """Both passes over a batch (BATCH_KEYS): each row's own M documents are its memory."""
+def reinjected_context(docs_BML: jax.Array, doc_lengths_BM: jax.Array, selected_Bn: jax.Array,
+                       query_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Re-injection of the original text: each row's selected documents' real tokens, in the order given,
+    then its query; padded at the end to n * L + T tokens. Returns (tokens [B, n*L+T], the query's start
+    in each row int32 [B])."""
+    B, M, L = docs_BML.shape
+    n, T = selected_Bn.shape[1], query_BT.shape[1]
+    lengths_Bn = jnp.take_along_axis(doc_lengths_BM, selected_Bn, axis=1).astype(jnp.int32)
+    ends_Bn = jnp.cumsum(lengths_Bn, axis=1)
+    start_B = ends_Bn[:, -1]
+    p_X = jnp.arange(n * L + T)
+    slot_BX = jnp.sum(p_X[None, :, None] >= ends_Bn[:, None, :], axis=-1)            # which document, n = query
+    slot_c_BX = jnp.minimum(slot_BX, n - 1)
+    within_BX = p_X[None] - (jnp.take_along_axis(ends_Bn - lengths_Bn, slot_c_BX, axis=1))
+    doc_BX = jnp.take_along_axis(selected_Bn, slot_c_BX, axis=1)
+    from_doc_BX = docs_BML[jnp.arange(B)[:, None], doc_BX, jnp.clip(within_BX, 0, L - 1)]
+    return jnp.where(slot_BX < n, from_doc_BX, place(query_BT, start_B, n * L + T, PAD)), start_B
+
+
+def place(x_BT: jax.Array, start_B: jax.Array, length: int, fill) -> jax.Array:
+    """x's rows written from column start_B[b] of a [B, length] array filled with `fill`."""
+    T = x_BT.shape[1]
+    at_BX = jnp.arange(length)[None] - start_B[:, None]
+    inside_BX = (at_BX >= 0) & (at_BX < T)
+    return jnp.where(inside_BX, jnp.take_along_axis(x_BT, jnp.clip(at_BX, 0, T - 1), axis=1), fill)
+
+
+def reinjected_documents(routing: dict[int, Routing], count: int) -> jax.Array:
+    """The `count` documents to re-inject [B, count], best first: top of the router layers' mean document
+    scores (a choice, not differentiated)."""
+    scores_BM = sum(r.doc_scores_BM for r in routing.values()) / len(routing)
+    return select_documents(jax.lax.stop_gradient(scores_BM), count)
+
+
+def memory_forward(model: Decoder, b: dict, *, reinject_docs: int = 0,
+                   partitioning: Partitioning = UNPARTITIONED) -> tuple[jax.Array, dict[int, Routing]]:
+    """Both passes over a batch (BATCH_KEYS): each row's own M documents are its memory. With
+    `reinject_docs` = n > 0, as MSA does after retrieval, the query pass routes, then the raw text of the n
+    best documents is put before the query and the query runs again (against the same memory) to give
+    the logits; the routing returned is the first pass's (the choice of documents). Logits [B, T, V] are
+    aligned with b["inputs_BT"] either way."""
     B, M, L = b["docs_BML"].shape
     encoded = encode_documents(model, b["docs_BML"].reshape(B * M, L), b["doc_lengths_BM"].reshape(B * M),
                                partitioning=partitioning)
     memory = {i: memory_from_encoded(e, M) for i, e in encoded.items()}
-    return query_forward(model, b["inputs_BT"], memory, route_mask_BT=b["route_mask_BT"],
-                         partitioning=partitioning)
+    logits_BTV, routing = query_forward(model, b["inputs_BT"], memory, route_mask_BT=b["route_mask_BT"],
+                                        partitioning=partitioning)
+    if reinject_docs == 0:
+        return logits_BTV, routing
+    selected_Bn = reinjected_documents(routing, reinject_docs)
+    tokens_BX, start_B = reinjected_context(b["docs_BML"], b["doc_lengths_BM"], selected_Bn, b["inputs_BT"])
+    X, T = tokens_BX.shape[1], b["inputs_BT"].shape[1]
+    logits_BXV, _ = query_forward(model, tokens_BX, memory, partitioning=partitioning,
+                                  route_mask_BT=place(b["route_mask_BT"], start_B, X, False))
+    at_BT = start_B[:, None] + jnp.arange(T)[None]
+    return jnp.take_along_axis(logits_BXV, at_BT[:, :, None], axis=1), routing
 
 
 def routing_loss(doc_scores_BM: jax.Array, gold_BM: jax.Array, temperature: float = 0.1) -> jax.Array:
@@ -166,11 +213,12 @@ def routing_loss(doc_scores_BM: jax.Array, gold_BM: jax.Array, temperature: floa
     return jnp.mean(-(logp_BM * gold_BM).sum(-1) / jnp.maximum(gold_BM.sum(-1), 1.0))
 
 
-def memory_loss(model: Decoder, b: dict, *, routing_weight: float, temperature: float,
+def memory_loss(model: Decoder, b: dict, *, routing_weight: float, temperature: float, reinject_docs: int = 0,
                 partitioning: Partitioning = UNPARTITIONED) -> tuple[jax.Array, dict[str, jax.Array]]:
     """LM cross-entropy on the answer tokens + routing_weight x the routing loss (mean over router
-    layers); returns it and its parts, with the metrics of `memory_metrics`."""
-    logits_BTV, routing = memory_forward(model, b, partitioning=partitioning)
+    layers); returns it and its parts, with the metrics of `memory_metrics`. `reinject_docs`: see
+    `memory_forward`."""
+    logits_BTV, routing = memory_forward(model, b, reinject_docs=reinject_docs, partitioning=partitioning)
     lm, _ = cross_entropy(logits_BTV, b["targets_BT"], b["answer_mask_BT"])
     route = sum(routing_loss(r.doc_scores_BM, b["gold_BM"], temperature) for r in routing.values()) / len(routing)
     parts = {"loss_answer": lm, "loss_routing": route, **memory_metrics(logits_BTV, routing, b)}

@@ -65,7 +65,8 @@ def make_memory_loss_fn(graphdef: nnx.GraphDef, compute_dtype, memory_cfg, *, me
                         rules=None) -> Callable:
     """`(params, batch) -> (loss, parts)` (to be jitted) for memory-bank batches (zoo.memory.BATCH_KEYS):
     the answer's cross-entropy plus `memory_cfg.routing_loss_weight` x the InfoNCE routing loss at
-    temperature `memory_cfg.temperature`; parts are the two losses, `routing_recall` and `answer_accuracy`."""
+    temperature `memory_cfg.temperature` (with `memory_cfg.reinject_docs` documents' raw text re-injected
+    before the query, zoo.memory.memory_forward); parts are the two losses, `routing_recall` and `answer_accuracy`."""
     dtype = dtypes.to_jnp(compute_dtype, "compute_dtype") if compute_dtype else None
     parts = sharding.partitioning(mesh, rules)
 
@@ -74,7 +75,8 @@ def make_memory_loss_fn(graphdef: nnx.GraphDef, compute_dtype, memory_cfg, *, me
             params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
                                   params)
         return memory.memory_loss(nnx.merge(graphdef, params), batch, routing_weight=memory_cfg.routing_loss_weight,
-                                  temperature=memory_cfg.temperature, partitioning=parts)
+                                  temperature=memory_cfg.temperature,
+                                  reinject_docs=memory_cfg.get("reinject_docs", 0), partitioning=parts)
 
     return loss
 
