@@ -386,3 +386,55 @@ def test_reinjected_context_matches_a_loop():
         assert placed[b].sum() == (query[b] > 100).sum()
         np.testing.assert_array_equal(placed[b, int(start[b]):int(start[b]) + T], query[b] > 100)
 
+
+def _scripted_model(micro, script: dict[str, str]):
+    """Test harness: the micro model with every attention and MLP output projection zeroed (each block
+    adds nothing, so the next token depends only on the current one) and embedding / LM head set so that
+    token a is followed by script[a]: a real Decoder whose greedy outputs follow a known bigram table."""
+    from zoo import models
+    c = micro[0]
+    model = models.build(c.model, seed=1)
+    state = nnx.state(model, nnx.Param)
+    p = nnx.to_pure_dict(state)
+    for block in p["blocks"].values():
+        block["attn"]["o_proj"] = jnp.zeros_like(block["attn"]["o_proj"])
+        block["mlp"]["down_proj"] = jnp.zeros_like(block["mlp"]["down_proj"])
+    table, head = np.zeros(p["embed"]["table"].shape, np.float32), np.zeros(p["lm_head"].shape, np.float32)
+    for i, (a, b) in enumerate(script.items()):
+        table[ord(a), i] = 1.0
+        head[i, ord(b)] = 10.0
+    p["embed"]["table"], p["lm_head"] = jnp.asarray(table), jnp.asarray(head)
+    nnx.replace_by_pure_dict(state, p)
+    nnx.update(model, state)
+    return model
+
+
+def test_memory_interleave_appends_the_named_documents_and_stops(micro):
+    """Hops: the question ('?') makes the model write "10,3" -> documents 10 and 3 appended; document 3
+    ends with 'x', which makes it write "7" -> document 7 appended; document 7 ends with 'z', after which
+    it emits the end-of-retrieval token. With max_hops=1 only the first hop runs. Each hop's routing is the
+    bank's routing of that hop's context."""
+    from zoo import memory
+    END = 4
+    model = _scripted_model(micro, {"?": "1", "1": "0", "0": ",", ",": "3", "3": "\n", "x": "7", "7": "\n",
+                                    "z": chr(END)})
+    rng = np.random.default_rng(8)
+    docs = [rng.integers(ord("A"), ord("Z") + 1, size=int(rng.integers(10, 30))).astype(np.int32)
+            for _ in range(12)]
+    docs[3][-1], docs[7][-1] = ord("x"), ord("z")
+    bank = memory.MemoryBank.build(model, docs, batch_size=12)
+    question = np.frombuffer(b"QUESTION?", np.uint8).astype(np.int32)
+    out = memory.memory_interleave(model, bank, docs, question, end_token=END, max_hops=5)
+    assert out.hop_ids == [[10, 3], [7]] and out.stop == "end"
+    contexts = [question, np.concatenate([question, docs[10], docs[3]])]
+    np.testing.assert_array_equal(out.context, np.concatenate([contexts[1], docs[7]]))
+    contexts.append(out.context)
+    assert len(out.hop_routing) == 3
+    for context, routing in zip(contexts, out.hop_routing):
+        want = bank.query(model, context[None])[1]
+        for i, selected in routing.items():
+            np.testing.assert_array_equal(selected, np.asarray(want[i].selected_Bk[0]))
+    short = memory.memory_interleave(model, bank, docs, question, end_token=END, max_hops=1)
+    assert short.hop_ids == [[10, 3]] and short.stop == "max_hops"
+    np.testing.assert_array_equal(short.context, contexts[1])
+    assert memory.parse_doc_ids(np.frombuffer(b"#3, 12;3 x5", np.uint8), 12) == [3, 5]
