@@ -139,7 +139,8 @@ def run_memory_sweep() -> None:
         corpus = data.load_corpus(config.data)
         model = checkpoints.load(path, dtype=_DTYPE.value, attention_impl=_ATTENTION_IMPL.value)
         rows = memory.bank_sweep(model, task, corpus.val_N, sizes=sizes, num_queries=_MEMORY_QUERIES.value,
-                                 seed=_LONGCTX_SEED.value, batch_size=_BATCH_SIZE.value or 8)
+                                 seed=_LONGCTX_SEED.value, batch_size=_BATCH_SIZE.value or 8,
+                                 reinject_docs=config.memory.get("reinject_docs", 0))
         written = memory.write_sweep(rows, _MEMORY_DIR.value or os.path.join(path, "memory_sweep"))
     except (ValueError, FileNotFoundError, ImportError) as e:
         fail(e)

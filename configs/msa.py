@@ -46,6 +46,9 @@ def memory_config(preset: str) -> ml_collections.ConfigDict:
     c.doc_len = 128 if preset == "tiny" else 512          # longest document (tokens); <= model.msa_max_doc_len
     c.query_len = 24 if preset == "tiny" else 32          # query + answer tokens (padded)
     c.multi_positive_rate = 0.25                          # examples whose fact sits in two documents
+    c.reinject_docs = 1                                   # raw text of the best documents put before the query
+    c.reinject_gold_in_training = True                    # training re-injects the gold documents (teacher forcing)
+    c.question_loss_weight = 1.0                          # the question's bytes too (copied from the document)
     c.routing_loss_weight = 1.0
     c.temperature = 0.1
     return c
@@ -57,7 +60,7 @@ def get_config(preset: str = "tiny"):
     config.memory = memory_config(preset)
     t = config.train
     if preset == "tiny":
-        t.steps, t.batch_size, t.seq_len, t.eval_every, t.eval_batches, t.checkpoint_every = 800, 8, 128, 200, 4, 400
+        t.steps, t.batch_size, t.seq_len, t.eval_every, t.eval_batches, t.checkpoint_every = 1000, 8, 128, 250, 4, 500
         config.optimizer.learning_rate, config.optimizer.warmup_steps = 3e-3, 30
     else:
         t.steps, t.batch_size, t.seq_len, t.eval_every, t.eval_batches, t.checkpoint_every = 2000, 16, 512, 250, 8, 500

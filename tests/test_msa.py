@@ -284,6 +284,25 @@ def test_bank_matches_in_memory_pooling_and_round_trips(micro, tmp_path):
     np.testing.assert_array_equal(np.asarray(again.query(model, tokens, mask)[0]), np.asarray(logits))
 
 
+
+def test_bank_query_with_reinjection_matches_the_training_forward(micro):
+    """Re-injection against a bank (numpy contexts, host-fetched memory) gives the logits of the training
+    forward's re-injection (jnp contexts, in-device memory) on the same documents."""
+    from zoo import memory
+    c, model, task, corpus = micro
+    ex = memory.make_example(task, corpus.val_N, seed=3, index=1)
+    docs = [ex["docs_BML"][m, :ex["doc_lengths_BM"][m]] for m in range(task.num_docs)]
+    bank = memory.MemoryBank.build(model, docs, batch_size=4)
+    got, routing = memory.reinjected_query(model, bank, docs, ex["inputs_BT"][None], ex["route_mask_BT"][None], 2)
+    b = {k: jnp.asarray(ex[k])[None] for k in memory.BATCH_KEYS}
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, b, n: memory.memory_forward(nnx.merge(graphdef, state), b, reinject_docs=n),
+                      static_argnums=2)
+    (want, want_routing), (plain, _) = forward(state, b, 2), forward(state, b, 0)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(routing[1].selected_Bk), np.asarray(want_routing[1].selected_Bk))
+    assert np.abs(np.asarray(want) - np.asarray(plain)).max() > 1e-3   # the re-injected text is seen
+
 def test_bank_errors_are_one_line(micro, tmp_path):
     from zoo import memory
     c, model, task, corpus = micro

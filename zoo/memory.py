@@ -177,20 +177,23 @@ def place(x_BT: jax.Array, start_B: jax.Array, length: int, fill) -> jax.Array:
     return jnp.where(inside_BX, jnp.take_along_axis(x_BT, jnp.clip(at_BX, 0, T - 1), axis=1), fill)
 
 
-def reinjected_documents(routing: dict[int, Routing], count: int) -> jax.Array:
+def reinjected_documents(routing: dict[int, Routing], count: int, gold_BM: jax.Array | None = None) -> jax.Array:
     """The `count` documents to re-inject [B, count], best first: top of the router layers' mean document
-    scores (a choice, not differentiated)."""
-    scores_BM = sum(r.doc_scores_BM for r in routing.values()) / len(routing)
-    return select_documents(jax.lax.stop_gradient(scores_BM), count)
+    scores (a choice, not differentiated); with `gold_BM` (teacher forcing) the gold documents first."""
+    scores_BM = jax.lax.stop_gradient(sum(r.doc_scores_BM for r in routing.values()) / len(routing))
+    if gold_BM is not None:
+        scores_BM = jnp.where(gold_BM > 0, 1e6, 0.0) + scores_BM
+    return select_documents(scores_BM, count)
 
 
-def memory_forward(model: Decoder, b: dict, *, reinject_docs: int = 0,
+def memory_forward(model: Decoder, b: dict, *, reinject_docs: int = 0, reinject_gold: bool = False,
                    partitioning: Partitioning = UNPARTITIONED) -> tuple[jax.Array, dict[int, Routing]]:
     """Both passes over a batch (BATCH_KEYS): each row's own M documents are its memory. With
     `reinject_docs` = n > 0, as MSA does after retrieval, the query pass routes, then the raw text of the n
     best documents is put before the query and the query runs again (against the same memory) to give
-    the logits; the routing returned is the first pass's (the choice of documents). Logits [B, T, V] are
-    aligned with b["inputs_BT"] either way."""
+    the logits; the routing returned is the first pass's (the choice of documents). `reinject_gold`
+    (teacher forcing, for training): the gold documents are re-injected first whatever the routing chose.
+    Logits [B, T, V] are aligned with b["inputs_BT"] either way."""
     B, M, L = b["docs_BML"].shape
     encoded = encode_documents(model, b["docs_BML"].reshape(B * M, L), b["doc_lengths_BM"].reshape(B * M),
                                partitioning=partitioning)
@@ -199,7 +202,7 @@ def memory_forward(model: Decoder, b: dict, *, reinject_docs: int = 0,
                                         partitioning=partitioning)
     if reinject_docs == 0:
         return logits_BTV, routing
-    selected_Bn = reinjected_documents(routing, reinject_docs)
+    selected_Bn = reinjected_documents(routing, reinject_docs, b["gold_BM"] if reinject_gold else None)
     tokens_BX, start_B = reinjected_context(b["docs_BML"], b["doc_lengths_BM"], selected_Bn, b["inputs_BT"])
     X, T = tokens_BX.shape[1], b["inputs_BT"].shape[1]
     logits_BXV, _ = query_forward(model, tokens_BX, memory, partitioning=partitioning,
@@ -216,15 +219,24 @@ def routing_loss(doc_scores_BM: jax.Array, gold_BM: jax.Array, temperature: floa
 
 
 def memory_loss(model: Decoder, b: dict, *, routing_weight: float, temperature: float, reinject_docs: int = 0,
+                reinject_gold: bool = False, question_weight: float = 0.0,
                 partitioning: Partitioning = UNPARTITIONED) -> tuple[jax.Array, dict[str, jax.Array]]:
     """LM cross-entropy on the answer tokens + routing_weight x the routing loss (mean over router
-    layers); returns it and its parts, with the metrics of `memory_metrics`. `reinject_docs`: see
-    `memory_forward`."""
-    logits_BTV, routing = memory_forward(model, b, reinject_docs=reinject_docs, partitioning=partitioning)
+    layers) + question_weight x the cross-entropy of the question's own next tokens (with re-injection
+    the key's bytes can be copied from the document: a denser copying signal than the answer alone);
+    returns it and its parts, with the metrics of `memory_metrics`. `reinject_docs`, `reinject_gold`:
+    see `memory_forward`."""
+    logits_BTV, routing = memory_forward(model, b, reinject_docs=reinject_docs, reinject_gold=reinject_gold,
+                                         partitioning=partitioning)
     lm, _ = cross_entropy(logits_BTV, b["targets_BT"], b["answer_mask_BT"])
     route = sum(routing_loss(r.doc_scores_BM, b["gold_BM"], temperature) for r in routing.values()) / len(routing)
     parts = {"loss_answer": lm, "loss_routing": route, **memory_metrics(logits_BTV, routing, b)}
-    return lm + routing_weight * route, parts
+    total = lm + routing_weight * route
+    if question_weight:
+        question_BT = b["route_mask_BT"] & ~b["answer_mask_BT"]
+        parts["loss_question"] = cross_entropy(logits_BTV, b["targets_BT"], question_BT)[0]
+        total = total + question_weight * parts["loss_question"]
+    return total, parts
 
 
 def recall_at_k(selected_Bk: jax.Array, gold_BM: jax.Array) -> jax.Array:
@@ -374,6 +386,30 @@ class MemoryBank:
                        {i: z[f"k_{i}"] for i in layers}, {i: z[f"v_{i}"] for i in layers})
 
 
+def reinjected_query(model: Decoder, bank: MemoryBank, docs: list[np.ndarray], tokens_BT, route_mask_BT, count: int
+                     ) -> tuple[jax.Array, dict[int, Routing]]:
+    """`bank.query` with re-injection (as `memory_forward` does in training): the query routes, the raw text
+    of its `count` best documents (docs[m] is bank document m) goes before it, and the query runs again;
+    logits [B, T, V] aligned with tokens_BT, and the routing pass's Routing. count 0: `bank.query`."""
+    logits_BTV, routing = bank.query(model, tokens_BT, route_mask_BT)
+    if count == 0:
+        return logits_BTV, routing
+    if len(docs) != bank.num_docs:
+        raise ValueError(f"docs has {len(docs)} texts for a bank of {bank.num_docs} documents")
+    tokens_BT, route_mask_BT = np.asarray(tokens_BT), np.asarray(route_mask_BT)
+    B, T = tokens_BT.shape
+    selected_Bn = np.asarray(reinjected_documents(routing, count))
+    X = count * int(bank.doc_lengths_M.max()) + T
+    context_BX, mask_BX, start_B = np.full((B, X), PAD, np.int32), np.zeros((B, X), bool), np.zeros(B, np.int32)
+    for b in range(B):
+        text = np.concatenate([np.asarray(docs[m], np.int32) for m in selected_Bn[b]])
+        n = start_B[b] = len(text)
+        context_BX[b, :n], context_BX[b, n:n + T], mask_BX[b, n:n + T] = text, tokens_BT[b], route_mask_BT[b]
+    logits_BXV, _ = bank.query(model, context_BX, mask_BX)
+    at_BT = start_B[:, None] + np.arange(T)[None]
+    return jnp.take_along_axis(logits_BXV, jnp.asarray(at_BT)[:, :, None], axis=1), routing
+
+
 # ---- memory interleave (multi-hop retrieval) ---------------------------------------------------------------
 
 END_OF_IDS = ord("\n")        # a hop's list of document ids ends with a newline
@@ -483,7 +519,7 @@ def _timed(fn, *args, repeats: int = 3) -> float:
 
 
 def bank_sweep(model: Decoder, task: MemoryTask, tokens_N: np.ndarray, *, sizes: list[int], num_queries: int,
-               seed: int = 0, batch_size: int = 8) -> list[dict]:
+               seed: int = 0, batch_size: int = 8, reinject_docs: int = 0) -> list[dict]:
     """For each bank size (tokens, ascending): a bank of the queries' gold documents plus distractors (each
     bank holds the smaller ones' documents), the queries run against it; one row of SWEEP_FIELDS each.
     Routing latency: one router layer's scores + top-k over the bank for a batch of queries (router
@@ -505,7 +541,8 @@ def bank_sweep(model: Decoder, task: MemoryTask, tokens_N: np.ndarray, *, sizes:
         docs = gold_docs + distractors[:count]
         order = np.random.default_rng([seed, size]).permutation(len(docs))   # bank slot j holds docs[order[j]]
         where = np.argsort(order)
-        bank = MemoryBank.build(model, [docs[j] for j in order], batch_size=64)
+        bank_docs = [docs[j] for j in order]
+        bank = MemoryBank.build(model, bank_docs, batch_size=64)
         bank.check_top_k(model)
         recalls, right, query_s = [], [], 0.0
         for start in range(0, len(queries), batch_size):
@@ -516,7 +553,8 @@ def bank_sweep(model: Decoder, task: MemoryTask, tokens_N: np.ndarray, *, sizes:
             for r, q in enumerate(range(start, start + len(group))):
                 gold_BM[r, where[gold_of[q]]] = 1.0
             query_s += _timed(bank.query, model, b["inputs_BT"], b["route_mask_BT"], repeats=1)
-            logits_BTV, routing = bank.query(model, b["inputs_BT"], b["route_mask_BT"])
+            logits_BTV, routing = reinjected_query(model, bank, bank_docs, b["inputs_BT"], b["route_mask_BT"],
+                                                   reinject_docs)
             metrics = memory_metrics(logits_BTV, routing, {**b, "gold_BM": jnp.asarray(gold_BM)})
             recalls.append(float(metrics["routing_recall"]) * len(group))
             right.append(float(metrics["answer_accuracy"]) * len(group))

@@ -61,12 +61,14 @@ def validation_loss(loss_fn: Callable, params, corpus: data.Corpus, *, num_batch
 
 # ---- Memory Sparse Attention (configs with a `memory` section; zoo.memory) -------------------------------
 
-def make_memory_loss_fn(graphdef: nnx.GraphDef, compute_dtype, memory_cfg, *, mesh: Mesh | None = None,
-                        rules=None) -> Callable:
+def make_memory_loss_fn(graphdef: nnx.GraphDef, compute_dtype, memory_cfg, *, training: bool = False,
+                        mesh: Mesh | None = None, rules=None) -> Callable:
     """`(params, batch) -> (loss, parts)` (to be jitted) for memory-bank batches (zoo.memory.BATCH_KEYS):
     the answer's cross-entropy plus `memory_cfg.routing_loss_weight` x the InfoNCE routing loss at
     temperature `memory_cfg.temperature` (with `memory_cfg.reinject_docs` documents' raw text re-injected
-    before the query, zoo.memory.memory_forward); parts are the two losses, `routing_recall` and `answer_accuracy`."""
+    before the query, zoo.memory.memory_forward; when `training` and `memory_cfg.reinject_gold_in_training`,
+    the gold documents, i.e. teacher-forced retrieval; plus `memory_cfg.question_loss_weight` x the
+    question tokens' cross-entropy); parts are the two losses, `routing_recall` and `answer_accuracy`."""
     dtype = dtypes.to_jnp(compute_dtype, "compute_dtype") if compute_dtype else None
     parts = sharding.partitioning(mesh, rules)
 
@@ -76,7 +78,10 @@ def make_memory_loss_fn(graphdef: nnx.GraphDef, compute_dtype, memory_cfg, *, me
                                   params)
         return memory.memory_loss(nnx.merge(graphdef, params), batch, routing_weight=memory_cfg.routing_loss_weight,
                                   temperature=memory_cfg.temperature,
-                                  reinject_docs=memory_cfg.get("reinject_docs", 0), partitioning=parts)
+                                  reinject_docs=memory_cfg.get("reinject_docs", 0),
+                                  reinject_gold=training and memory_cfg.get("reinject_gold_in_training", False),
+                                  question_weight=memory_cfg.get("question_loss_weight", 0.0),
+                                  partitioning=parts)
 
     return loss
 
