@@ -1,6 +1,7 @@
 """Memory Sparse Attention (layers.msa) on a Laguna-style stack, trained on memory-bank examples
 (zoo.memory: N documents of corpus text with planted key=value facts and a query whose answer is in one
-or more of them) with the LM loss on the answer plus the InfoNCE routing loss.
+or more of them) with the LM loss on the answer plus the InfoNCE routing loss; the raw text of the best
+document is re-injected before the question (the gold one while training) so the answer can be copied.
 
 Presets: `tiny` (learns to route on 2 CPU cores in minutes), `small` (one GPU). The MSA layers are the
 router layers; the plain layers below them see the query's own tokens only.
