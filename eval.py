@@ -104,6 +104,53 @@ def run_longctx() -> None:
     print(f"wrote {out_dir}/results.json, results.csv and plots")
 # --- end of long-context task sweeps ----------------------------------------------------------------
 
+# --- Memory Sparse Attention: retrieval against bank size (zoo.memory; README "Memory Sparse Attention") ---
+_MEMORY = flags.DEFINE_bool("memory", False, "sweep the memory bank size of an MSA model (a config with a "
+                            "`memory` section) instead of the perplexity evaluation")
+_MEMORY_SIZES = flags.DEFINE_string("memory_sizes", "16384,65536,262144,1048576", "--memory: comma-separated "
+                                    "bank sizes (tokens)")
+_MEMORY_QUERIES = flags.DEFINE_integer("memory_queries", 64, "--memory: queries (distinct keys) per bank size")
+_MEMORY_DIR = flags.DEFINE_string("memory_dir", None, "--memory: output folder (default: DIR/memory_sweep)")
+
+
+def run_memory_sweep() -> None:
+    """The `--memory` sweep: the model of --workdir/--checkpoint against banks of growing size on one
+    device (router keys on it, content K/V in host memory); writes results.json/.csv/.png."""
+    from zoo import checkpoints, data, memory
+    from zoo.train import enable_compilation_cache
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    enable_compilation_cache()
+    path = _WORKDIR.value or _CHECKPOINT.value
+    try:
+        if path is None:
+            raise ValueError("--memory needs --workdir or --checkpoint")
+        try:
+            sizes = sorted(int(n) for n in _MEMORY_SIZES.value.split(",") if n.strip())
+        except ValueError:
+            raise ValueError(f"--memory_sizes must be integers, got {_MEMORY_SIZES.value!r}") from None
+        if not sizes or sizes[0] < 1:
+            raise ValueError(f"--memory_sizes must be positive token counts, got {_MEMORY_SIZES.value!r}")
+        config = checkpoints.read_config(path)
+        if "memory" not in config:
+            raise ValueError(f"{path}/config.json has no memory section (train with configs/msa.py)")
+        task = memory.MemoryTask.from_config(config)
+        corpus = data.load_corpus(config.data)
+        model = checkpoints.load(path, dtype=_DTYPE.value, attention_impl=_ATTENTION_IMPL.value)
+        rows = memory.bank_sweep(model, task, corpus.val_N, sizes=sizes, num_queries=_MEMORY_QUERIES.value,
+                                 seed=_LONGCTX_SEED.value, batch_size=_BATCH_SIZE.value or 8,
+                                 reinject_docs=config.memory.get("reinject_docs", 0))
+        written = memory.write_sweep(rows, _MEMORY_DIR.value or os.path.join(path, "memory_sweep"))
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        fail(e)
+    for r in rows:
+        print(f"bank {r['bank_tokens']:>10} tokens ({r['bank_docs']} docs): recall {r['routing_recall']:.3f}, "
+              f"answer accuracy {r['answer_accuracy']:.3f}, routing {r['route_ms_per_query']:.3f} ms/query, "
+              f"device {r['device_bytes']} B, host {r['host_bytes']} B")
+    print("wrote " + ", ".join(written))
+# --- end of the memory sweep ------------------------------------------------------------------------
+
 
 def fail(message) -> None:
     """Ends the program with one line on stderr."""
@@ -193,6 +240,8 @@ def main(argv) -> None:
         fail(f"unexpected arguments {argv[1:]}")
     if _TASKS.value is not None:   # long-context task sweeps (run_longctx above)
         return run_longctx()
+    if _MEMORY.value:              # memory bank sweep (run_memory_sweep above)
+        return run_memory_sweep()
     if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
         fail("give exactly one of --workdir or --checkpoint")
     if not flags.FLAGS["verbosity"].present:

@@ -38,5 +38,15 @@ class LayerContext:
     cache_lengths_B: jax.Array | None = None
     new_tokens_B: jax.Array | None = None
     kv_positions_by_layer: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
+    # Memory Sparse Attention (layers.msa): the encoding pass sets msa_doc_lengths_B (one document per row)
+    # and its layers hand on msa_encoded; the query pass sets msa_memory (router layer -> PooledMemory),
+    # optionally the prefix tokens that do not see the memory and the tokens that route, and its layers
+    # hand on msa_routing (router layer -> Routing)
+    msa_doc_lengths_B: jax.Array | None = None
+    msa_memory: dict[int, Any] | None = None
+    msa_prefix_len_B: jax.Array | None = None
+    msa_route_mask_BT: jax.Array | None = None
+    msa_encoded: dict[int, Any] = dataclasses.field(default_factory=dict)
+    msa_routing: dict[int, Any] = dataclasses.field(default_factory=dict)
 
-    HANDED_ON = ("kv_by_layer", "router_state_BTR")
+    HANDED_ON = ("kv_by_layer", "router_state_BTR", "msa_encoded", "msa_routing")

@@ -17,6 +17,9 @@ Attention kinds and the options they read (defaults in LAYER_OPTIONS):
     swa, csa, hca    one K=V vector per token over a window (+ compressed entries; the indexer's top-k for
                      csa): num_heads, head_dim, rope_dim, q_rank, out_groups, out_rank, window, csa_ratio,
                      hca_ratio, index_heads, index_dim, index_top_k, rope[kind]
+    msa              memory sparse attention (layers.msa; a router layer): num_heads, num_kv_heads, head_dims,
+                     qk_norm, attn_scale, msa_chunk_size, msa_top_k, msa_head_reduce, msa_max_doc_len,
+                     msa_query_offset (None: msa_max_doc_len), rope[msa]
 MLP kinds: dense (mlp_dims or mlp_dim, activation, swiglu_limit) and moe (num_experts, top_k, expert_dim,
 router: softmax | sigmoid | sqrt_softplus | hash | mlp_skip, shared_expert_dim, routed_scale,
 router_softcap, router_dim, skip_output, swiglu_limit, shared_expert_clamp).
@@ -37,6 +40,7 @@ from layers.cca import CCA
 from layers.mlp import GatedMLP
 from layers.mlp_router import SKIP_OUTPUTS, SkipMoE
 from layers.moe import ROUTERS, MoE
+from layers.msa import HEAD_REDUCTIONS, MemorySparseAttention
 from layers.rope import RopeSpec
 from layers.sparse_attention import CompressedAttention
 
@@ -48,6 +52,8 @@ LAYER_OPTIONS = {
     "swiglu_limit": 0.0, "shared_expert_clamp": False, "skip_output": "zero", "router_activation": "gelu",
     "router_input_norm": True, "router_dim": 0, "attention_impl": "xla", "norm_eps": 1e-6,
     "activation": "silu",
+    "msa_chunk_size": 64, "msa_top_k": 16, "msa_head_reduce": "mean", "msa_max_doc_len": 4096,
+    "msa_query_offset": None,
 }
 TUPLE_VALUED = frozenset({"conv_kernel_sizes"})   # options whose one value is itself a tuple
 _REQUIRED = object()
@@ -314,6 +320,37 @@ def _native_bytes(kind: str):
     return native
 
 
+# ---- memory sparse attention --------------------------------------------------------------------------
+# Without a memory an MSA layer caches and attends like a full layer; the memory's pooled chunks are
+# counted by zoo.memory (router keys on the device, content on the host), not as per-token cache.
+
+def msa_query_offset(cfg, i: int) -> int:
+    """Where layer i's query positions start: after every memory document's local positions."""
+    offset = option(cfg, "msa_query_offset", i)
+    return option(cfg, "msa_max_doc_len", i) if offset is None else offset
+
+
+def _msa_check(cfg, i: int, kind: str) -> None:
+    _heads_check(cfg, i)
+    if option(cfg, "msa_head_reduce", i) not in HEAD_REDUCTIONS:
+        raise ValueError(f"layer {i}: model.msa_head_reduce = {option(cfg, 'msa_head_reduce', i)!r}; expected one "
+                         f"of {HEAD_REDUCTIONS}")
+    for key in ("msa_chunk_size", "msa_top_k", "msa_max_doc_len"):
+        if option(cfg, key, i) < 1:
+            raise ValueError(f"layer {i}: model.{key} must be at least 1, got {option(cfg, key, i)}")
+    if msa_query_offset(cfg, i) < 0:
+        raise ValueError(f"layer {i}: model.msa_query_offset must be >= 0, got {msa_query_offset(cfg, i)}")
+
+
+def _msa_build(cfg, i: int, kind: str, rngs: nnx.Rngs) -> MemorySparseAttention:
+    return MemorySparseAttention(
+        cfg.d_model, option(cfg, "num_heads", i), option(cfg, "num_kv_heads", i), option(cfg, "head_dims", i),
+        rope=_rope(cfg, kind), chunk_size=option(cfg, "msa_chunk_size", i), top_k=option(cfg, "msa_top_k", i),
+        head_reduce=option(cfg, "msa_head_reduce", i), query_offset=msa_query_offset(cfg, i),
+        qk_norm=option(cfg, "qk_norm", i), norm_eps=option(cfg, "norm_eps", i), scale=option(cfg, "attn_scale", i),
+        impl=option(cfg, "attention_impl", i), layer=i, rngs=rngs)
+
+
 ATTENTION_KINDS: dict[str, AttentionKind] = {
     "full": AttentionKind(_gqa_build, _gqa_check, GQA, _gqa_cache),
     "sliding": AttentionKind(_gqa_build, _gqa_check, GQA, _gqa_cache),
@@ -326,6 +363,7 @@ ATTENTION_KINDS: dict[str, AttentionKind] = {
     "csa": AttentionKind(_compressed_build, _compressed_check, Accounting(
         _entry_bytes, _csa_cached, _kv_flops_per_key, flops_per_query=_csa_query_flops,
         native_kv_bytes=_native_bytes("csa"))),
+    "msa": AttentionKind(_msa_build, _msa_check, GQA),
 }
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from zoo import data, dtypes, sharding
+from zoo import data, dtypes, memory, sharding
 from zoo.decoder import cross_entropy
 
 
@@ -57,3 +57,47 @@ def validation_loss(loss_fn: Callable, params, corpus: data.Corpus, *, num_batch
         losses.append(loss_fn(params, sharding.shard_batch(inputs_BT, batch_sharding),
                               sharding.shard_batch(targets_BT, batch_sharding)))
     return float(np.mean(jax.device_get(losses)))
+
+
+# ---- Memory Sparse Attention (configs with a `memory` section; zoo.memory) -------------------------------
+
+def make_memory_loss_fn(graphdef: nnx.GraphDef, compute_dtype, memory_cfg, *, training: bool = False,
+                        mesh: Mesh | None = None, rules=None) -> Callable:
+    """`(params, batch) -> (loss, parts)` (to be jitted) for memory-bank batches (zoo.memory.BATCH_KEYS):
+    the answer's cross-entropy plus `memory_cfg.routing_loss_weight` x the InfoNCE routing loss at
+    temperature `memory_cfg.temperature` (with `memory_cfg.reinject_docs` documents' raw text re-injected
+    before the query, zoo.memory.memory_forward; when `training` and `memory_cfg.reinject_gold_in_training`,
+    the gold documents, i.e. teacher-forced retrieval; plus `memory_cfg.question_loss_weight` x the
+    question tokens' cross-entropy); parts are the two losses, `routing_recall` and `answer_accuracy`."""
+    dtype = dtypes.to_jnp(compute_dtype, "compute_dtype") if compute_dtype else None
+    parts = sharding.partitioning(mesh, rules)
+
+    def loss(params, batch):
+        if dtype is not None:
+            params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                                  params)
+        return memory.memory_loss(nnx.merge(graphdef, params), batch, routing_weight=memory_cfg.routing_loss_weight,
+                                  temperature=memory_cfg.temperature,
+                                  reinject_docs=memory_cfg.get("reinject_docs", 0),
+                                  reinject_gold=training and memory_cfg.get("reinject_gold_in_training", False),
+                                  question_weight=memory_cfg.get("question_loss_weight", 0.0),
+                                  partitioning=parts)
+
+    return loss
+
+
+def memory_validation(loss_fn: Callable, params, task: memory.MemoryTask, corpus: data.Corpus, *, seed: int,
+                      num_batches: int, batch_size: int, batch_sharding: NamedSharding) -> dict[str, float]:
+    """The mean loss parts and metrics over validation examples 0..num_batches*batch_size-1 (drawn from the
+    validation split with `seed`): val_loss (answer nats/token), val_loss_routing, routing_recall,
+    answer_accuracy."""
+    if num_batches < 1:
+        raise ValueError(f"num_batches must be at least 1, got {num_batches}")
+    sums: dict[str, float] = {}
+    for i in range(num_batches):
+        b = memory.batch(task, corpus.val_N, seed=seed, start=i * batch_size, size=batch_size)
+        _, parts = loss_fn(params, {k: sharding.shard_batch(v, batch_sharding) for k, v in b.items()})
+        for k, v in jax.device_get(parts).items():
+            sums[k] = sums.get(k, 0.0) + float(v) / num_batches
+    return {"val_loss": sums["loss_answer"], "val_loss_routing": sums["loss_routing"],
+            "routing_recall": sums["routing_recall"], "answer_accuracy": sums["answer_accuracy"]}

@@ -28,9 +28,10 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 import zoo
-from zoo import checkpoints, data, distributed, sharding
+from zoo import checkpoints, data, distributed, memory, sharding
 from zoo.sharding import check_batch_splits, shard_batch
-from zoo.train.loss import bits_per_byte, make_loss_fn, validation_loss
+from zoo.train.loss import (bits_per_byte, make_loss_fn, make_memory_loss_fn, memory_validation,
+                             validation_loss)
 from zoo.train.optimizer import make_optimizer
 
 METRICS_FILE = "metrics.jsonl"
@@ -136,6 +137,8 @@ class RunLog:
         else:
             val = (f", val_loss {record['val_loss']:.4f}, val_bits_per_byte {record['val_bits_per_byte']:.4f}"
                    if has_val else "")
+            val += "".join(f", {k} {record[k]:.3f}" for k in ("val_loss", "routing_recall", "answer_accuracy")
+                           if k in record and not has_val)
             print(f"step {record['step']}/{self.steps}: loss {record['loss']:.4f}, grad_norm "
                   f"{record['grad_norm']:.3f}, learning_rate {record['learning_rate']:.3g}, tokens/s "
                   f"{record['tokens_per_second']:.0f}{val}", flush=True)
@@ -202,27 +205,34 @@ def make_shardings(config, model, tx, mesh=None) -> Shardings:
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, compute_dtype: str,
-                    shardings: Shardings | None = None):
+                    shardings: Shardings | None = None, *, memory_cfg=None):
     """The jitted update `(params, opt_state, inputs_BT, targets_BT) -> (params, opt_state, metrics)`,
     donating the old parameters and optimizer state. Master weights stay float32; with bf16 compute
     the cast happens inside the differentiated function. With `shardings`, inputs and outputs are
-    pinned to them (parameters and optimizer state keep their layout from step to step)."""
+    pinned to them (parameters and optimizer state keep their layout from step to step).
+    With `memory_cfg` (a config's `memory` section) the update is `(params, opt_state, batch)` over a
+    memory-bank batch (zoo.memory) and the metrics add the loss parts, routing_recall, answer_accuracy."""
     mesh, rules = (None, None) if shardings is None else (shardings.mesh, shardings.rules)
-    loss_fn = make_loss_fn(graphdef, compute_dtype, training=True, mesh=mesh, rules=rules)
+    if memory_cfg is None:
+        plain = make_loss_fn(graphdef, compute_dtype, training=True, mesh=mesh, rules=rules)
+        loss_fn, num_inputs = (lambda params, *batch: (plain(params, *batch), {})), 2
+    else:
+        loss_fn, num_inputs = make_memory_loss_fn(graphdef, compute_dtype, memory_cfg, training=True, mesh=mesh,
+                                                        rules=rules), 1
 
-    def train_step(params, opt_state, inputs_BT, targets_BT):
-        loss, grads = jax.value_and_grad(loss_fn)(params, inputs_BT, targets_BT)
+    def train_step(params, opt_state, *batch):
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *batch)
         if shardings is not None:   # gradients reduce-scattered straight into the parameters' layout
             grads = jax.lax.with_sharding_constraint(grads, shardings.params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **parts}
 
     if shardings is None:
         return jax.jit(train_step, donate_argnums=(0, 1))
     s = shardings
     return jax.jit(train_step, donate_argnums=(0, 1),
-                   in_shardings=(s.params, s.opt_state, s.batch, s.batch),
+                   in_shardings=(s.params, s.opt_state) + (s.batch,) * num_inputs,
                    out_shardings=(s.params, s.opt_state, s.replicated))
 
 
@@ -351,10 +361,17 @@ def train(config, workdir: str, *, init_from: str | None = None, interactive: bo
 def _loop(config, workdir: str, corpus, mngr, state: TrainState, log: RunLog) -> Result:
     """The steps from `state.step` to `train.steps` (the state is advanced in place)."""
     t, s = config.train, state.shardings
-    train_step = make_train_step(state.graphdef, state.tx, t.compute_dtype, s)
+    memory_cfg = config.get("memory")   # memory-bank training of MSA layers (zoo.memory)
+    task = memory.MemoryTask.from_config(config) if memory_cfg is not None else None
+    train_step = make_train_step(state.graphdef, state.tx, t.compute_dtype, s, memory_cfg=memory_cfg)
     eval_loss = jax.jit(make_loss_fn(state.graphdef, t.compute_dtype, mesh=s.mesh, rules=s.rules),
                         in_shardings=(s.params, s.batch, s.batch), out_shardings=s.replicated)
     tokens_per_step = t.batch_size * t.seq_len
+    if task is not None:
+        memory_eval = jax.jit(make_memory_loss_fn(state.graphdef, t.compute_dtype, memory_cfg, mesh=s.mesh,
+                                                  rules=s.rules), in_shardings=(s.params, s.batch),
+                              out_shardings=s.replicated)
+        tokens_per_step = t.batch_size * (task.num_docs * task.doc_len + task.query_len)
     start = state.step
     saved, record = start, {}
     window_start, window_steps = time.perf_counter(), 0
@@ -362,11 +379,14 @@ def _loop(config, workdir: str, corpus, mngr, state: TrainState, log: RunLog) ->
         while state.step < t.steps and stop.signal_name is None:
             if state.step == start:
                 log.say(f"step {start + 1}: compiling the train step...")
-            inputs_BT, targets_BT = data.train_batch(corpus, seed=t.seed, step=state.step + 1,
-                                                     batch_size=t.batch_size, seq_len=t.seq_len)
+            if task is None:
+                batch = data.train_batch(corpus, seed=t.seed, step=state.step + 1, batch_size=t.batch_size,
+                                         seq_len=t.seq_len)
+            else:   # examples step * batch_size.. of the training split: a pure function of (seed, step)
+                batch = (memory.batch(task, corpus.train_N, seed=t.seed, start=state.step * t.batch_size,
+                                      size=t.batch_size),)
             state.params, state.opt_state, out = train_step(state.params, state.opt_state,
-                                                            shard_batch(inputs_BT, s.batch),
-                                                            shard_batch(targets_BT, s.batch))
+                                                            *jax.tree.map(lambda x: shard_batch(x, s.batch), batch))
             loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
             state.step += 1
             step = state.step
@@ -384,7 +404,13 @@ def _loop(config, workdir: str, corpus, mngr, state: TrainState, log: RunLog) ->
                 record = {"step": step, "loss": loss, "grad_norm": grad_norm,
                           "learning_rate": float(state.schedule(step - 1)),
                           "tokens_per_second": window_steps * tokens_per_step / max(elapsed, 1e-9)}
-                if is_eval:
+                record.update({k if k.startswith("loss_") else f"train_{k}": float(v) for k, v in out.items()
+                               if k not in ("loss", "grad_norm")})   # memory training: parts, batch metrics
+                if is_eval and task is not None:
+                    record.update(memory_validation(memory_eval, state.params, task, corpus, seed=t.seed + 1,
+                                                    num_batches=t.eval_batches, batch_size=t.batch_size,
+                                                    batch_sharding=s.batch))
+                elif is_eval:
                     val = validation_loss(eval_loss, state.params, corpus, num_batches=t.eval_batches,
                                           batch_size=t.batch_size, seq_len=t.seq_len, batch_sharding=s.batch)
                     record.update(val_loss=val, val_bits_per_byte=bits_per_byte(val, corpus.bytes_per_token))
