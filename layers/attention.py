@@ -25,7 +25,7 @@ IMPLS = ("xla", "pallas", "auto")
 OUTPUT_GATES = ("none", "per_head", "per_element")
 _MASKED = -1e30
 # Cached chunks of at most this many tokens per row (decode steps, speculative verification) attend through
-# the decode kernel (pallas_kernels.decode_attention) where `cached_kernel_lowering` names one; longer chunks
+# the decode kernel (pallas_kernels.decode_attention) where `pallas_only_lowering` names one; longer chunks
 # (prefill) of full-attention layers through `_prefill_attention`, of windowed ones `dot_product_attention`.
 DECODE_MAX_TOKENS = 16
 
@@ -213,10 +213,11 @@ def kernel_lowering(impl: str) -> str | None:
     return "pallas_tpu" if backend == "tpu" else "pallas_gpu"
 
 
-def cached_kernel_lowering(impl: str) -> str | None:
-    """The lowering the kernels of cached chunks (decode steps, speculative verification, prefill of a
-    full-attention layer) run with: under `pallas` only (interpret mode on CPU). `auto` keeps the pure-JAX
-    cached path until these kernels have been checked and timed on a GPU (docs/benchmarks.md)."""
+def pallas_only_lowering(impl: str) -> str | None:
+    """The lowering of kernels that run only when asked for by name (`pallas`; interpret mode on CPU): the
+    kernels of cached chunks (decode steps, speculative verification, full-attention prefill) and of MSA
+    layers. `auto` takes the pure-JAX path there until they have been checked and timed on a GPU
+    (docs/benchmarks.md)."""
     return kernel_lowering(impl) if impl == "pallas" else None
 
 
@@ -459,7 +460,7 @@ class Attention(nnx.Module):
                     layer_cache, {"k_BSKH": k_BTKH, "v_BSKH": v_BTKH}, lengths_B, new_B, window=self.window)
                 k_BTKH, v_BTKH = seen["k_BSKH"], seen["v_BSKH"]
         sinks_N = None if self.sinks is None else self.sinks[...]
-        lowering = cached_kernel_lowering(self.impl)
+        lowering = pallas_only_lowering(self.impl)
         if prefill is not None:
             out_BTNH = _prefill_attention(q_BTNH, *prefill, sinks_N, scale=self.scale, impl=lowering,
                                           partitioning=partitioning)
@@ -482,7 +483,7 @@ class Attention(nnx.Module):
     def _prefill_kernel(self, q_BTNH) -> bool:
         """Whether a cached chunk of this layer attends through `_prefill_attention`: a full-attention
         layer (no window) with a kernel lowering and more tokens than the decode kernel takes."""
-        return (not self.window and cached_kernel_lowering(self.impl) is not None
+        return (not self.window and pallas_only_lowering(self.impl) is not None
                 and q_BTNH.shape[1] > DECODE_MAX_TOKENS)
 
     def keys_values(self, k_raw_BTKH: jax.Array, v_raw_BTKH: jax.Array | None, positions_BT: jax.Array

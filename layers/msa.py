@@ -23,9 +23,9 @@ A decoder runs MSA in three modes, chosen by explicit `LayerContext` fields (sta
             the document scores and selection go to `ctx.msa_routing[layer]` (`Routing`).
   plain     (neither): causal attention over the row's own tokens, so the model is also a plain decoder.
 The two kernel-shaped computations are `route_scores` and `memory_attention` (one function each); with
-`lowering` set (the layer's attention_impl through `layers.attention.kernel_lowering`: "pallas" always,
-interpret mode on CPU; "auto" on GPU/TPU) they run the Pallas kernels of pallas_kernels.msa, otherwise the
-pure-JAX math below, which is their reference.
+`lowering` set (the layer's attention_impl through `layers.attention.pallas_only_lowering`: "pallas",
+interpret mode on CPU; "auto" keeps the reference until the kernels have run on a GPU) they run the Pallas
+kernels of pallas_kernels.msa, otherwise the pure-JAX math below, which is their reference.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import kv_cache, params
-from layers.attention import IMPLS, dot_product_attention, kernel_lowering, reference_attention
+from layers.attention import IMPLS, dot_product_attention, pallas_only_lowering, reference_attention
 from layers.context import LayerContext
 from layers.norms import RMSNorm
 from layers.rope import RopeSpec, apply_rope
@@ -283,7 +283,7 @@ class MemorySparseAttention(nnx.Module):
         q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, positions_BT)
         route_mask_BT = sees_memory_BT if ctx.msa_route_mask_BT is None else ctx.msa_route_mask_BT
         router_q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.router_q[...])
-        lowering = kernel_lowering(self.impl)
+        lowering = pallas_only_lowering(self.impl)
         scores_BM = route_scores(router_q_BTNH, route_mask_BT, memory.router_k_BMCKH, memory.valid_BMC,
                                  head_reduce=self.head_reduce, lowering=lowering)
         selected_Bk = select_documents(scores_BM, self.top_k)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import kv_cache, params
-from layers.attention import DECODE_MAX_TOKENS, IMPLS, cached_kernel_lowering, kernel_lowering
+from layers.attention import DECODE_MAX_TOKENS, IMPLS, pallas_only_lowering, kernel_lowering
 from layers.compression import Compressor, LightningIndexer, entry_visibility
 from layers.context import LayerContext
 from layers.norms import RMSNorm, rms_normalize
@@ -180,9 +180,9 @@ class CompressedAttention(nnx.Module):
         """Decoding: the window over the ring and the chunk, and the cached compressed entries (all visible
         ones, or the indexer's top-k), in one softmax with the sink. A float8 cache's packed ring and entries
         are unpacked first; then the chunk attends through the decode kernels
-        (pallas_kernels.compressed_decode_attention) where `cached_kernel_lowering` names one and the chunk is
+        (pallas_kernels.compressed_decode_attention) where `pallas_only_lowering` names one and the chunk is
         short, else pure JAX."""
-        lowering = cached_kernel_lowering(self.impl)
+        lowering = pallas_only_lowering(self.impl)
         if q_BTNH.shape[1] > DECODE_MAX_TOKENS:
             lowering = None
         ring = cache["kv_BWH"]   # packed parts under a float8 cache (layers.kv_cache.packed_spec)
