@@ -217,8 +217,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
         plain = make_loss_fn(graphdef, compute_dtype, training=True, mesh=mesh, rules=rules)
         loss_fn, num_inputs = (lambda params, *batch: (plain(params, *batch), {})), 2
     else:
-        loss_fn, num_inputs = make_memory_loss_fn(graphdef, compute_dtype, memory_cfg, training=True, mesh=mesh,
-                                                        rules=rules), 1
+        loss_fn = make_memory_loss_fn(graphdef, compute_dtype, memory_cfg, training=True, mesh=mesh, rules=rules)
+        num_inputs = 1
 
     def train_step(params, opt_state, *batch):
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *batch)
