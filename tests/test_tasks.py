@@ -161,7 +161,8 @@ def test_answer_loglik_against_hand_computed_logits():
         # by 3 nats over a uniform rest.
         target_S = np.concatenate([examples[0].prompt_ids_T, examples[0].answer_ids_A])[1:]
         logits_BTV = np.zeros((tokens_BT.shape[0], tokens_BT.shape[1], V), np.float32)
-        logits_BTV[:, np.arange(tokens_BT.shape[1]), target_S[:tokens_BT.shape[1]]] = 3.0
+        n = min(len(target_S), tokens_BT.shape[1])   # rows past the answer (bucket padding) stay uniform
+        logits_BTV[:, np.arange(n), target_S[:n]] = 3.0
         return logits_BTV
 
     s0, s1 = tasks.answer_loglik(logits_fn, examples)
