@@ -48,14 +48,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-def load_config(spec: str):
-    path, _, preset = spec.partition(":")
-    import importlib.util
-    module_spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(preset) if preset else module.get_config()
+from benchmarks.train_throughput import load_config  # noqa: E402   (config file path[:preset])
 
 
 def copy_bandwidth(nbytes: int, iters: int = 5) -> float:
