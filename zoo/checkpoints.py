@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 
 import jax
@@ -169,8 +170,28 @@ def restore(mngr: ocp.CheckpointManager, step: int, targets: dict) -> dict:
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - TensorStore reports damaged files as a bare Exception
+        _silence_abandoned_reads()
         raise UnreadableCheckpoint(where, _first_line(e)) from None
     return {name: restored[name] for name in targets}
+
+
+def _silence_abandoned_reads() -> None:
+    """After a failed restore, Orbax's unfinished reads of the other arrays fail again when they are
+    garbage-collected, and Python prints each as 'Exception ignored in <coroutine ...>' with TensorStore's
+    spec dump. The failure is already reported once (`UnreadableCheckpoint`), so from here on such
+    leftovers of Orbax's serialization are dropped; every other unraisable exception still prints."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_reads", False):
+        return
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and f"orbax{os.sep}checkpoint" in code.co_filename:
+            return
+        previous(unraisable)
+
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
 
 
 class UnreadableCheckpoint(ValueError):
