@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._timing import median_seconds  # noqa: E402
 from pallas_kernels import MsaBlockSizes, msa_attention, msa_chunk_scores, msa_route  # noqa: E402
+from pallas_kernels.msa import unambiguous_chunks  # noqa: E402
 
 CHUNK, DOC_TOKENS, TOP_K = 64, 1024, 16
 
@@ -68,19 +69,6 @@ def max_error(actual, expected) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------------------- correctness
-def clear_near_ties(probe_BC, q, k, valid_B, head_reduce, gap=1e-4):
-    """The probe, zero where a chunk's best and second-best (token, head) candidates are within `gap`: there
-    a different summation order may pick the other one, and the gradient lands elsewhere."""
-    B, T, N, H = q.shape
-    z = jnp.einsum("BTKGH,CKH->BTKGC", q.reshape(B, T, k.shape[1], -1, H).astype(jnp.float32),
-                   k.astype(jnp.float32), precision="highest")
-    z_BXC = z.mean(axis=(2, 3)) if head_reduce == "mean" else z.reshape(B, T * N, -1)
-    per = z_BXC.shape[1] // T
-    z_BXC = jnp.where((jnp.arange(z_BXC.shape[1]) // per < valid_B[:, None])[:, :, None], z_BXC, -jnp.inf)
-    top2_BC2 = jax.lax.top_k(jnp.moveaxis(z_BXC, 1, 2), 2)[0]
-    return jnp.where(top2_BC2[..., 0] - top2_BC2[..., 1] > gap, probe_BC, 0.0)
-
-
 def check(args, impl, blocks):
     tol = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
     H, N, K = args.head_dim, args.heads, args.kv_heads
@@ -90,7 +78,7 @@ def check(args, impl, blocks):
         q, k = unit(normal(0, (2, T, N, H), dtype)), unit(normal(1, (C, K, H), dtype))
         valid = jnp.array([T, T // 3], jnp.int32)
         for head_reduce in ("mean", "max"):
-            probe = clear_near_ties(normal(2, (2, C), jnp.float32), q, k, valid, head_reduce)
+            probe = jnp.where(unambiguous_chunks(q, k, valid, head_reduce=head_reduce), normal(2, (2, C), jnp.float32), 0.0)
 
             def route(impl_, head_reduce=head_reduce, probe=probe):
                 f = lambda q, k: msa_chunk_scores(q, k, valid_B=valid, head_reduce=head_reduce, impl=impl_,

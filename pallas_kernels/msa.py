@@ -83,6 +83,22 @@ def msa_chunk_scores_reference(q_BTNH: jax.Array, k_CKH: jax.Array, *, valid_B: 
     return z_BTC.max(axis=1)
 
 
+def unambiguous_chunks(q_BTNH: jax.Array, k_CKH: jax.Array, valid_B: jax.Array, *, head_reduce: str,
+                       gap: float = 1e-4) -> jax.Array:
+    """Bool [B, C]: chunks whose best (token, head) candidate beats the second by more than `gap`. Elsewhere
+    another summation order may pick the other candidate and its gradient lands on other rows, so gradient
+    checks of `msa_chunk_scores` compare only these chunks."""
+    B, T, N, H = q_BTNH.shape
+    C, K, _ = k_CKH.shape
+    z_BTKGC = jnp.einsum("BTKGH,CKH->BTKGC", q_BTNH.reshape(B, T, K, N // K, H).astype(F32), k_CKH.astype(F32),
+                         precision=HIGHEST)
+    z_BXC = z_BTKGC.mean(axis=(2, 3)) if head_reduce == "mean" else z_BTKGC.reshape(B, T * N, C)
+    per_token = z_BXC.shape[1] // T
+    valid_BX = jnp.arange(z_BXC.shape[1])[None, :] // per_token < valid_B[:, None]
+    top2_BC2 = lax.top_k(jnp.moveaxis(jnp.where(valid_BX[:, :, None], z_BXC, -jnp.inf), 1, 2), 2)[0]
+    return top2_BC2[..., 0] - top2_BC2[..., 1] > gap
+
+
 @dataclasses.dataclass(frozen=True)
 class _RouteConfig:
     lowering: Lowering

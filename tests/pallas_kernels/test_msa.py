@@ -10,6 +10,7 @@ import pytest
 
 from pallas_kernels import (MsaBlockSizes, msa_attention, msa_attention_reference, msa_chunk_scores,
                             msa_chunk_scores_reference, msa_route)
+from pallas_kernels.msa import unambiguous_chunks
 from tests.pallas_kernels.conftest import TOL
 
 BLOCKS = MsaBlockSizes(block_t=8, block_c=16, block_q=16, block_kv=8)
@@ -25,19 +26,6 @@ def unit(x):
 
 
 # ---------------------------------------------------------------------------------------------- routing
-def clear_near_ties(probe_BC, q, k, valid_B, head_reduce, gap=1e-4):
-    """The probe, zero where a chunk's best and second-best (token, head) candidates are within `gap`: there
-    a different summation order may pick the other one, and the gradient lands elsewhere."""
-    B, T, N, H = q.shape
-    z = jnp.einsum("BTKGH,CKH->BTKGC", q.reshape(B, T, k.shape[1], -1, H).astype(jnp.float32),
-                   k.astype(jnp.float32), precision="highest")
-    z_BXC = z.mean(axis=(2, 3)) if head_reduce == "mean" else z.reshape(B, T * N, -1)
-    per = z_BXC.shape[1] // T
-    z_BXC = jnp.where((jnp.arange(z_BXC.shape[1]) // per < valid_B[:, None])[:, :, None], z_BXC, -jnp.inf)
-    top2_BC2 = jax.lax.top_k(jnp.moveaxis(z_BXC, 1, 2), 2)[0]
-    return jnp.where(top2_BC2[..., 0] - top2_BC2[..., 1] > gap, probe_BC, 0.0)
-
-
 def _scores_and_grads(impl, head_reduce, valid_B):
     @jax.jit
     def run(q, k, probe):
@@ -56,7 +44,7 @@ def test_chunk_scores_and_gradients_match_reference(impl, head_reduce, dtype, as
     """37 chunks = 3 blocks of 16 (the last partial); row 1 has 9 valid query tokens of 21."""
     q, k = unit(normal(0, (B, T, N, H), dtype)), unit(normal(1, (37, K, H), dtype))
     valid_B = jnp.array([T, 9], jnp.int32)
-    probe = clear_near_ties(normal(2, (B, 37)), q, k, valid_B, head_reduce)
+    probe = jnp.where(unambiguous_chunks(q, k, valid_B, head_reduce=head_reduce), normal(2, (B, 37)), 0.0)
     scores, grads = _scores_and_grads(impl, head_reduce, valid_B)(q, k, probe)
     ref, ref_grads = _scores_and_grads("xla", head_reduce, valid_B)(q, k, probe)
     assert scores.shape == (B, 37) and scores.dtype == jnp.float32
