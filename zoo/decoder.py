@@ -161,10 +161,11 @@ class Decoder(nnx.Module):
         return loss, parts
 
     def extend(self, tokens_BT: jax.Array, cache: dict, new_tokens_B: jax.Array | None = None, *,
-               partitioning: Partitioning = UNPARTITIONED) -> tuple[jax.Array, dict]:
+               partitioning: Partitioning = UNPARTITIONED, return_hidden: bool = False) -> tuple:
         """Decoding: runs token ids [B, T] as the next chunk of each row (the first `new_tokens_B` of them
         real; default all T) through the same blocks against `cache` (zoo.inference.init_cache).
-        Returns float32 logits [B, T, V] and the cache with the chunk appended."""
+        Returns float32 logits [B, T, V] and the cache with the chunk appended; with `return_hidden`,
+        (logits, the last block's output [B, T, D] (the MTP modules' input), cache)."""
         if tokens_BT.ndim != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tokens_BT.shape}")
         B, T = tokens_BT.shape
@@ -177,7 +178,8 @@ class Decoder(nnx.Module):
                                           None, partitioning, ctx_fields)
         logits_BTV = self._logits(x, compute_dtype, self.hyper_head, self.final_norm)
         layers = tuple(caches[i] for i in range(len(cache["layers"])))
-        return logits_BTV, {"lengths_B": lengths_B + new_tokens_B, "layers": layers}
+        new_cache = {"lengths_B": lengths_B + new_tokens_B, "layers": layers}
+        return (logits_BTV, x, new_cache) if return_hidden else (logits_BTV, new_cache)
 
     def _trunk(self, tokens_BT, positions_BT, segment_ids_BT, partitioning: Partitioning, ctx_fields=None
                ) -> tuple[jax.Array, LayerContext, jnp.dtype]:

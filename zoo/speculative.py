@@ -34,7 +34,6 @@ from flax import nnx
 
 from layers import kinds
 from layers.context import LayerContext
-from layers.partitioning import UNPARTITIONED
 from zoo import inference
 from zoo.decoder import Decoder
 
@@ -52,19 +51,6 @@ def init_mtp_cache(model: Decoder, *, batch_size: int, max_len: int, dtype) -> d
                                                       kind=cfg.mtp_attention_type))
                    for j in range(_depth(model)))
     return {"lengths_B": jnp.zeros((batch_size,), jnp.int32), "layers": layers}
-
-
-def _main_extend(model: Decoder, tokens_BT, cache, new_B):
-    """Decoder.extend that also returns the last residual (the MTP modules' input)."""
-    B, T = tokens_BT.shape
-    lengths_B = cache["lengths_B"]
-    caches = dict(enumerate(cache["layers"]))
-    fields = dict(caches=caches, cache_lengths_B=lengths_B, new_tokens_B=new_B)
-    x, _, compute_dtype = model._trunk(tokens_BT, lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None],
-                                       None, UNPARTITIONED, fields)
-    logits_BTV = model._logits(x, compute_dtype, model.hyper_head, model.final_norm)
-    layers = tuple(caches[i] for i in range(len(cache["layers"])))
-    return logits_BTV, x, {"lengths_B": lengths_B + new_B, "layers": layers}
 
 
 def _mtp_extend(model: Decoder, h, mtp_cache, new_B, ahead):
@@ -194,7 +180,7 @@ def prefill(model: Decoder, cache: dict, prompt_BT, prompt_lengths_B, *, chunk: 
         cache, last_BV, last_h = carry
         s, tokens_BC, ahead_BCD = inputs
         new_B = jnp.clip(lengths_B - s * chunk, 0, chunk)
-        logits_BCV, h, main = _main_extend(model, tokens_BC, cache["main"], new_B)
+        logits_BCV, h, main = model.extend(tokens_BC, cache["main"], new_B, return_hidden=True)
         # the MTP caches stop one short: the last prompt position needs the first new token
         _, mtp = _mtp_extend(model, h, cache["mtp"], jnp.clip(lengths_B - 1 - s * chunk, 0, chunk),
                              lambda j, _: ahead_BCD[:, :, j])
@@ -205,7 +191,8 @@ def prefill(model: Decoder, cache: dict, prompt_BT, prompt_lengths_B, *, chunk: 
         last_h = jnp.where(ends_B.reshape((B,) + (1,) * (h.ndim - 2)), here(h), last_h)
         return ({"main": main, "mtp": mtp}, last_BV, last_h), None
 
-    h_shape = jax.eval_shape(lambda: _main_extend(model, prompt_BT[:, :1], cache["main"], lengths_B * 0)[1])
+    h_shape = jax.eval_shape(
+        lambda: model.extend(prompt_BT[:, :1], cache["main"], lengths_B * 0, return_hidden=True)[1])
     init = (cache, jnp.zeros((B, model.vocab_size), jnp.float32), jnp.zeros(h_shape.shape[:1] + h_shape.shape[2:],
                                                                            h_shape.dtype))
     (cache, last_BV, last_h), _ = jax.lax.scan(step, init, (jnp.arange(steps), pad(prompt_BT), ahead_SBCD))
@@ -242,13 +229,13 @@ def decode(model: Decoder, cache: dict, first_B, drafts_BK, *, max_new_tokens: i
         tokens_BT = jnp.concatenate([x_B[:, None], drafts_BK], axis=1)
         T = K + 1
         verify_B = jnp.where(live_B, T, 0)
-        logits_BTV, h, verified = _main_extend(model, tokens_BT, cache["main"], verify_B)
+        logits_BTV, h, verified = model.extend(tokens_BT, cache["main"], verify_B, return_hidden=True)
         g_BT = jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32)
         n_B = jnp.sum(jnp.cumprod(drafts_BK == g_BT[:, :K], axis=1), axis=1).astype(jnp.int32)
         commit_B = jnp.where(live_B, n_B + 1, 0)
         rewound, exact_B = _rewind(model.config, cache["main"], verified, T, verify_B, commit_B)
         rerun = jnp.any((commit_B != verify_B) & ~exact_B)
-        main = jax.lax.cond(rerun, lambda: _main_extend(model, tokens_BT, cache["main"], commit_B)[2],
+        main = jax.lax.cond(rerun, lambda: model.extend(tokens_BT, cache["main"], commit_B)[1],
                             lambda: rewound)
         slots_BT = jnp.where(jnp.arange(T)[None] < commit_B[:, None], count_B[:, None] + jnp.arange(T)[None],
                              N + K + 1)
