@@ -129,12 +129,12 @@ def _rewind_pending(old_BP, new_BP, lengths_B, verify_B, commit_B, ratio: int, o
 
 
 def _rewind(cfg, old: dict, new: dict, T: int, verify_B, commit_B):
-    """The main cache after L + commit tokens, from the cache before verification (`old`, lengths L)
-    and after the verify_B tokens of a chunk of T (`new`), where that is exact without running the model: rings get back the slots
-    rejected tokens overwrote, compressed entries stay (one completed by a rejected token is invisible
-    until its window completes again and rewrites it), pending windows are rebuilt from both. Returns
-    it and, per row, whether it is exact (a leaf of another kind, a chunk longer than a ring, or a pending
-    window that needs the chunk's middle tokens make it not)."""
+    """The main cache after L + commit tokens, from the cache before verification (`old`, lengths L) and
+    after the verify_B tokens of a chunk of T (`new`), where that is exact without running the model:
+    rings get back the slots rejected tokens overwrote, compressed entries stay (one completed by a
+    rejected token is invisible until its window completes again and rewrites it), pending windows are
+    rebuilt from both. Returns it and, per row, whether it is exact (a leaf of another kind, a chunk longer
+    than a ring, or a pending window that needs the chunk's middle tokens make it not)."""
     lengths_B = old["lengths_B"]
     exact_B = jnp.ones_like(commit_B, dtype=bool)
     layers = []
