@@ -30,14 +30,16 @@ from pallas_kernels.common import (F32, FLOAT_DTYPES, HIGHEST, Lowering, check_a
 
 @dataclasses.dataclass(frozen=True)
 class IndexerBlockSizes:
-    """block_t tokens x block_s entries per tile (on GPU block_t is raised until bt * heads >= 16)."""
+    """block_t tokens x block_s entries per tile (on GPU block_t is raised until bt * heads >= 16);
+    topk_part: candidate slots per token the fused top-k's compaction holds at once (GPU)."""
     block_t: int = 2
     block_s: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    topk_part: int = 512
 
     def __post_init__(self):
-        for field in ("block_t", "block_s"):
+        for field in ("block_t", "block_s", "topk_part"):
             value = getattr(self, field)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"IndexerBlockSizes.{field}={value} must be a power of two")

@@ -50,16 +50,16 @@ def candidate_capacity(topk: int, blocks) -> int:
     return next_pow2(max(2 * topk, topk + block_entries(blocks)))
 
 
-def kth_largest(key_tc, k: int):
-    """int32 [t]: the k-th largest key of each row (rows holding at least k keys above EMPTY_KEY), by
-    bisection: lo keeps count(key >= lo) >= k, hi + 1 keeps it < k; 32 halvings close the int32 range."""
+def kth_largest(count_at_least, k: int, rows: int):
+    """int32 [rows]: per row the largest x with count_at_least(x) >= k, i.e. the k-th largest key of a row
+    holding at least k keys above EMPTY_KEY. Bisection: lo keeps count(key >= lo) >= k, hi + 1 keeps it
+    < k; 32 halvings close the int32 range."""
     def halve(_, bounds):
         lo_t, hi_t = bounds
         mid_t = (lo_t >> 1) + (hi_t >> 1) + ((lo_t | hi_t) & 1)      # ceil((lo + hi) / 2), no overflow
-        enough_t = jnp.sum((key_tc >= mid_t[:, None]).astype(jnp.int32), axis=1) >= k
+        enough_t = count_at_least(mid_t) >= k
         return jnp.where(enough_t, mid_t, lo_t), jnp.where(enough_t, hi_t, mid_t - 1)
 
-    rows = key_tc.shape[0]
     lo_t, _ = lax.fori_loop(0, 32, halve, (jnp.full((rows,), EMPTY_KEY, jnp.int32),
                                            jnp.full((rows,), np.iinfo(np.int32).max, jnp.int32)))
     return lo_t
@@ -83,31 +83,51 @@ def _barrier(interpret):
 
 
 def _topk_kernel(t0_ref, q_ref, k_ref, w_ref, first_ref, key_ref, idx_ref, count_ref, *, ratio: int, bt: int,
-                 bs: int, heads: int, n_entries: int, n_token_blocks: int, topk: int, capacity: int, interpret):
+                 bs: int, heads: int, n_entries: int, n_token_blocks: int, topk: int, capacity: int, part: int,
+                 interpret):
     tb = n_token_blocks - 1 - pl.program_id(0)          # the longest walks (last tokens) start first
     t_t = t0_ref[0] + tb * bt + lax.broadcasted_iota(jnp.int32, (bt,), 0)
     first_t = first_ref[...]
     end_t = visible_entries(t_t, ratio, n_entries)
     q_rh, w_r = q_ref[...], w_ref[...]
     row_ts = lax.broadcasted_iota(jnp.int32, (bt, bs), 0)
-    row_tc = lax.broadcasted_iota(jnp.int32, (bt, capacity), 0)
-    slot_tc = lax.broadcasted_iota(jnp.int32, (bt, capacity), 1)
+    row_tp = lax.broadcasted_iota(jnp.int32, (bt, part), 0)
+    n_parts = capacity // part
+    count_of = lambda x_tp: jnp.sum(x_tp.astype(jnp.int32), axis=1)
 
     def compact(count_t, floor_t):
-        """Lists that could overflow on the next block keep exactly their top-k, in entry order."""
+        """Lists that could overflow on the next block keep exactly their top-k, in entry order. The list
+        goes through in parts of `part` slots (few registers); a part's entries move to lower slots only,
+        which belong to parts already read."""
         _barrier(interpret)
-        key_tc = jnp.where(slot_tc < count_t[:, None], key_ref[...], EMPTY_KEY)
-        idx_tc = idx_ref[...]
         full_t = count_t > capacity - bs                 # such lists hold > topk candidates
-        kth_t = kth_largest(key_tc, topk)
-        above_tc = key_tc > kth_t[:, None]
-        tie_i = (key_tc == kth_t[:, None]).astype(jnp.int32)
-        room_t = topk - jnp.sum(above_tc.astype(jnp.int32), axis=1)
-        keep_tc = full_t[:, None] & (above_tc | ((tie_i > 0) & (jnp.cumsum(tie_i, axis=1) <= room_t[:, None])))
-        new_slot_tc = distinct_slots(keep_tc)
-        _barrier(interpret)                              # every thread has read its slots before any moves
-        plgpu.store(key_ref.at[row_tc, new_slot_tc], key_tc, mask=keep_tc)
-        plgpu.store(idx_ref.at[row_tc, new_slot_tc], idx_tc, mask=keep_tc)
+
+        def keys(p):
+            slot_tp = p * part + lax.broadcasted_iota(jnp.int32, (bt, part), 1)
+            return jnp.where(slot_tp < count_t[:, None], key_ref[:, pl.ds(p * part, part)], EMPTY_KEY)
+
+        def count_at_least(x_t):
+            return lax.fori_loop(0, n_parts, lambda p, n_t: n_t + count_of(keys(p) >= x_t[:, None]),
+                                 jnp.zeros((bt,), jnp.int32))
+
+        kth_t = kth_largest(count_at_least, topk, bt)
+        n_above_t = lax.fori_loop(0, n_parts, lambda p, n_t: n_t + count_of(keys(p) > kth_t[:, None]),
+                                  jnp.zeros((bt,), jnp.int32))
+
+        def move(p, carry):
+            kept_t, ties_t = carry
+            key_tp, idx_tp = keys(p), idx_ref[:, pl.ds(p * part, part)]
+            tie_tp = key_tp == kth_t[:, None]
+            tie_rank_tp = ties_t[:, None] + jnp.cumsum(tie_tp.astype(jnp.int32), axis=1)
+            keep_tp = full_t[:, None] & ((key_tp > kth_t[:, None])
+                                         | (tie_tp & (tie_rank_tp <= (topk - n_above_t)[:, None])))
+            slot_tp = kept_t[:, None] + distinct_slots(keep_tp)
+            _barrier(interpret)                          # the part is read before its slots are overwritten
+            plgpu.store(key_ref.at[row_tp, slot_tp], key_tp, mask=keep_tp)
+            plgpu.store(idx_ref.at[row_tp, slot_tp], idx_tp, mask=keep_tp)
+            return kept_t + count_of(keep_tp), ties_t + count_of(tie_tp)
+
+        lax.fori_loop(0, n_parts, move, (jnp.zeros((bt,), jnp.int32), jnp.zeros((bt,), jnp.int32)))
         return jnp.where(full_t, topk, count_t), jnp.where(full_t, kth_t, floor_t)
 
     def block(j, carry):
@@ -122,7 +142,7 @@ def _topk_kernel(t0_ref, q_ref, k_ref, w_ref, first_ref, key_ref, idx_ref, count
         slot_ts = count_t[:, None] + distinct_slots(take_ts)
         plgpu.store(key_ref.at[row_ts, slot_ts], key_ts, mask=take_ts)
         plgpu.store(idx_ref.at[row_ts, slot_ts], jnp.broadcast_to(s_s[None, :], (bt, bs)), mask=take_ts)
-        count_t = count_t + jnp.sum(take_ts.astype(jnp.int32), axis=1)
+        count_t = count_t + count_of(take_ts)
         return lax.cond(jnp.max(count_t) > capacity - bs, compact, lambda c, f: (c, f), count_t, floor_t)
 
     j_begin = lax.div(jnp.min(first_t), bs)
@@ -140,11 +160,12 @@ def candidates(q_BTNH, k_BCH, weights_BTN, first_BT, t0, *, ratio, topk, blocks,
     B = q_BTNH.shape[0]
     rows, n_tb = L.bt * L.heads, L.Tp // L.bt
     capacity = candidate_capacity(topk, blocks)
+    part = min(capacity, blocks.topk_part)
     last = lambda tb: n_tb - 1 - tb
     first = pad_axis(first_BT.astype(jnp.int32), 1, L.Tp, value=np.iinfo(np.int32).max)
     keys, idx, count = pl.pallas_call(
         functools.partial(_topk_kernel, ratio=ratio, n_token_blocks=n_tb, topk=topk, capacity=capacity,
-                          interpret=interpret, **L.static()),
+                          part=part, interpret=interpret, **L.static()),
         grid=(n_tb, B),
         in_specs=[pl.BlockSpec((1,), lambda tb, b: (0,)),
                   pl.BlockSpec((None, rows, L.Hp), lambda tb, b: (b, last(tb), 0)),

@@ -11,6 +11,8 @@ from pallas_kernels import IndexerBlockSizes, indexer_scores, indexer_scores_ref
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 SMALL_BLOCKS = {"pallas_gpu": IndexerBlockSizes(block_t=4, block_s=16),
                 "pallas_tpu": IndexerBlockSizes(block_t=8, block_s=4)}
+# fused top-k: candidate lists of 32 slots for top-5 or top-6, compacted 8 slots at a time
+FUSED_BLOCKS = IndexerBlockSizes(block_t=4, block_s=16, topk_part=8)
 
 
 def make_inputs(dtype, *, B=2, T=37, H=4, D=16, ratio=4, seed=0):
@@ -120,7 +122,7 @@ def _expected_topk(scores_BTC, n_visible_T, first_BT, topk):
 
 def test_fused_topk_matches_a_sort_of_the_reference_scores(monkeypatch):
     """The fused Triton top-k (interpret mode) with candidate lists of 32 slots for top-5, so a token's list
-    is compacted several times over its up to 50 entries; two segments and padding (segment ids), and a chunk
+    is compacted (in 4 parts) several times over its up to 50 entries; two segments and padding (segment ids), and a chunk
     budget that forces 16-token chunks (runtime token offsets). Same indices as a numpy sort of the
     reference scores."""
     import pallas_kernels.indexer as indexer_module
@@ -129,7 +131,7 @@ def test_fused_topk_matches_a_sort_of_the_reference_scores(monkeypatch):
     q, k, w = make_inputs(jnp.float32, B=B, T=T, ratio=ratio, H=4, D=16, seed=5)
     segments = jnp.asarray(np.repeat([1, 2, 0], [27, 66, 7])[None].repeat(B, 0), jnp.int32)
     idx = np.asarray(jax.jit(lambda *a: indexer_topk(*a, ratio=ratio, topk=topk, segment_ids_BT=segments,
-                                                     impl="pallas_gpu", block_sizes=SMALL_BLOCKS["pallas_gpu"],
+                                                     impl="pallas_gpu", block_sizes=FUSED_BLOCKS,
                                                      fused=True))(q, k, w))
     first_BT = np.where(np.asarray(segments) == 2, 27 // ratio, 0)
     first_BT[:, 93:] = T                              # padding sees no entry
@@ -148,7 +150,7 @@ def test_fused_topk_breaks_exact_ties_by_lowest_index():
     k = jax.random.randint(ks[1], (B, T, H), -1, 2).astype(jnp.float32)
     w = 2.0 ** jax.random.randint(ks[2], (B, T, N), -1, 2) * jnp.where(jnp.arange(T)[:, None] % 3 == 0, -1.0, 1.0)
     idx = np.asarray(indexer_topk(q, k, w, ratio=ratio, topk=topk, impl="pallas_gpu", fused=True,
-                                  block_sizes=SMALL_BLOCKS["pallas_gpu"]))
+                                  block_sizes=FUSED_BLOCKS))
     scores = np.asarray(indexer_scores_reference(q, k, w, ratio=ratio))
     sorted_scores = -np.sort(-scores[0, topk:], axis=-1)
     assert np.sum(sorted_scores[:, topk - 1] == sorted_scores[:, topk]) > 10, "too few ties at the cut"
