@@ -30,7 +30,9 @@ SWEEP = {"bt2 bs64 w4 s2 (default)": IndexerBlockSizes(block_t=2, block_s=64, nu
          "bt2 bs64 w4 s3": IndexerBlockSizes(block_t=2, block_s=64, num_warps=4, num_stages=3),
          "bt2 bs128 w8 s2": IndexerBlockSizes(block_t=2, block_s=128, num_warps=8, num_stages=2),
          "bt4 bs64 w8 s2": IndexerBlockSizes(block_t=4, block_s=64, num_warps=8, num_stages=2),
-         "bt1 bs64 w4 s2": IndexerBlockSizes(block_t=1, block_s=64, num_warps=4, num_stages=2)}
+         "bt1 bs64 w4 s2": IndexerBlockSizes(block_t=1, block_s=64, num_warps=4, num_stages=2),
+         "bt2 bs64 w4 s2 part 1024": IndexerBlockSizes(topk_part=1024),
+         "bt2 bs64 w4 s2 part 256": IndexerBlockSizes(topk_part=256)}
 
 
 def inputs(s: Shape, dtype, rising: bool = False):
