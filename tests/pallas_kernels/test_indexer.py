@@ -122,19 +122,19 @@ def _expected_topk(scores_BTC, n_visible_T, first_BT, topk):
 
 def test_fused_topk_matches_a_sort_of_the_reference_scores(monkeypatch):
     """The fused Triton top-k (interpret mode) with candidate lists of 32 slots for top-5, so a token's list
-    is compacted (in 4 parts) several times over its up to 50 entries; two segments and padding (segment ids), and a chunk
-    budget that forces 16-token chunks (runtime token offsets). Same indices as a numpy sort of the
-    reference scores."""
+    is compacted (in 4 parts) several times over its up to 50 entries; two segments and padding per batch
+    row (segment ids), and a chunk budget that forces 16-token chunks (runtime token offsets). Same indices
+    as a numpy sort of the reference scores."""
     import pallas_kernels.indexer as indexer_module
     monkeypatch.setattr(indexer_module, "_TOPK_CHUNK_BYTES", 1)
     B, T, ratio, topk = 2, 100, 2, 5
     q, k, w = make_inputs(jnp.float32, B=B, T=T, ratio=ratio, H=4, D=16, seed=5)
-    segments = jnp.asarray(np.repeat([1, 2, 0], [27, 66, 7])[None].repeat(B, 0), jnp.int32)
+    runs = ([27, 66, 7], [40, 52, 8])                  # per batch row: segment 1, segment 2, padding
+    segments = jnp.asarray([np.repeat([1, 2, 0], r) for r in runs], jnp.int32)
     idx = np.asarray(jax.jit(lambda *a: indexer_topk(*a, ratio=ratio, topk=topk, segment_ids_BT=segments,
                                                      impl="pallas_gpu", block_sizes=FUSED_BLOCKS,
                                                      fused=True))(q, k, w))
-    first_BT = np.where(np.asarray(segments) == 2, 27 // ratio, 0)
-    first_BT[:, 93:] = T                              # padding sees no entry
+    first_BT = np.stack([np.repeat([0, r[0] // ratio, T], r) for r in runs])     # padding sees no entry
     scores = np.asarray(indexer_scores_reference(q, k, w, ratio=ratio))
     n_visible_T = np.minimum((np.arange(T) + 1) // ratio, k.shape[1])
     np.testing.assert_array_equal(idx, _expected_topk(scores, n_visible_T, first_BT, topk))
