@@ -15,7 +15,7 @@ the total order jax.lax.top_k ranks by (-0.0 below +0.0). Entries scoring -inf a
 chunked path reports them as -1 too).
 
 Shapes: B batch, T tokens, N index heads, H index head dim, C compressed entries. Tiles: r (token, head)
-rows, t tokens, s entries of a block, c candidate slots of a token.
+rows, t tokens, s entries of a block, p candidate slots of a compaction part, x any row length.
 """
 from __future__ import annotations
 
