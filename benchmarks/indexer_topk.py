@@ -93,7 +93,7 @@ def main():
     if args.smoke:
         smoke = dict(SMOKE, topk=8)
         checks, shapes = [Shape(tokens=200, **smoke)], [Shape(tokens=200, **smoke)]
-        blocks, iters = IndexerBlockSizes(block_t=4, block_s=16), 1
+        blocks, iters = IndexerBlockSizes(block_t=4, block_s=16, topk_part=8), 1
     else:
         checks, shapes = [Shape(tokens=args.check_seq)], [Shape(tokens=int(t)) for t in args.seq.split(",")]
         blocks, iters = None, args.iters
