@@ -5,6 +5,8 @@ references and dense cuDNN attention over the full sequence.
     python benchmarks/attention.py --smoke              # tiny shapes, any platform (checks it runs)
     python benchmarks/attention.py --seq 8192 --sweep   # also try a few kernel block sizes
 
+The indexer rows include the fused top-k (GPU only; benchmarks/indexer_topk.py checks and sweeps it).
+
 Per variant: median wall time, effective TFLOP/s on the FLOPs actually needed (each token's visible window,
 selected / visible compressed entries, or causal prefix; fwd+bwd counted as 3.5x fwd for attention, 3x
 for the indexer), and the compiled program's memory (arguments + outputs + temporaries, from XLA's memory
@@ -94,7 +96,8 @@ def variants(s: Shape, impl_kernel: str, blocks: BlockSizes | None, dense_layout
     hca = lambda impl, b: lambda q, kv, comp, sinks: hca_attention(
         q, kv, comp, sinks, window=s.window, ratio=s.hca_ratio, impl=impl, block_sizes=b)
     scores = lambda impl: lambda q, k, w: indexer_scores(q, k, w, ratio=s.csa_ratio, impl=impl)
-    topk = lambda impl: lambda q, k, w: indexer_topk(q, k, w, ratio=s.csa_ratio, topk=s.topk, impl=impl)
+    topk = lambda impl, fused=False: lambda q, k, w: indexer_topk(q, k, w, ratio=s.csa_ratio, topk=s.topk,
+                                                                 impl=impl, fused=fused)
     csa_args, hca_args, idx_args = ("q", "kv", "csa_comp", "indices", "sinks"), ("q", "kv", "hca_comp", "sinks"), \
         ("q_i", "k_i", "w_i")
     out = []
@@ -104,6 +107,8 @@ def variants(s: Shape, impl_kernel: str, blocks: BlockSizes | None, dense_layout
                 (f"HCA {label}", "hca", hca(impl, b), hca_args, (0, 1, 2, 3)),
                 (f"indexer top-k {label}", "indexer", topk(impl), idx_args, None),
                 (f"indexer scores {label}", "indexer", scores(impl), idx_args, (0, 1, 2))]
+    if impl_kernel == "pallas_gpu":   # selects while scoring: no scores written (Triton only)
+        out.append(("indexer top-k pallas fused", "indexer", topk(impl_kernel, fused=True), idx_args, None))
     if dense_layout is not None:
         heads, dim, note = dense_layout
         def dense(q, kv):

@@ -20,8 +20,9 @@ Files, by kind (the API file of a kind holds its reference and custom VJP; the o
   compressed.py             CSA and HCA: API, references, one custom VJP for both
   compressed_gpu.py         Triton lowering of CSA and HCA
   compressed_tpu.py         Mosaic TPU lowering of CSA and HCA
-  indexer.py                lightning indexer: API, reference, custom VJP, chunked top-k
+  indexer.py                lightning indexer: API, reference, custom VJP, chunked and fused top-k
   indexer_gpu.py            Triton scores kernel and its backward
+  indexer_topk_gpu.py       Triton fused top-k: selects while scoring (no scores written)
   indexer_tpu.py            Mosaic TPU scores kernel and its backward
   msa.py                    Memory Sparse Attention: routing (chunk scores, document top-k) and attention
                             over [memory; own]: API, references, custom VJPs

@@ -6,8 +6,9 @@ and the top-k visible entries per token (int32, -1 for slots beyond the number o
 The Triton (`indexer_gpu`) and Mosaic TPU (`indexer_tpu`) kernels fuse the head reduction, so
 [B, T, N, C] never exists; `indexer_topk` scores chunks of tokens (the kernels take the chunk's first
 token as a runtime offset) and keeps each chunk's jax.lax.top_k, so its memory is linear in T * top-k;
-[B, T, C] scores exist only in the differentiable `indexer_scores`. Callers fold the softmax and head
-scales into w (relu is positively homogeneous).
+with fused=True on the Triton lowering (`indexer_topk_gpu`) the kernel selects while it scores and no
+scores are written at all. [B, T, C] scores exist only in the differentiable `indexer_scores`. Callers
+fold the softmax and head scales into w (relu is positively homogeneous).
 
 Shapes: B batch, T tokens, N index heads, H index head dim, C compressed entries, K top-k slots, P tokens
 of a top-k chunk.
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import indexer_gpu, indexer_tpu
+from pallas_kernels import indexer_gpu, indexer_topk_gpu, indexer_tpu
 from pallas_kernels.common import (F32, FLOAT_DTYPES, HIGHEST, Lowering, check_array, check_dim, check_positive,
                                    check_segment_ids, first_entry, pad_axis, resolve_lowering, round_up,
                                    visible_entries, window_start)
@@ -29,14 +30,16 @@ from pallas_kernels.common import (F32, FLOAT_DTYPES, HIGHEST, Lowering, check_a
 
 @dataclasses.dataclass(frozen=True)
 class IndexerBlockSizes:
-    """block_t tokens x block_s entries per tile (on GPU block_t is raised until bt * heads >= 16)."""
+    """block_t tokens x block_s entries per tile (on GPU block_t is raised until bt * heads >= 16);
+    topk_part: candidate slots per token the fused top-k's compaction holds at once (GPU)."""
     block_t: int = 2
     block_s: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    topk_part: int = 512
 
     def __post_init__(self):
-        for field in ("block_t", "block_s"):
+        for field in ("block_t", "block_s", "topk_part"):
             value = getattr(self, field)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"IndexerBlockSizes.{field}={value} must be a power of two")
@@ -116,15 +119,20 @@ def indexer_scores(q_BTNH: jax.Array, k_BCH: jax.Array, weights_BTN: jax.Array, 
 
 def indexer_topk(q_BTNH: jax.Array, k_BCH: jax.Array, weights_BTN: jax.Array, *, ratio: int, topk: int,
                  segment_ids_BT: jax.Array | None = None, impl: str = "auto", interpret=None,
-                 block_sizes: IndexerBlockSizes | None = None) -> jax.Array:
+                 block_sizes: IndexerBlockSizes | None = None, fused: bool = False) -> jax.Array:
     """int32 [B, T, topk]: the highest-scoring visible entries per token, best first; slots beyond the
     number of visible entries min((t + 1) // ratio, C) hold -1. Arguments as for `indexer_scores`;
     segment_ids_BT int [B, T] (0 = padding) keep each token to the entries whose last pooled token lies in
     its run of equal ids.
 
     Memory stays linear in T * topk, never T * C: the tokens go through in chunks (lax.map), and each
-    chunk's [B, P, C] scores are reduced to their top-k before the next chunk is scored. The result
-    is an index set, so nothing here is differentiated (the inputs are cut from the gradient).
+    chunk's [B, P, C] scores are reduced to their top-k before the next chunk is scored. fused=True (Triton
+    lowering only; the XLA and Mosaic TPU paths ignore it, Mosaic having no per-lane scatter) writes no
+    scores: the kernel keeps each token's candidates above a rising threshold in a [B, P, capacity] list
+    (capacity ~ 2 * topk, `indexer_topk_gpu`) and jax.lax.top_k ranks that list; same entries, same tie
+    order (lowest index first). It stays off by default, "auto" included, until timed against the chunked
+    path on the GPU (benchmarks/attention.py --only indexer). The result is an index set, so nothing here is
+    differentiated (the inputs are cut from the gradient).
     """
     _validate(q_BTNH, k_BCH, weights_BTN, ratio)
     check_positive("topk", topk)
@@ -136,7 +144,12 @@ def indexer_topk(q_BTNH: jax.Array, k_BCH: jax.Array, weights_BTN: jax.Array, *,
     C = k_BCH.shape[1]
     if C == 0:
         return jnp.full((B, T, topk), -1, jnp.int32)
-    per_token = B * C * 4 * (N if lowering.impl == "xla" else 1)
+    fused = fused and lowering.impl == "pallas_gpu"
+    blocks = block_sizes or DEFAULT_BLOCKS.get(lowering.impl)
+    if fused:   # keys and indices of the candidate lists
+        per_token = B * 8 * indexer_topk_gpu.candidate_capacity(min(topk, C), blocks)
+    else:       # float32 scores (the reference also holds [B, P, N, C] dots)
+        per_token = B * C * 4 * (N if lowering.impl == "xla" else 1)
     chunk = min(round_up(T, 16), max(16, _TOPK_CHUNK_BYTES // per_token // 16 * 16))
     n_chunks = -(-T // chunk)
     to_chunks = lambda x: jnp.moveaxis(pad_axis(x, 1, n_chunks * chunk).reshape(B, n_chunks, chunk, *x.shape[2:]),
@@ -144,11 +157,14 @@ def indexer_topk(q_BTNH: jax.Array, k_BCH: jax.Array, weights_BTN: jax.Array, *,
 
     def chunk_topk(args):
         t0, q_BPNH, weights_BPN, first_BP = args
+        if fused:
+            return indexer_topk_gpu.fused_topk(q_BPNH, k_BCH, weights_BPN, first_BP, t0, ratio=ratio,
+                                               topk=min(topk, C), blocks=blocks, interpret=lowering.interpret)
         if lowering.impl == "xla":
             scores_BPC = indexer_scores_reference(q_BPNH, k_BCH, weights_BPN, ratio=ratio, token_offset=t0)
         else:
             scores_BPC = _ENGINES[lowering.impl].forward(
-                q_BPNH, k_BCH, weights_BPN, t0, ratio=ratio, blocks=block_sizes or DEFAULT_BLOCKS[lowering.impl],
+                q_BPNH, k_BCH, weights_BPN, t0, ratio=ratio, blocks=blocks,
                 interpret=lowering.interpret)
         scores_BPC = jnp.where(jnp.arange(C) >= first_BP[:, :, None], scores_BPC, -jnp.inf)
         best_BPK, idx_BPK = lax.top_k(scores_BPC, min(topk, C))

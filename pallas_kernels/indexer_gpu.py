@@ -90,7 +90,12 @@ def _dk_kernel(q_ref, k_ref, w_ref, ds_ref, dk_ref, *, ratio, bt, bs, heads, n_e
     dk_ref[...] = lax.fori_loop(tb_begin, tb_end, step, jnp.zeros(k_sh.shape, F32))
 
 
-class _Layout:
+def block_entries(blocks) -> int:
+    """Entries per block of a tile (Triton dots take at least 16)."""
+    return max(16, blocks.block_s)
+
+
+class TileLayout:
     """Padding to power-of-two tiles; (token, head) rows flattened: q [B, Tp*Np, Hp], w [B, Tp*Np]."""
 
     def __init__(self, q_BTNH, k_BCH, blocks):
@@ -98,7 +103,7 @@ class _Layout:
         self.C = k_BCH.shape[1]
         self.heads, self.Hp = next_pow2(N), max(16, next_pow2(H))
         self.bt = max(blocks.block_t, 16 // min(self.heads, 16))
-        self.bs = max(16, blocks.block_s)
+        self.bs = block_entries(blocks)
         self.Tp, self.Cp = round_up(self.T, self.bt), round_up(max(self.C, 1), self.bs)
         self.params = plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
@@ -121,7 +126,7 @@ class _Layout:
 
 def forward(q_BTNH, k_BCH, weights_BTN, t0, *, ratio, blocks, interpret):
     """float32 scores [B, T, C] of tokens t0, t0 + 1, ... (-inf where invisible); blocks: IndexerBlockSizes."""
-    L = _Layout(q_BTNH, k_BCH, blocks)
+    L = TileLayout(q_BTNH, k_BCH, blocks)
     B, rows = q_BTNH.shape[0], L.bt * L.heads
     out = pl.pallas_call(
         functools.partial(_scores_kernel, ratio=ratio, **L.static()),
@@ -139,7 +144,7 @@ def forward(q_BTNH, k_BCH, weights_BTN, t0, *, ratio, blocks, interpret):
 
 def backward(q_BTNH, k_BCH, weights_BTN, dscores_BTC, *, ratio, blocks, interpret):
     """(dq, dk, dweights) of the scores of tokens 0..T-1 (dk and dweights in float32)."""
-    L = _Layout(q_BTNH, k_BCH, blocks)
+    L = TileLayout(q_BTNH, k_BCH, blocks)
     B, T, N, H = q_BTNH.shape
     rows, n_tb = L.bt * L.heads, L.Tp // L.bt
     q, k, w = L.rows(q_BTNH), L.keys(k_BCH), L.weights(weights_BTN)
