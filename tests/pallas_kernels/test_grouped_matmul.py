@@ -90,7 +90,7 @@ def test_rejects_bad_arguments():
 
 def test_lowers_to_triton_for_the_gpu():
     """Forward, dx and dw go through the Triton lowering (not the interpreter) at Laguna-small expert shapes;
-    compiling to PTX needs the GPU (benchmarks/grouped_matmul_gpu_check.py runs there)."""
+    compiling to PTX needs the GPU (`python benchmarks/moe_experts.py` checks and times it there)."""
     def f(x, w, gs, dy):
         y, vjp = jax.vjp(lambda x, w: grouped_matmul(x, w, gs, impl="pallas_gpu", interpret=False), x, w)
         return y, vjp(dy)
