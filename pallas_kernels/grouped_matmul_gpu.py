@@ -3,7 +3,7 @@
 Rows come sorted by group. The output is cut into row tiles of bm rows that ignore group boundaries (so
 no group is padded), and one program computes one [bm, bn] output tile: it walks the groups its rows touch
 (their range per tile is precomputed from the group sizes) and, for each, accumulates the tile's rows of
-that group, masked at load, times the group's weights over the reduction dim in steps of bk. A tile whose
+that group (the others zeroed) times the group's weights over the reduction dim in steps of bk. A tile whose
 rows span a boundary is thus computed once per group it touches: at most one extra tile per group. Empty
 groups are skipped, rows past sum(group sizes) touch no group and come out zero.
 
@@ -64,11 +64,11 @@ def _gmm_kernel(first_ref, stop_ref, starts_ref, ends_ref, x_ref, w_ref, out_ref
 
     def group(g, acc_mn):
         start, end = starts_ref[g], ends_ref[g]
-        in_group_mk = jnp.broadcast_to(_rows_of_group(m * bm, bm, start, end), (bm, bk))
+        in_group_m1 = _rows_of_group(m * bm, bm, start, end)
 
         def step(k, acc_mn):
             cols = pl.ds(pl.multiple_of(k * bk, bk), bk)
-            x_mk = plgpu.load(x_ref.at[:, cols], mask=in_group_mk, other=0)
+            x_mk = jnp.where(in_group_m1, x_ref[:, cols], 0)
             if transpose_w:                       # w block [E, bn, reduction]: x . w[g]^T
                 return acc_mn + dot_nt(x_mk, w_ref[g, :, cols])
             return acc_mn + dot(x_mk, w_ref[g, cols, :])
@@ -88,8 +88,8 @@ def _tgmm_kernel(starts_ref, ends_ref, x_ref, dy_ref, dw_ref, *, bm: int, bd: in
     def step(t, acc_df):
         rows = pl.ds(pl.multiple_of(t * bm, bm), bm)
         in_group_m1 = _rows_of_group(t * bm, bm, start, end)
-        x_md = plgpu.load(x_ref.at[rows, :], mask=jnp.broadcast_to(in_group_m1, (bm, bd)), other=0)
-        dy_mf = plgpu.load(dy_ref.at[rows, :], mask=jnp.broadcast_to(in_group_m1, (bm, bf)), other=0)
+        x_md = jnp.where(in_group_m1, x_ref[rows, :], 0)
+        dy_mf = jnp.where(in_group_m1, dy_ref[rows, :], 0)
         return acc_df + dot_tn(x_md, dy_mf)
 
     acc_df = lax.fori_loop(first_tile, stop_tile, step, jnp.zeros((bd, bf), F32))
