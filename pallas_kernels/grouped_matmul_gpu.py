@@ -73,7 +73,8 @@ def _gmm_kernel(first_ref, stop_ref, starts_ref, ends_ref, x_ref, w_ref, out_ref
                 return acc_mn + dot_nt(x_mk, w_ref[g, :, cols])
             return acc_mn + dot(x_mk, w_ref[g, cols, :])
 
-        return lax.fori_loop(0, jnp.where(end > start, n_k, 0), step, acc_mn)
+        nonempty = (end > start).astype(jnp.int32)   # (a scalar select lowers to an i1 loop bound in Triton)
+        return lax.fori_loop(jnp.int32(0), nonempty * n_k, step, acc_mn)
 
     acc_mn = lax.fori_loop(first_ref[m], stop_ref[m], group, jnp.zeros((bm, bn), F32))
     out_ref[...] = acc_mn.astype(out_ref.dtype)
@@ -83,7 +84,7 @@ def _tgmm_kernel(starts_ref, ends_ref, x_ref, dy_ref, dw_ref, *, bm: int, bd: in
     g = pl.program_id(0)
     start, end = starts_ref[g], ends_ref[g]
     first_tile = lax.div(start, bm)
-    stop_tile = jnp.where(end > start, lax.div(end + bm - 1, bm), first_tile)
+    stop_tile = first_tile + (end > start).astype(jnp.int32) * (lax.div(end + bm - 1, bm) - first_tile)
 
     def step(t, acc_df):
         rows = pl.ds(pl.multiple_of(t * bm, bm), bm)

@@ -88,9 +88,21 @@ def test_rejects_bad_arguments():
         GroupedMatmulBlockSizes(block_m=24)
 
 
-def test_lowers_to_triton_for_the_gpu():
-    """Forward, dx and dw go through the Triton lowering (not the interpreter) at Laguna-small expert shapes;
-    compiling to PTX needs the GPU (`python benchmarks/moe_experts.py` checks and times it there)."""
+def test_lowers_to_triton_for_the_gpu(monkeypatch):
+    """Forward, dx and dw go through the Triton lowering (not the interpreter) at Laguna-small expert shapes
+    and each Triton module passes MLIR verification (which the export alone does not run; it caught a loop
+    bound lowered as i1). Compiling to PTX needs the GPU (`python benchmarks/moe_experts.py` checks and
+    times the kernels there)."""
+    from jax._src.pallas.triton import pallas_call_registration as registration
+    lower, verified = registration.lowering.lower_jaxpr_to_triton_module, []
+
+    def lower_and_verify(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        verified.append(result.module.operation.verify())   # raises MLIRError naming the op on failure
+        return result
+
+    monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+
     def f(x, w, gs, dy):
         y, vjp = jax.vjp(lambda x, w: grouped_matmul(x, w, gs, impl="pallas_gpu", interpret=False), x, w)
         return y, vjp(dy)
@@ -101,5 +113,5 @@ def test_lowers_to_triton_for_the_gpu():
         jax.jit(f), platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
     )(*(jax.ShapeDtypeStruct(s, d) for s, d in shapes))
-    text = exported.mlir_module()
-    assert text.count("__gpu$xla.gpu.triton") == 3
+    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3
+    assert verified == [True] * 3
