@@ -7,8 +7,11 @@ that group (the others zeroed) times the group's weights over the reduction dim 
 rows span a boundary is thus computed once per group it touches: at most one extra tile per group. Empty
 groups are skipped, rows past sum(group sizes) touch no group and come out zero.
 
-The weight gradient (`transposed_grouped_matmul`) gives each (group, [bd, bf] tile of dw) one program that
-walks the group's row tiles, masked to its rows: dw[e] = x_e^T dy_e.
+The weight gradient (`tgmm`, a transposed grouped matmul) gives each (group, [bd, bf] tile of dw) one
+program that walks the group's row tiles, masked to its rows: dw[e] = x_e^T dy_e.
+
+Launch order: the first grid axis varies fastest on the GPU, so it is the column tile; the programs that
+share a row tile (forward, dx) or a group's rows (dw) run together and find them in L2.
 
 Shapes: P rows (padded to Pp), E groups, D reduction width, F output width (of the forward product; the
 dx product runs the same kernel with w's last two axes swapped by indexing). Tiles: m rows, d, f columns.
@@ -60,7 +63,7 @@ def _rows_of_group(first_row, bm: int, start, end):
 
 def _gmm_kernel(first_ref, stop_ref, starts_ref, ends_ref, x_ref, w_ref, out_ref, *, bm: int, bn: int, bk: int,
                 n_k: int, transpose_w: bool):
-    m = pl.program_id(0)
+    m = pl.program_id(1)
 
     def group(g, acc_mn):
         start, end = starts_ref[g], ends_ref[g]
@@ -81,7 +84,7 @@ def _gmm_kernel(first_ref, stop_ref, starts_ref, ends_ref, x_ref, w_ref, out_ref
 
 
 def _tgmm_kernel(starts_ref, ends_ref, x_ref, dy_ref, dw_ref, *, bm: int, bd: int, bf: int):
-    g = pl.program_id(0)
+    g = pl.program_id(2)
     start, end = starts_ref[g], ends_ref[g]
     first_tile = lax.div(start, bm)
     stop_tile = first_tile + (end > start).astype(jnp.int32) * (lax.div(end + bm - 1, bm) - first_tile)
@@ -118,15 +121,15 @@ def gmm(x_PD, w_EDF, group_sizes_E, *, transpose_w: bool, blocks, interpret) -> 
     E = w.shape[0]
     starts_E, ends_E = group_bounds(group_sizes_E, P)
     first_M, stop_M = tile_groups(starts_E, ends_E, Pp // bm, bm)
-    w_spec = (pl.BlockSpec((E, bn, Dp), lambda m, n: (0, n, 0)) if transpose_w
-              else pl.BlockSpec((E, Dp, bn), lambda m, n: (0, 0, n)))
-    whole = lambda a: pl.BlockSpec(a.shape, lambda m, n: (0,))
+    w_spec = (pl.BlockSpec((E, bn, Dp), lambda n, m: (0, n, 0)) if transpose_w
+              else pl.BlockSpec((E, Dp, bn), lambda n, m: (0, 0, n)))
+    whole = lambda a: pl.BlockSpec(a.shape, lambda n, m: (0,))
     out = pl.pallas_call(
         functools.partial(_gmm_kernel, bm=bm, bn=bn, bk=bk, n_k=Dp // bk, transpose_w=transpose_w),
-        grid=(Pp // bm, Fp // bn),
+        grid=(Fp // bn, Pp // bm),
         in_specs=[whole(first_M), whole(stop_M), whole(starts_E), whole(ends_E),
-                  pl.BlockSpec((bm, Dp), lambda m, n: (m, 0)), w_spec],
-        out_specs=pl.BlockSpec((bm, bn), lambda m, n: (m, n)),
+                  pl.BlockSpec((bm, Dp), lambda n, m: (m, 0)), w_spec],
+        out_specs=pl.BlockSpec((bm, bn), lambda n, m: (m, n)),
         out_shape=jax.ShapeDtypeStruct((Pp, Fp), x_PD.dtype),
         compiler_params=_params(blocks), interpret=interpret,
         name="grouped_matmul_transposed" if transpose_w else "grouped_matmul",
@@ -145,13 +148,13 @@ def tgmm(x_PD, dy_PF, group_sizes_E, *, blocks, interpret, out_dtype) -> jax.Arr
     x = pad_axis(pad_axis(x_PD, 0, Pp), 1, Dp)
     dy = pad_axis(pad_axis(dy_PF, 0, Pp), 1, Fp)
     starts_E, ends_E = group_bounds(group_sizes_E, P)
-    whole = pl.BlockSpec((E,), lambda g, d, f: (0,))
+    whole = pl.BlockSpec((E,), lambda f, d, g: (0,))
     dw = pl.pallas_call(
         functools.partial(_tgmm_kernel, bm=bm, bd=bd, bf=bf),
-        grid=(E, Dp // bd, Fp // bf),
-        in_specs=[whole, whole, pl.BlockSpec((Pp, bd), lambda g, d, f: (0, d)),
-                  pl.BlockSpec((Pp, bf), lambda g, d, f: (0, f))],
-        out_specs=pl.BlockSpec((None, bd, bf), lambda g, d, f: (g, d, f)),
+        grid=(Fp // bf, Dp // bd, E),
+        in_specs=[whole, whole, pl.BlockSpec((Pp, bd), lambda f, d, g: (0, d)),
+                  pl.BlockSpec((Pp, bf), lambda f, d, g: (0, f))],
+        out_specs=pl.BlockSpec((None, bd, bf), lambda f, d, g: (g, d, f)),
         out_shape=jax.ShapeDtypeStruct((E, Dp, Fp), out_dtype),
         compiler_params=_params(blocks), interpret=interpret, name="transposed_grouped_matmul",
     )(starts_E, ends_E, x, dy)
