@@ -29,8 +29,9 @@ from pallas_kernels import grouped_matmul as pallas_grouped_matmul  # noqa: E402
 # name, tokens M, d_model D, expert width F, experts E, top-k K
 SHAPES = [("laguna small", 32768, 512, 160, 32, 4), ("deepseek_v4 small", 32768, 512, 448, 12, 2)]
 # --tune: the Pallas kernel's tiles (block_m, block_n, block_k, num_warps, num_stages)
-TUNE = [(128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 32, 64, 4, 3), (64, 64, 64, 4, 3), (128, 64, 32, 4, 4),
-        (128, 128, 32, 4, 4), (64, 128, 64, 4, 3), (128, 64, 128, 8, 2)]
+TUNE = [(128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 32, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+        (128, 64, 32, 4, 4), (128, 128, 32, 4, 4), (128, 64, 128, 8, 2), (128, 128, 128, 8, 3), (256, 64, 64, 8, 3),
+        (128, 256, 64, 8, 3)]
 
 
 def experts(x_MD, gate_EDF, up_EDF, down_EFD, experts_MK, impl):

@@ -26,7 +26,8 @@ IMPLS = ("xla", "pallas_gpu", "auto")
 
 @dataclasses.dataclass(frozen=True)
 class GroupedMatmulBlockSizes:
-    """Tiles of the Triton kernels (powers of two >= 16; a tile is halved until it divides its dim).
+    """Tiles of the Triton kernels (powers of two >= 16). A tile need not divide its dim (edge tiles are
+    masked); one larger than the dim shrinks to the dim's next power of two.
 
     block_m: rows per output tile (forward, dx) and per step of the dw kernel.
     block_n: output columns per tile (F forward, D for dx; dw's F tile).
