@@ -106,7 +106,7 @@ def grouped_matmul(x_PD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array, 
                          f"ragged_dot is native: use 'xla')")
     _validate(x_PD, w_EDF, group_sizes_E)
     lowering = resolve_lowering(impl if impl != "auto" or jax.default_backend() == "gpu" else "xla", interpret)
-    if lowering.impl == "xla":
+    if lowering.impl == "xla" or 0 in (*x_PD.shape, *w_EDF.shape):   # (an empty operand: nothing to tile)
         return grouped_matmul_reference(x_PD, w_EDF, group_sizes_E).astype(x_PD.dtype)
     return _kernel(_Config(lowering, block_sizes or GroupedMatmulBlockSizes()), x_PD, w_EDF,
                    group_sizes_E.astype(jnp.int32))

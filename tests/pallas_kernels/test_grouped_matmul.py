@@ -54,6 +54,11 @@ def test_bfloat16_default_tiles(assert_close):
     assert_close(y, grouped_matmul_reference(x, w, gs), 2e-2, "y bf16")
 
 
+def test_no_rows():
+    y = grouped_matmul(jnp.ones((0, 16)), jnp.ones((2, 16, 8)), jnp.zeros((2,), jnp.int32), impl="pallas_gpu")
+    assert y.shape == (0, 8)
+
+
 def test_layer_pallas_impl_through_an_expert_mlp(assert_close):
     """x and the gate, up and down gradients of silu(x w_g) * (x w_u) w_d against impl="ragged"."""
     P, D, F, sizes = 40, 16, 32, [11, 0, 17, 8]
