@@ -1,7 +1,8 @@
-"""The Triton grouped matmul (interpret mode on CPU, compiled on a GPU) against jax.lax.ragged_dot: output and the x and w gradients,
-with empty groups, groups smaller than a row tile, groups spanning tile boundaries, rows past
-sum(group_sizes) and widths that are no multiple of the tiles; the layer's impl="pallas" through an expert
-MLP; input checks; and that forward and backward lower to Triton for a real GPU, even on CPU."""
+"""The Triton grouped matmul (interpret mode on CPU, compiled on a GPU) against jax.lax.ragged_dot: output
+and the x and w gradients, with empty groups, groups smaller than a row tile, groups spanning tile
+boundaries, rows past sum(group_sizes) and widths that are no multiple of the tiles; the layer's
+impl="pallas" through an expert MLP; input checks; and that forward and backward lower to Triton for a real
+GPU, even on CPU."""
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ def _inputs(P, D, F, sizes, dtype=jnp.float32):
     # 16-row tiles: empty groups (first, middle, last), groups of 5 and 3 rows inside one tile, a group of 30
     # spanning three tiles, rows 58..69 past sum(group_sizes); 3 F tiles, 2 D steps
     (70, 32, 48, [0, 5, 30, 0, 20, 3, 0]),
-    # widths padded to 16 (D 20, F 24), P not a multiple of the tile, every row in a group
+    # edge tiles masked: D 20 and F 24 (no multiple of 16), P 37; every row in a group
     (37, 20, 24, [9, 0, 28]),
 ])
 def test_matches_ragged_dot(P, D, F, sizes, assert_close):
