@@ -19,6 +19,7 @@ from layers.context import LayerContext
 from layers.mlp import GatedMLP, clamp_gate_up
 from layers.norms import rms_normalize
 from layers.partitioning import UNPARTITIONED, Partitioning
+from pallas_kernels import grouped_matmul as pallas_grouped_matmul
 
 
 class SoftmaxRouter(nnx.Module):
@@ -127,7 +128,7 @@ class SqrtSoftplusRouter(nnx.Module):
         return weights_MK * self.routed_scale, experts_MK, scores_ME
 
 
-GROUPED_MATMUL_IMPLS = ("auto", "ragged", "blocked")
+GROUPED_MATMUL_IMPLS = ("auto", "ragged", "blocked", "pallas")
 
 
 def grouped_matmul(x_PD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array, *, impl: str = "auto"
@@ -138,8 +139,10 @@ def grouped_matmul(x_PD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array, 
         impl       runs as
         "ragged"   jax.lax.ragged_dot (native on TPU; fine on CPU)
         "blocked"  `_blocked_grouped_matmul`: groups padded to row blocks, one batched einsum
+        "pallas"   pallas_kernels.grouped_matmul's Triton kernels (no group padded; interpret mode off GPU)
         "auto"     "blocked" when jax.default_backend() == "gpu" (where ragged_dot lowers densely,
-                   every row against every expert), else "ragged"
+                   every row against every expert), else "ragged". ("pallas" joins "auto" on GPU once
+                   timed against "blocked" on an H100: benchmarks/moe_experts.py.)
     """
     if impl not in GROUPED_MATMUL_IMPLS:
         raise ValueError(f"grouped_matmul: unknown impl {impl!r}; expected one of {GROUPED_MATMUL_IMPLS}")
@@ -155,6 +158,9 @@ def grouped_matmul(x_PD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array, 
         impl = "blocked" if jax.default_backend() == "gpu" else "ragged"
     if impl == "ragged":
         return jax.lax.ragged_dot(x_PD, w_EDF, group_sizes_E)
+    if impl == "pallas":
+        dtype = jnp.result_type(x_PD, w_EDF)
+        return pallas_grouped_matmul(x_PD.astype(dtype), w_EDF.astype(dtype), group_sizes_E, impl="pallas_gpu")
     return _blocked_grouped_matmul(x_PD, w_EDF, group_sizes_E)
 
 

@@ -33,6 +33,9 @@ Files, by kind (the API file of a kind holds its reference and custom VJP; the o
                             references, the split-combine step
   decode_gpu.py             Triton partial-softmax kernel of decode attention
   decode_tpu.py             Mosaic TPU partial-softmax kernel of decode attention
+  grouped_matmul.py         grouped matmul of routed experts (ragged_dot semantics): API, reference, custom
+                            VJP; GPU only (ragged_dot is native on TPU)
+  grouped_matmul_gpu.py     Triton grouped matmul (forward and dx) and transposed grouped matmul (dw) kernels
 
 Shapes follow the repo's one legend (DESIGN.md): B batch, T query tokens, S key tokens, N query heads,
 K kv heads, G query heads per kv head, H head dim, C compressed entries, P chunk size; K also counts the
@@ -46,13 +49,15 @@ from pallas_kernels.decode import (DecodeBlockSizes, compressed_decode_attention
                                    indexer_decode_topk, indexer_decode_topk_reference)
 from pallas_kernels.flash_attention import (FlashBlockSizes, flash_attention, flash_attention_reference,
                                             hopper_kernel_runs_both_ways)
+from pallas_kernels.grouped_matmul import GroupedMatmulBlockSizes, grouped_matmul, grouped_matmul_reference
 from pallas_kernels.indexer import IndexerBlockSizes, indexer_scores, indexer_scores_reference, indexer_topk
 from pallas_kernels.msa import (MsaBlockSizes, msa_attention, msa_attention_reference, msa_chunk_scores,
                                 msa_chunk_scores_reference, msa_document_scores, msa_route)
 
 __all__ = ["BlockSizes", "DecodeBlockSizes", "FlashBlockSizes", "IndexerBlockSizes", "compressed_decode_attention",
            "compressed_decode_attention_reference", "csa_attention", "csa_attention_reference",
-           "decode_attention", "decode_attention_reference", "flash_attention", "flash_attention_reference", "gpu_compute_capability", "hca_attention",
+           "decode_attention", "decode_attention_reference", "flash_attention", "flash_attention_reference", "gpu_compute_capability", "GroupedMatmulBlockSizes",
+           "grouped_matmul", "grouped_matmul_reference", "hca_attention",
            "hca_attention_reference", "hopper_kernel_runs_both_ways", "indexer_scores", "indexer_scores_reference",
            "indexer_decode_topk", "indexer_decode_topk_reference", "indexer_topk", "MsaBlockSizes", "msa_attention",
            "msa_attention_reference", "msa_chunk_scores", "msa_chunk_scores_reference", "msa_document_scores",

@@ -173,8 +173,8 @@ def test_blocked_grouped_matmul_matches_ragged_dot(P, D, F, sizes):
 
 def test_grouped_matmul_rejects_bad_arguments():
     x, w, gs = jnp.ones((6, 4)), jnp.ones((3, 4, 5)), jnp.array([2, 2, 2])
-    with pytest.raises(ValueError, match="unknown impl 'pallas'"):
-        grouped_matmul(x, w, gs, impl="pallas")
+    with pytest.raises(ValueError, match="unknown impl 'triton'"):
+        grouped_matmul(x, w, gs, impl="triton")
     with pytest.raises(ValueError, match="group_sizes has length 2 but w has E=3"):
         grouped_matmul(x, w, gs[:2])
     with pytest.raises(ValueError, match="ranks"):
