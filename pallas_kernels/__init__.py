@@ -55,9 +55,9 @@ from pallas_kernels.msa import (MsaBlockSizes, msa_attention, msa_attention_refe
                                 msa_chunk_scores_reference, msa_document_scores, msa_route)
 
 __all__ = ["BlockSizes", "DecodeBlockSizes", "FlashBlockSizes", "IndexerBlockSizes", "compressed_decode_attention",
-           "compressed_decode_attention_reference", "csa_attention", "csa_attention_reference",
-           "decode_attention", "decode_attention_reference", "flash_attention", "flash_attention_reference", "gpu_compute_capability", "GroupedMatmulBlockSizes",
-           "grouped_matmul", "grouped_matmul_reference", "hca_attention",
+           "compressed_decode_attention_reference", "csa_attention", "csa_attention_reference", "decode_attention",
+           "decode_attention_reference", "flash_attention", "flash_attention_reference", "gpu_compute_capability",
+           "GroupedMatmulBlockSizes", "grouped_matmul", "grouped_matmul_reference", "hca_attention",
            "hca_attention_reference", "hopper_kernel_runs_both_ways", "indexer_scores", "indexer_scores_reference",
            "indexer_decode_topk", "indexer_decode_topk_reference", "indexer_topk", "MsaBlockSizes", "msa_attention",
            "msa_attention_reference", "msa_chunk_scores", "msa_chunk_scores_reference", "msa_document_scores",
