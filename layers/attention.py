@@ -26,7 +26,7 @@ OUTPUT_GATES = ("none", "per_head", "per_element")
 _MASKED = -1e30
 # Cached chunks of at most this many tokens per row (decode steps, speculative verification) attend through
 # the decode kernel (pallas_kernels.decode_attention) where `pallas_only_lowering` names one; longer chunks
-# (prefill) of full-attention layers through `_prefill_attention`, of windowed ones `dot_product_attention`.
+# (prefill) of full-attention layers through `_prefill_attention`, of windowed ones `_window_prefill_attention`.
 DECODE_MAX_TOKENS = 16
 
 
@@ -215,7 +215,7 @@ def kernel_lowering(impl: str) -> str | None:
 
 def pallas_only_lowering(impl: str) -> str | None:
     """The lowering of kernels that run only when asked for by name (`pallas`; interpret mode on CPU): the
-    kernels of cached chunks (decode steps, speculative verification, full-attention prefill) and of MSA
+    kernels of cached chunks (decode steps, speculative verification, prefill) and of MSA
     layers. `auto` takes the pure-JAX path there until they have been checked and timed on a GPU
     (docs/benchmarks.md)."""
     return kernel_lowering(impl) if impl == "pallas" else None
@@ -347,6 +347,29 @@ def _prefill_attention(q_BTNH, k_BTKH, v_BTKH, cached_k_BSKH, cached_v_BSKH, len
     return out_BTKGH.reshape(B, T, N, -1).astype(q_BTNH.dtype)
 
 
+def _window_prefill_attention(q_BTNH, k_BSKH, v_BSKH, kv_positions_BS, sinks_N, *, window: int, scale: float,
+                              partitioning: Partitioning = UNPARTITIONED) -> jax.Array:
+    """A chunk of T new tokens of a sliding-window layer over what it sees, [its ring of W slots; the chunk]
+    (`kv_cache.extend`), through the fused flash kernel. The ring is put in position order, empty slots
+    first as padding (segment 0), so ring index i holds the position W - i before the chunk's first token
+    and causal attention with the layer's window over the W + T keys is the cached attention exactly.
+    The ring's own query rows (zeros) are computed and dropped."""
+    B, T, N, H = q_BTNH.shape
+    W = k_BSKH.shape[1] - T
+    ring_pos_BW = kv_positions_BS[:, :W]
+    empty_BW = ring_pos_BW >= kv_cache.EMPTY_POSITION
+    order_BW = jnp.argsort(jnp.where(empty_BW, -1, ring_pos_BW), axis=1)
+    in_order = lambda x_BSKH: jnp.concatenate(
+        [jnp.take_along_axis(x_BSKH[:, :W], order_BW[:, :, None, None], axis=1), x_BSKH[:, W:]],
+        axis=1).astype(q_BTNH.dtype)
+    segment_ids_BS = jnp.concatenate([jnp.take_along_axis(~empty_BW, order_BW, axis=1).astype(jnp.int32),
+                                      jnp.ones((B, T), jnp.int32)], axis=1)
+    q_BSNH = jnp.concatenate([jnp.zeros((B, W, N, H), q_BTNH.dtype), q_BTNH], axis=1)
+    out_BSNH = _fused_attention("flash", q_BSNH, in_order(k_BSKH), in_order(v_BSKH), sinks_N, segment_ids_BS,
+                                window=window, scale=scale, partitioning=partitioning)
+    return out_BSNH[:, W:]
+
+
 class Attention(nnx.Module):
     """GQA/MQA self-attention with optional q/k/v norms, RoPE, sliding window, cross-layer KV sharing,
     per-head sinks and output gating.
@@ -464,6 +487,9 @@ class Attention(nnx.Module):
         if prefill is not None:
             out_BTNH = _prefill_attention(q_BTNH, *prefill, sinks_N, scale=self.scale, impl=lowering,
                                           partitioning=partitioning)
+        elif self._window_prefill_kernel(q_BTNH, k_BTKH, kv_positions_BS):
+            out_BTNH = _window_prefill_attention(q_BTNH, k_BTKH, v_BTKH, kv_positions_BS, sinks_N,
+                                                 window=self.window, scale=self.scale, partitioning=partitioning)
         elif kv_positions_BS is not None and lowering and q_BTNH.shape[1] <= DECODE_MAX_TOKENS:
             out_BTNH = _decode_attention(q_BTNH, k_BTKH, v_BTKH, sinks_N, positions_BT, kv_positions_BS,
                                          window=self.window, scale=self.scale, impl=lowering,
@@ -485,6 +511,14 @@ class Attention(nnx.Module):
         layer (no window) with a kernel lowering and more tokens than the decode kernel takes."""
         return (not self.window and pallas_only_lowering(self.impl) is not None
                 and q_BTNH.shape[1] > DECODE_MAX_TOKENS)
+
+    def _window_prefill_kernel(self, q_BTNH, k_BSKH, kv_positions_BS) -> bool:
+        """Whether a cached chunk of this sliding-window layer attends through `_window_prefill_attention`:
+        a kernel lowering, more tokens than the decode kernel takes, and keys laid out as [a ring of
+        `window` slots; the chunk] (its own ring or a kv source's of the same window)."""
+        T = q_BTNH.shape[1]
+        return (bool(self.window) and kv_positions_BS is not None and pallas_only_lowering(self.impl) is not None
+                and T > DECODE_MAX_TOKENS and k_BSKH.shape[1] == self.window + T)
 
     def keys_values(self, k_raw_BTKH: jax.Array, v_raw_BTKH: jax.Array | None, positions_BT: jax.Array
                     ) -> tuple[jax.Array, jax.Array]:

@@ -106,12 +106,19 @@ def test_decode_kernels_equal_the_forward_pass(family):
 
 def test_prefill_kernel_equals_the_forward_pass(monkeypatch):
     """attention_impl="pallas", prefill chunks longer than the decode kernel takes: full-attention layers
-    (k_eq_v ones here) attend over [cache; chunk] through the fused kernel, chunks after the first seeing
-    a non-empty cache, rows of different lengths; the logits equal the pure-JAX forward pass."""
-    calls = []
-    original = attention._prefill_attention
-    monkeypatch.setattr(attention, "_prefill_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    (k_eq_v ones here) attend over [cache; chunk] through the fused kernel, sliding ones over [ring; chunk]
+    through the flash kernel (20-token windows: rings empty, partly and wholly filled), chunks after the
+    first seeing a non-empty cache, rows of different lengths; the logits equal the pure-JAX forward pass."""
+    calls = {"full": 0, "window": 0}
+    for kind, name in (("full", "_prefill_attention"), ("window", "_window_prefill_attention")):
+        original = getattr(attention, name)
+
+        def counted(*a, kind=kind, original=original, **k):
+            calls[kind] += 1
+            return original(*a, **k)
+        monkeypatch.setattr(attention, name, counted)
     m = _small("gemma4")
+    m.windows = tuple(20 if w else 0 for w in m.windows)
     reference = zoo.build(m, seed=1)
     m.attention_impl = "pallas"
     model = zoo.build(m, seed=1)
@@ -126,7 +133,7 @@ def test_prefill_kernel_equals_the_forward_pass(monkeypatch):
         logits_BTV, cache = extend(piece_BT, cache, new_B)
         got.append(np.asarray(logits_BTV)[:, :min(chunk, S - start)])
     got_BTV = np.concatenate(got, axis=1)
-    assert calls, "no chunk went through the prefill kernel"
+    assert calls["full"] and calls["window"], f"chunks through the prefill kernels: {calls}"
     np.testing.assert_array_equal(np.asarray(cache["lengths_B"]), lengths)
     for b, n in enumerate(lengths):
         diff = float(np.abs(got_BTV[b, :n] - want_BTV[b, :n]).max())
