@@ -25,8 +25,8 @@ IMPLS = ("xla", "pallas", "auto")
 OUTPUT_GATES = ("none", "per_head", "per_element")
 _MASKED = -1e30
 # Cached chunks of at most this many tokens per row (decode steps, speculative verification) attend through
-# the decode kernel (pallas_kernels.decode_attention) where `pallas_only_lowering` names one; longer chunks
-# (prefill) of full-attention layers through `_prefill_attention`, of windowed ones `_window_prefill_attention`.
+# the decode kernel (pallas_kernels.decode_attention) where `pallas_only_lowering` names one; longer ones
+# (prefill) through the prefill kernels (`cached_attention`).
 DECODE_MAX_TOKENS = 16
 
 
@@ -370,6 +370,31 @@ def _window_prefill_attention(q_BTNH, k_BSKH, v_BSKH, kv_positions_BS, sinks_N, 
     return out_BSNH[:, W:]
 
 
+def cached_attention(q_BTNH, seen_k_BSKH, seen_v_BSKH, q_positions_BT, kv_positions_BS, sinks_N, *,
+                     chunk_kv=None, lengths_B=None, window: int, scale: float, impl: str,
+                     partitioning: Partitioning = UNPARTITIONED) -> jax.Array | None:
+    """A cached chunk's attention over what it sees (`kv_cache.extend`: a full cache written with the
+    chunk, or [a ring; the chunk]) through a kernel, where `pallas_only_lowering(impl)` names one:
+    chunks of at most DECODE_MAX_TOKENS tokens through the decode kernel; longer ones of a full cache
+    through `_prefill_attention` (needs the chunk's own `chunk_kv` = (k, v) and the cache `lengths_B`
+    before it), of a ring of `window` slots through `_window_prefill_attention`. None where no kernel
+    takes the chunk: the caller attends in pure JAX."""
+    lowering = pallas_only_lowering(impl)
+    T = q_BTNH.shape[1]
+    if lowering is None:
+        return None
+    if T <= DECODE_MAX_TOKENS:
+        return _decode_attention(q_BTNH, seen_k_BSKH, seen_v_BSKH, sinks_N, q_positions_BT, kv_positions_BS,
+                                 window=window, scale=scale, impl=lowering, partitioning=partitioning)
+    if not window and chunk_kv is not None:   # the written cache's first lengths_B slots are the old tokens
+        return _prefill_attention(q_BTNH, *chunk_kv, seen_k_BSKH, seen_v_BSKH, lengths_B, sinks_N, scale=scale,
+                                  impl=lowering, partitioning=partitioning)
+    if window and seen_k_BSKH.shape[1] == window + T:
+        return _window_prefill_attention(q_BTNH, seen_k_BSKH, seen_v_BSKH, kv_positions_BS, sinks_N,
+                                         window=window, scale=scale, partitioning=partitioning)
+    return None
+
+
 class Attention(nnx.Module):
     """GQA/MQA self-attention with optional q/k/v norms, RoPE, sliding window, cross-layer KV sharing,
     per-head sinks and output gating.
@@ -378,7 +403,8 @@ class Attention(nnx.Module):
     `kv_source` computed (passed in as `shared_kv`, or read from the context by `mix`); `publish_kv` makes
     `mix` hand this layer's keys and values on to such readers under its index `layer`. `k_eq_v=True`
     drops the value projection: the values are the raw key projection (before the key norm and RoPE),
-    then the value norm; its cache holds that raw projection once (`kv_BSKH`), normed and rotated on read. `sinks` adds a learned per-head logit that enters only the softmax denominator.
+    then the value norm; its cache holds that raw projection once (`kv_BSKH`), normed and rotated on read.
+    `sinks` adds a learned per-head logit that enters only the softmax denominator.
     `output_gate` multiplies the attention output, before the output projection, by softplus(x W_g)
     computed in float32 from the layer input x: one gate per head broadcast over the head dim
     (`per_head`, W_g [D, N]) or one per channel (`per_element`, W_g [D, N, H]).
@@ -457,7 +483,7 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q_BTNH = self.q_norm(q_BTNH)
         q_BTNH = apply_rope(q_BTNH, positions_BT, self.rope)
-        kv_positions_BS, new_cache, prefill = shared_positions_BS, None, None
+        kv_positions_BS, new_cache, chunk_kv, lengths_B = shared_positions_BS, None, None, None
         if self.kv_source >= 0:
             if shared_kv is None:
                 raise ValueError("a kv-shared attention layer needs the source layer's keys and values")
@@ -472,29 +498,20 @@ class Attention(nnx.Module):
                 seen, kv_positions_BS, new_cache = kv_cache.extend(
                     layer_cache, {"kv_BSKH": k_raw_BTKH}, lengths_B, new_B, window=self.window)
                 k_BTKH, v_BTKH = self.keys_values(seen["kv_BSKH"], None, kv_positions_BS)
-                if self._prefill_kernel(q_BTNH):
-                    prefill = (*self.keys_values(k_raw_BTKH, None, positions_BT), k_BTKH, v_BTKH, lengths_B)
+                chunk_kv = self.keys_values(k_raw_BTKH, None, positions_BT)
             else:
                 layer_cache, lengths_B, new_B = cache
-                k_BTKH, v_BTKH = self.keys_values(k_raw_BTKH, v_raw_BTKH, positions_BT)
-                if self._prefill_kernel(q_BTNH):
-                    prefill = (k_BTKH, v_BTKH, layer_cache["k_BSKH"], layer_cache["v_BSKH"], lengths_B)
+                chunk_kv = self.keys_values(k_raw_BTKH, v_raw_BTKH, positions_BT)
                 seen, kv_positions_BS, new_cache = kv_cache.extend(
-                    layer_cache, {"k_BSKH": k_BTKH, "v_BSKH": v_BTKH}, lengths_B, new_B, window=self.window)
+                    layer_cache, dict(zip(("k_BSKH", "v_BSKH"), chunk_kv)), lengths_B, new_B, window=self.window)
                 k_BTKH, v_BTKH = seen["k_BSKH"], seen["v_BSKH"]
         sinks_N = None if self.sinks is None else self.sinks[...]
-        lowering = pallas_only_lowering(self.impl)
-        if prefill is not None:
-            out_BTNH = _prefill_attention(q_BTNH, *prefill, sinks_N, scale=self.scale, impl=lowering,
-                                          partitioning=partitioning)
-        elif self._window_prefill_kernel(q_BTNH, k_BTKH, kv_positions_BS):
-            out_BTNH = _window_prefill_attention(q_BTNH, k_BTKH, v_BTKH, kv_positions_BS, sinks_N,
-                                                 window=self.window, scale=self.scale, partitioning=partitioning)
-        elif kv_positions_BS is not None and lowering and q_BTNH.shape[1] <= DECODE_MAX_TOKENS:
-            out_BTNH = _decode_attention(q_BTNH, k_BTKH, v_BTKH, sinks_N, positions_BT, kv_positions_BS,
-                                         window=self.window, scale=self.scale, impl=lowering,
-                                         partitioning=partitioning)
-        else:
+        out_BTNH = None
+        if kv_positions_BS is not None:
+            out_BTNH = cached_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT, kv_positions_BS, sinks_N,
+                                        chunk_kv=chunk_kv, lengths_B=lengths_B, window=self.window,
+                                        scale=self.scale, impl=self.impl, partitioning=partitioning)
+        if out_BTNH is None:
             out_BTNH = dot_product_attention(
                 q_BTNH, k_BTKH, v_BTKH, q_positions_BT=positions_BT,
                 kv_positions_BS=positions_BT if kv_positions_BS is None else kv_positions_BS,
@@ -505,20 +522,6 @@ class Attention(nnx.Module):
             out_BTNH = out_BTNH * self.output_gate(x_BTD).astype(out_BTNH.dtype)
         y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj[...])
         return y_BTD, (k_BTKH, v_BTKH), kv_positions_BS, new_cache
-
-    def _prefill_kernel(self, q_BTNH) -> bool:
-        """Whether a cached chunk of this layer attends through `_prefill_attention`: a full-attention
-        layer (no window) with a kernel lowering and more tokens than the decode kernel takes."""
-        return (not self.window and pallas_only_lowering(self.impl) is not None
-                and q_BTNH.shape[1] > DECODE_MAX_TOKENS)
-
-    def _window_prefill_kernel(self, q_BTNH, k_BSKH, kv_positions_BS) -> bool:
-        """Whether a cached chunk of this sliding-window layer attends through `_window_prefill_attention`:
-        a kernel lowering, more tokens than the decode kernel takes, and keys laid out as [a ring of
-        `window` slots; the chunk] (its own ring or a kv source's of the same window)."""
-        T = q_BTNH.shape[1]
-        return (bool(self.window) and kv_positions_BS is not None and pallas_only_lowering(self.impl) is not None
-                and T > DECODE_MAX_TOKENS and k_BSKH.shape[1] == self.window + T)
 
     def keys_values(self, k_raw_BTKH: jax.Array, v_raw_BTKH: jax.Array | None, positions_BT: jax.Array
                     ) -> tuple[jax.Array, jax.Array]:

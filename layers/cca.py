@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import kv_cache, params
-from layers.attention import IMPLS, dot_product_attention
+from layers.attention import IMPLS, cached_attention, dot_product_attention
 from layers.context import LayerContext
 from layers.partitioning import UNPARTITIONED, Partitioning
 from layers.rope import RopeSpec, apply_rope
@@ -177,23 +177,28 @@ class CCA(nnx.Module):
             {"k_BSKH": cache["k_BSKH"], "v_BSKH": cache["v_BSKH"]}, {"k_BSKH": k_BTKH, "v_BSKH": v_BTKH},
             lengths_B, new_B, window=self.window)
         ctx.caches[self.layer] = {**kv, **history}
-        return self._attend(x_BTD, q_BTNH, seen["k_BSKH"], seen["v_BSKH"], ctx.positions_BT, kv_positions_BS,
-                            None, False, ctx.partitioning)
+        out_BTNH = cached_attention(q_BTNH, seen["k_BSKH"], seen["v_BSKH"], ctx.positions_BT, kv_positions_BS, None,
+                                    chunk_kv=(k_BTKH, v_BTKH), lengths_B=lengths_B, window=self.window,
+                                    scale=self.head_dim ** -0.5, impl=self.impl, partitioning=ctx.partitioning)
+        if out_BTNH is None:
+            out_BTNH = self._attend(q_BTNH, seen["k_BSKH"], seen["v_BSKH"], ctx.positions_BT, kv_positions_BS,
+                                    None, False, ctx.partitioning)
+        return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj[...])
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *, segment_ids_BT: jax.Array | None = None,
                  default_positions: bool = False, partitioning: Partitioning = UNPARTITIONED
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Returns the output [B, T, D] and this layer's (k [B, T, K, H], v [B, T, K, H])."""
         q_BTNH, k_BTKH, v_BTKH, _ = self.qkv(x_BTD, positions_BT, segment_ids_BT)
-        y_BTD = self._attend(x_BTD, q_BTNH, k_BTKH, v_BTKH, positions_BT, positions_BT, segment_ids_BT,
-                             default_positions, partitioning)
-        return y_BTD, (k_BTKH, v_BTKH)
+        out_BTNH = self._attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, positions_BT, segment_ids_BT,
+                                default_positions, partitioning)
+        return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj[...]), (k_BTKH, v_BTKH)
 
-    def _attend(self, x_BTD, q_BTNH, k_BSKH, v_BSKH, positions_BT, kv_positions_BS, segment_ids_BT,
+    def _attend(self, q_BTNH, k_BSKH, v_BSKH, positions_BT, kv_positions_BS, segment_ids_BT,
                 default_positions, partitioning) -> jax.Array:
-        out_BTNH = dot_product_attention(
+        """Attention [B, T, N, H] in the latent space (pure JAX or the fused forward kernels, by `impl`)."""
+        return dot_product_attention(
             q_BTNH, k_BSKH, v_BSKH, q_positions_BT=positions_BT, kv_positions_BS=kv_positions_BS,
             window=self.window, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT,
             scale=self.head_dim ** -0.5, impl=self.impl, default_positions=default_positions,
             partitioning=partitioning)
-        return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj[...])

@@ -104,11 +104,13 @@ def test_decode_kernels_equal_the_forward_pass(family):
     assert diff <= 1e-4, f"{family}: kernel decode differs from the forward pass by {diff}"
 
 
-def test_prefill_kernel_equals_the_forward_pass(monkeypatch):
-    """attention_impl="pallas", prefill chunks longer than the decode kernel takes: full-attention layers
-    (k_eq_v ones here) attend over [cache; chunk] through the fused kernel, sliding ones over [ring; chunk]
-    through the flash kernel (20-token windows: rings empty, partly and wholly filled), chunks after the
-    first seeing a non-empty cache, rows of different lengths; the logits equal the pure-JAX forward pass."""
+@pytest.mark.parametrize("family", ["gemma4", "zaya1"])
+def test_prefill_kernel_equals_the_forward_pass(family, monkeypatch):
+    """attention_impl="pallas", prefill chunks longer than the decode kernel takes, then decode steps:
+    full-attention layers (Gemma-4's k_eq_v ones, ZAYA1's CCA) attend over [cache; chunk] through the fused
+    kernel, sliding ones over [ring; chunk] through the flash kernel (20-token windows: rings empty, partly
+    and wholly filled), chunks after the first seeing a non-empty cache, rows of different lengths; the
+    logits equal the pure-JAX forward pass."""
     calls = {"full": 0, "window": 0}
     for kind, name in (("full", "_prefill_attention"), ("window", "_window_prefill_attention")):
         original = getattr(attention, name)
@@ -117,27 +119,38 @@ def test_prefill_kernel_equals_the_forward_pass(monkeypatch):
             calls[kind] += 1
             return original(*a, **k)
         monkeypatch.setattr(attention, name, counted)
-    m = _small("gemma4")
-    m.windows = tuple(20 if w else 0 for w in m.windows)
+    m = _small(family)
+    if family == "zaya1":   # CCA layers of both kinds
+        m.attention_types, m.windows = ("cca", "cca_sliding") * 2, (0, 20) * 2
+    else:
+        m.windows = tuple(20 if w else 0 for w in m.windows)
     reference = zoo.build(m, seed=1)
     m.attention_impl = "pallas"
     model = zoo.build(m, seed=1)
-    S, chunk, lengths = 40, 17, np.array([40, 35])
+    S, chunk, lengths = 42, 17, np.array([42, 37])
     tokens_BT = jnp.asarray(np.random.default_rng(3).integers(0, m.vocab_size, (2, S)), jnp.int32)
     want_BTV = np.asarray(jax.jit(lambda t: reference(t))(tokens_BT))
     extend = _jitted_extend(model)
     cache, got = inference.init_cache(model, batch_size=2, max_len=S), []
-    for start in range(0, S, chunk):
-        new_B = jnp.asarray(np.clip(lengths - start, 0, chunk), jnp.int32)
+    for start in range(0, S - 2, chunk):    # chunks of 17 tokens up to 40, then two decode steps
+        new_B = jnp.asarray(np.clip(lengths - 2 - start, 0, chunk), jnp.int32)
         piece_BT = jnp.pad(tokens_BT[:, start:start + chunk], [(0, 0), (0, max(0, start + chunk - S))])
         logits_BTV, cache = extend(piece_BT, cache, new_B)
-        got.append(np.asarray(logits_BTV)[:, :min(chunk, S - start)])
-    got_BTV = np.concatenate(got, axis=1)
+        got.append(np.asarray(logits_BTV)[:, :min(chunk, S - 2 - start)])
+    for step in range(2):
+        pos_B = np.asarray(cache["lengths_B"])
+        logits_BTV, cache = extend(tokens_BT[np.arange(2), pos_B][:, None], cache, jnp.ones((2,), jnp.int32))
+        got.append(np.asarray(logits_BTV))
     assert calls["full"] and calls["window"], f"chunks through the prefill kernels: {calls}"
     np.testing.assert_array_equal(np.asarray(cache["lengths_B"]), lengths)
     for b, n in enumerate(lengths):
-        diff = float(np.abs(got_BTV[b, :n] - want_BTV[b, :n]).max())
-        assert diff <= 1e-4, f"row {b}: prefill through the kernel differs from the forward pass by {diff}"
+        got_TV = np.concatenate([g[b] for g in got[:-2]], axis=0)[:n - 2]
+        want_TV = want_BTV[b, :n - 2]
+        diff = float(np.abs(got_TV - want_TV).max())
+        assert diff <= 1e-4, f"{family} row {b}: prefill through the kernel differs from the forward pass by {diff}"
+        for step in range(2):
+            diff = float(np.abs(got[-2 + step][b, 0] - want_BTV[b, n - 2 + step]).max())
+            assert diff <= 1e-4, f"{family} row {b}: decode step {step} differs from the forward pass by {diff}"
 
 
 @pytest.fixture(scope="module")
