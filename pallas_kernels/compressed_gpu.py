@@ -10,8 +10,13 @@ The window is the raw keys s in [max(window_start[t], t - W + 1), t]; K = V ever
 Kernels (heads are the rows of every matmul tile, so one K=V block serves all heads of a token):
   _forward_kernel  one program per (token, head block): online softmax seeded with the sink logit
                    (m = sink, l = 1), writes O and the log-sum-exp (sink included).
-  _dq_kernel       same walk recomputing P; dQ, and for CSA dK=dV of the gathered rows by fp32 atomics
-                   (one per row, dim and head block: this scatter bounds CSA's backward, docs/benchmarks.md).
+  _dq_kernel       same walk recomputing P; dQ, and for CSA with dkv="atomic" dK=dV of the gathered rows
+                   by fp32 atomics (one per row, dim and head block: this scatter bounds CSA's backward,
+                   docs/benchmarks.md).
+  _selected_dkv_kernel  CSA with dkv="inverted": one program per block of compressed entries walking the
+                   tokens that selected any of them (the inverted index of the top-k, built in plain JAX
+                   by `inverted_index`): P recomputed for the whole block per token, each entry weighted
+                   by how many of the token's slots name it; dK=dV accumulated in registers, written once.
   _dkv_kernel      one program per key block, walking the (token, head) rows that can see it: dK=dV of
                    the raw window keys, and for HCA of the compressed entries (no atomics; the rows of a
                    compressed block are split over programs and the partial sums added).
@@ -33,6 +38,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (F32, BlockSizes, cdiv, dot, dot_nt, dot_tn, first_entry, next_pow2, pad_axis,
                                    round_up)
+from pallas_kernels.compressed_inverted import inverted_index
 
 
 def _walk_window(kv_ref, t, first, *, w_pad: int, bk: int, body, carry):
@@ -94,11 +100,15 @@ def _forward_kernel(*refs, sparse: bool, w_pad: int, window: int, ratio: int | N
     lse_ref[...] = m_n + jnp.log(l_n)
 
 
-def _dq_kernel(*refs, sparse: bool, w_pad: int, window: int, ratio: int | None, scale: float, bk: int,
-               merge_duplicates: bool):
-    if sparse:
+def _dq_kernel(*refs, sparse: bool, scatter: bool, w_pad: int, window: int, ratio: int | None, scale: float,
+               bk: int, merge_duplicates: bool):
+    """scatter (CSA, dkv="atomic"): also adds dK=dV of the gathered rows into dcomp."""
+    if scatter:
         (lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, do_ref, lse_ref, delta_ref, _,
          dq_ref, dcomp_ref) = refs
+    elif sparse:
+        lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+        dcomp_ref = None
     else:
         lo_ref, count_ref, q_ref, kv_ref, comp_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
         idx_ref = dcomp_ref = None
@@ -110,7 +120,7 @@ def _dq_kernel(*refs, sparse: bool, w_pad: int, window: int, ratio: int | None, 
         s_nk = jnp.where(visible_k[None, :], dot_nt(q_nh, keys_kh) * scale, -jnp.inf)
         p_nk = jnp.exp(s_nk - lse_n[:, None])
         ds_nk = p_nk * (dot_nt(do_nh, keys_kh) - delta_n[:, None])
-        if rows_k is not None:
+        if dcomp_ref is not None and rows_k is not None:
             # dK = scale dS^T Q and dV = P^T dO land on the same gathered K=V rows.
             g_kh = scale * dot_tn(ds_nk.astype(q_nh.dtype), q_nh) + dot_tn(p_nk.astype(do_nh.dtype), do_nh)
             _scatter_add_rows(dcomp_ref, rows_k, visible_k, g_kh, merge_duplicates)
@@ -179,6 +189,42 @@ def _dkv_kernel(keys_ref, q_ref, do_ref, lse_ref, delta_ref, tok_ref, lo_ref, co
     dk_ref[...] = lax.fori_loop(rb_begin, rb_end, accumulate, jnp.zeros(keys_kh.shape, F32))
 
 
+def _selected_dkv_kernel(block_start_ref, pair_token_ref, pair_start_ref, entries_ref, comp_ref, q_ref, do_ref,
+                         lse_ref, delta_ref, dk_ref, *, scale: float, bc: int, heads: int, n_splits: int):
+    """dK=dV of compressed entries [cb * bc, (cb + 1) * bc) (cb = pl.program_id(0)), walking the tokens
+    that selected any of them (split pl.program_id(1) of n_splits takes a contiguous share). Per token:
+    all its (token, head) rows against the block's bc entries, entry c weighted by how many of the
+    token's slots name it (0 masks it out; a repeated slot counts twice, as in the forward)."""
+    c0 = pl.program_id(0) * bc
+    keys_ch = comp_ref[pl.ds(c0, bc), :]
+    c_c = c0 + lax.broadcasted_iota(jnp.int32, (bc,), 0)
+    lo, hi = block_start_ref[pl.program_id(0)], block_start_ref[pl.program_id(0) + 1]
+    share = lax.div(hi - lo + (n_splits - 1), n_splits)
+    begin = lo + pl.program_id(1) * share
+    end = jnp.minimum(hi, begin + share)
+
+    def pair(p, dk_ch):
+        start, stop = pair_start_ref[p], pair_start_ref[p + 1]
+
+        def count(j, weight_c):
+            at = start + j * bc
+            entry_s = entries_ref[pl.ds(at, bc)]
+            live_s = at + lax.broadcasted_iota(jnp.int32, (bc,), 0) < stop
+            hits_sc = (entry_s[:, None] == c_c[None, :]) & live_s[:, None]
+            return weight_c + jnp.sum(hits_sc.astype(F32), axis=0)
+
+        weight_c = lax.fori_loop(0, cdiv(stop - start, bc), count, jnp.zeros((bc,), F32))
+        rows = pl.ds(pair_token_ref[p] * heads, heads)
+        q_nh, do_nh = q_ref[rows, :], do_ref[rows, :]
+        s_nc = jnp.where(weight_c[None, :] > 0, dot_nt(q_nh, keys_ch) * scale, -jnp.inf)
+        p_nc = jnp.exp(s_nc - lse_ref[rows][:, None])
+        ds_nc = p_nc * (dot_nt(do_nh, keys_ch) - delta_ref[rows][:, None])
+        return (dk_ch + scale * dot_tn((ds_nc * weight_c[None, :]).astype(q_nh.dtype), q_nh)
+                + dot_tn((p_nc * weight_c[None, :]).astype(do_nh.dtype), do_nh))
+
+    dk_ref[...] = lax.fori_loop(begin, end, pair, jnp.zeros(keys_ch.shape, F32))
+
+
 class _Padded(NamedTuple):
     """Inputs laid out for the Triton kernels (see the module docstring for the padded sizes)."""
     q: jax.Array          # [B, T, Np, Hp]
@@ -243,34 +289,37 @@ def forward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, *, wind
 
 
 def backward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, do_BTNH, lse_BTN, delta_BTN, *,
-             window: int, ratio: int | None, scale: float, blocks: BlockSizes, interpret: bool
-             ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """dQ [B, T, N, H] (q dtype), dKV [B, T, H] and dKV_comp [B, C, H] (float32)."""
+             window: int, ratio: int | None, scale: float, blocks: BlockSizes, interpret: bool,
+             dkv: str = "atomic") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """dQ [B, T, N, H] (q dtype), dKV [B, T, H] and dKV_comp [B, C, H] (float32). dkv: how CSA's gathered
+    rows get their dK=dV, "atomic" (added by the dQ kernel) or "inverted" (key-major over the inverted
+    index); HCA ignores it."""
     B, T, N, H = q_BTNH.shape
     C = comp_BCH.shape[1]
     sparse = idx_BTK is not None
+    scatter = sparse and dkv == "atomic"
     p = _pad_inputs(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, window=window, blocks=blocks)
     Np, Hp = p.q.shape[2:]
     do = pad_axis(pad_axis(do_BTNH.astype(q_BTNH.dtype), 2, Np), 3, Hp)
     lse, delta = pad_axis(lse_BTN, 2, Np), pad_axis(delta_BTN, 2, Np)
     params = plgpu.CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd)
 
-    # dQ per (token, head block); CSA also scatters dK=dV of its gathered rows (+1 spare row).
+    # dQ per (token, head block); CSA's "atomic" path also scatters dK=dV of its gathered rows (+1 spare row).
     specs, head_rows, head_vec = _token_specs(p, sparse, p.block_h_dq)
     specs += [head_rows, head_vec, head_vec]
     out_specs, out_shape = [head_rows], [jax.ShapeDtypeStruct(p.q.shape, q_BTNH.dtype)]
     operands = [lo_BT, count_BT, p.q, p.kv, p.comp, *([p.idx] if sparse else []), do, lse, delta]
-    if sparse:
+    if scatter:
         dcomp_spec = pl.BlockSpec((None, p.comp.shape[1] + 1, Hp), lambda t, h, b: (b, 0, 0))
         specs.append(dcomp_spec)
         out_specs.append(dcomp_spec)
         out_shape.append(jax.ShapeDtypeStruct((B, p.comp.shape[1] + 1, Hp), F32))
         operands.append(jnp.zeros(out_shape[-1].shape, F32))
-    kernel = functools.partial(_dq_kernel, sparse=sparse, w_pad=p.w_pad, window=window, ratio=ratio,
-                               scale=scale, bk=blocks.block_k_dq, merge_duplicates=bool(interpret))
+    kernel = functools.partial(_dq_kernel, sparse=sparse, scatter=scatter, w_pad=p.w_pad, window=window,
+                               ratio=ratio, scale=scale, bk=blocks.block_k_dq, merge_duplicates=bool(interpret))
     dq, *dcomp = pl.pallas_call(
         kernel, grid=(T, Np // p.block_h_dq, B), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
-        input_output_aliases={len(operands) - 1: 1} if sparse else {}, compiler_params=params,
+        input_output_aliases={len(operands) - 1: 1} if scatter else {}, compiler_params=params,
         interpret=interpret, name="csa_dq" if sparse else "hca_dq",
     )(*operands)
 
@@ -305,10 +354,34 @@ def backward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, do_BTN
         return jnp.sum(partial_dk, axis=1)[:, :n_keys, :H]
 
     dkv = key_major(p.kv, p.w_pad, T, window=window, ratio=None)
-    if sparse:
+    if scatter:
         dcomp = dcomp[0][:, :C, :H]
+    elif sparse:
+        dcomp = _selected_dkv(p, idx_BTK, row_operands[:4], bc=bkv, scale=scale, params=params,
+                              interpret=interpret)[:, :C, :H]
     elif C == 0:
         dcomp = jnp.zeros((B, 0, H), F32)
     else:
         dcomp = key_major(p.comp, 0, C, window=None, ratio=ratio)
     return dq[:, :, :N, :H], dkv, dcomp
+
+
+def _selected_dkv(p: _Padded, idx_BTK, row_operands, *, bc: int, scale: float, params, interpret: bool):
+    """CSA's dK=dV of the compressed entries [B, Cp, Hp] (float32), key-major over the inverted index of
+    the top-k: one program per (entry block, split); busy blocks are split over programs (partial sums
+    added) to keep the GPU full."""
+    B, Cp, Hp = p.comp.shape
+    Np = p.q.shape[2]
+    n_blocks = Cp // bc
+    index = inverted_index(idx_BTK, num_blocks=n_blocks, block=bc, pad=bc)
+    n_splits = max(1, -(-512 // n_blocks))
+    whole = lambda x: pl.BlockSpec((None, *x.shape[1:]), lambda cb, sp, b: (b,) + (0,) * (x.ndim - 1))
+    operands = [*index, p.comp, *row_operands]
+    kernel = functools.partial(_selected_dkv_kernel, scale=scale, bc=bc, heads=Np, n_splits=n_splits)
+    partial_dk = pl.pallas_call(
+        kernel, grid=(n_blocks, n_splits, B), in_specs=[whole(x) for x in operands],
+        out_specs=pl.BlockSpec((None, None, bc, Hp), lambda cb, sp, b: (b, sp, cb, 0)),
+        out_shape=jax.ShapeDtypeStruct((B, n_splits, Cp, Hp), F32),
+        compiler_params=params, interpret=interpret, name="csa_selected_dkv",
+    )(*operands)
+    return jnp.sum(partial_dk, axis=1)

@@ -299,9 +299,9 @@ def forward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, *, wind
 
 
 def backward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, do_BTNH, lse_BTN, delta_BTN, *,
-             window: int, ratio: int | None, scale: float, blocks: BlockSizes, interpret
+             window: int, ratio: int | None, scale: float, blocks: BlockSizes, interpret, dkv: str = "atomic"
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """dQ [B, T, N, H] (q dtype), dKV [B, T, H] and dKV_comp [B, C, H] (float32)."""
+    """dQ [B, T, N, H] (q dtype), dKV [B, T, H] and dKV_comp [B, C, H] (float32). dkv: see compressed_gpu."""
     del sinks_N  # enters through the log-sum-exp
     B, T, N, H = q_BTNH.shape
     C = comp_BCH.shape[1]
