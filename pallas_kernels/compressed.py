@@ -32,7 +32,7 @@ _TPU_BLOCKS = BlockSizes(block_k=128, block_kv_bwd=128, block_rows_bwd=128)
 CSA_DEFAULT_BLOCKS = {"pallas_gpu": BlockSizes(num_warps_bwd=8), "pallas_tpu": _TPU_BLOCKS}
 HCA_DEFAULT_BLOCKS = {"pallas_gpu": BlockSizes(), "pallas_tpu": _TPU_BLOCKS}
 # CSA's ways to form dK=dV of the selected rows in the Pallas backward (csa_attention's `dkv`).
-CSA_DKV = ("atomic", "inverted")
+CSA_DKV = ("atomic", "inverted", "staged")
 
 
 # ------------------------------------------------------------------------------------- pure-JAX references
@@ -189,7 +189,9 @@ def csa_attention(q_BTNH: jax.Array, kv_BTH: jax.Array, kv_comp_BCH: jax.Array, 
     off its platform runs in interpret mode unless `interpret` says otherwise. dkv: how the Pallas
     backward forms dK=dV of the selected rows: "atomic" (the query-major dQ kernel adds them into shared
     rows: fp32 atomics on GPU, a sequential read-modify-write on TPU) or "inverted" (a key-major kernel
-    per block of entries walks the tokens that selected them, from the inverted index of `indices`).
+    per block of entries walks the tokens that selected them, from the inverted index of `indices`,
+    recomputing P) or "staged" (the dQ kernel writes each slot's dK=dV row, a token chunk at a time, and a
+    key-major kernel sums them per entry over the inverted index; no recomputation, one extra HBM pass).
     """
     B, T, N, H = _check_inputs(q_BTNH, kv_BTH, kv_comp_BCH, sinks_N, segment_ids_BT, window)
     if dkv not in CSA_DKV:

@@ -7,6 +7,7 @@ Layout (per batch row; M = T * K selections, "pair" = one (entry block, token) w
   pair_token  [M + 2]   the token of each pair; pairs sorted by (block, token)
   pair_start  [M + 2]   the pair's selections are entries[pair_start[p] : pair_start[p + 1]]
   entries     [M + pad] the selected entry ids sorted by (block, token, slot), -1 after the last one
+  selections  [M + pad] where each of them sits in the top-k, t * K + slot (0 after the last one)
 
 Shapes: B batch, T tokens, K top-k slots, M = T * K, NB entry blocks.
 """
@@ -23,6 +24,7 @@ class InvertedIndex(NamedTuple):
     pair_token: jax.Array    # int32 [B, M + 2]
     pair_start: jax.Array    # int32 [B, M + 2]
     entries: jax.Array       # int32 [B, M + pad]
+    selections: jax.Array    # int32 [B, M + pad]
 
 
 def inverted_index(indices_BTK: jax.Array, *, num_blocks: int, block: int, pad: int = 0) -> InvertedIndex:
@@ -51,4 +53,5 @@ def inverted_index(indices_BTK: jax.Array, *, num_blocks: int, block: int, pad: 
         new_pair_BM.astype(jnp.int32))
     block_start = jnp.pad(jnp.cumsum(pairs_per_block[:, :num_blocks], axis=1, dtype=jnp.int32), ((0, 0), (1, 0)))
     entries = jnp.pad(jnp.where(valid_BM, entry_BM, -1), ((0, 0), (0, pad)), constant_values=-1)
-    return InvertedIndex(block_start, pair_token, pair_start, entries)
+    selections = jnp.pad(jnp.where(valid_BM, order_BM, 0).astype(jnp.int32), ((0, 0), (0, pad)))
+    return InvertedIndex(block_start, pair_token, pair_start, entries, selections)
