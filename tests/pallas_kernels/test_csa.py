@@ -1,6 +1,7 @@
 """CSA kernels against the pure-JAX reference: forward and gradients (q, kv, kv_comp, sinks) for the Triton
 lowering (interpret mode on CPU, compiled on a GPU) and the Mosaic lowering (TPU interpreter), odd lengths,
-batch 2, fp32 and bf16, segments with padding, unused (-1) and repeated top-k slots."""
+batch 2, fp32 and bf16, segments with padding, unused (-1) and repeated top-k slots; the backward's ways of
+forming dK=dV of the selected rows (`dkv`) and the inverted index they read."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,3 +85,61 @@ def test_bad_inputs_name_the_tensor(bad, message):
         csa_attention(q, kv, kv_comp, indices, sinks, window=0)
     with pytest.raises(ValueError, match="unknown impl"):
         csa_attention(q, kv, kv_comp, indices, sinks, window=8, impl="triton")
+    with pytest.raises(ValueError, match="dkv must be one of"):
+        csa_attention(q, kv, kv_comp, indices, sinks, window=8, dkv="scatter")
+
+
+def _selection_cases(T=11, C=40, K=6, seed=5):
+    """Top-k rows covering the backward's corner cases: entry 0 picked by every token, entries >= 30 by
+    none, -1 slots (also mid-list), a row repeated within a token, a token with nothing selected."""
+    rows = np.random.default_rng(seed).integers(1, 30, size=(2, T, K)).astype(np.int32)
+    rows[:, :, 0] = 0
+    rows[:, ::3, 2] = -1
+    rows[:, 1::4, K - 2:] = -1
+    rows[0, 4, 3] = rows[0, 4, 1]
+    rows[1, 5] = -1
+    return jnp.asarray(rows)
+
+
+def test_inverted_index_lists_every_selection():
+    from pallas_kernels.compressed_inverted import inverted_index
+    idx = np.asarray(_selection_cases())
+    block, n_blocks = 16, 3
+    index = [np.asarray(x) for x in inverted_index(jnp.asarray(idx), num_blocks=n_blocks, block=block, pad=4)]
+    block_start, pair_token, pair_start, entries, selections = index
+    for b in range(idx.shape[0]):
+        for cb in range(n_blocks):
+            expected_pairs = [(t, sorted((int(e), t * idx.shape[2] + k) for k, e in enumerate(idx[b, t])
+                                         if e >= 0 and e // block == cb))
+                              for t in range(idx.shape[1])]
+            expected_pairs = [(t, sel) for t, sel in expected_pairs if sel]
+            got_pairs = []
+            for p in range(block_start[b, cb], block_start[b, cb + 1]):
+                run = range(pair_start[b, p], pair_start[b, p + 1])
+                got_pairs.append((int(pair_token[b, p]), sorted((int(entries[b, i]), int(selections[b, i]))
+                                                                for i in run)))
+            assert got_pairs == expected_pairs, (b, cb)
+        n_valid = int(np.sum(idx[b] >= 0))
+        assert pair_start[b, block_start[b, n_blocks]] == n_valid
+        assert np.all(entries[b, n_valid:] == -1)
+
+
+@pytest.mark.parametrize("dkv", ["atomic", "inverted", "staged"])
+def test_dkv_paths_match_reference(dkv, assert_close, monkeypatch):
+    """The three ways of forming dK=dV of the selected rows, with two head blocks, three entry blocks (one
+    never selected) and, for "staged", token chunks of 3 (the last one padded)."""
+    from pallas_kernels import compressed_gpu
+    monkeypatch.setattr(compressed_gpu, "STAGE_BYTES", 3 * 2 * 16 * 16 * 4)   # tokens x head blocks x Kp x Hp x 4
+    indices = _selection_cases()
+    q, kv, kv_comp, _, sinks, segment_ids = make_inputs(jnp.float32, T=11, H=20, S=40, K=6, seed=2)
+    blocks = BlockSizes(block_h=16, block_k=16, block_h_dq=16, block_k_dq=16, block_kv_bwd=16, block_rows_bwd=16)
+    probe = jax.random.normal(jax.random.key(7), q.shape)
+    attend = lambda impl, dkv: output_and_grads(lambda q, kv, kv_comp, sinks: csa_attention(
+        q, kv, kv_comp, indices, sinks, window=4, segment_ids_BT=segment_ids, impl=impl, block_sizes=blocks,
+        dkv=dkv))
+    out, grads = attend("pallas_gpu", dkv)(q, kv, kv_comp, sinks, probe)
+    ref, ref_grads = attend("xla", "atomic")(q, kv, kv_comp, sinks, probe)
+    assert_close(out, ref, 1e-5, "out")
+    assert np.all(np.asarray(ref_grads[2])[:, 30:] == 0) and np.any(np.asarray(ref_grads[2])[:, 0] != 0)
+    for name, g, r in zip(("dq", "dkv", "dkv_comp", "dsinks"), grads, ref_grads):
+        assert_close(g, r, 1e-5, name)
