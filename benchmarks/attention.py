@@ -4,6 +4,8 @@ references and dense cuDNN attention over the full sequence.
     python benchmarks/attention.py                      # GPU: 8K, 32K, 128K tokens
     python benchmarks/attention.py --smoke              # tiny shapes, any platform (checks it runs)
     python benchmarks/attention.py --seq 8192 --sweep   # also try a few kernel block sizes
+    python benchmarks/attention.py --only csa --seq 8192,32768 --csa-dkv atomic,inverted,staged
+                                                        # CSA's ways of forming dK=dV of the selected rows
 
 Per variant: median wall time, effective TFLOP/s on the FLOPs actually needed (each token's visible window,
 selected / visible compressed entries, or causal prefix; fwd+bwd counted as 3.5x fwd for attention, 3x
@@ -87,10 +89,11 @@ def with_backward(fn, argnums):
     return jax.grad(loss, argnums=argnums)
 
 
-def variants(s: Shape, impl_kernel: str, blocks: BlockSizes | None, dense_layout):
-    """(name, family, fn, argument names, differentiable argnums) per benchmarked computation."""
-    csa = lambda impl, b: lambda q, kv, comp, idx, sinks: csa_attention(
-        q, kv, comp, idx, sinks, window=s.window, impl=impl, block_sizes=b)
+def variants(s: Shape, impl_kernel: str, blocks: BlockSizes | None, dense_layout, csa_dkv=("atomic",)):
+    """(name, family, fn, argument names, differentiable argnums) per benchmarked computation; one Pallas
+    CSA row per entry of csa_dkv (csa_attention's `dkv`)."""
+    csa = lambda impl, b, dkv="atomic": lambda q, kv, comp, idx, sinks: csa_attention(
+        q, kv, comp, idx, sinks, window=s.window, impl=impl, block_sizes=b, dkv=dkv)
     hca = lambda impl, b: lambda q, kv, comp, sinks: hca_attention(
         q, kv, comp, sinks, window=s.window, ratio=s.hca_ratio, impl=impl, block_sizes=b)
     scores = lambda impl: lambda q, k, w: indexer_scores(q, k, w, ratio=s.csa_ratio, impl=impl)
@@ -100,8 +103,9 @@ def variants(s: Shape, impl_kernel: str, blocks: BlockSizes | None, dense_layout
     out = []
     for impl, label in ((impl_kernel, "pallas"), ("xla", "xla ref")):
         b = blocks if impl != "xla" else None
-        out += [(f"CSA {label}", "csa", csa(impl, b), csa_args, (0, 1, 2, 4)),
-                (f"HCA {label}", "hca", hca(impl, b), hca_args, (0, 1, 2, 3)),
+        out += [(f"CSA {label}" + (f" dkv={d}" if len(csa_dkv) > 1 and impl != "xla" else ""), "csa", csa(impl, b, d), csa_args,
+                 (0, 1, 2, 4)) for d in (csa_dkv if impl != "xla" else ("atomic",))]
+        out += [(f"HCA {label}", "hca", hca(impl, b), hca_args, (0, 1, 2, 3)),
                 (f"indexer top-k {label}", "indexer", topk(impl), idx_args, None),
                 (f"indexer scores {label}", "indexer", scores(impl), idx_args, (0, 1, 2))]
     if dense_layout is not None:
@@ -166,13 +170,13 @@ def measure(fn, args, iters: int) -> tuple[str, float | None, float | None]:
 FAMILIES = ("csa", "hca", "indexer", "dense")
 
 
-def run(shapes, dtype, iters, impl_kernel, blocks, families=FAMILIES):
+def run(shapes, dtype, iters, impl_kernel, blocks, families=FAMILIES, csa_dkv=("atomic",)):
     rows = []
     for s in shapes:
         inputs = make_inputs(s, dtype)
         flops = needed_flops(s)
         layout = dense_layout(s, inputs) if "dense" in families else None
-        for name, family, fn, arg_names, argnums in variants(s, impl_kernel, blocks, layout):
+        for name, family, fn, arg_names, argnums in variants(s, impl_kernel, blocks, layout, csa_dkv):
             if family not in families:
                 continue
             args = [inputs[a] for a in arg_names]
@@ -210,6 +214,8 @@ def main():
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--only", default=",".join(FAMILIES), help=f"comma-separated subset of {FAMILIES}")
+    parser.add_argument("--csa-dkv", default="atomic", help="comma-separated CSA backward dK=dV paths to time "
+                        "(csa_attention's dkv: atomic, inverted, staged)")
     parser.add_argument("--sweep", action="store_true", help="also time CSA/HCA under a few block sizes")
     parser.add_argument("--profile", metavar="DIR", help="only write a profiler trace of the kernels' fwd+bwd "
                         "at the first --seq to DIR (per-kernel times: perfetto_trace.json.gz)")
@@ -228,7 +234,7 @@ def main():
           f"kernels {impl_kernel}{' (interpret mode)' if platform == 'cpu' else ''}")
     if args.profile:
         return profile(shapes[0], dtype, impl_kernel, blocks, args.profile)
-    rows = run(shapes, dtype, iters, impl_kernel, blocks, families)
+    rows = run(shapes, dtype, iters, impl_kernel, blocks, families, tuple(args.csa_dkv.split(",")))
     print_table(rows, "V4-Flash attention (batch 1)")
     if args.sweep:
         print_table(sweep(shapes[0], dtype, iters, impl_kernel), "backward block sizes (CSA / HCA fwd+bwd)")
