@@ -103,8 +103,9 @@ def variants(s: Shape, impl_kernel: str, blocks: BlockSizes | None, dense_layout
     out = []
     for impl, label in ((impl_kernel, "pallas"), ("xla", "xla ref")):
         b = blocks if impl != "xla" else None
-        out += [(f"CSA {label}" + (f" dkv={d}" if len(csa_dkv) > 1 and impl != "xla" else ""), "csa", csa(impl, b, d), csa_args,
-                 (0, 1, 2, 4)) for d in (csa_dkv if impl != "xla" else ("atomic",))]
+        dkvs = csa_dkv if impl != "xla" else ("atomic",)
+        out += [(f"CSA {label}" + (f" dkv={d}" if len(dkvs) > 1 else ""), "csa", csa(impl, b, d), csa_args,
+                 (0, 1, 2, 4)) for d in dkvs]
         out += [(f"HCA {label}", "hca", hca(impl, b), hca_args, (0, 1, 2, 3)),
                 (f"indexer top-k {label}", "indexer", topk(impl), idx_args, None),
                 (f"indexer scores {label}", "indexer", scores(impl), idx_args, (0, 1, 2))]
