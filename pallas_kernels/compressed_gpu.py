@@ -14,9 +14,13 @@ Kernels (heads are the rows of every matmul tile, so one K=V block serves all he
                    by fp32 atomics (one per row, dim and head block: this scatter bounds CSA's backward,
                    docs/benchmarks.md).
   _selected_dkv_kernel  CSA with dkv="inverted": one program per block of compressed entries walking the
-                   tokens that selected any of them (the inverted index of the top-k, built in plain JAX
-                   by `inverted_index`): P recomputed for the whole block per token, each entry weighted
-                   by how many of the token's slots name it; dK=dV accumulated in registers, written once.
+                   tokens that selected any of them (the inverted index of the top-k, `compressed_inverted`):
+                   P recomputed for the whole block per token, each entry weighted by how many of the
+                   token's slots name it; dK=dV accumulated in registers, written once. Its work grows with
+                   the blocks a token touches, so it pays where selections cluster in entry blocks.
+  _staged_dkv_kernel    CSA with dkv="staged": the dQ kernel writes each slot's dK=dV row (per head block,
+                   a token chunk at a time) instead of adding it; one program per entry block sums the rows
+                   of the slots that picked its entries (the chunk's inverted index), written once.
   _dkv_kernel      one program per key block, walking the (token, head) rows that can see it: dK=dV of
                    the raw window keys, and for HCA of the compressed entries (no atomics; the rows of a
                    compressed block are split over programs and the partial sums added).
@@ -447,7 +451,7 @@ def _selected_dkv(p: _Padded, idx_BTK, row_operands, *, bc: int, scale: float, p
 
 def _staged(p: _Padded, do, lse, delta, lo_BT, count_BT, *, window: int, scale: float, blocks: BlockSizes,
             params, interpret: bool):
-    """CSA's dQ [B, T, Np, Hp] and dK=dV of the compressed entries [B, Cp + 1, Hp] (float32) without
+    """CSA's dQ [B, T, Np, Hp] and dK=dV of the compressed entries [B, Cp, Hp] (float32) without
     atomics: a token chunk at a time (sized to STAGE_BYTES of staged rows), the dQ kernel writes each
     slot's dK=dV row per head block, and a key-major kernel sums them per entry block over the chunk's
     inverted index. Padding tokens (lo past the end, no slots) see nothing."""

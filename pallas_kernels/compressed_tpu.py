@@ -6,9 +6,12 @@ The same algorithm as `compressed_gpu` (read its docstring first), laid out for 
   * K=V rows stay in HBM and are DMA'd into VMEM: the window as one contiguous copy, CSA's top-k rows one
     DMA per index (block_k rows per chunk), HCA's visible prefix one copy per block; compressed chunks are
     double-buffered so the next chunk streams in while this one is multiplied;
-  * CSA's dK=dV of the gathered rows is a read-modify-write of an fp32 HBM buffer inside the sequential
-    ("arbitrary") dQ grid: repeated indices within a chunk are first summed (an equality-matrix matmul),
-    so duplicate rows write identical values;
+  * CSA's dK=dV of the gathered rows (csa_attention's dkv): "atomic" is a read-modify-write of an fp32
+    HBM buffer inside the sequential ("arbitrary") dQ grid: repeated indices within a chunk are first summed
+    (an equality-matrix matmul), so duplicate rows write identical values; "staged" lets the (parallel) dQ
+    grid write each slot's row to HBM, a token chunk at a time, and a key-major kernel per entry block sum
+    the rows of its slots (one DMA per row); "inverted" walks, per entry block, the tokens that selected
+    it, DMAs their q, dO and top-k row one token at a time and recomputes P (not pipelined);
   * the key-major dK=dV kernel keeps keys on sublanes and the (token, head) rows on lanes, so the per-row
     log-sum-exp, delta, token and bound arrive as compact [1, rows] vectors.
 
@@ -246,6 +249,39 @@ def _staged_dkv_kernel(range_ref, entries_hbm, selections_hbm, rows_hbm, dk_ref,
         return dk_ch + dot(onehot_cs, g_sh, tpu_precision(g_buf.dtype))
 
     dk_ref[...] = lax.fori_loop(0, cdiv(hi - lo, bs), chunk, jnp.zeros(dk_ref.shape, F32))
+
+
+def _selected_dkv_kernel(range_ref, keys_ref, pair_token_hbm, q_hbm, do_hbm, lse_hbm, delta_hbm, idx_hbm, dk_ref,
+                         token_smem, q_buf, do_buf, lse_buf, delta_buf, idx_buf, sems, *, scale: float, bc: int):
+    """dK=dV of compressed entries [cb * bc, (cb + 1) * bc) (cb = pl.program_id(1)), walking the tokens
+    that selected any of them (pairs [range[0], range[1]) of the inverted index): per token its q, dO,
+    log-sum-exp, delta and top-k row are DMA'd in, P recomputed against the block's entries, entry c
+    weighted by how many of the token's slots name it."""
+    b = pl.program_id(0)
+    keys_ch = keys_ref[...]
+    c_c1 = pl.program_id(1) * bc + lax.broadcasted_iota(jnp.int32, (bc, 1), 0)
+    precision = tpu_precision(keys_ch.dtype)
+
+    def pair(p, dk_ch):
+        token_copy = pltpu.make_async_copy(pair_token_hbm.at[b, pl.ds(p, 1)], token_smem, sems.at[0])
+        token_copy.start()
+        token_copy.wait()
+        t = token_smem[0]
+        copies = [pltpu.make_async_copy(src.at[b, t], dst, sems.at[i + 1]) for i, (src, dst) in enumerate(
+            ((q_hbm, q_buf), (do_hbm, do_buf), (lse_hbm, lse_buf), (delta_hbm, delta_buf), (idx_hbm, idx_buf)))]
+        for copy in copies:
+            copy.start()
+        for copy in copies:
+            copy.wait()
+        q_nh, do_nh = q_buf[...], do_buf[...]
+        weight_1c = _col_to_row(jnp.sum((c_c1 == idx_buf[...]).astype(F32), axis=1, keepdims=True))
+        s_nc = jnp.where(weight_1c > 0, dot_nt(q_nh, keys_ch, precision) * scale, -jnp.inf)
+        p_nc = jnp.exp(s_nc - _row_to_col(lse_buf[...]))
+        ds_nc = p_nc * (dot_nt(do_nh, keys_ch, precision) - _row_to_col(delta_buf[...]))
+        return (dk_ch + scale * dot_tn((ds_nc * weight_1c).astype(q_nh.dtype), q_nh, precision)
+                + dot_tn((p_nc * weight_1c).astype(do_nh.dtype), do_nh, precision))
+
+    dk_ref[...] = lax.fori_loop(range_ref[0, 0], range_ref[0, 1], pair, jnp.zeros(dk_ref.shape, F32))
 
 
 def _row_range(kb, *, window: int | None, ratio: int | None, bk: int, br: int, heads: int, n_tokens: int,
@@ -491,8 +527,33 @@ def backward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, do_BTN
     dkv = key_major(kv, T, w_pad // bkv, window=window, ratio=None)
     if dkv_out is not None:
         dcomp = dcomp[0][:, :C]
+    elif sparse:
+        dcomp = _selected_dkv(q_BTNH, do_BTNH, lse_BTN, delta_BTN, idx, comp, scale=scale, bc=bkv,
+                              interpret=interpret)[:, :C]
     elif C == 0:
         dcomp = jnp.zeros((B, 0, H), F32)
     else:
         dcomp = key_major(comp, C, 0, window=None, ratio=ratio)
     return dq, dkv, dcomp
+
+
+def _selected_dkv(q_BTNH, do_BTNH, lse_BTN, delta_BTN, idx, comp, *, scale: float, bc: int, interpret):
+    """CSA's dK=dV of the compressed entries [B, Cp, H] (float32), key-major over the inverted index of
+    the top-k with P recomputed: one program per (batch, entry block)."""
+    B, T, N, H = q_BTNH.shape
+    Kp, Cp = idx.shape[2], comp.shape[1]
+    index = inverted_index(idx, num_blocks=Cp // bc, block=bc)
+    ranges = jnp.stack([index.block_start[:, :-1], index.block_start[:, 1:]], axis=-1)[:, None]  # [B, 1, NB, 2]
+    hbm = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(
+        functools.partial(_selected_dkv_kernel, scale=scale, bc=bc), grid=(B, Cp // bc),
+        in_specs=[pl.BlockSpec((None, None, 1, 2), lambda b, cb: (b, 0, cb, 0), memory_space=pltpu.SMEM),
+                  pl.BlockSpec((None, bc, H), lambda b, cb: (b, cb, 0)), hbm, hbm, hbm, hbm, hbm, hbm],
+        out_specs=pl.BlockSpec((None, bc, H), lambda b, cb: (b, cb, 0)),
+        out_shape=jax.ShapeDtypeStruct((B, Cp, H), F32),
+        scratch_shapes=[pltpu.SMEM((1,), jnp.int32), pltpu.VMEM((N, H), q_BTNH.dtype),
+                        pltpu.VMEM((N, H), q_BTNH.dtype), pltpu.VMEM((1, N), F32), pltpu.VMEM((1, N), F32),
+                        pltpu.VMEM((1, Kp), jnp.int32), pltpu.SemaphoreType.DMA((6,))],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        interpret=interpret, name="csa_selected_dkv",
+    )(ranges, comp, index.pair_token, q_BTNH, do_BTNH, lse_BTN[:, :, None], delta_BTN[:, :, None], idx[:, :, None])

@@ -2,6 +2,8 @@
 lowering (interpret mode on CPU, compiled on a GPU) and the Mosaic lowering (TPU interpreter), odd lengths,
 batch 2, fp32 and bf16, segments with padding, unused (-1) and repeated top-k slots; the backward's ways of
 forming dK=dV of the selected rows (`dkv`) and the inverted index they read."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,21 +126,31 @@ def test_inverted_index_lists_every_selection():
         assert np.all(entries[b, n_valid:] == -1)
 
 
-@pytest.mark.parametrize("dkv", ["atomic", "inverted", "staged"])
-def test_dkv_paths_match_reference(dkv, assert_close, monkeypatch):
-    """The three ways of forming dK=dV of the selected rows, with two head blocks, three entry blocks (one
-    never selected) and, for "staged", token chunks of 3 (the last one padded)."""
-    from pallas_kernels import compressed_gpu
-    monkeypatch.setattr(compressed_gpu, "STAGE_BYTES", 3 * 2 * 16 * 16 * 4)   # tokens x head blocks x Kp x Hp x 4
+@functools.cache
+def _selection_case_run(impl, dkv, blocks):
+    """Output and gradients on the _selection_cases top-k (cached: the reference serves every case)."""
     indices = _selection_cases()
     q, kv, kv_comp, _, sinks, segment_ids = make_inputs(jnp.float32, T=11, H=20, S=40, K=6, seed=2)
-    blocks = BlockSizes(block_h=16, block_k=16, block_h_dq=16, block_k_dq=16, block_kv_bwd=16, block_rows_bwd=16)
     probe = jax.random.normal(jax.random.key(7), q.shape)
-    attend = lambda impl, dkv: output_and_grads(lambda q, kv, kv_comp, sinks: csa_attention(
+    return output_and_grads(lambda q, kv, kv_comp, sinks: csa_attention(
         q, kv, kv_comp, indices, sinks, window=4, segment_ids_BT=segment_ids, impl=impl, block_sizes=blocks,
-        dkv=dkv))
-    out, grads = attend("pallas_gpu", dkv)(q, kv, kv_comp, sinks, probe)
-    ref, ref_grads = attend("xla", "atomic")(q, kv, kv_comp, sinks, probe)
+        dkv=dkv))(q, kv, kv_comp, sinks, probe)
+
+
+# (impl, dkv, block sizes, STAGE_BYTES for 3-token chunks: tokens x head blocks x Kp x Hp x 4 bytes)
+_GPU_BLOCKS = BlockSizes(block_h=16, block_k=16, block_h_dq=16, block_k_dq=16, block_kv_bwd=16, block_rows_bwd=16)
+_DKV_CASES = [("pallas_gpu", dkv, _GPU_BLOCKS, 3 * 2 * 16 * 16 * 4) for dkv in ("atomic", "inverted", "staged")] + [
+    ("pallas_tpu", dkv, SMALL_BLOCKS["pallas_tpu"], 3 * 8 * 16 * 4) for dkv in ("inverted", "staged")]
+
+
+@pytest.mark.parametrize("impl,dkv,blocks,stage_bytes", _DKV_CASES, ids=[f"{c[0]}-{c[1]}" for c in _DKV_CASES])
+def test_dkv_paths_match_reference(impl, dkv, blocks, stage_bytes, assert_close, monkeypatch):
+    """The ways of forming dK=dV of the selected rows, with two GPU head blocks, several entry blocks (the
+    last ones never selected) and, for "staged", token chunks of 3 (the last one padded)."""
+    from pallas_kernels import compressed_gpu, compressed_tpu
+    monkeypatch.setattr(compressed_gpu if impl == "pallas_gpu" else compressed_tpu, "STAGE_BYTES", stage_bytes)
+    out, grads = _selection_case_run(impl, dkv, blocks)
+    ref, ref_grads = _selection_case_run("xla", "atomic", None)
     assert_close(out, ref, 1e-5, "out")
     assert np.all(np.asarray(ref_grads[2])[:, 30:] == 0) and np.any(np.asarray(ref_grads[2])[:, 0] != 0)
     for name, g, r in zip(("dq", "dkv", "dkv_comp", "dsinks"), grads, ref_grads):
