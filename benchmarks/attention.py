@@ -6,6 +6,8 @@ references and dense cuDNN attention over the full sequence.
     python benchmarks/attention.py --seq 8192 --sweep   # also try a few kernel block sizes
     python benchmarks/attention.py --only csa --seq 8192,32768 --csa-dkv atomic,inverted,staged
                                                         # CSA's ways of forming dK=dV of the selected rows
+    python benchmarks/attention.py --only csa --seq 8192 --csa-dkv atomic,inverted,staged --check-csa
+                                                        # first: their gradients against the reference
 
 Per variant: median wall time, effective TFLOP/s on the FLOPs actually needed (each token's visible window,
 selected / visible compressed entries, or causal prefix; fwd+bwd counted as 3.5x fwd for attention, 3x
@@ -217,6 +219,8 @@ def main():
     parser.add_argument("--only", default=",".join(FAMILIES), help=f"comma-separated subset of {FAMILIES}")
     parser.add_argument("--csa-dkv", default="atomic", help="comma-separated CSA backward dK=dV paths to time "
                         "(csa_attention's dkv: atomic, inverted, staged)")
+    parser.add_argument("--check-csa", action="store_true", help="first compare the gradients of each --csa-dkv "
+                        "path with the pure-JAX reference's at the first --seq (random cotangent)")
     parser.add_argument("--sweep", action="store_true", help="also time CSA/HCA under a few block sizes")
     parser.add_argument("--profile", metavar="DIR", help="only write a profiler trace of the kernels' fwd+bwd "
                         "at the first --seq to DIR (per-kernel times: perfetto_trace.json.gz)")
@@ -235,10 +239,39 @@ def main():
           f"kernels {impl_kernel}{' (interpret mode)' if platform == 'cpu' else ''}")
     if args.profile:
         return profile(shapes[0], dtype, impl_kernel, blocks, args.profile)
+    if args.check_csa and not check_csa(shapes[0], dtype, impl_kernel, blocks, tuple(args.csa_dkv.split(","))):
+        sys.exit("CSA gradients differ from the reference")
     rows = run(shapes, dtype, iters, impl_kernel, blocks, families, tuple(args.csa_dkv.split(",")))
     print_table(rows, "V4-Flash attention (batch 1)")
     if args.sweep:
         print_table(sweep(shapes[0], dtype, iters, impl_kernel), "backward block sizes (CSA / HCA fwd+bwd)")
+
+
+def check_csa(s: Shape, dtype, impl_kernel: str, blocks, dkvs, tol: float = 2e-2) -> bool:
+    """Prints max |kernel - reference| / max(1, max |reference|) of CSA's output and gradients per dkv path
+    (cotangent: a random probe); True when all are within tol."""
+    inputs = make_inputs(s, dtype)
+    args = [inputs[a] for a in ("q", "kv", "csa_comp", "indices", "sinks")]
+    probe = jax.random.normal(jax.random.key(1), args[0].shape, jnp.float32).astype(dtype)
+
+    def run_csa(impl, dkv):
+        def attend(q, kv, comp, sinks):
+            return csa_attention(q, kv, comp, args[3], sinks, window=s.window, impl=impl,
+                                 block_sizes=None if impl == "xla" else blocks, dkv=dkv)
+        out, vjp = jax.vjp(attend, *args[:3], args[4])
+        return (out, *vjp(probe))
+
+    reference = jax.jit(lambda: run_csa("xla", "atomic"))()
+    ok = True
+    for dkv in dkvs:
+        got = jax.jit(lambda: run_csa(impl_kernel, dkv))()
+        errors = [float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)))
+                       / max(1.0, float(jnp.max(jnp.abs(r.astype(jnp.float32)))))) for g, r in zip(got, reference)]
+        ok &= all(e <= tol for e in errors)
+        print(f"check CSA dkv={dkv} at {s.tokens} tokens: " + ", ".join(
+            f"{name} {e:.1e}" for name, e in zip(("out", "dq", "dkv", "dkv_comp", "dsinks"), errors)), flush=True)
+        del got
+    return ok
 
 
 def profile(s: Shape, dtype, impl_kernel: str, blocks, directory: str):
