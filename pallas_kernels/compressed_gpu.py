@@ -200,17 +200,20 @@ def _dkv_kernel(keys_ref, q_ref, do_ref, lse_ref, delta_ref, tok_ref, lo_ref, co
 
 
 def _selected_dkv_kernel(block_start_ref, pair_token_ref, pair_start_ref, entries_ref, comp_ref, q_ref, do_ref,
-                         lse_ref, delta_ref, dk_ref, *, scale: float, bc: int, heads: int, n_splits: int):
-    """dK=dV of compressed entries [cb * bc, (cb + 1) * bc) (cb = pl.program_id(0)), walking the tokens
-    that selected any of them (split pl.program_id(1) of n_splits takes a contiguous share). Per token:
-    all its (token, head) rows against the block's bc entries, entry c weighted by how many of the
-    token's slots name it (0 masks it out; a repeated slot counts twice, as in the forward)."""
+                         lse_ref, delta_ref, dk_ref, *, scale: float, bc: int, heads: int, bh: int, n_splits: int):
+    """dK=dV of compressed entries [cb * bc, (cb + 1) * bc) (cb = pl.program_id(0)) from one block of bh
+    heads, walking the tokens that selected any of them; pl.program_id(1) = split * head blocks + head
+    block, a split taking a contiguous share of the tokens. Per token: its bh (token, head) rows against
+    the block's bc entries, entry c weighted by how many of the token's slots name it (0 masks it out; a
+    repeated slot counts twice, as in the forward)."""
     c0 = pl.program_id(0) * bc
     keys_ch = comp_ref[pl.ds(c0, bc), :]
     c_c = c0 + lax.broadcasted_iota(jnp.int32, (bc,), 0)
     lo, hi = block_start_ref[pl.program_id(0)], block_start_ref[pl.program_id(0) + 1]
     share = lax.div(hi - lo + (n_splits - 1), n_splits)
-    begin = lo + pl.program_id(1) * share
+    head_blocks = heads // bh
+    begin = lo + lax.div(pl.program_id(1), head_blocks) * share
+    head0 = lax.rem(pl.program_id(1), head_blocks) * bh
     end = jnp.minimum(hi, begin + share)
 
     def pair(p, dk_ch):
@@ -224,7 +227,7 @@ def _selected_dkv_kernel(block_start_ref, pair_token_ref, pair_start_ref, entrie
             return weight_c + jnp.sum(hits_sc.astype(F32), axis=0)
 
         weight_c = lax.fori_loop(0, cdiv(stop - start, bc), count, jnp.zeros((bc,), F32))
-        rows = pl.ds(pair_token_ref[p] * heads, heads)
+        rows = pl.ds(pair_token_ref[p] * heads + head0, bh)
         q_nh, do_nh = q_ref[rows, :], do_ref[rows, :]
         s_nc = jnp.where(weight_c[None, :] > 0, dot_nt(q_nh, keys_ch) * scale, -jnp.inf)
         p_nc = jnp.exp(s_nc - lse_ref[rows][:, None])
@@ -432,18 +435,21 @@ def _key_major_grid(n_blocks: int) -> int:
 
 def _selected_dkv(p: _Padded, idx_BTK, row_operands, *, bc: int, scale: float, params, interpret: bool):
     """CSA's dK=dV of the compressed entries [B, Cp, Hp] (float32), key-major over the inverted index of
-    the top-k with P recomputed: one program per (entry block, split), partial sums added."""
+    the top-k with P recomputed: one program per (entry block, split, head block of block_h_dq heads, as
+    the dQ kernel's tiles), partial sums added."""
     B, Cp, Hp = p.comp.shape
     Np = p.q.shape[2]
+    head_blocks = Np // p.block_h_dq
     n_blocks, n_splits = Cp // bc, _key_major_grid(Cp // bc)
     index = inverted_index(idx_BTK, num_blocks=n_blocks, block=bc, pad=bc)
     whole = lambda x: pl.BlockSpec((None, *x.shape[1:]), lambda cb, sp, b: (b,) + (0,) * (x.ndim - 1))
     operands = [index.block_start, index.pair_token, index.pair_start, index.entries, p.comp, *row_operands]
-    kernel = functools.partial(_selected_dkv_kernel, scale=scale, bc=bc, heads=Np, n_splits=n_splits)
+    kernel = functools.partial(_selected_dkv_kernel, scale=scale, bc=bc, heads=Np, bh=p.block_h_dq,
+                               n_splits=n_splits)
     partial_dk = pl.pallas_call(
-        kernel, grid=(n_blocks, n_splits, B), in_specs=[whole(x) for x in operands],
+        kernel, grid=(n_blocks, n_splits * head_blocks, B), in_specs=[whole(x) for x in operands],
         out_specs=pl.BlockSpec((None, None, bc, Hp), lambda cb, sp, b: (b, sp, cb, 0)),
-        out_shape=jax.ShapeDtypeStruct((B, n_splits, Cp, Hp), F32),
+        out_shape=jax.ShapeDtypeStruct((B, n_splits * head_blocks, Cp, Hp), F32),
         compiler_params=params, interpret=interpret, name="csa_selected_dkv",
     )(*operands)
     return jnp.sum(partial_dk, axis=1)
