@@ -244,7 +244,8 @@ def main():
     rows = run(shapes, dtype, iters, impl_kernel, blocks, families, tuple(args.csa_dkv.split(",")))
     print_table(rows, "V4-Flash attention (batch 1)")
     if args.sweep:
-        print_table(sweep(shapes[0], dtype, iters, impl_kernel), "backward block sizes (CSA / HCA fwd+bwd)")
+        print_table(sweep(shapes[0], dtype, iters, impl_kernel, tuple(args.csa_dkv.split(","))),
+                    "backward block sizes (CSA / HCA fwd+bwd)")
 
 
 def check_csa(s: Shape, dtype, impl_kernel: str, blocks, dkvs, tol: float = 2e-2) -> bool:
@@ -294,14 +295,15 @@ def profile(s: Shape, dtype, impl_kernel: str, blocks, directory: str):
 SWEEP = {"default": BlockSizes(),
          "dq 32x64": BlockSizes(block_k_dq=64),
          "dq 32x32 w8": BlockSizes(num_warps_bwd=8),
-         "dq 16x32": BlockSizes(block_h_dq=16)}
+         "dq 16x32": BlockSizes(block_h_dq=16),
+         "dq 32x32 w8 kv16": BlockSizes(num_warps_bwd=8, block_kv_bwd=16)}
 
 
-def sweep(s: Shape, dtype, iters: int, impl_kernel: str):
-    """fwd+bwd of the CSA and HCA kernels under the backward block sizes in SWEEP."""
+def sweep(s: Shape, dtype, iters: int, impl_kernel: str, csa_dkv=("atomic",)):
+    """fwd+bwd of the CSA (per --csa-dkv path) and HCA kernels under the backward block sizes in SWEEP."""
     inputs, flops, rows = make_inputs(s, dtype), needed_flops(s), []
     for label, blocks in SWEEP.items():
-        for name, family, fn, arg_names, argnums in variants(s, impl_kernel, blocks, None)[:2]:
+        for name, family, fn, arg_names, argnums in variants(s, impl_kernel, blocks, None, csa_dkv)[:len(csa_dkv) + 1]:
             status, seconds, nbytes = measure(with_backward(fn, argnums), [inputs[a] for a in arg_names], iters)
             tflops = 3.5 * flops[family] / seconds / 1e12 if seconds else None
             rows.append((s.tokens, f"{name} {label}", "fwd+bwd", status, seconds, tflops, nbytes))
