@@ -155,3 +155,25 @@ def test_dkv_paths_match_reference(impl, dkv, blocks, stage_bytes, assert_close,
     assert np.all(np.asarray(ref_grads[2])[:, 30:] == 0) and np.any(np.asarray(ref_grads[2])[:, 0] != 0)
     for name, g, r in zip(("dq", "dkv", "dkv_comp", "dsinks"), grads, ref_grads):
         assert_close(g, r, 1e-5, name)
+
+
+@pytest.mark.parametrize("dkv", ["inverted", "staged"])
+@pytest.mark.parametrize("impl,platform,marker", [("pallas_gpu", "cuda", "__gpu$xla.gpu.triton"),
+                                                  ("pallas_tpu", "tpu", "tpu_custom_call")], ids=["triton", "mosaic"])
+def test_dkv_paths_lower_for_the_real_platform(dkv, impl, platform, marker):
+    """Forward and backward of the atomic-free paths go through the Triton / Mosaic lowering at V4-Flash
+    shapes (64 heads x 512, window 128, top-k 128) on CPU; compiling them needs the device."""
+    B, T, N, H = 1, 256, 64, 512
+    spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
+
+    def grads(q, kv, kv_comp, indices, sinks):
+        loss = lambda *a: csa_attention(*a[:3], indices, a[3], window=128, impl=impl, interpret=False,
+                                        dkv=dkv).sum(dtype=jnp.float32)
+        return jax.grad(loss, argnums=(0, 1, 2, 3))(q, kv, kv_comp, sinks)
+
+    exported = jax.export.export(
+        jax.jit(grads), platforms=[platform],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(spec(B, T, N, H), spec(B, T, H), spec(B, T // 4, H), spec(B, T, 128, dtype=jnp.int32),
+      spec(N, dtype=jnp.float32))
+    assert marker in exported.mlir_module()
