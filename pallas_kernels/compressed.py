@@ -188,10 +188,10 @@ def csa_attention(q_BTNH: jax.Array, kv_BTH: jax.Array, kv_comp_BCH: jax.Array, 
     says. impl: "xla" (reference), "pallas_gpu", "pallas_tpu", or "auto" (by platform); a Pallas lowering
     off its platform runs in interpret mode unless `interpret` says otherwise. dkv: how the Pallas
     backward forms dK=dV of the selected rows: "atomic" (the query-major dQ kernel adds them into shared
-    rows: fp32 atomics on GPU, a sequential read-modify-write on TPU) or "inverted" (a key-major kernel
-    per block of entries walks the tokens that selected them, from the inverted index of `indices`,
+    rows: fp32 atomics on GPU, a sequential read-modify-write on TPU), "inverted" (a key-major kernel per
+    block of entries walks the tokens that selected them, from the inverted index of `indices`,
     recomputing P) or "staged" (the dQ kernel writes each slot's dK=dV row, a token chunk at a time, and a
-    key-major kernel sums them per entry over the inverted index; no recomputation, one extra HBM pass).
+    key-major kernel sums them per entry over the inverted index: no recomputation, one HBM round trip).
     """
     B, T, N, H = _check_inputs(q_BTNH, kv_BTH, kv_comp_BCH, sinks_N, segment_ids_BT, window)
     if dkv not in CSA_DKV:
