@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import BlockSizes, csa_attention
+from pallas_kernels import BlockSizes, compressed_gpu, compressed_tpu, csa_attention
+from pallas_kernels.compressed_inverted import inverted_index
 from tests.pallas_kernels.conftest import SMALL_BLOCKS, TOL, output_and_grads
 
 
@@ -104,7 +105,6 @@ def _selection_cases(T=11, C=40, K=6, seed=5):
 
 
 def test_inverted_index_lists_every_selection():
-    from pallas_kernels.compressed_inverted import inverted_index
     idx = np.asarray(_selection_cases())
     block, n_blocks = 16, 3
     index = [np.asarray(x) for x in inverted_index(jnp.asarray(idx), num_blocks=n_blocks, block=block, pad=4)]
@@ -147,7 +147,6 @@ _DKV_CASES = [("pallas_gpu", dkv, _GPU_BLOCKS, 3 * 2 * 16 * 16 * 4) for dkv in (
 def test_dkv_paths_match_reference(impl, dkv, blocks, stage_bytes, assert_close, monkeypatch):
     """The ways of forming dK=dV of the selected rows, with two GPU head blocks, several entry blocks (the
     last ones never selected) and, for "staged", token chunks of 3 (the last one padded)."""
-    from pallas_kernels import compressed_gpu, compressed_tpu
     monkeypatch.setattr(compressed_gpu if impl == "pallas_gpu" else compressed_tpu, "STAGE_BYTES", stage_bytes)
     out, grads = _selection_case_run(impl, dkv, blocks)
     ref, ref_grads = _selection_case_run("xla", "atomic", None)
