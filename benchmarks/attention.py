@@ -4,6 +4,10 @@ references and dense cuDNN attention over the full sequence.
     python benchmarks/attention.py                      # GPU: 8K, 32K, 128K tokens
     python benchmarks/attention.py --smoke              # tiny shapes, any platform (checks it runs)
     python benchmarks/attention.py --seq 8192 --sweep   # also try a few kernel block sizes
+    python benchmarks/attention.py --only csa --seq 8192,32768 --csa-dkv atomic,inverted,staged
+                                                        # CSA's ways of forming dK=dV of the selected rows
+    python benchmarks/attention.py --only csa --seq 8192 --csa-dkv atomic,inverted,staged --check-csa
+                                                        # first: their gradients against the reference
 
 The indexer rows include the fused top-k (GPU only; benchmarks/indexer_topk.py checks and sweeps it).
 
@@ -89,10 +93,11 @@ def with_backward(fn, argnums):
     return jax.grad(loss, argnums=argnums)
 
 
-def variants(s: Shape, impl_kernel: str, blocks: BlockSizes | None, dense_layout):
-    """(name, family, fn, argument names, differentiable argnums) per benchmarked computation."""
-    csa = lambda impl, b: lambda q, kv, comp, idx, sinks: csa_attention(
-        q, kv, comp, idx, sinks, window=s.window, impl=impl, block_sizes=b)
+def variants(s: Shape, impl_kernel: str, blocks: BlockSizes | None, dense_layout, csa_dkv=("atomic",)):
+    """(name, family, fn, argument names, differentiable argnums) per benchmarked computation; one Pallas
+    CSA row per entry of csa_dkv (csa_attention's `dkv`)."""
+    csa = lambda impl, b, dkv="atomic": lambda q, kv, comp, idx, sinks: csa_attention(
+        q, kv, comp, idx, sinks, window=s.window, impl=impl, block_sizes=b, dkv=dkv)
     hca = lambda impl, b: lambda q, kv, comp, sinks: hca_attention(
         q, kv, comp, sinks, window=s.window, ratio=s.hca_ratio, impl=impl, block_sizes=b)
     scores = lambda impl: lambda q, k, w: indexer_scores(q, k, w, ratio=s.csa_ratio, impl=impl)
@@ -103,8 +108,10 @@ def variants(s: Shape, impl_kernel: str, blocks: BlockSizes | None, dense_layout
     out = []
     for impl, label in ((impl_kernel, "pallas"), ("xla", "xla ref")):
         b = blocks if impl != "xla" else None
-        out += [(f"CSA {label}", "csa", csa(impl, b), csa_args, (0, 1, 2, 4)),
-                (f"HCA {label}", "hca", hca(impl, b), hca_args, (0, 1, 2, 3)),
+        dkvs = csa_dkv if impl != "xla" else ("atomic",)
+        out += [(f"CSA {label}" + (f" dkv={d}" if len(dkvs) > 1 else ""), "csa", csa(impl, b, d), csa_args,
+                 (0, 1, 2, 4)) for d in dkvs]
+        out += [(f"HCA {label}", "hca", hca(impl, b), hca_args, (0, 1, 2, 3)),
                 (f"indexer top-k {label}", "indexer", topk(impl), idx_args, None),
                 (f"indexer scores {label}", "indexer", scores(impl), idx_args, (0, 1, 2))]
     if impl_kernel == "pallas_gpu":   # selects while scoring: no scores written (Triton only)
@@ -171,13 +178,13 @@ def measure(fn, args, iters: int) -> tuple[str, float | None, float | None]:
 FAMILIES = ("csa", "hca", "indexer", "dense")
 
 
-def run(shapes, dtype, iters, impl_kernel, blocks, families=FAMILIES):
+def run(shapes, dtype, iters, impl_kernel, blocks, families=FAMILIES, csa_dkv=("atomic",)):
     rows = []
     for s in shapes:
         inputs = make_inputs(s, dtype)
         flops = needed_flops(s)
         layout = dense_layout(s, inputs) if "dense" in families else None
-        for name, family, fn, arg_names, argnums in variants(s, impl_kernel, blocks, layout):
+        for name, family, fn, arg_names, argnums in variants(s, impl_kernel, blocks, layout, csa_dkv):
             if family not in families:
                 continue
             args = [inputs[a] for a in arg_names]
@@ -215,6 +222,10 @@ def main():
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--only", default=",".join(FAMILIES), help=f"comma-separated subset of {FAMILIES}")
+    parser.add_argument("--csa-dkv", default="atomic", help="comma-separated CSA backward dK=dV paths to time "
+                        "(csa_attention's dkv: atomic, inverted, staged)")
+    parser.add_argument("--check-csa", action="store_true", help="first compare the gradients of each --csa-dkv "
+                        "path with the pure-JAX reference's at the first --seq (random cotangent)")
     parser.add_argument("--sweep", action="store_true", help="also time CSA/HCA under a few block sizes")
     parser.add_argument("--profile", metavar="DIR", help="only write a profiler trace of the kernels' fwd+bwd "
                         "at the first --seq to DIR (per-kernel times: perfetto_trace.json.gz)")
@@ -233,10 +244,40 @@ def main():
           f"kernels {impl_kernel}{' (interpret mode)' if platform == 'cpu' else ''}")
     if args.profile:
         return profile(shapes[0], dtype, impl_kernel, blocks, args.profile)
-    rows = run(shapes, dtype, iters, impl_kernel, blocks, families)
+    if args.check_csa and not check_csa(shapes[0], dtype, impl_kernel, blocks, tuple(args.csa_dkv.split(","))):
+        sys.exit("CSA gradients differ from the reference")
+    rows = run(shapes, dtype, iters, impl_kernel, blocks, families, tuple(args.csa_dkv.split(",")))
     print_table(rows, "V4-Flash attention (batch 1)")
     if args.sweep:
-        print_table(sweep(shapes[0], dtype, iters, impl_kernel), "backward block sizes (CSA / HCA fwd+bwd)")
+        print_table(sweep(shapes[0], dtype, iters, impl_kernel, tuple(args.csa_dkv.split(","))),
+                    "backward block sizes (CSA / HCA fwd+bwd)")
+
+
+def check_csa(s: Shape, dtype, impl_kernel: str, blocks, dkvs, tol: float = 2e-2) -> bool:
+    """Prints max |kernel - reference| / max(1, max |reference|) of CSA's output and gradients per dkv path
+    (cotangent: a random probe); True when all are within tol."""
+    inputs = make_inputs(s, dtype)
+    args = [inputs[a] for a in ("q", "kv", "csa_comp", "indices", "sinks")]
+    probe = jax.random.normal(jax.random.key(1), args[0].shape, jnp.float32).astype(dtype)
+
+    def run_csa(impl, dkv):
+        def attend(q, kv, comp, sinks):
+            return csa_attention(q, kv, comp, args[3], sinks, window=s.window, impl=impl,
+                                 block_sizes=None if impl == "xla" else blocks, dkv=dkv)
+        out, vjp = jax.vjp(attend, *args[:3], args[4])
+        return (out, *vjp(probe))
+
+    reference = jax.jit(lambda: run_csa("xla", "atomic"))()
+    ok = True
+    for dkv in dkvs:
+        got = jax.jit(lambda: run_csa(impl_kernel, dkv))()
+        errors = [float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)))
+                       / max(1.0, float(jnp.max(jnp.abs(r.astype(jnp.float32)))))) for g, r in zip(got, reference)]
+        ok &= all(e <= tol for e in errors)
+        print(f"check CSA dkv={dkv} at {s.tokens} tokens: " + ", ".join(
+            f"{name} {e:.1e}" for name, e in zip(("out", "dq", "dkv", "dkv_comp", "dsinks"), errors)), flush=True)
+        del got
+    return ok
 
 
 def profile(s: Shape, dtype, impl_kernel: str, blocks, directory: str):
@@ -259,14 +300,15 @@ def profile(s: Shape, dtype, impl_kernel: str, blocks, directory: str):
 SWEEP = {"default": BlockSizes(),
          "dq 32x64": BlockSizes(block_k_dq=64),
          "dq 32x32 w8": BlockSizes(num_warps_bwd=8),
-         "dq 16x32": BlockSizes(block_h_dq=16)}
+         "dq 16x32": BlockSizes(block_h_dq=16),
+         "dq 32x32 w8 kv16": BlockSizes(num_warps_bwd=8, block_kv_bwd=16)}
 
 
-def sweep(s: Shape, dtype, iters: int, impl_kernel: str):
-    """fwd+bwd of the CSA and HCA kernels under the backward block sizes in SWEEP."""
+def sweep(s: Shape, dtype, iters: int, impl_kernel: str, csa_dkv=("atomic",)):
+    """fwd+bwd of the CSA (per --csa-dkv path) and HCA kernels under the backward block sizes in SWEEP."""
     inputs, flops, rows = make_inputs(s, dtype), needed_flops(s), []
     for label, blocks in SWEEP.items():
-        for name, family, fn, arg_names, argnums in variants(s, impl_kernel, blocks, None)[:2]:
+        for name, family, fn, arg_names, argnums in variants(s, impl_kernel, blocks, None, csa_dkv)[:len(csa_dkv) + 1]:
             status, seconds, nbytes = measure(with_backward(fn, argnums), [inputs[a] for a in arg_names], iters)
             tflops = 3.5 * flops[family] / seconds / 1e12 if seconds else None
             rows.append((s.tokens, f"{name} {label}", "fwd+bwd", status, seconds, tflops, nbytes))

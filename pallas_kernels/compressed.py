@@ -31,6 +31,8 @@ _ENGINES = {"pallas_gpu": compressed_gpu, "pallas_tpu": compressed_tpu}
 _TPU_BLOCKS = BlockSizes(block_k=128, block_kv_bwd=128, block_rows_bwd=128)
 CSA_DEFAULT_BLOCKS = {"pallas_gpu": BlockSizes(num_warps_bwd=8), "pallas_tpu": _TPU_BLOCKS}
 HCA_DEFAULT_BLOCKS = {"pallas_gpu": BlockSizes(), "pallas_tpu": _TPU_BLOCKS}
+# CSA's ways to form dK=dV of the selected rows in the Pallas backward (csa_attention's `dkv`).
+CSA_DKV = ("atomic", "inverted", "staged")
 
 
 # ------------------------------------------------------------------------------------- pure-JAX references
@@ -122,6 +124,7 @@ class _Config:
     ratio: int | None     # HCA's; None for CSA
     scale: float
     blocks: BlockSizes
+    dkv: str = "atomic"   # CSA's backward into the gathered rows (see csa_attention)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -143,7 +146,8 @@ def _compressed_backward(cfg: _Config, residuals, do_BTNH):
     delta_BTN = jnp.einsum("BTNH,BTNH->BTN", o_BTNH.astype(F32), do_BTNH.astype(F32))
     dq, dkv, dkv_comp = _ENGINES[cfg.lowering.impl].backward(
         q_BTNH, kv_BTH, kv_comp_BCH, indices_BTK, sinks_N, lo_BT, count_BT, do_BTNH, lse_BTN, delta_BTN,
-        window=cfg.window, ratio=cfg.ratio, scale=cfg.scale, blocks=cfg.blocks, interpret=cfg.lowering.interpret)
+        window=cfg.window, ratio=cfg.ratio, scale=cfg.scale, blocks=cfg.blocks, interpret=cfg.lowering.interpret,
+        dkv=cfg.dkv)
     # d loss / d sink_n = -sum_{b,t} p_sink * delta, p_sink = exp(sink_n - lse) (its value vector is zero)
     p_sink_BTN = jnp.exp(sinks_N.astype(F32) - lse_BTN)
     dsinks_N = -jnp.einsum("BTN,BTN->N", p_sink_BTN, delta_BTN).astype(sinks_N.dtype)
@@ -174,7 +178,7 @@ def _check_inputs(q_BTNH, kv_BTH, kv_comp_BCH, sinks_N, segment_ids_BT, window) 
 def csa_attention(q_BTNH: jax.Array, kv_BTH: jax.Array, kv_comp_BCH: jax.Array, indices_BTK: jax.Array,
                   sinks_N: jax.Array, *, window: int, scale: float | None = None,
                   segment_ids_BT: jax.Array | None = None, impl: str = "auto", interpret=None,
-                  block_sizes: BlockSizes | None = None) -> jax.Array:
+                  block_sizes: BlockSizes | None = None, dkv: str = "atomic") -> jax.Array:
     """Compressed sparse attention; returns [B, T, N, H] in q's dtype.
 
     q [B, T, N, H]; kv [B, T, H] raw tokens (K = V); kv_comp [B, C, H]; indices int32 [B, T, K] into
@@ -182,9 +186,16 @@ def csa_attention(q_BTNH: jax.Array, kv_BTH: jax.Array, kv_comp_BCH: jax.Array, 
     (itself included). scale defaults to H**-0.5. segment_ids_BT int [B, T]: tokens attend within their run
     of equal ids in the window, id 0 marks padding (never attended); the compressed part is what `indices`
     says. impl: "xla" (reference), "pallas_gpu", "pallas_tpu", or "auto" (by platform); a Pallas lowering
-    off its platform runs in interpret mode unless `interpret` says otherwise.
+    off its platform runs in interpret mode unless `interpret` says otherwise. dkv: how the Pallas
+    backward forms dK=dV of the selected rows: "atomic" (the query-major dQ kernel adds them into shared
+    rows: fp32 atomics on GPU, a sequential read-modify-write on TPU), "inverted" (a key-major kernel per
+    block of entries walks the tokens that selected them, from the inverted index of `indices`,
+    recomputing P) or "staged" (the dQ kernel writes each slot's dK=dV row, a token chunk at a time, and a
+    key-major kernel sums them per entry over the inverted index: no recomputation, one HBM round trip).
     """
     B, T, N, H = _check_inputs(q_BTNH, kv_BTH, kv_comp_BCH, sinks_N, segment_ids_BT, window)
+    if dkv not in CSA_DKV:
+        raise ValueError(f"dkv must be one of {CSA_DKV}, got {dkv!r}")
     check_array("indices", indices_BTK, 3, (jnp.int32,), "[B, T, K]")
     check_dim("indices", indices_BTK, 0, B, "batch"), check_dim("indices", indices_BTK, 1, T, "tokens")
     scale = H ** -0.5 if scale is None else float(scale)
@@ -197,7 +208,7 @@ def csa_attention(q_BTNH: jax.Array, kv_BTH: jax.Array, kv_comp_BCH: jax.Array, 
     # Slots after the last used one are skipped block-wise (the indexer puts its -1 slots last).
     slot_K = jnp.arange(1, indices_BTK.shape[2] + 1, dtype=jnp.int32)
     count_BT = jnp.max(jnp.where(indices_BTK >= 0, slot_K, 0), axis=2, initial=0).astype(jnp.int32)
-    return _compressed_kernel(_Config(lowering, window, None, scale, blocks), q_BTNH, kv_BTH, kv_comp_BCH,
+    return _compressed_kernel(_Config(lowering, window, None, scale, blocks, dkv), q_BTNH, kv_BTH, kv_comp_BCH,
                               indices_BTK, sinks_N, lo_BT, count_BT)
 
 

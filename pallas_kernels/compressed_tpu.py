@@ -6,9 +6,12 @@ The same algorithm as `compressed_gpu` (read its docstring first), laid out for 
   * K=V rows stay in HBM and are DMA'd into VMEM: the window as one contiguous copy, CSA's top-k rows one
     DMA per index (block_k rows per chunk), HCA's visible prefix one copy per block; compressed chunks are
     double-buffered so the next chunk streams in while this one is multiplied;
-  * CSA's dK=dV of the gathered rows is a read-modify-write of an fp32 HBM buffer inside the sequential
-    ("arbitrary") dQ grid: repeated indices within a chunk are first summed (an equality-matrix matmul),
-    so duplicate rows write identical values;
+  * CSA's dK=dV of the gathered rows (csa_attention's dkv): "atomic" is a read-modify-write of an fp32
+    HBM buffer inside the sequential ("arbitrary") dQ grid: repeated indices within a chunk are first summed
+    (an equality-matrix matmul), so duplicate rows write identical values; "staged" lets the (parallel) dQ
+    grid write each slot's row to HBM, a token chunk at a time, and a key-major kernel per entry block sum
+    the rows of its slots (one DMA per row); "inverted" walks, per entry block, the tokens that selected
+    it, DMAs their q, dO and top-k row one token at a time and recomputes P (not pipelined);
   * the key-major dK=dV kernel keeps keys on sublanes and the (token, head) rows on lanes, so the per-row
     log-sum-exp, delta, token and bound arrive as compact [1, rows] vectors.
 
@@ -29,6 +32,10 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import (F32, BlockSizes, cdiv, dot, dot_nt, dot_tn, first_entry, pad_axis, round_up,
                                    tpu_precision)
+from pallas_kernels.compressed_inverted import inverted_index
+
+# CSA dkv="staged": bytes of per-slot dK=dV rows the dQ kernel stages per token chunk.
+STAGE_BYTES = 1 << 30
 
 
 def _col_to_row(x_n1):
@@ -145,14 +152,24 @@ def _forward_kernel(*refs, sparse: bool, window: int, w_pad: int, ratio: int | N
     lse_ref[...] = _col_to_row(m_n1 + jnp.log(l_n1))
 
 
-def _dq_kernel(*refs, sparse: bool, window: int, w_pad: int, ratio: int | None, scale: float, bk: int):
+def _dq_kernel(*refs, sparse: bool, dkv_out: str | None, window: int, w_pad: int, ratio: int | None,
+               scale: float, bk: int):
+    """dQ of one token. CSA's gathered rows also get their dK=dV here when dkv_out says so: "atomic"
+    read-modify-writes them into dcomp (sequential grid), "staged" writes them per slot into g [Kp, H]
+    (a token chunk at a time: token = t0 + program id)."""
+    refs = list(refs)
+    t0 = refs.pop(0)[0] if dkv_out == "staged" else 0
     if sparse:
-        (info_ref, idx_smem, idx_vmem, q_ref, do_ref, lse_ref, delta_ref, kv_hbm, comp_hbm, _,
-         dq_ref, dcomp_hbm, win_buf, comp_buf, sems, rmw_buf, rmw_sem) = refs
+        info_ref, idx_smem, idx_vmem, q_ref, do_ref, lse_ref, delta_ref, kv_hbm, comp_hbm = refs[:9]
     else:
-        (info_ref, q_ref, do_ref, lse_ref, delta_ref, kv_hbm, comp_hbm, dq_ref,
-         win_buf, comp_buf, sems) = refs
-        idx_smem = idx_vmem = None
+        (info_ref, q_ref, do_ref, lse_ref, delta_ref, kv_hbm, comp_hbm), idx_smem, idx_vmem = refs[:7], None, None
+    rest = refs[9 if sparse else 7:]
+    if dkv_out == "atomic":
+        _, dq_ref, dcomp_hbm, win_buf, comp_buf, sems, rmw_buf, rmw_sem = rest
+    elif dkv_out == "staged":
+        dq_ref, g_ref, win_buf, comp_buf, sems = rest
+    else:
+        dq_ref, win_buf, comp_buf, sems = rest
     b = pl.program_id(0)
     q_nh, do_nh = q_ref[...], do_ref[...]
     lse_n1, delta_n1 = _row_to_col(lse_ref[...]), _row_to_col(delta_ref[...])
@@ -162,15 +179,18 @@ def _dq_kernel(*refs, sparse: bool, window: int, w_pad: int, ratio: int | None, 
         s_nk = jnp.where(visible_1k, dot_nt(q_nh, keys_kh, precision) * scale, -jnp.inf)
         p_nk = jnp.exp(s_nk - lse_n1)
         ds_nk = p_nk * (dot_nt(do_nh, keys_kh, precision) - delta_n1)
-        if sparse and chunk is not None:
+        if dkv_out is not None and chunk is not None:
             # dK = scale dS^T Q and dV = P^T dO land on the same gathered K=V rows.
             g_kh = (scale * dot_tn(ds_nk.astype(q_nh.dtype), q_nh, precision)
                     + dot_tn(p_nk.astype(do_nh.dtype), do_nh, precision))
-            _read_modify_write(dcomp_hbm, rmw_buf, rmw_sem, idx_smem, idx_vmem, b, chunk[0], g_kh, bk)
+            if dkv_out == "atomic":
+                _read_modify_write(dcomp_hbm, rmw_buf, rmw_sem, idx_smem, idx_vmem, b, chunk[0], g_kh, bk)
+            else:
+                g_ref[pl.ds(pl.multiple_of(chunk[0] * bk, bk), bk), :] = g_kh.astype(g_ref.dtype)
         return dq_nh + dot(ds_nk.astype(keys_kh.dtype), keys_kh, precision)
 
     dq_nh = _walk(kv_hbm, comp_hbm, idx_smem, idx_vmem, win_buf, comp_buf, sems, b=b,
-                  t=pl.program_id(1), lo=info_ref[0, 0], count=info_ref[0, 1], ratio=ratio, window=window,
+                  t=t0 + pl.program_id(1), lo=info_ref[0, 0], count=info_ref[0, 1], ratio=ratio, window=window,
                   w_pad=w_pad, bk=bk, body=accumulate_dq, carry=jnp.zeros(q_nh.shape, F32))
     dq_ref[...] = (dq_nh * scale).astype(dq_ref.dtype)
 
@@ -196,6 +216,72 @@ def _read_modify_write(dcomp_hbm, rmw_buf, rmw_sem, idx_smem, idx_vmem, b, j, g_
     rmw_buf[...] = rmw_buf[...] + g_kh
     for_valid_slots("start", to_hbm=True)
     for_valid_slots("wait", to_hbm=True)
+
+
+def _staged_dkv_kernel(range_ref, entries_hbm, selections_hbm, rows_hbm, dk_ref, sel_smem, ent_vmem, g_buf,
+                       sems, *, bc: int, bs: int):
+    """dK=dV of compressed entries [cb * bc, (cb + 1) * bc) (cb = pl.program_id(1)): the sum of the staged
+    rows of the slots that selected them, their run [range[0], range[1]) of the inverted index, bs slots
+    at a time: the run's slot positions DMA'd into SMEM, one row DMA per slot, a one-hot [bc, bs] x
+    [bs, H] matmul."""
+    b = pl.program_id(0)
+    lo, hi = range_ref[0, 0], range_ref[0, 1]
+    c_c1 = pl.program_id(1) * bc + lax.broadcasted_iota(jnp.int32, (bc, 1), 0)
+
+    def chunk(j, dk_ch):
+        at = lo + j * bs
+        sel_copy = pltpu.make_async_copy(selections_hbm.at[b, pl.ds(at, bs)], sel_smem, sems.at[0])
+        ent_copy = pltpu.make_async_copy(entries_hbm.at[b, pl.ds(0, 1), pl.ds(at, bs)], ent_vmem, sems.at[1])
+        sel_copy.start()
+        ent_copy.start()
+        sel_copy.wait()
+
+        def row_copy(r):
+            return pltpu.make_async_copy(rows_hbm.at[b, pl.ds(sel_smem[r], 1)], g_buf.at[pl.ds(r, 1)], sems.at[2])
+
+        lax.fori_loop(0, bs, lambda r, c: (row_copy(r).start(), c)[1], 0)
+        lax.fori_loop(0, bs, lambda r, c: (row_copy(r).wait(), c)[1], 0)
+        ent_copy.wait()
+        live_1s = at + lax.broadcasted_iota(jnp.int32, (1, bs), 1) < hi
+        onehot_cs = ((c_c1 == ent_vmem[...]) & live_1s).astype(g_buf.dtype)
+        live_s1 = at + lax.broadcasted_iota(jnp.int32, (bs, 1), 0) < hi
+        g_sh = jnp.where(live_s1, g_buf[...], jnp.zeros((), g_buf.dtype))
+        return dk_ch + dot(onehot_cs, g_sh, tpu_precision(g_buf.dtype))
+
+    dk_ref[...] = lax.fori_loop(0, cdiv(hi - lo, bs), chunk, jnp.zeros(dk_ref.shape, F32))
+
+
+def _selected_dkv_kernel(range_ref, keys_ref, pair_token_hbm, q_hbm, do_hbm, lse_hbm, delta_hbm, idx_hbm, dk_ref,
+                         token_smem, q_buf, do_buf, lse_buf, delta_buf, idx_buf, sems, *, scale: float, bc: int):
+    """dK=dV of compressed entries [cb * bc, (cb + 1) * bc) (cb = pl.program_id(1)), walking the tokens
+    that selected any of them (pairs [range[0], range[1]) of the inverted index): per token its q, dO,
+    log-sum-exp, delta and top-k row are DMA'd in, P recomputed against the block's entries, entry c
+    weighted by how many of the token's slots name it."""
+    b = pl.program_id(0)
+    keys_ch = keys_ref[...]
+    c_c1 = pl.program_id(1) * bc + lax.broadcasted_iota(jnp.int32, (bc, 1), 0)
+    precision = tpu_precision(keys_ch.dtype)
+
+    def pair(p, dk_ch):
+        token_copy = pltpu.make_async_copy(pair_token_hbm.at[b, pl.ds(p, 1)], token_smem, sems.at[0])
+        token_copy.start()
+        token_copy.wait()
+        t = token_smem[0]
+        copies = [pltpu.make_async_copy(src.at[b, t], dst, sems.at[i + 1]) for i, (src, dst) in enumerate(
+            ((q_hbm, q_buf), (do_hbm, do_buf), (lse_hbm, lse_buf), (delta_hbm, delta_buf), (idx_hbm, idx_buf)))]
+        for copy in copies:
+            copy.start()
+        for copy in copies:
+            copy.wait()
+        q_nh, do_nh = q_buf[...], do_buf[...]
+        weight_1c = _col_to_row(jnp.sum((c_c1 == idx_buf[...]).astype(F32), axis=1, keepdims=True))
+        s_nc = jnp.where(weight_1c > 0, dot_nt(q_nh, keys_ch, precision) * scale, -jnp.inf)
+        p_nc = jnp.exp(s_nc - _row_to_col(lse_buf[...]))
+        ds_nc = p_nc * (dot_nt(do_nh, keys_ch, precision) - _row_to_col(delta_buf[...]))
+        return (dk_ch + scale * dot_tn((ds_nc * weight_1c).astype(q_nh.dtype), q_nh, precision)
+                + dot_tn((p_nc * weight_1c).astype(do_nh.dtype), do_nh, precision))
+
+    dk_ref[...] = lax.fori_loop(range_ref[0, 0], range_ref[0, 1], pair, jnp.zeros(dk_ref.shape, F32))
 
 
 def _row_range(kb, *, window: int | None, ratio: int | None, bk: int, br: int, heads: int, n_tokens: int,
@@ -298,19 +384,12 @@ def forward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, *, wind
     return o, lse[:, :, 0]
 
 
-def backward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, do_BTNH, lse_BTN, delta_BTN, *,
-             window: int, ratio: int | None, scale: float, blocks: BlockSizes, interpret
-             ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """dQ [B, T, N, H] (q dtype), dKV [B, T, H] and dKV_comp [B, C, H] (float32)."""
-    del sinks_N  # enters through the log-sum-exp
+def _dq_call(q_BTNH, do_BTNH, lse_BTN, delta_BTN, idx, lo_BT, count_BT, kv, comp, *, dkv_out: str | None,
+             window: int, w_pad: int, ratio: int | None, scale: float, bk: int, interpret, t0=None):
+    """The dQ pallas_call over q's tokens (grid (B, T)); returns dQ and, by dkv_out, CSA's dcomp [B, Cp, H]
+    ("atomic") or staged per-slot rows [B, T, Kp, H] ("staged", q holding the tokens t0 + [0, T))."""
     B, T, N, H = q_BTNH.shape
-    C = comp_BCH.shape[1]
-    sparse = idx_BTK is not None
-    bk = blocks.block_k
-    kv, comp, idx, w_pad = _pad_inputs(kv_BTH, comp_BCH, idx_BTK, window=window, blocks=blocks)
-    do_BTNH = do_BTNH.astype(q_BTNH.dtype)
-
-    # dQ per token; CSA also read-modify-writes dK=dV of its gathered rows (sequential grid).
+    sparse = idx is not None
     operands, specs = _token_operands(q_BTNH, idx, lo_BT, count_BT, bk)
     head_rows = pl.BlockSpec((None, None, N, H), lambda b, t: (b, t, 0, 0))
     head_vec = pl.BlockSpec((None, None, 1, N), lambda b, t: (b, t, 0, 0))
@@ -319,21 +398,98 @@ def backward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, do_BTN
     specs += [head_rows, head_rows, head_vec, head_vec, hbm, hbm]
     out_specs, out_shape = [head_rows], [jax.ShapeDtypeStruct(q_BTNH.shape, q_BTNH.dtype)]
     scratch = _scratch(kv, comp, w_pad, bk)
-    if sparse:
+    aliases = {}
+    if dkv_out == "atomic":
         operands.append(jnp.zeros(comp.shape, F32))
         specs.append(hbm)
         out_specs.append(hbm)
         out_shape.append(jax.ShapeDtypeStruct(comp.shape, F32))
         scratch += [pltpu.VMEM((bk, H), F32), pltpu.SemaphoreType.DMA(())]
-    semantics = ("arbitrary", "arbitrary") if sparse else ("parallel", "parallel")
-    kernel = functools.partial(_dq_kernel, sparse=sparse, window=window, w_pad=w_pad, ratio=ratio,
-                               scale=scale, bk=bk)
-    dq, *dcomp = pl.pallas_call(
+        aliases = {len(operands) - 1: 1}
+    elif dkv_out == "staged":
+        Kp = idx.shape[2]
+        out_specs.append(pl.BlockSpec((None, None, Kp, H), lambda b, t: (b, t, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((B, T, Kp, H), q_BTNH.dtype))
+        operands.insert(0, t0)
+        specs.insert(0, pl.BlockSpec(memory_space=pltpu.SMEM))
+    # The read-modify-write of shared rows needs a sequential grid.
+    semantics = ("arbitrary", "arbitrary") if dkv_out == "atomic" else ("parallel", "parallel")
+    kernel = functools.partial(_dq_kernel, sparse=sparse, dkv_out=dkv_out, window=window, w_pad=w_pad,
+                               ratio=ratio, scale=scale, bk=bk)
+    return pl.pallas_call(
         kernel, grid=(B, T), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
-        scratch_shapes=scratch, input_output_aliases={len(operands) - 1: 1} if sparse else {},
+        scratch_shapes=scratch, input_output_aliases=aliases,
         compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
         interpret=interpret, name="csa_dq" if sparse else "hca_dq",
     )(*operands)
+
+
+def _staged(dq_call, q_BTNH, do_BTNH, lse_BTN, delta_BTN, idx, lo_BT, count_BT, kv_BTH, comp, *, window: int,
+            blocks: BlockSizes, interpret):
+    """CSA's dQ [B, T, N, H] and dK=dV of the compressed entries [B, Cp, H] (float32) without the
+    sequential read-modify-write: a token chunk at a time (sized to STAGE_BYTES), the dQ kernel writes
+    each slot's dK=dV row and a key-major kernel sums them per entry block over the chunk's inverted
+    index. Padding tokens (lo past the end, no slots) see nothing."""
+    B, T, N, H = q_BTNH.shape
+    Kp, Cp = idx.shape[2], comp.shape[1]
+    chunk = max(1, min(T, STAGE_BYTES // (Kp * H * q_BTNH.dtype.itemsize)))
+    n_chunks = -(-T // chunk)
+    split = lambda x, fill=0: jnp.swapaxes(pad_axis(x, 1, n_chunks * chunk, value=fill).reshape(
+        B, n_chunks, chunk, *x.shape[2:]), 0, 1)
+    kv, _, _, _ = _pad_inputs(pad_axis(kv_BTH, 1, n_chunks * chunk), comp[:, :0], None, window=window,
+                              blocks=blocks)
+    xs = (jnp.arange(n_chunks, dtype=jnp.int32) * chunk, split(q_BTNH), split(do_BTNH), split(lse_BTN),
+          split(delta_BTN), split(idx, -1), split(lo_BT, n_chunks * chunk), split(count_BT))
+    bc, bs = blocks.block_kv_bwd, blocks.block_k
+    n_blocks = Cp // bc
+    sem = pltpu.SemaphoreType.DMA
+
+    def step(dcomp, x):
+        t0, q, do, lse, delta, idx, lo, count = x
+        dq, rows = dq_call(q, do, lse, delta, idx, lo, count, kv, comp, t0=t0[None])
+        index = inverted_index(idx, num_blocks=n_blocks, block=bc, pad=bs)
+        run_B1G = jnp.take_along_axis(index.pair_start, index.block_start, axis=1)[:, None, :]
+        ranges = jnp.stack([run_B1G[:, :, :-1], run_B1G[:, :, 1:]], axis=-1)       # [B, 1, NB, 2]
+        hbm = pl.BlockSpec(memory_space=pl.ANY)
+        dk = pl.pallas_call(
+            functools.partial(_staged_dkv_kernel, bc=bc, bs=bs), grid=(B, n_blocks),
+            in_specs=[pl.BlockSpec((None, None, 1, 2), lambda b, cb: (b, 0, cb, 0), memory_space=pltpu.SMEM),
+                      hbm, hbm, hbm],
+            out_specs=pl.BlockSpec((None, bc, H), lambda b, cb: (b, cb, 0)),
+            out_shape=jax.ShapeDtypeStruct((B, Cp, H), F32),
+            scratch_shapes=[pltpu.SMEM((bs,), jnp.int32), pltpu.VMEM((1, bs), jnp.int32),
+                            pltpu.VMEM((bs, H), rows.dtype), sem((3,))],
+            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+            interpret=interpret, name="csa_staged_dkv",
+        )(ranges, index.entries[:, None, :], index.selections, rows.reshape(B, chunk * Kp, H))
+        return dcomp + dk, dq
+
+    dcomp, dq = lax.scan(step, jnp.zeros((B, Cp, H), F32), xs)
+    return jnp.swapaxes(dq, 0, 1).reshape(B, n_chunks * chunk, N, H)[:, :T], dcomp
+
+
+def backward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, do_BTNH, lse_BTN, delta_BTN, *,
+             window: int, ratio: int | None, scale: float, blocks: BlockSizes, interpret, dkv: str = "atomic"
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """dQ [B, T, N, H] (q dtype), dKV [B, T, H] and dKV_comp [B, C, H] (float32). dkv: see compressed_gpu."""
+    del sinks_N  # enters through the log-sum-exp
+    B, T, N, H = q_BTNH.shape
+    C = comp_BCH.shape[1]
+    sparse = idx_BTK is not None
+    bk = blocks.block_k
+    kv, comp, idx, w_pad = _pad_inputs(kv_BTH, comp_BCH, idx_BTK, window=window, blocks=blocks)
+    do_BTNH = do_BTNH.astype(q_BTNH.dtype)
+
+    # dQ per token, for CSA with (atomic, staged) or without (inverted) the selected rows' dK=dV.
+    dkv_out = dkv if sparse and dkv != "inverted" else None
+    dq_call = functools.partial(_dq_call, dkv_out=dkv_out, window=window, w_pad=w_pad, ratio=ratio, scale=scale,
+                                bk=bk, interpret=interpret)
+    if dkv_out == "staged":
+        dq, dcomp = _staged(dq_call, q_BTNH, do_BTNH, lse_BTN, delta_BTN, idx, lo_BT, count_BT, kv_BTH, comp,
+                            window=window, blocks=blocks, interpret=interpret)
+        dcomp = [dcomp]
+    else:
+        dq, *dcomp = dq_call(q_BTNH, do_BTNH, lse_BTN, delta_BTN, idx, lo_BT, count_BT, kv, comp)
 
     # dK=dV key-major: keys on sublanes, (token, head) rows on lanes.
     br, bkv = blocks.block_rows_bwd, blocks.block_kv_bwd
@@ -369,10 +525,35 @@ def backward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, do_BTN
         )(keys, *row_operands, per_row(lo_BT), per_row(count_BT))[:, :n_keys]
 
     dkv = key_major(kv, T, w_pad // bkv, window=window, ratio=None)
-    if sparse:
+    if dkv_out is not None:
         dcomp = dcomp[0][:, :C]
+    elif sparse:
+        dcomp = _selected_dkv(q_BTNH, do_BTNH, lse_BTN, delta_BTN, idx, comp, scale=scale, bc=bkv,
+                              interpret=interpret)[:, :C]
     elif C == 0:
         dcomp = jnp.zeros((B, 0, H), F32)
     else:
         dcomp = key_major(comp, C, 0, window=None, ratio=ratio)
     return dq, dkv, dcomp
+
+
+def _selected_dkv(q_BTNH, do_BTNH, lse_BTN, delta_BTN, idx, comp, *, scale: float, bc: int, interpret):
+    """CSA's dK=dV of the compressed entries [B, Cp, H] (float32), key-major over the inverted index of
+    the top-k with P recomputed: one program per (batch, entry block)."""
+    B, T, N, H = q_BTNH.shape
+    Kp, Cp = idx.shape[2], comp.shape[1]
+    index = inverted_index(idx, num_blocks=Cp // bc, block=bc)
+    ranges = jnp.stack([index.block_start[:, :-1], index.block_start[:, 1:]], axis=-1)[:, None]  # [B, 1, NB, 2]
+    hbm = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(
+        functools.partial(_selected_dkv_kernel, scale=scale, bc=bc), grid=(B, Cp // bc),
+        in_specs=[pl.BlockSpec((None, None, 1, 2), lambda b, cb: (b, 0, cb, 0), memory_space=pltpu.SMEM),
+                  pl.BlockSpec((None, bc, H), lambda b, cb: (b, cb, 0)), hbm, hbm, hbm, hbm, hbm, hbm],
+        out_specs=pl.BlockSpec((None, bc, H), lambda b, cb: (b, cb, 0)),
+        out_shape=jax.ShapeDtypeStruct((B, Cp, H), F32),
+        scratch_shapes=[pltpu.SMEM((1,), jnp.int32), pltpu.VMEM((N, H), q_BTNH.dtype),
+                        pltpu.VMEM((N, H), q_BTNH.dtype), pltpu.VMEM((1, N), F32), pltpu.VMEM((1, N), F32),
+                        pltpu.VMEM((1, Kp), jnp.int32), pltpu.SemaphoreType.DMA((6,))],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        interpret=interpret, name="csa_selected_dkv",
+    )(ranges, comp, index.pair_token, q_BTNH, do_BTNH, lse_BTN[:, :, None], delta_BTN[:, :, None], idx[:, :, None])
