@@ -349,24 +349,15 @@ def _prefill_attention(q_BTNH, k_BTKH, v_BTKH, cached_k_BSKH, cached_v_BSKH, len
 
 def _window_prefill_attention(q_BTNH, k_BSKH, v_BSKH, kv_positions_BS, sinks_N, *, window: int, scale: float,
                               partitioning: Partitioning = UNPARTITIONED) -> jax.Array:
-    """A chunk of T new tokens of a sliding-window layer over what it sees, [its ring of W slots; the chunk]
-    (`kv_cache.extend`), through the fused flash kernel. The ring is put in position order, empty slots
-    first as padding (segment 0), so ring index i holds the position W - i before the chunk's first token
-    and causal attention with the layer's window over the W + T keys is the cached attention exactly.
-    The ring's own query rows (zeros) are computed and dropped."""
+    """A chunk of T new tokens of a sliding-window layer over [its ring; the chunk] through the fused flash
+    kernel: the ring as the start of one causal sequence (`kv_cache.ring_as_sequence`), whose own query
+    rows (zeros) are computed and dropped."""
     B, T, N, H = q_BTNH.shape
+    (k_BSKH, v_BSKH), segment_ids_BS = kv_cache.ring_as_sequence([k_BSKH, v_BSKH], kv_positions_BS, T)
     W = k_BSKH.shape[1] - T
-    ring_pos_BW = kv_positions_BS[:, :W]
-    empty_BW = ring_pos_BW >= kv_cache.EMPTY_POSITION
-    order_BW = jnp.argsort(jnp.where(empty_BW, -1, ring_pos_BW), axis=1)
-    in_order = lambda x_BSKH: jnp.concatenate(
-        [jnp.take_along_axis(x_BSKH[:, :W], order_BW[:, :, None, None], axis=1), x_BSKH[:, W:]],
-        axis=1).astype(q_BTNH.dtype)
-    segment_ids_BS = jnp.concatenate([jnp.take_along_axis(~empty_BW, order_BW, axis=1).astype(jnp.int32),
-                                      jnp.ones((B, T), jnp.int32)], axis=1)
     q_BSNH = jnp.concatenate([jnp.zeros((B, W, N, H), q_BTNH.dtype), q_BTNH], axis=1)
-    out_BSNH = _fused_attention("flash", q_BSNH, in_order(k_BSKH), in_order(v_BSKH), sinks_N, segment_ids_BS,
-                                window=window, scale=scale, partitioning=partitioning)
+    out_BSNH = _fused_attention("flash", q_BSNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), sinks_N,
+                                segment_ids_BS, window=window, scale=scale, partitioning=partitioning)
     return out_BSNH[:, W:]
 
 

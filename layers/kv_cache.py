@@ -70,6 +70,28 @@ def extend(cache: dict, new: dict, lengths_B: jax.Array, new_B: jax.Array, *, wi
     return seen, pos_BS, updated
 
 
+def ring_as_sequence(seen_BS: list[jax.Array], kv_positions_BS: jax.Array, num_tokens: int
+                     ) -> tuple[list[jax.Array], jax.Array]:
+    """What a chunk of T tokens sees through a ring, [W ring slots; the chunk] (`extend`), as one causal
+    sequence: the ring's slots put in position order, its empty slots first, so slot i holds the position
+    W - i before the chunk's first token. Returns the arrays [B, W + T, ...] so ordered and segment ids
+    int32 [B, W + T] (0 for the empty slots, as padding; 1 elsewhere). Causal attention with window W over
+    the sequence is the chunk's windowed attention over the ring and itself, for the fused kernels."""
+    W = kv_positions_BS.shape[1] - num_tokens
+    ring_pos_BW = kv_positions_BS[:, :W]
+    empty_BW = ring_pos_BW >= EMPTY_POSITION
+    order_BW = jnp.argsort(jnp.where(empty_BW, -1, ring_pos_BW), axis=1)
+
+    def in_order(x_BS):
+        order = order_BW.reshape(order_BW.shape + (1,) * (x_BS.ndim - 2))
+        return jnp.concatenate([jnp.take_along_axis(x_BS[:, :W], order, axis=1), x_BS[:, W:]], axis=1)
+
+    filled_BW = jnp.take_along_axis(~empty_BW, order_BW, axis=1)
+    segment_ids_BS = jnp.concatenate([filled_BW.astype(jnp.int32),
+                                      jnp.ones((kv_positions_BS.shape[0], num_tokens), jnp.int32)], axis=1)
+    return [in_order(x) for x in seen_BS], segment_ids_BS
+
+
 def take_rows(x_BA: jax.Array, start_B: jax.Array, size: int) -> jax.Array:
     """[B, size, ...]: x[b, start_B[b] : start_B[b] + size] per row."""
     return jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, size, axis=0))(x_BA, start_B)

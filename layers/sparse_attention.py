@@ -179,12 +179,11 @@ class CompressedAttention(nnx.Module):
                           ) -> tuple[jax.Array, dict]:
         """Decoding: the window over the ring and the chunk, and the cached compressed entries (all visible
         ones, or the indexer's top-k), in one softmax with the sink. A float8 cache's packed ring and entries
-        are unpacked first; then the chunk attends through the decode kernels
-        (pallas_kernels.compressed_decode_attention) where `pallas_only_lowering` names one and the chunk is
-        short, else pure JAX."""
-        lowering = pallas_only_lowering(self.impl)
-        if q_BTNH.shape[1] > DECODE_MAX_TOKENS:
-            lowering = None
+        are unpacked first; then, where `pallas_only_lowering` names a kernel, a short chunk attends through
+        the decode kernels (pallas_kernels.compressed_decode_attention) and a longer one through the forward
+        kernels (`_prefill_attention`); else pure JAX."""
+        kernel = pallas_only_lowering(self.impl)
+        lowering = kernel if q_BTNH.shape[1] <= DECODE_MAX_TOKENS else None   # the decode kernels'
         ring = cache["kv_BWH"]   # packed parts under a float8 cache (layers.kv_cache.packed_spec)
         packed = kv_cache.is_packed(ring)
         store, new = ((ring, kv_cache.pack(kv_BTH, ring)) if packed
@@ -200,6 +199,9 @@ class CompressedAttention(nnx.Module):
                 indices_BTK, new_cache["indexer"] = self.indexer.extend(x_BTD, qr_BTQ, positions_BT, cache["indexer"],
                                                                         lengths_B, new_B, kernel=lowering)
         sinks_N, scale = self.sinks[...], self.head_dim ** -0.5
+        if kernel and not lowering and window_kv_BSH.shape[1] == self.window + q_BTNH.shape[1]:
+            return self._prefill_attention(q_BTNH, window_kv_BSH, kv_positions_BS, positions_BT, entries_BCH,
+                                           indices_BTK, kernel), new_cache
         if lowering:
             return compressed_decode_attention(
                 q_BTNH, window_kv_BSH, kv_positions_BS, positions_BT.astype(jnp.int32), entries_BCH, sinks_N,
@@ -219,6 +221,31 @@ class CompressedAttention(nnx.Module):
                     jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], rows_BTK].set(True)[..., :C]
             parts.append((entries_BCH, visible_BTC))
         return _attend(q_BTNH, parts, sinks_N, scale), new_cache
+
+    def _prefill_attention(self, q_BTNH, window_kv_BSH, kv_positions_BS, positions_BT, entries_BCH, indices_BTK,
+                           lowering: str) -> jax.Array:
+        """A prefill chunk through the forward kernels: [the window ring; the chunk] as one causal sequence
+        (`kv_cache.ring_as_sequence`, zero queries for the ring's rows, dropped after) whose tokens take
+        the cached compressed entries by index: CSA's top-k, or for HCA every entry visible at the token's
+        position (C <= max_len / ratio slots); a layer without entries attends its window only."""
+        B, T, N, H = q_BTNH.shape
+        (kv_BSH,), segment_ids_BS = kv_cache.ring_as_sequence([window_kv_BSH], kv_positions_BS, T)
+        W = kv_BSH.shape[1] - T
+        q_BSNH = jnp.concatenate([jnp.zeros((B, W, N, H), q_BTNH.dtype), q_BTNH], axis=1)
+        sinks_N, scale = self.sinks[...], self.head_dim ** -0.5
+        if entries_BCH is None:
+            out_BSNH = flash_attention(q_BSNH, kv_BSH[:, :, None], kv_BSH[:, :, None], window=self.window,
+                                       sinks_N=sinks_N, segment_ids_BT=segment_ids_BS, scale=scale, impl=lowering)
+            return out_BSNH[:, W:]
+        if indices_BTK is None:
+            c_C = jnp.arange(entries_BCH.shape[1], dtype=jnp.int32)
+            visible_BTC = c_C < ((positions_BT + 1) // self.ratio)[:, :, None]
+            indices_BTK = jnp.where(visible_BTC, c_C, -1)
+        indices_BSK = jnp.concatenate([jnp.full((B, W, indices_BTK.shape[2]), -1, jnp.int32),
+                                       indices_BTK.astype(jnp.int32)], axis=1)
+        out_BSNH = csa_kernel(q_BSNH, kv_BSH, entries_BCH, indices_BSK, sinks_N, window=self.window, scale=scale,
+                              segment_ids_BT=segment_ids_BS, impl=lowering)
+        return out_BSNH[:, W:]
 
     def _attention(self, x_BTD, qr_BTQ, q_BTNH, kv_BTH, positions_BT, segment_ids_BT, partitioning: Partitioning
                    ) -> jax.Array:

@@ -16,7 +16,7 @@ from flax import nnx
 import zoo
 from configs.gemma4 import get_config as get_gemma4
 from configs.hybrid import get_config as hybrid_config
-from layers import attention
+from layers import attention, sparse_attention
 from layers.kinds import option
 from zoo import analysis, inference
 
@@ -104,24 +104,29 @@ def test_decode_kernels_equal_the_forward_pass(family):
     assert diff <= 1e-4, f"{family}: kernel decode differs from the forward pass by {diff}"
 
 
-@pytest.mark.parametrize("family", ["gemma4", "zaya1"])
+@pytest.mark.parametrize("family", ["gemma4", "zaya1", "deepseek_v4"])
 def test_prefill_kernel_equals_the_forward_pass(family, monkeypatch):
     """attention_impl="pallas", prefill chunks longer than the decode kernel takes, then decode steps:
     full-attention layers (Gemma-4's k_eq_v ones, ZAYA1's CCA) attend over [cache; chunk] through the fused
-    kernel, sliding ones over [ring; chunk] through the flash kernel (20-token windows: rings empty, partly
-    and wholly filled), chunks after the first seeing a non-empty cache, rows of different lengths; the
-    logits equal the pure-JAX forward pass."""
-    calls = {"full": 0, "window": 0}
-    for kind, name in (("full", "_prefill_attention"), ("window", "_window_prefill_attention")):
-        original = getattr(attention, name)
+    kernel, sliding ones over [ring; chunk] through the flash kernel, DeepSeek-V4's SWA, CSA and HCA layers
+    over [ring; chunk] and the cached entries through the flash and CSA kernels (20-token windows: rings
+    empty, partly and wholly filled), chunks after the first seeing a non-empty cache, rows of different
+    lengths; the logits equal the pure-JAX forward pass."""
+    targets = {"full": (attention, "_prefill_attention"), "window": (attention, "_window_prefill_attention"),
+               "compressed": (sparse_attention.CompressedAttention, "_prefill_attention")}
+    calls = dict.fromkeys(targets, 0)
+    for kind, (owner, name) in targets.items():
+        original = getattr(owner, name)
 
         def counted(*a, kind=kind, original=original, **k):
             calls[kind] += 1
             return original(*a, **k)
-        monkeypatch.setattr(attention, name, counted)
+        monkeypatch.setattr(owner, name, counted)
     m = _small(family)
     if family == "zaya1":   # CCA layers of both kinds
         m.attention_types, m.windows = ("cca", "cca_sliding") * 2, (0, 20) * 2
+    elif family == "deepseek_v4":
+        m.window = 20
     else:
         m.windows = tuple(20 if w else 0 for w in m.windows)
     reference = zoo.build(m, seed=1)
@@ -141,7 +146,10 @@ def test_prefill_kernel_equals_the_forward_pass(family, monkeypatch):
         pos_B = np.asarray(cache["lengths_B"])
         logits_BTV, cache = extend(tokens_BT[np.arange(2), pos_B][:, None], cache, jnp.ones((2,), jnp.int32))
         got.append(np.asarray(logits_BTV))
-    assert calls["full"] and calls["window"], f"chunks through the prefill kernels: {calls}"
+    if family == "deepseek_v4":   # every layer (SWA, CSA, HCA), traced once (one chunk shape)
+        assert calls["compressed"] == len(m.attention_types), calls
+    else:
+        assert calls["full"] and calls["window"], f"chunks through the prefill kernels: {calls}"
     np.testing.assert_array_equal(np.asarray(cache["lengths_B"]), lengths)
     for b, n in enumerate(lengths):
         got_TV = np.concatenate([g[b] for g in got[:-2]], axis=0)[:n - 2]
