@@ -197,7 +197,7 @@ class CompressedAttention(nnx.Module):
             entries_BCH = kv_cache.read(new_cache["compressor"]["entries_BCH"], q_BTNH.dtype)
             if self.indexer is not None:
                 indices_BTK, new_cache["indexer"] = self.indexer.extend(x_BTD, qr_BTQ, positions_BT, cache["indexer"],
-                                                                        lengths_B, new_B, kernel=lowering)
+                                                                        lengths_B, new_B, kernel=kernel)
         sinks_N, scale = self.sinks[...], self.head_dim ** -0.5
         if kernel and not lowering and window_kv_BSH.shape[1] == self.window + q_BTNH.shape[1]:
             return self._prefill_attention(q_BTNH, window_kv_BSH, kv_positions_BS, positions_BT, entries_BCH,
