@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,8 @@ PARTS = 2
 HEAD_DIMS = (128, 256, 512)
 DTYPES = (jnp.bfloat16, jnp.float16)
 TILE_COLUMNS = 64    # columns of one swizzled (8, 128-byte) tile of 16-bit elements
+MAX_COPY = 256       # elements per axis of one TMA copy
+STAGE_PAD = 8        # 16-bit elements after each staged row
 
 
 def default_tiles(head_dim: int) -> tuple[int, int]:
@@ -129,7 +132,9 @@ def _kernel(lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, sinks_ref, o_re
     @pl.when(wg == WARPGROUPS)
     def _memory():
         plgpu.set_max_registers(48, action="decrease")
-        plgpu.copy_gmem_to_smem(idx_ref.at[b, t], idx_smem, idx_ready)
+        for c in range(0, idx_smem.shape[0], MAX_COPY):     # a TMA copy moves <= 256 elements per axis
+            chunk = pl.ds(c, min(MAX_COPY, idx_smem.shape[0] - c))
+            plgpu.copy_gmem_to_smem(idx_ref.at[b, t, chunk], idx_smem.at[chunk], idx_ready)
         plgpu.barrier_wait(idx_ready)
 
         def gather(j):
@@ -141,7 +146,7 @@ def _kernel(lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, sinks_ref, o_re
                 row = jnp.maximum(idx_smem[c0 + r], 0)      # -1 slots load row 0, masked by the compute side
                 for h in range(PARTS):
                     plgpu.copy_gmem_to_smem(column_part(comp_ref.at[b, pl.ds(row, 1)], h, PARTS),
-                                            stage_smem.at[h, pl.ds(r, 1)], stage_ready)
+                                            stage_smem.at[h, pl.ds(r, 1), pl.ds(0, width)], stage_ready)
 
         def fill(j):
             slot = lax.rem(j, stages)
@@ -233,7 +238,8 @@ def forward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, *, wind
         raise ValueError(f"block_k must be a multiple of 8, got {block_k}")
     w_blocks = -(-window // block_k)
     w_pad = w_blocks * block_k
-    Np, Kp = round_up(N, ROWS), round_up(max(idx_BTK.shape[2], 1), block_k)
+    # whole key blocks of slots, and whole 128-byte copies of them
+    Np, Kp = round_up(N, ROWS), round_up(max(idx_BTK.shape[2], 1), math.lcm(block_k, 32))
     q = pad_axis(q_BTNH, 2, Np)
     kv = pad_axis(kv_BTH, 1, w_pad + T, before=w_pad)       # zero rows before position 0
     comp = comp_BCH if comp_BCH.shape[1] else jnp.zeros((B, 1, H), comp_BCH.dtype)
@@ -248,12 +254,13 @@ def forward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, *, wind
         scratch_types=(
             smem_tiled((PARTS, ROWS, width), dtype),               # Q, then O
             smem_tiled((stages, PARTS, block_k, width), dtype),    # K = V ring
-            plgpu.SMEM((PARTS, block_k, width), dtype),            # gathered rows, untiled
+            # gathered rows, untiled; rows padded by 16 bytes so that a warp's reads spread over all banks
+            plgpu.SMEM((PARTS, block_k, width + STAGE_PAD), dtype),
             plgpu.SMEM((Kp,), jnp.int32),                          # the token's top-k rows
             plgpu.SMEM((ROWS,), F32),                              # sinks
             plgpu.SMEM((ROWS,), F32),                              # log-sum-exp out
             plgpu.Barrier(num_barriers=PARTS + 1),                 # Q parts and sinks landed
-            plgpu.Barrier(),                                       # top-k rows landed
+            plgpu.Barrier(num_arrivals=-(-Kp // MAX_COPY)),        # top-k rows landed
             plgpu.Barrier(num_barriers=stages * PARTS),            # ring slot filled (per part)
             plgpu.Barrier(num_arrivals=WARPGROUPS, num_barriers=stages),   # ring slot released
             plgpu.Barrier(num_arrivals=block_k * PARTS),           # staged rows landed
