@@ -234,8 +234,8 @@ def forward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, *, wind
     default_block_k, default_stages = default_tiles(H)
     block_k, stages = block_k or default_block_k, stages or default_stages
     check_positive("block_k", block_k), check_positive("stages", stages)
-    if block_k % 8:
-        raise ValueError(f"block_k must be a multiple of 8, got {block_k}")
+    if block_k % ROWS:   # P V contracts over the block: whole 64-key groups of the 128-byte swizzle
+        raise ValueError(f"block_k must be a multiple of {ROWS}, got {block_k}")
     w_blocks = -(-window // block_k)
     w_pad = w_blocks * block_k
     # whole key blocks of slots, and whole 128-byte copies of them

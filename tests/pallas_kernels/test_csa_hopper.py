@@ -15,7 +15,7 @@ from pallas_kernels import compressed_hopper
 from pallas_kernels.common import F32, HIGHEST, window_start
 from pallas_kernels.compressed import csa_attention_reference, gather_rows, window_keys_reference
 
-N, H, C, W, BLOCK_K = 40, 128, 9, 20, 16
+N, H, C, W, BLOCK_K = 40, 128, 9, 70, 64
 
 
 def make_inputs(B, T, K, seed=0):
@@ -52,7 +52,7 @@ def _check_forward(B, T, K, assert_close):
     slot_K = jnp.arange(1, K + 1, dtype=jnp.int32)
     count = jnp.max(jnp.where(indices >= 0, slot_K, 0), axis=2, initial=0).astype(jnp.int32)
     o, lse = compressed_hopper.forward(q, kv, kv_comp, indices, sinks, lo, count, window=W, scale=scale,
-                                       block_k=BLOCK_K, stages=2, interpret=InterpretGPUParams())
+                                       block_k=BLOCK_K, stages=1, interpret=InterpretGPUParams())
     ref = csa_attention_reference(q, kv, kv_comp, indices, sinks, window=W, scale=scale,
                                   segment_ids_BT=segment_ids)
     assert o.shape == ref.shape and o.dtype == ref.dtype and lse.shape == (B, T, N)
@@ -61,14 +61,14 @@ def _check_forward(B, T, K, assert_close):
 
 
 def test_forward_matches_reference_in_the_interpreter(assert_close):
-    """Two top-k blocks through a two-slot ring (it wraps), one window block per token."""
-    _check_forward(1, 5, 24, assert_close)
+    """Two top-k blocks through a one-slot ring (it wraps), one window block per token."""
+    _check_forward(1, 5, 70, assert_close)
 
 
 @pytest.mark.slow
-def test_two_window_blocks_and_batch_in_the_interpreter(assert_close):
-    """Windows spanning two key blocks (tokens >= 16) and a second sequence (about 3 minutes)."""
-    _check_forward(2, 18, 20, assert_close)
+def test_two_window_blocks_in_the_interpreter(assert_close):
+    """Windows spanning two key blocks (tokens >= 64) (several minutes)."""
+    _check_forward(1, 66, 20, assert_close)
 
 
 def test_lowers_to_mosaic_gpu_at_v4_flash_shapes():
@@ -91,6 +91,6 @@ def test_bad_inputs_name_the_problem():
                                                window=W)
     with pytest.raises(ValueError, match="indices has shape"):
         compressed_hopper.csa_attention_hopper(q, kv, kv_comp, indices[:, :3], sinks, window=W)
-    with pytest.raises(ValueError, match="block_k must be a multiple of 8"):
-        compressed_hopper.forward(q, kv, kv_comp, indices, sinks, None, None, window=W, scale=1.0, block_k=12)
+    with pytest.raises(ValueError, match="block_k must be a multiple of 64"):
+        compressed_hopper.forward(q, kv, kv_comp, indices, sinks, None, None, window=W, scale=1.0, block_k=32)
     np.testing.assert_equal(compressed_hopper.flops_per_token(64, 512, 128, 512), 4 * 64 * 512 * 640)
