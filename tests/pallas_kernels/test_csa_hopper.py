@@ -94,3 +94,22 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="block_k must be a multiple of 64"):
         compressed_hopper.forward(q, kv, kv_comp, indices, sinks, None, None, window=W, scale=1.0, block_k=32)
     np.testing.assert_equal(compressed_hopper.flops_per_token(64, 512, 128, 512), 4 * 64 * 512 * 640)
+
+
+@pytest.mark.slow
+def test_entry_gradients_through_the_triton_backward(assert_close):
+    """csa_attention_hopper: this forward's O and log-sum-exp feed the Triton backward (interpret mode)."""
+    q, kv, kv_comp, indices, sinks, segment_ids = make_inputs(1, 5, 20)
+    probe = jax.random.normal(jax.random.key(7), q.shape)
+
+    def output_and_grads(attend):
+        out, vjp = jax.vjp(attend, q, kv, kv_comp, sinks)
+        return out, vjp(probe.astype(out.dtype))
+    out, grads = output_and_grads(lambda *a: compressed_hopper.csa_attention_hopper(
+        *a[:3], indices, a[3], window=W, segment_ids_BT=segment_ids, interpret=InterpretGPUParams()))
+    ref, ref_grads = output_and_grads(lambda *a: csa_attention_reference(
+        *a[:3], indices, a[3], window=W, segment_ids_BT=segment_ids))
+    assert_close(out, ref, 1e-2, "out")
+    for name, g, r in zip(("dq", "dkv", "dkv_comp", "dsinks"), grads, ref_grads):
+        assert g.dtype == r.dtype, name
+        assert_close(g, r, 1e-2, name)
