@@ -14,6 +14,12 @@ with the sink: m = sink, l = 1, so the sink only enters the denominator) and eac
 columns of its own part, O = alpha O + P V on the tensor cores. Outputs: O [B, T, N, H] and the natural
 log-sum-exp [B, T, N] (sink included), what `compressed_gpu.forward` returns, so its backward applies.
 
+Per 64-key block at head dim 512 the tensor cores run 1.5x the useful FLOPs (both warpgroups compute the
+full scores), and with one ring slot (all that fits next to Q and the staging buffer) re-tiling a gathered
+block waits for the compute warpgroups to release the slot. Under the Mosaic GPU interpreter (jax 0.10,
+which has no run_state, no layout casts and no wgmma with a transposed or register operand) the two matmuls
+run as plain dots; everything else is the compiled path.
+
 Shapes: B batch, T tokens, N heads (padded to a multiple of 64), H head dim, C compressed entries, K top-k
 slots (padded to whole key blocks with -1), W window.
 """
@@ -46,7 +52,7 @@ STAGE_PAD = 8        # 16-bit elements after each staged row
 
 def default_tiles(head_dim: int) -> tuple[int, int]:
     """(keys per ring slot, ring slots): Q, the staging buffer and the ring share 227 KiB of shared memory."""
-    return {128: (64, 4), 256: (64, 2), 512: (64, 1)}[head_dim]
+    return {128: (64, 4), 256: (64, 4), 512: (64, 1)}[head_dim]
 
 
 def _kernel(lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, sinks_ref, o_ref, lse_ref,

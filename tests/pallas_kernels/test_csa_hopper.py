@@ -71,11 +71,12 @@ def test_two_window_blocks_in_the_interpreter(assert_close):
     _check_forward(1, 66, 20, assert_close)
 
 
-def test_lowers_to_mosaic_gpu_at_v4_flash_shapes():
-    """The compiled (not interpreted) kernel lowers through Mosaic GPU on CPU at 64 heads x 512, window 128,
-    top-k 512: TMA copy sizes, tilings, bank-conflict-free transfer plans and wgmma shapes are checked
-    there; the final compilation needs the H100."""
-    B, T, N_, H_, C_, K_ = 1, 256, 64, 512, 64, 512
+@pytest.mark.parametrize("head_dim", [512, 256])
+def test_lowers_to_mosaic_gpu_at_v4_flash_shapes(head_dim):
+    """The compiled (not interpreted) kernel lowers through Mosaic GPU on CPU at 64 heads x 512 (and x 256),
+    window 128, top-k 512, default tiles: TMA copy sizes, tilings, bank-conflict-free transfer plans and
+    wgmma shapes are checked there; the final compilation needs the H100."""
+    B, T, N_, H_, C_, K_ = 1, 256, 64, head_dim, 64, 512
     sd = jax.ShapeDtypeStruct
     args = (sd((B, T, N_, H_), jnp.bfloat16), sd((B, T, H_), jnp.bfloat16), sd((B, C_, H_), jnp.bfloat16),
             sd((B, T, K_), jnp.int32), sd((N_,), F32), sd((B, T), jnp.int32), sd((B, T), jnp.int32))
