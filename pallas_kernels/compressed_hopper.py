@@ -56,9 +56,13 @@ def default_tiles(head_dim: int) -> tuple[int, int]:
 
 
 def _kernel(lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, sinks_ref, o_ref, lse_ref,
-            q_smem, key_smem, stage_smem, idx_smem, sink_smem, lse_smem,
-            q_ready, idx_ready, key_ready, key_free, stage_ready, both_done, *,
-            scale: float, window: int, w_blocks: int, block_k: int, stages: int, interpreted: bool):
+            q_smem, key_smem, stage_smem, idx_smem, sink_smem, lse_smem, s_smem, p_smem, alpha_smem,
+            q_ready, idx_ready, key_ready, key_free, stage_ready, both_done, s_ready, p_ready, *,
+            scale: float, window: int, w_blocks: int, block_k: int, stages: int, split: bool, interpreted: bool):
+    """split: warpgroup w computes only Q_w K_w^T over its own column part; warpgroup 1 hands its partial
+    scores to warpgroup 0 (s_smem), which runs the softmax for both and hands back P and the rescale
+    (p_smem, alpha_smem); both then take P from shared memory for P V. Otherwise both compute the full
+    scores and the softmax in registers."""
     hg, t, b = lax.axis_index("heads"), lax.axis_index("tokens"), lax.axis_index("batch")
     wg = lax.axis_index("wg")
     h0 = hg * ROWS
@@ -97,7 +101,18 @@ def _kernel(lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, sinks_ref, o_re
             for h in range(PARTS):
                 plgpu.barrier_wait(key_ready.at[slot * PARTS + h])
 
-            s_RK = scores(q_smem, key_smem.at[slot]) * (scale * LOG2E)
+            if split:
+                s_RK = scores([(q_smem.at[wg], key_smem.at[slot, wg])])
+
+                @pl.when(wg == 1)
+                def _hand_scores():
+                    s_smem[...] = s_RK
+                    plgpu.barrier_arrive(s_ready)
+                pl.when(wg == 0)(lambda: plgpu.barrier_wait(s_ready))
+                s_RK = s_RK + cast(s_smem[...], WGMMA)    # warpgroup 0: the full scores (1's result is unused)
+            else:
+                s_RK = scores([(q_smem.at[h], key_smem.at[slot, h]) for h in range(PARTS)])
+            s_RK = s_RK * (scale * LOG2E)
             iota_RK = cast(lax.broadcasted_iota(jnp.int32, s_RK.shape, 1), WGMMA)
             # window slots: position >= first (and <= t by construction); top-k slots: index >= 0
             c0 = (j - n_window) * block_k
@@ -112,8 +127,19 @@ def _kernel(lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, sinks_ref, o_re
             p_RK = jnp.exp2(s_RK - lax.broadcast_in_dim(m_new, s_RK.shape, [0]))
             l_R = l_R * alpha_R + p_RK.sum(axis=1)
 
+            p_RK = p_RK.astype(q_ref.dtype)
+            if split:
+                @pl.when(wg == 0)
+                def _hand_probabilities():
+                    p_smem[...] = p_RK
+                    alpha_smem[...] = alpha_R
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(p_ready)
+                pl.when(wg == 1)(lambda: plgpu.barrier_wait(p_ready))
+                # P V reads P from shared memory (the interpreter's plain dot from registers)
+                p_RK, alpha_R = p_smem[...] if interpreted else p_smem, cast(alpha_smem[...], ROW)
             acc_RH = acc_RH * lax.broadcast_in_dim(alpha_R, acc_RH.shape, [0])
-            acc_RH = accumulate(acc_RH, p_RK.astype(q_ref.dtype), key_smem.at[slot, wg])   # V = K: own columns
+            acc_RH = accumulate(acc_RH, p_RK, key_smem.at[slot, wg])   # V = K: this warpgroup's columns
             plgpu.barrier_arrive(key_free.at[slot])
             return acc_RH, m_new, l_R
 
@@ -121,8 +147,14 @@ def _kernel(lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, sinks_ref, o_re
                  cast(jnp.ones((ROWS,), F32), ROW))
         acc_RH, m_R, l_R = lax.fori_loop(0, steps, step, carry)
 
+        if split:     # warpgroup 0 holds the softmax sum
+            @pl.when(wg == 0)
+            def _hand_sum():
+                alpha_smem[...] = l_R
         plgpu.barrier_arrive(both_done)    # Q's buffers take the output once both have read Q for the last time
         plgpu.barrier_wait(both_done)
+        if split:
+            l_R = cast(alpha_smem[...], ROW)
         o_buf = q_smem.at[wg]
         o_buf[...] = (acc_RH / lax.broadcast_in_dim(l_R, acc_RH.shape, [0])).astype(o_ref.dtype)
         plgpu.commit_smem()
@@ -187,19 +219,20 @@ def _kernel(lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, sinks_ref, o_re
             plgpu.barrier_wait(key_free.at[lax.rem(j, stages)])
 
 
-def _scores(q_smem, keys_smem):
-    """S = Q K^T [ROWS, keys] on the tensor cores, summed over the column parts of Q and K (smem)."""
+def _scores(pairs):
+    """S = sum over (Q part, K part) smem pairs of Q K^T [ROWS, keys], on the tensor cores."""
     def product(s_ref):
-        for h in range(PARTS):
-            plgpu.wgmma(s_ref, q_smem.at[h], keys_smem.at[h].transpose((1, 0)))
+        for q_smem, keys_smem in pairs:
+            plgpu.wgmma(s_ref, q_smem, keys_smem.transpose((1, 0)))
         return s_ref[...]
-    return pl.run_scoped(product, plgpu.ACC((q_smem.shape[1], keys_smem.shape[1]), F32))
+    return pl.run_scoped(product, plgpu.ACC((pairs[0][0].shape[0], pairs[0][1].shape[0]), F32))
 
 
-def _scores_interpreted(q_smem, keys_smem):
-    """S = Q K^T for the Mosaic GPU interpreter, whose wgmma takes no transposed operand (jax 0.10)."""
+def _scores_interpreted(pairs):
+    """S = sum of Q K^T for the Mosaic GPU interpreter, whose wgmma takes no transposed operand (jax 0.10)."""
     dims = (((1,), (1,)), ((), ()))
-    return sum(lax.dot_general(q_smem[h], keys_smem[h], dims, preferred_element_type=F32) for h in range(PARTS))
+    return sum(lax.dot_general(q_smem[...], keys_smem[...], dims, preferred_element_type=F32)
+               for q_smem, keys_smem in pairs)
 
 
 def _accumulate(acc_MN, a_MK, b_smem_KN):
@@ -220,6 +253,7 @@ class _Config:
     base: compressed._Config     # window, scale and the Triton backward's lowering and blocks
     block_k: int
     stages: int
+    split_scores: bool
     interpret: object            # False, or the Mosaic GPU interpreter's params
 
 
@@ -229,10 +263,12 @@ def runs_on_this_device() -> bool:
 
 
 def forward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, *, window: int, scale: float,
-            block_k: int | None = None, stages: int | None = None, interpret=False
+            block_k: int | None = None, stages: int | None = None, split_scores: bool = False, interpret=False
             ) -> tuple[jax.Array, jax.Array]:
     """O [B, T, N, H] in q's dtype and the log-sum-exp [B, T, N] (float32, natural log, sink included).
-    lo_BT: window starts; count_BT: used top-k slots (those after it are skipped)."""
+    lo_BT: window starts; count_BT: used top-k slots (those after it are skipped). split_scores: each
+    compute warpgroup computes the scores of its own column part only, and warpgroup 0 runs the softmax for
+    both (a third less tensor-core work, two hand-overs through shared memory per key block)."""
     B, T, N, H = q_BTNH.shape
     if H not in HEAD_DIMS or q_BTNH.dtype not in DTYPES:
         raise ValueError(f"the Hopper CSA forward takes head dim in {HEAD_DIMS} and 16-bit q, got {H} and "
@@ -253,7 +289,7 @@ def forward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, *, wind
     sinks = pad_axis(sinks_N.astype(F32), 0, Np)
     dtype, width = q.dtype, H // PARTS
     kernel = functools.partial(_kernel, scale=scale, window=window, w_blocks=w_blocks, block_k=block_k,
-                               stages=stages, interpreted=interpret is not False)
+                               stages=stages, split=split_scores, interpreted=interpret is not False)
     o, lse = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((B, T, Np, H), dtype), jax.ShapeDtypeStruct((B, T, Np), F32)),
@@ -265,12 +301,18 @@ def forward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, *, wind
             plgpu.SMEM((Kp,), jnp.int32),                          # the token's top-k rows
             plgpu.SMEM((ROWS,), F32),                              # sinks
             plgpu.SMEM((ROWS,), F32),                              # log-sum-exp out
+            # split_scores: warpgroup 1's partial scores; P; the rescale (at the end, the softmax sum)
+            smem_tiled((ROWS, block_k) if split_scores else (8, 32), F32),
+            smem_tiled((ROWS, block_k) if split_scores else (8, TILE_COLUMNS), dtype),
+            plgpu.SMEM((ROWS,), F32),
             plgpu.Barrier(num_barriers=PARTS + 1),                 # Q parts and sinks landed
             plgpu.Barrier(num_arrivals=-(-Kp // MAX_COPY)),        # top-k rows landed
             plgpu.Barrier(num_barriers=stages * PARTS),            # ring slot filled (per part)
             plgpu.Barrier(num_arrivals=WARPGROUPS, num_barriers=stages),   # ring slot released
             plgpu.Barrier(num_arrivals=block_k * PARTS),           # staged rows landed
             plgpu.Barrier(num_arrivals=WARPGROUPS),                # both done with Q
+            plgpu.Barrier(),                                       # split: partial scores handed over
+            plgpu.Barrier(),                                       # split: P and the rescale handed over
         ),
         grid=(Np // ROWS, T, B),
         grid_names=("heads", "tokens", "batch"),
@@ -291,7 +333,7 @@ def _csa(cfg: _Config, q_BTNH, kv_BTH, kv_comp_BCH, indices_BTK, sinks_N, lo_BT,
 def _csa_forward(cfg: _Config, q_BTNH, kv_BTH, kv_comp_BCH, indices_BTK, sinks_N, lo_BT, count_BT):
     o_BTNH, lse_BTN = forward(q_BTNH, kv_BTH, kv_comp_BCH, indices_BTK, sinks_N, lo_BT, count_BT,
                               window=cfg.base.window, scale=cfg.base.scale, block_k=cfg.block_k,
-                              stages=cfg.stages, interpret=cfg.interpret)
+                              stages=cfg.stages, split_scores=cfg.split_scores, interpret=cfg.interpret)
     return o_BTNH, (q_BTNH, kv_BTH, kv_comp_BCH, indices_BTK, sinks_N, lo_BT, count_BT, o_BTNH, lse_BTN)
 
 
@@ -305,7 +347,7 @@ _csa.defvjp(_csa_forward, _csa_backward)
 def csa_attention_hopper(q_BTNH: jax.Array, kv_BTH: jax.Array, kv_comp_BCH: jax.Array, indices_BTK: jax.Array,
                          sinks_N: jax.Array, *, window: int, scale: float | None = None,
                          segment_ids_BT: jax.Array | None = None, block_k: int | None = None,
-                         stages: int | None = None, interpret=False,
+                         stages: int | None = None, split_scores: bool = False, interpret=False,
                          backward_blocks: BlockSizes | None = None) -> jax.Array:
     """`compressed.csa_attention` with this Mosaic GPU forward (Hopper) and the Triton backward; same
     arguments and result. Takes 16-bit q with head dim 128, 256 or 512. interpret: False (compile for the
@@ -323,7 +365,7 @@ def csa_attention_hopper(q_BTNH: jax.Array, kv_BTH: jax.Array, kv_comp_BCH: jax.
     lo_BT = window_start(segment_ids_BT, B, T)
     slot_K = jnp.arange(1, indices_BTK.shape[2] + 1, dtype=jnp.int32)
     count_BT = jnp.max(jnp.where(indices_BTK >= 0, slot_K, 0), axis=2, initial=0).astype(jnp.int32)
-    return _csa(_Config(base, block_k, stages, interpret), q_BTNH, kv_BTH, kv_comp_BCH, indices_BTK, sinks_N,
+    return _csa(_Config(base, block_k, stages, split_scores, interpret), q_BTNH, kv_BTH, kv_comp_BCH, indices_BTK, sinks_N,
                 lo_BT, count_BT)
 
 

@@ -45,14 +45,15 @@ def lse_reference(q, kv, kv_comp, indices, sinks, segment_ids, scale):
     return jax.nn.logsumexp(jnp.concatenate(parts, axis=-1), axis=-1)
 
 
-def _check_forward(B, T, K, assert_close):
+def _check_forward(B, T, K, assert_close, split_scores=False):
     q, kv, kv_comp, indices, sinks, segment_ids = make_inputs(B, T, K)
     scale = 0.3
     lo = window_start(segment_ids, B, T)
     slot_K = jnp.arange(1, K + 1, dtype=jnp.int32)
     count = jnp.max(jnp.where(indices >= 0, slot_K, 0), axis=2, initial=0).astype(jnp.int32)
     o, lse = compressed_hopper.forward(q, kv, kv_comp, indices, sinks, lo, count, window=W, scale=scale,
-                                       block_k=BLOCK_K, stages=1, interpret=InterpretGPUParams())
+                                       block_k=BLOCK_K, stages=1, split_scores=split_scores,
+                                       interpret=InterpretGPUParams())
     ref = csa_attention_reference(q, kv, kv_comp, indices, sinks, window=W, scale=scale,
                                   segment_ids_BT=segment_ids)
     assert o.shape == ref.shape and o.dtype == ref.dtype and lse.shape == (B, T, N)
@@ -60,9 +61,11 @@ def _check_forward(B, T, K, assert_close):
     assert_close(lse, lse_reference(q, kv, kv_comp, indices, sinks, segment_ids, scale), 1e-4, "lse")
 
 
-def test_forward_matches_reference_in_the_interpreter(assert_close):
+@pytest.mark.parametrize("split_scores", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["full_scores", "split_scores"])
+def test_forward_matches_reference_in_the_interpreter(split_scores, assert_close):
     """Two top-k blocks through a one-slot ring (it wraps), one window block per token."""
-    _check_forward(1, 5, 70, assert_close)
+    _check_forward(1, 5, 70, assert_close, split_scores)
 
 
 @pytest.mark.slow
@@ -71,8 +74,8 @@ def test_two_window_blocks_in_the_interpreter(assert_close):
     _check_forward(1, 66, 20, assert_close)
 
 
-@pytest.mark.parametrize("head_dim", [512, 256])
-def test_lowers_to_mosaic_gpu_at_v4_flash_shapes(head_dim):
+@pytest.mark.parametrize("head_dim,split_scores", [(512, False), (512, True), (256, False)])
+def test_lowers_to_mosaic_gpu_at_v4_flash_shapes(head_dim, split_scores):
     """The compiled (not interpreted) kernel lowers through Mosaic GPU on CPU at 64 heads x 512 (and x 256),
     window 128, top-k 512, default tiles: TMA copy sizes, tilings, bank-conflict-free transfer plans and
     wgmma shapes are checked there; the final compilation needs the H100."""
@@ -80,7 +83,8 @@ def test_lowers_to_mosaic_gpu_at_v4_flash_shapes(head_dim):
     sd = jax.ShapeDtypeStruct
     args = (sd((B, T, N_, H_), jnp.bfloat16), sd((B, T, H_), jnp.bfloat16), sd((B, C_, H_), jnp.bfloat16),
             sd((B, T, K_), jnp.int32), sd((N_,), F32), sd((B, T), jnp.int32), sd((B, T), jnp.int32))
-    forward = jax.jit(lambda *a: compressed_hopper.forward(*a, window=128, scale=H_ ** -0.5))
+    forward = jax.jit(lambda *a: compressed_hopper.forward(*a, window=128, scale=H_ ** -0.5,
+                                                           split_scores=split_scores))
     text = jax.export.export(forward, platforms=["cuda"])(*args).mlir_module()
     assert "mosaic_gpu" in text
 
