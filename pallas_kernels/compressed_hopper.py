@@ -9,13 +9,14 @@ directly. The ring holds one K = V block per slot, released once both compute wa
 values.
 
 The head dim is held in two column parts (as the dense d 512 forward does): both compute warpgroups take the
-same 64 heads, compute the full scores S = Q K^T over both parts, run the online softmax (base 2, seeded
+same 64 heads, compute the full scores S = Q K^T over both parts (or, with `split_scores`, each its own
+part's, summed and softmaxed by warpgroup 0, which hands P back through shared memory), run the online softmax (base 2, seeded
 with the sink: m = sink, l = 1, so the sink only enters the denominator) and each accumulates the output
 columns of its own part, O = alpha O + P V on the tensor cores. Outputs: O [B, T, N, H] and the natural
 log-sum-exp [B, T, N] (sink included), what `compressed_gpu.forward` returns, so its backward applies.
 
-Per 64-key block at head dim 512 the tensor cores run 1.5x the useful FLOPs (both warpgroups compute the
-full scores), and with one ring slot (all that fits next to Q and the staging buffer) re-tiling a gathered
+Per 64-key block at head dim 512 the tensor cores run 1.5x the useful FLOPs when both warpgroups compute the
+full scores (1x with `split_scores`, at the price of two hand-overs per block), and with one ring slot (all that fits next to Q and the staging buffer) re-tiling a gathered
 block waits for the compute warpgroups to release the slot. Under the Mosaic GPU interpreter (jax 0.10,
 which has no run_state, no layout casts and no wgmma with a transposed or register operand) the two matmuls
 run as plain dots; everything else is the compiled path.
@@ -270,6 +271,9 @@ def forward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, *, wind
     compute warpgroup computes the scores of its own column part only, and warpgroup 0 runs the softmax for
     both (a third less tensor-core work, two hand-overs through shared memory per key block)."""
     B, T, N, H = q_BTNH.shape
+    if interpret is not False and type(interpret).__name__ != "InterpretGPUParams":
+        raise ValueError(f"interpret must be False or the Mosaic GPU interpreter's InterpretGPUParams(), got "
+                         f"{interpret!r}")
     if H not in HEAD_DIMS or q_BTNH.dtype not in DTYPES:
         raise ValueError(f"the Hopper CSA forward takes head dim in {HEAD_DIMS} and 16-bit q, got {H} and "
                          f"{q_BTNH.dtype}")

@@ -98,6 +98,8 @@ def test_bad_inputs_name_the_problem():
         compressed_hopper.csa_attention_hopper(q, kv, kv_comp, indices[:, :3], sinks, window=W)
     with pytest.raises(ValueError, match="block_k must be a multiple of 64"):
         compressed_hopper.forward(q, kv, kv_comp, indices, sinks, None, None, window=W, scale=1.0, block_k=32)
+    with pytest.raises(ValueError, match="interpret must be False or"):
+        compressed_hopper.forward(q, kv, kv_comp, indices, sinks, None, None, window=W, scale=1.0, interpret=True)
     np.testing.assert_equal(compressed_hopper.flops_per_token(64, 512, 128, 512), 4 * 64 * 512 * 640)
 
 
