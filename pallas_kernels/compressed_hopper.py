@@ -10,16 +10,18 @@ values.
 
 The head dim is held in two column parts (as the dense d 512 forward does): both compute warpgroups take the
 same 64 heads, compute the full scores S = Q K^T over both parts (or, with `split_scores`, each its own
-part's, summed and softmaxed by warpgroup 0, which hands P back through shared memory), run the online softmax (base 2, seeded
-with the sink: m = sink, l = 1, so the sink only enters the denominator) and each accumulates the output
-columns of its own part, O = alpha O + P V on the tensor cores. Outputs: O [B, T, N, H] and the natural
-log-sum-exp [B, T, N] (sink included), what `compressed_gpu.forward` returns, so its backward applies.
+part's, summed and softmaxed by warpgroup 0, which hands P back through shared memory), run the online
+softmax (base 2, seeded with the sink: m = sink, l = 1, so the sink only enters the denominator) and each
+accumulates the output columns of its own part, O = alpha O + P V on the tensor cores. Outputs: O [B, T, N, H]
+and the natural log-sum-exp [B, T, N] (sink included), what `compressed_gpu.forward` returns, so its
+backward applies.
 
 Per 64-key block at head dim 512 the tensor cores run 1.5x the useful FLOPs when both warpgroups compute the
-full scores (1x with `split_scores`, at the price of two hand-overs per block), and with one ring slot (all that fits next to Q and the staging buffer) re-tiling a gathered
-block waits for the compute warpgroups to release the slot. Under the Mosaic GPU interpreter (jax 0.10,
-which has no run_state, no layout casts and no wgmma with a transposed or register operand) the two matmuls
-run as plain dots; everything else is the compiled path.
+full scores (1x with `split_scores`, at the price of two hand-overs per block), and with one ring slot (all
+that fits next to Q and the staging buffer) re-tiling a gathered block waits for the compute warpgroups to
+release the slot. Under the Mosaic GPU interpreter (jax 0.10, which has no run_state, no layout casts and no
+wgmma with a transposed or register operand) the two matmuls run as plain dots; everything else is the
+compiled path.
 
 Shapes: B batch, T tokens, N heads (padded to a multiple of 64), H head dim, C compressed entries, K top-k
 slots (padded to whole key blocks with -1), W window.
@@ -57,13 +59,13 @@ def default_tiles(head_dim: int) -> tuple[int, int]:
 
 
 def _kernel(lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, sinks_ref, o_ref, lse_ref,
-            q_smem, key_smem, stage_smem, idx_smem, sink_smem, lse_smem, s_smem, p_smem, alpha_smem,
+            q_smem, key_smem, stage_smem, idx_smem, sink_smem, lse_smem, s_smem, p_smem, alpha_smem, sum_smem,
             q_ready, idx_ready, key_ready, key_free, stage_ready, both_done, s_ready, p_ready, *,
             scale: float, window: int, w_blocks: int, block_k: int, stages: int, split: bool, interpreted: bool):
     """split: warpgroup w computes only Q_w K_w^T over its own column part; warpgroup 1 hands its partial
     scores to warpgroup 0 (s_smem), which runs the softmax for both and hands back P and the rescale
-    (p_smem, alpha_smem); both then take P from shared memory for P V. Otherwise both compute the full
-    scores and the softmax in registers."""
+    (p_smem, alpha_smem); both then take P from shared memory for P V, and 1 the final sum (sum_smem).
+    Otherwise both compute the full scores and the softmax in registers."""
     hg, t, b = lax.axis_index("heads"), lax.axis_index("tokens"), lax.axis_index("batch")
     wg = lax.axis_index("wg")
     h0 = hg * ROWS
@@ -151,11 +153,11 @@ def _kernel(lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, sinks_ref, o_re
         if split:     # warpgroup 0 holds the softmax sum
             @pl.when(wg == 0)
             def _hand_sum():
-                alpha_smem[...] = l_R
+                sum_smem[...] = l_R
         plgpu.barrier_arrive(both_done)    # Q's buffers take the output once both have read Q for the last time
         plgpu.barrier_wait(both_done)
         if split:
-            l_R = cast(alpha_smem[...], ROW)
+            l_R = cast(sum_smem[...], ROW)
         o_buf = q_smem.at[wg]
         o_buf[...] = (acc_RH / lax.broadcast_in_dim(l_R, acc_RH.shape, [0])).astype(o_ref.dtype)
         plgpu.commit_smem()
@@ -305,9 +307,10 @@ def forward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, *, wind
             plgpu.SMEM((Kp,), jnp.int32),                          # the token's top-k rows
             plgpu.SMEM((ROWS,), F32),                              # sinks
             plgpu.SMEM((ROWS,), F32),                              # log-sum-exp out
-            # split_scores: warpgroup 1's partial scores; P; the rescale (at the end, the softmax sum)
+            # split_scores: warpgroup 1's partial scores; P; the rescale; the final softmax sum
             smem_tiled((ROWS, block_k) if split_scores else (8, 32), F32),
             smem_tiled((ROWS, block_k) if split_scores else (8, TILE_COLUMNS), dtype),
+            plgpu.SMEM((ROWS,), F32),
             plgpu.SMEM((ROWS,), F32),
             plgpu.Barrier(num_barriers=PARTS + 1),                 # Q parts and sinks landed
             plgpu.Barrier(num_arrivals=-(-Kp // MAX_COPY)),        # top-k rows landed
@@ -369,8 +372,8 @@ def csa_attention_hopper(q_BTNH: jax.Array, kv_BTH: jax.Array, kv_comp_BCH: jax.
     lo_BT = window_start(segment_ids_BT, B, T)
     slot_K = jnp.arange(1, indices_BTK.shape[2] + 1, dtype=jnp.int32)
     count_BT = jnp.max(jnp.where(indices_BTK >= 0, slot_K, 0), axis=2, initial=0).astype(jnp.int32)
-    return _csa(_Config(base, block_k, stages, split_scores, interpret), q_BTNH, kv_BTH, kv_comp_BCH, indices_BTK, sinks_N,
-                lo_BT, count_BT)
+    return _csa(_Config(base, block_k, stages, split_scores, interpret), q_BTNH, kv_BTH, kv_comp_BCH,
+                indices_BTK, sinks_N, lo_BT, count_BT)
 
 
 def flops_per_token(heads: int, head_dim: int, window: int, topk: int) -> int:
