@@ -6,8 +6,9 @@ x 512, window 128, top-k 512, ratio 4) on an H100.
     python benchmarks/csa_hopper.py --seq 8192 --block-k 64 --stages 1
 
 TFLOP/s counts the FLOPs each token actually needs (its visible window and selected entries), as
-benchmarks/attention.py does. The check compares O with the reference (bf16 tolerance) and O and the
-log-sum-exp (which the backward consumes) with the Triton forward's.
+benchmarks/attention.py does. The check compares O with the reference (bf16 tolerance), O and the
+log-sum-exp (which the backward consumes) with the Triton forward's, and the gradients of
+`csa_attention_hopper` (this forward, Triton's backward) with `csa_attention`'s.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._timing import median_seconds  # noqa: E402
 from benchmarks.attention import Shape, make_inputs, needed_flops  # noqa: E402
 from pallas_kernels import compressed_gpu, compressed_hopper  # noqa: E402
-from pallas_kernels.compressed import CSA_DEFAULT_BLOCKS, csa_attention_reference  # noqa: E402
+from pallas_kernels.compressed import CSA_DEFAULT_BLOCKS, csa_attention, csa_attention_reference  # noqa: E402
 from pallas_kernels.common import window_start  # noqa: E402
 
 
@@ -70,6 +71,18 @@ def check(tokens: int, block_k, stages) -> list[str]:
             print(f"check {variant}, {tokens} tokens: {name}: max |diff| {err:.2e} (allowed {tol * scale:.1e})")
             assert np.all(np.isfinite(f32(got))), f"{variant} {name}: non-finite output"
             assert err <= tol * scale, f"{variant} {name}: max |diff| {err} over {tol * scale}"
+    if "hopper" not in broken:   # csa_attention_hopper's gradients: this forward's O and lse, Triton's backward
+        q, kv, comp, idx, sinks = ops[:5]
+        probe = jax.random.normal(jax.random.key(7), q.shape, jnp.bfloat16)
+        grads = lambda attend: jax.jit(lambda *a: jax.vjp(lambda q, kv, comp, sinks: attend(q, kv, comp, idx, sinks),
+                                                          *a)[1](probe))(q, kv, comp, sinks)
+        got = grads(lambda *a: compressed_hopper.csa_attention_hopper(*a, window=s.window))
+        want = grads(lambda *a: csa_attention(*a, window=s.window, impl="pallas_gpu"))
+        for name, g, w in zip(("dq", "dkv", "dkv_comp", "dsinks"), got, want):
+            err = float(np.max(np.abs(f32(g) - f32(w))))
+            allowed = 2e-2 * max(1.0, float(np.max(np.abs(f32(w)))))
+            print(f"check hopper, {tokens} tokens: {name} vs triton: max |diff| {err:.2e} (allowed {allowed:.1e})")
+            assert np.all(np.isfinite(f32(g))) and err <= allowed, f"hopper {name}: max |diff| {err}"
     return broken
 
 

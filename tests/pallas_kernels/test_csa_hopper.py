@@ -61,17 +61,11 @@ def _check_forward(B, T, K, assert_close, split_scores=False):
     assert_close(lse, lse_reference(q, kv, kv_comp, indices, sinks, segment_ids, scale), 1e-4, "lse")
 
 
-@pytest.mark.parametrize("split_scores", [False, pytest.param(True, marks=pytest.mark.slow)],
-                         ids=["full_scores", "split_scores"])
-def test_forward_matches_reference_in_the_interpreter(split_scores, assert_close):
-    """Two top-k blocks through a one-slot ring (it wraps), one window block per token."""
-    _check_forward(1, 5, 70, assert_close, split_scores)
-
-
-@pytest.mark.slow
-def test_two_window_blocks_in_the_interpreter(assert_close):
-    """Windows spanning two key blocks (tokens >= 64) (several minutes)."""
-    _check_forward(1, 66, 20, assert_close)
+def test_forward_matches_reference_in_the_interpreter(assert_close):
+    """Two top-k blocks through a one-slot ring (it wraps), one window block per token. (The split-scores
+    variant, windows over several key blocks and the gradients through the Triton backward are checked by
+    benchmarks/csa_hopper.py on the GPU: in the interpreter they take minutes.)"""
+    _check_forward(1, 5, 70, assert_close, False)
 
 
 @pytest.mark.parametrize("head_dim,split_scores", [(512, False), (512, True), (256, False)])
@@ -101,22 +95,3 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="interpret must be False or"):
         compressed_hopper.forward(q, kv, kv_comp, indices, sinks, None, None, window=W, scale=1.0, interpret=True)
     np.testing.assert_equal(compressed_hopper.flops_per_token(64, 512, 128, 512), 4 * 64 * 512 * 640)
-
-
-@pytest.mark.slow
-def test_entry_gradients_through_the_triton_backward(assert_close):
-    """csa_attention_hopper: this forward's O and log-sum-exp feed the Triton backward (interpret mode)."""
-    q, kv, kv_comp, indices, sinks, segment_ids = make_inputs(1, 5, 20)
-    probe = jax.random.normal(jax.random.key(7), q.shape)
-
-    def output_and_grads(attend):
-        out, vjp = jax.vjp(attend, q, kv, kv_comp, sinks)
-        return out, vjp(probe.astype(out.dtype))
-    out, grads = output_and_grads(lambda *a: compressed_hopper.csa_attention_hopper(
-        *a[:3], indices, a[3], window=W, segment_ids_BT=segment_ids, interpret=InterpretGPUParams()))
-    ref, ref_grads = output_and_grads(lambda *a: csa_attention_reference(
-        *a[:3], indices, a[3], window=W, segment_ids_BT=segment_ids))
-    assert_close(out, ref, 1e-2, "out")
-    for name, g, r in zip(("dq", "dkv", "dkv_comp", "dsinks"), grads, ref_grads):
-        assert g.dtype == r.dtype, name
-        assert_close(g, r, 1e-2, name)
