@@ -22,11 +22,20 @@ def build(cfg, *, seed: int = 0) -> Decoder:
     return Decoder(cfg, families.get(cfg.family).block, rngs=nnx.Rngs(params=seed))
 
 
+class _ShapeOnlyRngs:
+    """Stands in for `nnx.Rngs` where only shapes matter: every draw takes the same key, so no draw counter
+    is updated inside the trace (under jax 0.10 each such update searches the whole trace, which made
+    the abstract build of a large preset take minutes)."""
+
+    def params(self) -> jax.Array:
+        return jax.random.key(0)
+
+
 def build_abstract(cfg) -> Decoder:
     """The decoder with shape-only parameters (no memory), for counting and for streaming loads."""
     validate(cfg)
     block_cls = families.get(cfg.family).block
-    return nnx.eval_shape(lambda: Decoder(cfg, block_cls, rngs=nnx.Rngs(params=0)))
+    return nnx.eval_shape(lambda: Decoder(cfg, block_cls, rngs=_ShapeOnlyRngs()))
 
 
 def cast(model: Decoder, dtype) -> Decoder:
