@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from layers import activations
+from layers import activations, params
 from layers.attention import IMPLS, OUTPUT_GATES, Attention
 from layers.cca import CCA
 from layers.mlp import GatedMLP
@@ -123,7 +123,7 @@ class AttentionKind:
             object.__setattr__(self, "cache", self._module_cache)
 
     def _module_cache(self, cfg, i: int, kind: str, batch: int, max_len: int, dtype) -> Any:
-        module = nnx.eval_shape(lambda: self.build(cfg, i, kind, nnx.Rngs(params=0)))
+        module = nnx.eval_shape(lambda: self.build(cfg, i, kind, params.ShapeOnlyRngs()))
         return module.cache_spec(batch, max_len, dtype)
 
 

@@ -12,6 +12,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+class ShapeOnlyRngs:
+    """Stands in for `nnx.Rngs` where only shapes matter (`nnx.eval_shape` builds): every draw takes the
+    same key, so no draw counter is updated inside the trace (under jax 0.10 each such update searches the
+    whole trace, which made the abstract build of a large preset take minutes)."""
+
+    def params(self) -> jax.Array:
+        return jax.random.key(0)
+
+
 def normal(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], std: float | None = None,
            fan_in_dims: int = 1) -> nnx.Param:
     """A normal-initialised weight; `std` defaults to 1/sqrt(fan_in) over the first `fan_in_dims` dims."""

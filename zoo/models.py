@@ -5,8 +5,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.params import ShapeOnlyRngs
 from zoo import dtypes, families
 from zoo.decoder import Decoder, DecoderOptions
+
 
 def validate(cfg) -> None:
     """Fails with a message naming the first bad setting of a model config: the decoder's options, the
@@ -22,20 +24,11 @@ def build(cfg, *, seed: int = 0) -> Decoder:
     return Decoder(cfg, families.get(cfg.family).block, rngs=nnx.Rngs(params=seed))
 
 
-class _ShapeOnlyRngs:
-    """Stands in for `nnx.Rngs` where only shapes matter: every draw takes the same key, so no draw counter
-    is updated inside the trace (under jax 0.10 each such update searches the whole trace, which made
-    the abstract build of a large preset take minutes)."""
-
-    def params(self) -> jax.Array:
-        return jax.random.key(0)
-
-
 def build_abstract(cfg) -> Decoder:
     """The decoder with shape-only parameters (no memory), for counting and for streaming loads."""
     validate(cfg)
     block_cls = families.get(cfg.family).block
-    return nnx.eval_shape(lambda: Decoder(cfg, block_cls, rngs=_ShapeOnlyRngs()))
+    return nnx.eval_shape(lambda: Decoder(cfg, block_cls, rngs=ShapeOnlyRngs()))
 
 
 def cast(model: Decoder, dtype) -> Decoder:
