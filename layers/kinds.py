@@ -123,7 +123,7 @@ class AttentionKind:
             object.__setattr__(self, "cache", self._module_cache)
 
     def _module_cache(self, cfg, i: int, kind: str, batch: int, max_len: int, dtype) -> Any:
-        module = nnx.eval_shape(lambda: self.build(cfg, i, kind, params.ShapeOnlyRngs()))
+        module = nnx.eval_shape(lambda: self.build(cfg, i, kind, params.SeededRngs()))
         return module.cache_spec(batch, max_len, dtype)
 
 

@@ -12,13 +12,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-class ShapeOnlyRngs:
-    """Stands in for `nnx.Rngs` where only shapes matter (`nnx.eval_shape` builds): every draw takes the
-    same key, so no draw counter is updated inside the trace (under jax 0.10 each such update searches the
-    whole trace, which made the abstract build of a large preset take minutes)."""
+class SeededRngs:
+    """The draws of `nnx.Rngs(params=seed)` (the i-th is fold_in(key(seed), i)) with the count kept in
+    Python: a model built inside a trace (`nnx.eval_shape`, a sharded `jax.jit` init) updates no traced
+    counter. (Under jax 0.10 each traced counter update searches the whole trace, so building a large
+    preset that way took minutes.)"""
+
+    def __init__(self, seed: int = 0):
+        self._key, self._count = jax.random.key(seed), 0
 
     def params(self) -> jax.Array:
-        return jax.random.key(0)
+        key = jax.random.fold_in(self._key, self._count)
+        self._count += 1
+        return key
 
 
 def normal(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], std: float | None = None,

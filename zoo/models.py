@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.params import ShapeOnlyRngs
+from layers.params import SeededRngs
 from zoo import dtypes, families
 from zoo.decoder import Decoder, DecoderOptions
 
@@ -21,14 +21,14 @@ def validate(cfg) -> None:
 def build(cfg, *, seed: int = 0) -> Decoder:
     """A randomly initialised decoder (float32 parameters) for the model config `cfg`."""
     validate(cfg)
-    return Decoder(cfg, families.get(cfg.family).block, rngs=nnx.Rngs(params=seed))
+    return Decoder(cfg, families.get(cfg.family).block, rngs=SeededRngs(seed))
 
 
 def build_abstract(cfg) -> Decoder:
     """The decoder with shape-only parameters (no memory), for counting and for streaming loads."""
     validate(cfg)
     block_cls = families.get(cfg.family).block
-    return nnx.eval_shape(lambda: Decoder(cfg, block_cls, rngs=ShapeOnlyRngs()))
+    return nnx.eval_shape(lambda: Decoder(cfg, block_cls, rngs=SeededRngs()))
 
 
 def cast(model: Decoder, dtype) -> Decoder:
