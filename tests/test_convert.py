@@ -305,8 +305,10 @@ def test_exported_run_loads_in_a_transformers_pipeline(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tokenizer(text)["input_ids"] == list(text.encode())
     ids = list(text.encode())
+    forward = jax.jit(lambda x: model(x))   # one compile: causal, so padding after the ids changes nothing
     for _ in range(6):
-        ids.append(int(np.argmax(np.asarray(model(jnp.asarray([ids])))[0, -1])))
+        padded = jnp.asarray([ids + [0] * (len(text) + 6 - len(ids))])
+        ids.append(int(np.argmax(np.asarray(forward(padded))[0, len(ids) - 1])))
     generator = pipeline("text-generation", model=str(tmp_path / "hf"))
     out = generator(text, max_new_tokens=6, do_sample=False, return_tensors=True, eos_token_id=None)
     assert list(out[0]["generated_token_ids"]) == ids
