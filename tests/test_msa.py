@@ -273,9 +273,13 @@ def test_bank_matches_in_memory_pooling_and_round_trips(micro, tmp_path):
     bank = memory.MemoryBank.build(model, docs, batch_size=3)
     tokens, mask = ex["inputs_BT"][None], ex["route_mask_BT"][None]
     logits, routing = bank.query(model, tokens, mask)
-    encoded = memory.encode_documents(model, jnp.asarray(ex["docs_BML"]), jnp.asarray(ex["doc_lengths_BM"]))
+    graphdef, state = nnx.split(model)
+    encoded = jax.jit(lambda state, d, n: memory.encode_documents(nnx.merge(graphdef, state), d, n))(
+        state, jnp.asarray(ex["docs_BML"]), jnp.asarray(ex["doc_lengths_BM"]))
     whole = {i: memory.memory_from_encoded(e, task.num_docs) for i, e in encoded.items()}
-    want, want_routing = memory.query_forward(model, jnp.asarray(tokens), whole, route_mask_BT=jnp.asarray(mask))
+    want, want_routing = jax.jit(lambda state, t, w, m: memory.query_forward(nnx.merge(graphdef, state), t, w,
+                                                                             route_mask_BT=m))(
+        state, jnp.asarray(tokens), whole, jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(routing[1].selected_Bk), np.asarray(want_routing[1].selected_Bk))
     assert bank.device_bytes() > 0 and bank.host_bytes() == 2 * bank.content_k[1].nbytes
