@@ -168,8 +168,8 @@ def test_layer_and_gradients_match_an_independent_reference():
 
     valid, arrays = mem.valid_BMC, (mem.router_k_BMCKH, mem.k_BMCKH, mem.v_BMCKH)
     chosen = _reference_choice(p, x, mem, prefix, route_mask)
-    (v1, (y1, routing)), g1 = jax.value_and_grad(ours, argnums=(0, 1, 2), has_aux=True)(p, x, arrays)
-    (v2, y2), g2 = jax.value_and_grad(theirs, argnums=(0, 1, 2), has_aux=True)(p, x, arrays)
+    (v1, (y1, routing)), g1 = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2), has_aux=True))(p, x, arrays)
+    (v2, y2), g2 = jax.jit(jax.value_and_grad(theirs, argnums=(0, 1, 2), has_aux=True))(p, x, arrays)
     np.testing.assert_allclose(np.asarray(y1), np.asarray(y2), rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(float(v1), float(v2), rtol=1e-4)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
