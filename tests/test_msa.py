@@ -347,12 +347,15 @@ def test_without_memory_an_msa_layer_decodes_like_its_forward_pass(micro):
     c, model, task, corpus = micro
     tokens = jnp.asarray(np.random.default_rng(5).integers(3, 256, size=(2, 9)), jnp.int32)
     cache = inference.init_cache(model, batch_size=2, max_len=12, dtype=jnp.float32)
-    first, cache = model.extend(tokens[:, :5], cache)
+    graphdef, state = nnx.split(model)
+    extend = jax.jit(lambda state, t, cache: nnx.merge(graphdef, state).extend(t, cache))
+    first, cache = extend(state, tokens[:, :5], cache)
     rest = []
     for t in range(5, 9):
-        logits, cache = model.extend(tokens[:, t:t + 1], cache)
+        logits, cache = extend(state, tokens[:, t:t + 1], cache)
         rest.append(logits)
-    np.testing.assert_allclose(np.asarray(jnp.concatenate([first, *rest], 1)), np.asarray(model(tokens)),
+    want = jax.jit(lambda state, t: nnx.merge(graphdef, state)(t))(state, tokens)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate([first, *rest], 1)), np.asarray(want),
                                rtol=1e-4, atol=1e-4)
 
 
