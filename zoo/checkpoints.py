@@ -16,6 +16,8 @@ import logging
 import os
 import shutil
 import sys
+import threading
+import traceback
 from collections.abc import Iterator
 
 import jax
@@ -176,22 +178,35 @@ def restore(mngr: ocp.CheckpointManager, step: int, targets: dict) -> dict:
 
 
 def _silence_abandoned_reads() -> None:
-    """After a failed restore, Orbax's unfinished reads of the other arrays fail again when they are
-    garbage-collected, and Python prints each as 'Exception ignored in <coroutine ...>' with TensorStore's
-    spec dump. The failure is already reported once (`UnreadableCheckpoint`), so from here on such
-    leftovers of Orbax's serialization are dropped; every other unraisable exception still prints."""
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_abandoned_reads", False):
+    """After a failed restore, Orbax's unfinished reads of the other arrays still complete on TensorStore's
+    threads and fail again: a coroutine collected later ('Exception ignored in <coroutine ...>' with
+    TensorStore's spec dump), a read done after Orbax closed its event loop ('Event loop is closed' from
+    call_soon_threadsafe). The failure is already reported once (`UnreadableCheckpoint`), so from here on
+    these leftovers are dropped, whichever hook reports them; every other error still prints."""
+    if getattr(sys.unraisablehook, "drops_abandoned_reads", False):
         return
+    unraisable_hook, except_hook, thread_hook = sys.unraisablehook, sys.excepthook, threading.excepthook
 
-    def hook(unraisable):
+    def late_callback(exc_type, exc, tb) -> bool:
+        return (exc_type is RuntimeError and str(exc) == "Event loop is closed"
+                and any(frame.name == "call_soon_threadsafe" for frame in traceback.extract_tb(tb)))
+
+    def on_unraisable(unraisable):
         code = getattr(unraisable.object, "cr_code", None)
-        if code is not None and f"orbax{os.sep}checkpoint" in code.co_filename:
-            return
-        previous(unraisable)
+        if not ((code is not None and f"orbax{os.sep}checkpoint" in code.co_filename)
+                or late_callback(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)):
+            unraisable_hook(unraisable)
 
-    hook.drops_abandoned_reads = True
-    sys.unraisablehook = hook
+    def on_exception(exc_type, exc, tb):
+        if not late_callback(exc_type, exc, tb):
+            except_hook(exc_type, exc, tb)
+
+    def on_thread_exception(args):
+        if not late_callback(args.exc_type, args.exc_value, args.exc_traceback):
+            thread_hook(args)
+
+    on_unraisable.drops_abandoned_reads = True
+    sys.unraisablehook, sys.excepthook, threading.excepthook = on_unraisable, on_exception, on_thread_exception
 
 
 class UnreadableCheckpoint(ValueError):
