@@ -23,6 +23,15 @@ F32 = jnp.float32
 HIGHEST = lax.Precision.HIGHEST
 
 
+def check_block_sizes(blocks, fields, minimum: int) -> None:
+    """Each of `fields` of a block-sizes dataclass is an int power of two >= `minimum` (one-line error)."""
+    for field in fields:
+        value = getattr(blocks, field)
+        if not isinstance(value, int) or value < minimum or value & (value - 1):
+            bound = f" >= {minimum}" if minimum > 1 else ""
+            raise ValueError(f"{type(blocks).__name__}.{field}={value!r} must be a power of two{bound}")
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tile sizes of the window + compressed attention kernels (tune per chip).
@@ -48,10 +57,8 @@ class BlockSizes:
     num_stages_bwd: int = 2
 
     def __post_init__(self):
-        for field in ("block_h", "block_k", "block_h_dq", "block_k_dq", "block_kv_bwd", "block_rows_bwd"):
-            value = getattr(self, field)
-            if value < 8 or value & (value - 1):
-                raise ValueError(f"BlockSizes.{field}={value} must be a power of two >= 8")
+        check_block_sizes(self, ("block_h", "block_k", "block_h_dq", "block_k_dq", "block_kv_bwd", "block_rows_bwd"),
+                          8)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import decode_gpu, decode_tpu, indexer_gpu, indexer_tpu
-from pallas_kernels.common import (F32, FLOAT_DTYPES, HIGHEST, Lowering, check_array, check_dim, check_positive,
-                                   next_pow2, pad_axis, resolve_lowering, round_up)
+from pallas_kernels.common import (F32, FLOAT_DTYPES, HIGHEST, Lowering, check_array, check_block_sizes, check_dim,
+                                   check_positive, next_pow2, pad_axis, resolve_lowering, round_up)
 from pallas_kernels.indexer import DEFAULT_BLOCKS as INDEXER_BLOCKS, IndexerBlockSizes
 
 _ENGINES = {"pallas_gpu": decode_gpu, "pallas_tpu": decode_tpu}
@@ -52,10 +52,7 @@ class DecodeBlockSizes:
     num_stages: int = 2
 
     def __post_init__(self):
-        for field in ("block_s", "block_r"):
-            value = getattr(self, field)
-            if value < 8 or value & (value - 1):
-                raise ValueError(f"DecodeBlockSizes.{field}={value} must be a power of two >= 8")
+        check_block_sizes(self, ("block_s", "block_r"), 8)
         check_positive("DecodeBlockSizes.min_programs", self.min_programs)
         check_positive("DecodeBlockSizes.min_split_blocks", self.min_split_blocks)
         check_positive("DecodeBlockSizes.min_split_blocks", self.min_split_blocks)

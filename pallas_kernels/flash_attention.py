@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import flash_gpu, flash_hopper_backward, flash_hopper_forward, flash_tpu
-from pallas_kernels.common import FLOAT_DTYPES, Lowering, check_array, check_dim, next_pow2, pad_axis, \
-    resolve_lowering, round_up
+from pallas_kernels.common import (FLOAT_DTYPES, Lowering, check_array, check_block_sizes, check_dim, next_pow2,
+                                   pad_axis, resolve_lowering, round_up)
 
 _F32 = jnp.float32
 _NO_SINK = -1e30       # "no sink": seeds the running max so low that it never counts
@@ -50,10 +50,7 @@ class FlashBlockSizes:
     backward: FlashBlockSizes | None = None
 
     def __post_init__(self):
-        for field in ("block_q", "block_kv"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value < 8 or value & (value - 1):
-                raise ValueError(f"FlashBlockSizes.{field}={value!r} must be a power of two >= 8")
+        check_block_sizes(self, ("block_q", "block_kv"), 8)
         if self.backward is not None and (not isinstance(self.backward, FlashBlockSizes)
                                           or self.backward.backward is not None):
             raise ValueError(f"FlashBlockSizes.backward must be a FlashBlockSizes without its own backward, "

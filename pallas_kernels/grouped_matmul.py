@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import grouped_matmul_gpu
-from pallas_kernels.common import FLOAT_DTYPES, HIGHEST, Lowering, check_array, check_dim, resolve_lowering
+from pallas_kernels.common import (FLOAT_DTYPES, HIGHEST, Lowering, check_array, check_block_sizes, check_dim,
+                                   resolve_lowering)
 
 IMPLS = ("xla", "pallas_gpu", "auto")
 
@@ -41,10 +42,7 @@ class GroupedMatmulBlockSizes:
     num_stages: int = 3
 
     def __post_init__(self):
-        for field in ("block_m", "block_n", "block_k"):
-            value = getattr(self, field)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"GroupedMatmulBlockSizes.{field}={value} must be a power of two >= 16")
+        check_block_sizes(self, ("block_m", "block_n", "block_k"), 16)
         for field in ("num_warps", "num_stages"):
             if getattr(self, field) < 1:
                 raise ValueError(f"GroupedMatmulBlockSizes.{field} must be >= 1, got {getattr(self, field)}")

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import indexer_gpu, indexer_topk_gpu, indexer_tpu
-from pallas_kernels.common import (F32, FLOAT_DTYPES, HIGHEST, Lowering, check_array, check_dim, check_positive,
-                                   check_segment_ids, first_entry, pad_axis, resolve_lowering, round_up,
-                                   visible_entries, window_start)
+from pallas_kernels.common import (F32, FLOAT_DTYPES, HIGHEST, Lowering, check_array, check_block_sizes, check_dim,
+                                   check_positive, check_segment_ids, first_entry, pad_axis, resolve_lowering,
+                                   round_up, visible_entries, window_start)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +39,7 @@ class IndexerBlockSizes:
     topk_part: int = 512
 
     def __post_init__(self):
-        for field in ("block_t", "block_s", "topk_part"):
-            value = getattr(self, field)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"IndexerBlockSizes.{field}={value} must be a power of two")
+        check_block_sizes(self, ("block_t", "block_s", "topk_part"), 1)
 
 
 _TOPK_CHUNK_BYTES = 1 << 28   # float32 scores (or reference dots) of one chunk of tokens in indexer_topk

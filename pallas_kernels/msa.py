@@ -39,8 +39,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import msa_gpu, msa_tpu
-from pallas_kernels.common import (F32, FLOAT_DTYPES, HIGHEST, Lowering, check_array, check_dim, check_positive,
-                                   next_pow2, pad_axis, resolve_lowering, round_up)
+from pallas_kernels.common import (F32, FLOAT_DTYPES, HIGHEST, Lowering, check_array, check_block_sizes, check_dim,
+                                   check_positive, next_pow2, pad_axis, resolve_lowering, round_up)
 
 HEAD_REDUCES = ("mean", "max")
 _NO_SINK = -1e30       # "no sink": seeds the running max so low that it never counts
@@ -59,10 +59,7 @@ class MsaBlockSizes:
     num_stages: int = 2
 
     def __post_init__(self):
-        for field in ("block_t", "block_c", "block_q", "block_kv"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value < 8 or value & (value - 1):
-                raise ValueError(f"MsaBlockSizes.{field}={value!r} must be a power of two >= 8")
+        check_block_sizes(self, ("block_t", "block_c", "block_q", "block_kv"), 8)
 
 
 DEFAULT_BLOCKS = {"pallas_gpu": MsaBlockSizes(),
