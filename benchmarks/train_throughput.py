@@ -50,6 +50,8 @@ def main() -> None:
     p.add_argument("--rules", default="fsdp_tensor_expert", help="a zoo.sharding.RULES preset (zoo.sharding.DEFAULT_RULES)")
     p.add_argument("--attention_impl", default=None, help="override model.attention_impl (xla|pallas|auto)")
     p.add_argument("--remat", default=None, help="override model.remat (none|full|dots)")
+    p.add_argument("--experts_matmul", default=None,
+                   help="override model.experts_matmul, the routed experts' grouped matmul (auto|ragged|blocked|pallas)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--peak_flops", type=float, default=989e12, help="peak FLOP/s of one device")
@@ -74,6 +76,8 @@ def main() -> None:
         config.model.attention_impl = a.attention_impl
     if a.remat:
         config.model.remat = a.remat
+    if a.experts_matmul:
+        config.model.experts_matmul = a.experts_matmul
     try:
         mesh = sharding.parse_mesh(a.mesh)
     except ValueError as e:

@@ -50,7 +50,8 @@ LAYER_OPTIONS = {
     "attention_sinks": False, "windows": 0, "conv_kernel_sizes": (2, 2), "moe_layers": False,
     "router": "softmax", "shared_expert_dim": 0, "routed_scale": 1.0, "router_softcap": 0.0,
     "swiglu_limit": 0.0, "shared_expert_clamp": False, "skip_output": "zero", "router_activation": "gelu",
-    "router_input_norm": True, "router_dim": 0, "attention_impl": "xla", "norm_eps": 1e-6,
+    "router_input_norm": True, "router_dim": 0, "attention_impl": "xla", "experts_matmul": "auto",
+    "norm_eps": 1e-6,
     "activation": "silu",
     "msa_chunk_size": 64, "msa_top_k": 16, "msa_head_reduce": "mean", "msa_max_doc_len": 4096,
     "msa_query_offset": None,
@@ -402,14 +403,16 @@ def build_mlp(cfg, i: int, rngs: nnx.Rngs, *, moe: bool | None = None, router: s
     if router == "mlp_skip":
         return SkipMoE(cfg.d_model, cfg.num_experts, cfg.expert_dim, option(cfg, "router_dim", i),
                        accumulate=i > 0, skip_output=option(cfg, "skip_output", i), activation=act,
-                       router_activation=option(cfg, "router_activation", i), eps=eps, rngs=rngs)
+                       router_activation=option(cfg, "router_activation", i),
+                       matmul=option(cfg, "experts_matmul", i), eps=eps, rngs=rngs)
     limit = option(cfg, "swiglu_limit", i)
     return MoE(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.expert_dim, router=router, activation=act,
                limit=limit, shared_expert_dim=option(cfg, "shared_expert_dim", i),
                shared_limit=limit if option(cfg, "shared_expert_clamp", i) else 0.0,
                routed_scale=option(cfg, "routed_scale", i), softcap=option(cfg, "router_softcap", i),
                input_norm=option(cfg, "router_input_norm", i),
-               hash_vocab=cfg.vocab_size if router == "hash" else 0, eps=eps, rngs=rngs)
+               hash_vocab=cfg.vocab_size if router == "hash" else 0, matmul=option(cfg, "experts_matmul", i),
+               eps=eps, rngs=rngs)
 
 
 def _check_mlp(cfg, i: int) -> None:

@@ -69,17 +69,18 @@ class MLPRouter(nnx.Module):
 
 class SkipMoE(nnx.Module):
     """Top-1 routed experts behind an `MLPRouter`. A token routed to the skip class gets zero
-    (`skip_output="zero"`) or its own input scaled by the skip probability (`"identity"`)."""
+    (`skip_output="zero"`) or its own input scaled by the skip probability (`"identity"`). `matmul` is the
+    experts' grouped matmul (`layers.moe.GROUPED_MATMUL_IMPLS`)."""
 
     def __init__(self, d_model: int, num_experts: int, expert_dim: int, router_dim: int, *, accumulate: bool,
                  skip_output: str = "zero", activation: str = "silu", router_activation: str = "gelu",
-                 eps: float = 1e-6, rngs: nnx.Rngs):
+                 matmul: str = "auto", eps: float = 1e-6, rngs: nnx.Rngs):
         if skip_output not in SKIP_OUTPUTS:
             raise ValueError(f"unknown skip_output {skip_output!r}; expected one of {SKIP_OUTPUTS}")
         self.skip_output = skip_output
         self.router = MLPRouter(d_model, num_experts, router_dim, accumulate=accumulate,
                                 activation=router_activation, eps=eps, rngs=rngs)
-        self.experts = Experts(num_experts, d_model, expert_dim, activation=activation, rngs=rngs)
+        self.experts = Experts(num_experts, d_model, expert_dim, activation=activation, matmul=matmul, rngs=rngs)
 
     def mix(self, x_BTD: jax.Array, ctx: LayerContext) -> jax.Array:
         """The layer as a channel mixer of a decoder stack: reads the previous layer's router state from

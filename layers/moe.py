@@ -201,10 +201,10 @@ def _blocked_grouped_matmul(x_PD: jax.Array, w_EDF: jax.Array, group_sizes_E: ja
 
 def routed_experts(x_MD: jax.Array, experts_MK: jax.Array, weights_MK: jax.Array, gate_EDF: jax.Array,
                    up_EDF: jax.Array, down_EFD: jax.Array, *, act: Callable[[jax.Array], jax.Array],
-                   limit: float = 0.0) -> jax.Array:
+                   limit: float = 0.0, impl: str = "auto") -> jax.Array:
     """y[m] = sum_k weights[m, k] * expert_{experts[m, k]}(x[m]), expert e computing
     down_e(act(gate_e x) * up_e x) with the `clamp_gate_up` clamp. The M*K (token, expert) pairs are sorted
-    by expert and run as grouped matmuls (`grouped_matmul`). A pair whose expert id lies outside [0, E)
+    by expert and run as grouped matmuls (`grouped_matmul` with `impl`). A pair whose expert id lies outside [0, E)
     adds nothing: an expert-parallel shard passes every token's ids minus its first expert and so computes
     only the pairs of its own E experts. Returns [M, D] in the grouped matmul's dtype."""
     M, K = experts_MK.shape
@@ -215,21 +215,25 @@ def routed_experts(x_MD: jax.Array, experts_MK: jax.Array, weights_MK: jax.Array
     token_P = order_P // K
     group_sizes_E = jnp.bincount(group_P, length=E + 1)[:E].astype(jnp.int32)
     x_PD = jnp.take(x_MD, token_P, axis=0)
-    gate_PF = grouped_matmul(x_PD, gate_EDF, group_sizes_E, impl="auto")
-    up_PF = grouped_matmul(x_PD, up_EDF, group_sizes_E, impl="auto")
+    gate_PF = grouped_matmul(x_PD, gate_EDF, group_sizes_E, impl=impl)
+    up_PF = grouped_matmul(x_PD, up_EDF, group_sizes_E, impl=impl)
     gate_PF, up_PF = clamp_gate_up(gate_PF, up_PF, limit)
-    y_PD = grouped_matmul(act(gate_PF) * up_PF, down_EFD, group_sizes_E, impl="auto")
+    y_PD = grouped_matmul(act(gate_PF) * up_PF, down_EFD, group_sizes_E, impl=impl)
     y_PD = y_PD * weights_MK.reshape(-1)[order_P][:, None].astype(y_PD.dtype)
     return jnp.zeros((M, x_MD.shape[-1]), y_PD.dtype).at[token_P].add(y_PD)
 
 
 class Experts(nnx.Module):
     """E gated MLPs, computed by `routed_experts` (or the partitioning's drop-in for it). `limit` > 0
-    clamps each expert's gate and up pre-activations (`clamp_gate_up`)."""
+    clamps each expert's gate and up pre-activations (`clamp_gate_up`); `matmul` picks the grouped matmul
+    (`GROUPED_MATMUL_IMPLS`)."""
 
     def __init__(self, num_experts: int, d_model: int, hidden_dim: int, *, activation: str = "gelu_tanh",
-                 limit: float = 0.0, rngs: nnx.Rngs):
+                 limit: float = 0.0, matmul: str = "auto", rngs: nnx.Rngs):
+        if matmul not in GROUPED_MATMUL_IMPLS:
+            raise ValueError(f"unknown experts_matmul {matmul!r}; expected one of {GROUPED_MATMUL_IMPLS}")
         self.limit = limit
+        self.matmul = matmul
         self.act = activations.get(activation)
         E, D, F = num_experts, d_model, hidden_dim
         self.gate_proj = params.normal(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), std=D ** -0.5)
@@ -241,7 +245,7 @@ class Experts(nnx.Module):
         """x [M, D], expert ids [M, K] in [0, E), routing weights [M, K] -> [M, D]."""
         routed = partitioning.routed_experts or routed_experts
         return routed(x_MD, experts_MK, weights_MK, self.gate_proj[...], self.up_proj[...], self.down_proj[...],
-                      act=self.act, limit=self.limit)
+                      act=self.act, limit=self.limit, impl=self.matmul)
 
 
 ROUTERS = ("softmax", "sigmoid", "sqrt_softplus", "hash")
@@ -252,12 +256,14 @@ class MoE(nnx.Module):
         y = sum_k w_k expert_k(x) [+ shared(x)]
     Routers: `softmax` (SoftmaxRouter), `sigmoid` (SigmoidRouter, selection-only correction bias),
     `sqrt_softplus` (SqrtSoftplusRouter) and `hash` (the same scores, experts fixed per token id).
-    `limit` clamps the experts, `shared_limit` the shared expert (`clamp_gate_up`)."""
+    `limit` clamps the experts, `shared_limit` the shared expert (`clamp_gate_up`); `matmul` is the experts'
+    grouped matmul (`GROUPED_MATMUL_IMPLS`)."""
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, expert_dim: int, *, router: str,
                  activation: str = "silu", limit: float = 0.0, shared_expert_dim: int = 0,
                  shared_limit: float = 0.0, routed_scale: float = 1.0, softcap: float = 0.0,
-                 input_norm: bool = True, hash_vocab: int = 0, eps: float = 1e-6, rngs: nnx.Rngs):
+                 input_norm: bool = True, hash_vocab: int = 0, matmul: str = "auto", eps: float = 1e-6,
+                 rngs: nnx.Rngs):
         if router not in ROUTERS:
             raise ValueError(f"unknown router {router!r}; expected one of {ROUTERS}")
         if (router == "hash") != (hash_vocab > 0):
@@ -272,7 +278,8 @@ class MoE(nnx.Module):
         else:
             self.router = SqrtSoftplusRouter(d_model, num_experts, top_k, routed_scale=routed_scale,
                                              hash_vocab=hash_vocab, rngs=rngs)
-        self.experts = Experts(num_experts, d_model, expert_dim, activation=activation, limit=limit, rngs=rngs)
+        self.experts = Experts(num_experts, d_model, expert_dim, activation=activation, limit=limit,
+                               matmul=matmul, rngs=rngs)
         self.shared_expert = (GatedMLP(d_model, shared_expert_dim, activation=activation, limit=shared_limit,
                                        rngs=rngs) if shared_expert_dim else None)
 

@@ -95,9 +95,10 @@ def test_reference_attention_gqa_and_sinks_against_loop():
                 np.testing.assert_allclose(out[b, t, n], w @ v[b, : t + 1, n // 2], atol=1e-5)
 
 
-def test_experts_grouped_matmul_matches_per_token_loop():
+@pytest.mark.parametrize("matmul", ["ragged", "blocked", "pallas"])
+def test_experts_grouped_matmul_matches_per_token_loop(matmul):
     from flax import nnx
-    experts = Experts(4, 6, 5, activation="silu", rngs=nnx.Rngs(0))
+    experts = Experts(4, 6, 5, activation="silu", matmul=matmul, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(2)
     x = rng.standard_normal((7, 6)).astype(np.float32)
     ids = rng.integers(0, 4, size=(7, 2))
@@ -172,6 +173,9 @@ def test_blocked_grouped_matmul_matches_ragged_dot(P, D, F, sizes):
 
 
 def test_grouped_matmul_rejects_bad_arguments():
+    from flax import nnx
+    with pytest.raises(ValueError, match="unknown experts_matmul 'cutlass'"):
+        Experts(4, 6, 5, matmul="cutlass", rngs=nnx.Rngs(0))
     x, w, gs = jnp.ones((6, 4)), jnp.ones((3, 4, 5)), jnp.array([2, 2, 2])
     with pytest.raises(ValueError, match="unknown impl 'triton'"):
         grouped_matmul(x, w, gs, impl="triton")

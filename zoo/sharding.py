@@ -229,8 +229,8 @@ def _mesh_axes(entry) -> tuple[str, ...]:
 
 def expert_parallel_experts(x_MD: jax.Array, experts_MK: jax.Array, weights_MK: jax.Array,
                             gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array, *,
-                            act: Callable[[jax.Array], jax.Array], limit: float, mesh: Mesh, rules
-                            ) -> jax.Array:
+                            act: Callable[[jax.Array], jax.Array], limit: float, impl: str = "auto",
+                            mesh: Mesh, rules) -> jax.Array:
     """`layers.moe.routed_experts` with each shard of the mesh axis `expert` (size n) computing only its own
     E / n experts, in one shard_map over the whole mesh:
 
@@ -267,7 +267,7 @@ def expert_parallel_experts(x_MD: jax.Array, experts_MK: jax.Array, weights_MK: 
             x_MD, experts_MK, weights_MK = jax.lax.pcast(routed, "expert", to="varying")
         first = jax.lax.axis_index("expert") * gate_EDF.shape[0]   # step 2
         y_MD = moe.routed_experts(x_MD, experts_MK - first, weights_MK, gate_EDF, up_EDF, down_EFD, act=act,
-                                  limit=limit)
+                                  limit=limit, impl=impl)
         y_MD = jax.lax.psum_scatter(y_MD, "expert", tiled=True) if gathered else jax.lax.psum(y_MD, "expert")
         return jax.lax.psum(y_MD, f_axes) if f_axes else y_MD
 
