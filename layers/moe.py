@@ -204,23 +204,26 @@ def routed_experts(x_MD: jax.Array, experts_MK: jax.Array, weights_MK: jax.Array
                    limit: float = 0.0, impl: str = "auto") -> jax.Array:
     """y[m] = sum_k weights[m, k] * expert_{experts[m, k]}(x[m]), expert e computing
     down_e(act(gate_e x) * up_e x) with the `clamp_gate_up` clamp. The M*K (token, expert) pairs are sorted
-    by expert and run as grouped matmuls (`grouped_matmul` with `impl`). A pair whose expert id lies outside [0, E)
-    adds nothing: an expert-parallel shard passes every token's ids minus its first expert and so computes
+    by expert and run as grouped matmuls (`grouped_matmul` with `impl`). A pair whose expert id lies outside
+    [0, E) adds nothing: an expert-parallel shard passes every token's ids minus its first expert and so computes
     only the pairs of its own E experts. Returns [M, D] in the grouped matmul's dtype."""
     M, K = experts_MK.shape
     E = gate_EDF.shape[0]
-    expert_P = experts_MK.reshape(-1)                              # P = M * K (token, expert) pairs
+    expert_P = experts_MK.reshape(-1)                              # P = M * K (token, expert) pairs, m-major
     group_P = jnp.where((expert_P >= 0) & (expert_P < E), expert_P, E)   # E: not ours, sorted last
-    order_P = jnp.argsort(group_P, stable=True)
-    token_P = order_P // K
+    order_P = jnp.argsort(group_P, stable=True)                    # sorted slot -> pair
     group_sizes_E = jnp.bincount(group_P, length=E + 1)[:E].astype(jnp.int32)
-    x_PD = jnp.take(x_MD, token_P, axis=0)
+    # Both ways through the sort are permutations (gathers marked unique_indices), so neither direction
+    # nor its gradient scatter-adds into a token's row: each token's K copies add up in a plain sum.
+    x_PD = jnp.repeat(x_MD, K, axis=0).at[order_P].get(unique_indices=True)
     gate_PF = grouped_matmul(x_PD, gate_EDF, group_sizes_E, impl=impl)
     up_PF = grouped_matmul(x_PD, up_EDF, group_sizes_E, impl=impl)
     gate_PF, up_PF = clamp_gate_up(gate_PF, up_PF, limit)
     y_PD = grouped_matmul(act(gate_PF) * up_PF, down_EFD, group_sizes_E, impl=impl)
-    y_PD = y_PD * weights_MK.reshape(-1)[order_P][:, None].astype(y_PD.dtype)
-    return jnp.zeros((M, x_MD.shape[-1]), y_PD.dtype).at[token_P].add(y_PD)
+    slot_P = jnp.zeros_like(order_P).at[order_P].set(jnp.arange(M * K, dtype=order_P.dtype),
+                                                     unique_indices=True)   # pair -> sorted slot
+    y_MKD = y_PD.at[slot_P].get(unique_indices=True).reshape(M, K, -1)
+    return jnp.einsum("MKD,MK->MD", y_MKD, weights_MK.astype(y_MKD.dtype))
 
 
 class Experts(nnx.Module):
