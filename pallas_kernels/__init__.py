@@ -21,7 +21,7 @@ Files, by kind (the API file of a kind holds its reference and custom VJP; the o
   compressed_gpu.py         Triton lowering of CSA and HCA
   compressed_tpu.py         Mosaic TPU lowering of CSA and HCA
   compressed_inverted.py    inverted index of CSA's top-k (entry -> tokens) for the atomic-free backward
-  compressed_hopper.py      Mosaic GPU (Hopper) CSA forward: TMA window blocks, per-row TMA gather, wgmma
+  compressed_hopper.py      Mosaic GPU (Hopper) CSA and HCA forwards: TMA key blocks, per-row TMA gather, wgmma
   indexer.py                lightning indexer: API, reference, custom VJP, chunked and fused top-k
   indexer_gpu.py            Triton scores kernel and its backward
   indexer_topk_gpu.py       Triton fused top-k: selects while scoring (no scores written)

@@ -1,12 +1,14 @@
-"""Mosaic GPU (Hopper: TMA + wgmma, warp-specialised) forward of CSA (`compressed.py`), MQA with K = V.
+"""Mosaic GPU (Hopper: TMA + wgmma, warp-specialised) forwards of CSA and HCA (`compressed.py`), MQA with
+K = V.
 
 One program per (64 query heads, token, batch): the heads are the rows of one wgmma M tile, and every key
 block serves all of them. A token's keys are its raw-token window (contiguous rows of kv: one TMA copy per
-block) and its top-k rows of kv_comp (not contiguous). Hopper's TMA has no row gather (tile::gather4 is
-Blackwell's), so the memory warpgroup copies each selected row with its own small TMA copy into an untiled
-staging buffer, then rewrites the block into the swizzled tiling wgmma reads; the window blocks land there
-directly. The ring holds one K = V block per slot, released once both compute warpgroups have used it as
-values.
+block) and its compressed entries: CSA's top-k rows of kv_comp (not contiguous), or HCA's visible prefix of
+kv_comp (contiguous: loaded as the window is). Hopper's TMA has no row gather (tile::gather4 is Blackwell's),
+so for CSA the memory warpgroup copies each selected row with its own small TMA copy into an untiled
+staging buffer, then rewrites the block into the swizzled tiling wgmma reads; window blocks and HCA's entry
+blocks land there directly. The ring holds one K = V block per slot, released once both compute warpgroups
+have used it as values.
 
 The head dim is held in two column parts (as the dense d 512 forward does): both compute warpgroups take the
 same 64 heads, compute the full scores S = Q K^T over both parts (or, with `split_scores`, each its own
@@ -17,9 +19,9 @@ and the natural log-sum-exp [B, T, N] (sink included), what `compressed_gpu.forw
 backward applies.
 
 Per 64-key block at head dim 512 the tensor cores run 1.5x the useful FLOPs when both warpgroups compute the
-full scores (1x with `split_scores`, at the price of two hand-overs per block), and with one ring slot (all
-that fits next to Q and the staging buffer) re-tiling a gathered block waits for the compute warpgroups to
-release the slot. Under the Mosaic GPU interpreter (jax 0.10, which has no run_state, no layout casts and no
+full scores (1x with `split_scores`, at the price of two hand-overs per block), and for CSA, with one ring
+slot (all that fits next to Q and the staging buffer), re-tiling a gathered block waits for the compute
+warpgroups to release the slot (HCA, which stages nothing, has two). Under the Mosaic GPU interpreter (jax 0.10, which has no run_state, no layout casts and no
 wgmma with a transposed or register operand) the two matmuls run as plain dots; everything else is the
 compiled path.
 
@@ -40,7 +42,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import compressed
 from pallas_kernels.common import (F32, BlockSizes, Lowering, cdiv, check_array, check_dim, check_positive,
-                                   gpu_compute_capability, pad_axis, round_up, window_start)
+                                   first_entry, gpu_compute_capability, pad_axis, round_up, window_start)
 from pallas_kernels.flash_hopper_common import LOG2E, column_part, smem_tiled
 
 ROWS = 64            # query heads per program (one wgmma M tile)
@@ -53,19 +55,22 @@ MAX_COPY = 256       # elements per axis of one TMA copy
 STAGE_PAD = 8        # 16-bit elements after each staged row
 
 
-def default_tiles(head_dim: int) -> tuple[int, int]:
-    """(keys per ring slot, ring slots): Q, the staging buffer and the ring share 227 KiB of shared memory."""
-    return {128: (64, 4), 256: (64, 4), 512: (64, 1)}[head_dim]
+def default_tiles(head_dim: int, hca: bool = False) -> tuple[int, int]:
+    """(keys per ring slot, ring slots): Q, CSA's staging buffer and the ring share 227 KiB of shared memory."""
+    return {128: (64, 4), 256: (64, 4), 512: (64, 2 if hca else 1)}[head_dim]
 
 
 def _kernel(lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, sinks_ref, o_ref, lse_ref,
             q_smem, key_smem, stage_smem, idx_smem, sink_smem, lse_smem, s_smem, p_smem, alpha_smem, sum_smem,
             q_ready, idx_ready, key_ready, key_free, stage_ready, both_done, s_ready, p_ready, *,
-            scale: float, window: int, w_blocks: int, block_k: int, stages: int, split: bool, interpreted: bool):
-    """split: warpgroup w computes only Q_w K_w^T over its own column part; warpgroup 1 hands its partial
-    scores to warpgroup 0 (s_smem), which runs the softmax for both and hands back P and the rescale
-    (p_smem, alpha_smem); both then take P from shared memory for P V, and 1 the final sum (sum_smem).
-    Otherwise both compute the full scores and the softmax in registers."""
+            scale: float, window: int, ratio: int | None, w_blocks: int, block_k: int, stages: int, split: bool,
+            interpreted: bool):
+    """ratio None: CSA (count = used top-k slots, idx the rows); else HCA (count = visible entries, from
+    first_entry(lo, ratio); idx and the staging buffer unused). split: warpgroup w computes only Q_w K_w^T
+    over its own column part; warpgroup 1 hands its partial scores to warpgroup 0 (s_smem), which runs the
+    softmax for both and hands back P and the rescale (p_smem, alpha_smem); both then take P from shared
+    memory for P V, and 1 the final sum (sum_smem). Otherwise both compute the full scores and the softmax
+    in registers."""
     hg, t, b = lax.axis_index("heads"), lax.axis_index("tokens"), lax.axis_index("batch")
     wg = lax.axis_index("wg")
     h0 = hg * ROWS
@@ -75,7 +80,12 @@ def _kernel(lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, sinks_ref, o_re
     first = jnp.maximum(lo_ref[b, t], t - window + 1)
     w_lo = w_blocks - cdiv(t + 1 - first, block_k)
     n_window = w_blocks - w_lo
-    steps = n_window + cdiv(count_ref[b, t], block_k)
+    hca = ratio is not None
+    count = count_ref[b, t]
+    # HCA: entries [first_c, count) visible, walked from the key block holding first_c (CSA: from slot 0)
+    first_c = first_entry(lo_ref[b, t], ratio) if hca else 0
+    c_lo = first_c // block_k * block_k if hca else 0
+    steps = n_window + cdiv(jnp.maximum(count - c_lo, 0), block_k)
     block_start = lambda j: t + 1 - (w_blocks - w_lo - j) * block_k    # window block j's first position
     # the interpreter (jax 0.10) has neither run_state nor layout casts: layouts are only register placement
     accumulate = _accumulate_interpreted if interpreted else _accumulate
@@ -96,7 +106,8 @@ def _kernel(lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, sinks_ref, o_re
 
         for h in range(PARTS + 1):
             plgpu.barrier_wait(q_ready.at[h])
-        plgpu.barrier_wait(idx_ready)
+        if not hca:
+            plgpu.barrier_wait(idx_ready)
 
         def step(j, carry):
             acc_RH, m_R, l_R = carry
@@ -117,13 +128,19 @@ def _kernel(lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, sinks_ref, o_re
                 s_RK = scores([(q_smem.at[h], key_smem.at[slot, h]) for h in range(PARTS)])
             s_RK = s_RK * (scale * LOG2E)
             iota_RK = cast(lax.broadcasted_iota(jnp.int32, s_RK.shape, 1), WGMMA)
-            # window slots: position >= first (and <= t by construction); top-k slots: index >= 0
+            # window slots: position >= first (and <= t by construction); top-k slots: index >= 0;
+            # HCA entries: first_c <= c < count
             c0 = (j - n_window) * block_k
-            rows_K = cast(idx_smem[pl.ds(jnp.maximum(c0, 0), block_k)], COL)
+            if hca:
+                c_RK = c_lo + c0 + iota_RK
+                comp_key_RK = jnp.minimum(c_RK - first_c, count - 1 - c_RK)
+            else:
+                rows_K = cast(idx_smem[pl.ds(jnp.maximum(c0, 0), block_k)], COL)
+                comp_key_RK = lax.broadcast_in_dim(rows_K, s_RK.shape, [1])
             in_window = (j < n_window).astype(jnp.int32)
-            # >= 0 exactly where visible: the key's distance past `first` (window) or its row (top-k)
-            key_RK = (in_window * (block_start(j) + iota_RK - first)
-                      + (1 - in_window) * lax.broadcast_in_dim(rows_K, s_RK.shape, [1]))
+            # >= 0 exactly where visible: the key's distance past `first` (window), its row (top-k) or its
+            # distance inside [first_c, count) (HCA)
+            key_RK = in_window * (block_start(j) + iota_RK - first) + (1 - in_window) * comp_key_RK
             s_RK = jnp.where(key_RK >= 0, s_RK, -jnp.inf)
             m_new = jnp.maximum(m_R, s_RK.max(axis=1))
             alpha_R = jnp.exp2(m_R - m_new)
@@ -173,10 +190,11 @@ def _kernel(lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, sinks_ref, o_re
     @pl.when(wg == WARPGROUPS)
     def _memory():
         plgpu.set_max_registers(48, action="decrease")
-        for c in range(0, idx_smem.shape[0], MAX_COPY):     # a TMA copy moves <= 256 elements per axis
-            chunk = pl.ds(c, min(MAX_COPY, idx_smem.shape[0] - c))
-            plgpu.copy_gmem_to_smem(idx_ref.at[b, t, chunk], idx_smem.at[chunk], idx_ready)
-        plgpu.barrier_wait(idx_ready)
+        if not hca:
+            for c in range(0, idx_smem.shape[0], MAX_COPY):     # a TMA copy moves <= 256 elements per axis
+                chunk = pl.ds(c, min(MAX_COPY, idx_smem.shape[0] - c))
+                plgpu.copy_gmem_to_smem(idx_ref.at[b, t, chunk], idx_smem.at[chunk], idx_ready)
+            plgpu.barrier_wait(idx_ready)
 
         def gather(j):
             """Each selected row of top-k block j into the staging buffer, one TMA copy per row and part."""
@@ -189,21 +207,27 @@ def _kernel(lo_ref, count_ref, q_ref, kv_ref, comp_ref, idx_ref, sinks_ref, o_re
                     plgpu.copy_gmem_to_smem(column_part(comp_ref.at[b, pl.ds(row, 1)], h, PARTS),
                                             stage_smem.at[h, pl.ds(r, 1), pl.ds(0, width)], stage_ready)
 
+        def load_block(rows, slot):
+            """A contiguous block of K = V rows straight into the ring slot's swizzled tiles."""
+            for h in range(PARTS):
+                plgpu.copy_gmem_to_smem(column_part(rows, h, PARTS), key_smem.at[slot, h],
+                                        key_ready.at[slot * PARTS + h])
+
         def fill(j):
             slot = lax.rem(j, stages)
             is_window = j < n_window
-            pl.when(jnp.logical_not(is_window))(lambda: gather(j))
+            if not hca:
+                pl.when(jnp.logical_not(is_window))(lambda: gather(j))
 
             @pl.when(j >= stages)
             def _wait_free():
                 plgpu.barrier_wait(key_free.at[slot])
 
-            @pl.when(is_window)
-            def _window():
-                rows = kv_ref.at[b, pl.ds(block_start(j) + w_pad, block_k)]
-                for h in range(PARTS):
-                    plgpu.copy_gmem_to_smem(column_part(rows, h, PARTS), key_smem.at[slot, h],
-                                            key_ready.at[slot * PARTS + h])
+            pl.when(is_window)(lambda: load_block(kv_ref.at[b, pl.ds(block_start(j) + w_pad, block_k)], slot))
+            if hca:
+                pl.when(jnp.logical_not(is_window))(
+                    lambda: load_block(comp_ref.at[b, pl.ds(c_lo + (j - n_window) * block_k, block_k)], slot))
+                return
 
             @pl.when(jnp.logical_not(is_window))
             def _retile():        # staged rows -> the swizzled tiles wgmma reads
@@ -266,36 +290,45 @@ def runs_on_this_device() -> bool:
 
 
 def forward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, *, window: int, scale: float,
-            block_k: int | None = None, stages: int | None = None, split_scores: bool = False, interpret=False
-            ) -> tuple[jax.Array, jax.Array]:
+            ratio: int | None = None, block_k: int | None = None, stages: int | None = None,
+            split_scores: bool = False, interpret=False) -> tuple[jax.Array, jax.Array]:
     """O [B, T, N, H] in q's dtype and the log-sum-exp [B, T, N] (float32, natural log, sink included).
-    lo_BT: window starts; count_BT: used top-k slots (those after it are skipped). split_scores: each
-    compute warpgroup computes the scores of its own column part only, and warpgroup 0 runs the softmax for
-    both (a third less tensor-core work, two hand-overs through shared memory per key block)."""
+    lo_BT: window starts. CSA (ratio None): idx_BTK the top-k rows, count_BT the used slots (those after it
+    are skipped). HCA (ratio set, idx_BTK None): count_BT the visible entries. split_scores: each compute
+    warpgroup computes the scores of its own column part only, and warpgroup 0 runs the softmax for both (a
+    third less tensor-core work, two hand-overs through shared memory per key block)."""
     B, T, N, H = q_BTNH.shape
+    hca = ratio is not None
+    if hca != (idx_BTK is None):
+        raise ValueError("forward: pass top-k indices for CSA (ratio None), or a ratio and no indices for HCA")
     if interpret is not False and type(interpret).__name__ != "InterpretGPUParams":
         raise ValueError(f"interpret must be False or the Mosaic GPU interpreter's InterpretGPUParams(), got "
                          f"{interpret!r}")
     if H not in HEAD_DIMS or q_BTNH.dtype not in DTYPES:
         raise ValueError(f"the Hopper CSA forward takes head dim in {HEAD_DIMS} and 16-bit q, got {H} and "
                          f"{q_BTNH.dtype}")
-    default_block_k, default_stages = default_tiles(H)
+    default_block_k, default_stages = default_tiles(H, hca)
     block_k, stages = block_k or default_block_k, stages or default_stages
     check_positive("block_k", block_k), check_positive("stages", stages)
     if block_k % ROWS:   # P V contracts over the block: whole 64-key groups of the 128-byte swizzle
         raise ValueError(f"block_k must be a multiple of {ROWS}, got {block_k}")
     w_blocks = -(-window // block_k)
     w_pad = w_blocks * block_k
-    # whole key blocks of slots, and whole 128-byte copies of them
-    Np, Kp = round_up(N, ROWS), round_up(max(idx_BTK.shape[2], 1), math.lcm(block_k, 32))
+    # whole key blocks of slots, and whole 128-byte copies of them (HCA: a token-independent stand-in, unread)
+    Np = round_up(N, ROWS)
+    Kp = 32 if hca else round_up(max(idx_BTK.shape[2], 1), math.lcm(block_k, 32))
     q = pad_axis(q_BTNH, 2, Np)
     kv = pad_axis(kv_BTH, 1, w_pad + T, before=w_pad)       # zero rows before position 0
     comp = comp_BCH if comp_BCH.shape[1] else jnp.zeros((B, 1, H), comp_BCH.dtype)
-    idx = pad_axis(idx_BTK, 2, Kp, value=-1)
+    if hca:   # HCA reads whole blocks of entries: the last one padded
+        comp = pad_axis(comp, 1, round_up(comp.shape[1], block_k))
+    idx = jnp.full((B, 1, Kp), -1, jnp.int32) if hca else pad_axis(idx_BTK, 2, Kp, value=-1)
     sinks = pad_axis(sinks_N.astype(F32), 0, Np)
     dtype, width = q.dtype, H // PARTS
-    kernel = functools.partial(_kernel, scale=scale, window=window, w_blocks=w_blocks, block_k=block_k,
-                               stages=stages, split=split_scores, interpreted=interpret is not False)
+    kernel = functools.partial(_kernel, scale=scale, window=window, ratio=ratio, w_blocks=w_blocks,
+                               block_k=block_k, stages=stages, split=split_scores,
+                               interpreted=interpret is not False)
+    stage_rows, stage_width = (8, 8) if hca else (block_k, width + STAGE_PAD)   # HCA stages nothing
     o, lse = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((B, T, Np, H), dtype), jax.ShapeDtypeStruct((B, T, Np), F32)),
@@ -303,7 +336,7 @@ def forward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, *, wind
             smem_tiled((PARTS, ROWS, width), dtype),               # Q, then O
             smem_tiled((stages, PARTS, block_k, width), dtype),    # K = V ring
             # gathered rows, untiled; rows padded by 16 bytes so that a warp's reads spread over all banks
-            plgpu.SMEM((PARTS, block_k, width + STAGE_PAD), dtype),
+            plgpu.SMEM((PARTS, stage_rows, stage_width), dtype),
             plgpu.SMEM((Kp,), jnp.int32),                          # the token's top-k rows
             plgpu.SMEM((ROWS,), F32),                              # sinks
             plgpu.SMEM((ROWS,), F32),                              # log-sum-exp out
@@ -316,7 +349,7 @@ def forward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, *, wind
             plgpu.Barrier(num_arrivals=-(-Kp // MAX_COPY)),        # top-k rows landed
             plgpu.Barrier(num_barriers=stages * PARTS),            # ring slot filled (per part)
             plgpu.Barrier(num_arrivals=WARPGROUPS, num_barriers=stages),   # ring slot released
-            plgpu.Barrier(num_arrivals=block_k * PARTS),           # staged rows landed
+            plgpu.Barrier(num_arrivals=stage_rows * PARTS),        # staged rows landed
             plgpu.Barrier(num_arrivals=WARPGROUPS),                # both done with Q
             plgpu.Barrier(),                                       # split: partial scores handed over
             plgpu.Barrier(),                                       # split: P and the rescale handed over
@@ -331,24 +364,32 @@ def forward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, *, wind
     return o[:, :, :N], lse[:, :, :N]
 
 
-# --------------------------------------------------- public entry: this forward, the Triton backward
+# ------------------------------------------------- public entries: this forward, the Triton backward
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _csa(cfg: _Config, q_BTNH, kv_BTH, kv_comp_BCH, indices_BTK, sinks_N, lo_BT, count_BT):
-    return _csa_forward(cfg, q_BTNH, kv_BTH, kv_comp_BCH, indices_BTK, sinks_N, lo_BT, count_BT)[0]
+def _compressed(cfg: _Config, q_BTNH, kv_BTH, kv_comp_BCH, indices_BTK, sinks_N, lo_BT, count_BT):
+    """indices_BTK None: HCA (cfg.base.ratio set)."""
+    return _compressed_forward(cfg, q_BTNH, kv_BTH, kv_comp_BCH, indices_BTK, sinks_N, lo_BT, count_BT)[0]
 
 
-def _csa_forward(cfg: _Config, q_BTNH, kv_BTH, kv_comp_BCH, indices_BTK, sinks_N, lo_BT, count_BT):
+def _compressed_forward(cfg: _Config, q_BTNH, kv_BTH, kv_comp_BCH, indices_BTK, sinks_N, lo_BT, count_BT):
     o_BTNH, lse_BTN = forward(q_BTNH, kv_BTH, kv_comp_BCH, indices_BTK, sinks_N, lo_BT, count_BT,
-                              window=cfg.base.window, scale=cfg.base.scale, block_k=cfg.block_k,
-                              stages=cfg.stages, split_scores=cfg.split_scores, interpret=cfg.interpret)
+                              window=cfg.base.window, scale=cfg.base.scale, ratio=cfg.base.ratio,
+                              block_k=cfg.block_k, stages=cfg.stages, split_scores=cfg.split_scores,
+                              interpret=cfg.interpret)
     return o_BTNH, (q_BTNH, kv_BTH, kv_comp_BCH, indices_BTK, sinks_N, lo_BT, count_BT, o_BTNH, lse_BTN)
 
 
-def _csa_backward(cfg: _Config, residuals, do_BTNH):
+def _compressed_backward(cfg: _Config, residuals, do_BTNH):
     return compressed._compressed_backward(cfg.base, residuals, do_BTNH)
 
 
-_csa.defvjp(_csa_forward, _csa_backward)
+_compressed.defvjp(_compressed_forward, _compressed_backward)
+
+
+def _check_hopper(name: str, q_BTNH) -> None:
+    H = q_BTNH.shape[-1]
+    if H not in HEAD_DIMS or q_BTNH.dtype not in DTYPES:
+        raise ValueError(f"{name} takes 16-bit q with head dim in {HEAD_DIMS}, got {q_BTNH.dtype} and head dim {H}")
 
 
 def csa_attention_hopper(q_BTNH: jax.Array, kv_BTH: jax.Array, kv_comp_BCH: jax.Array, indices_BTK: jax.Array,
@@ -363,17 +404,34 @@ def csa_attention_hopper(q_BTNH: jax.Array, kv_BTH: jax.Array, kv_comp_BCH: jax.
     B, T, N, H = compressed._check_inputs(q_BTNH, kv_BTH, kv_comp_BCH, sinks_N, segment_ids_BT, window)
     check_array("indices", indices_BTK, 3, (jnp.int32,), "[B, T, K]")
     check_dim("indices", indices_BTK, 0, B, "batch"), check_dim("indices", indices_BTK, 1, T, "tokens")
-    if H not in HEAD_DIMS or q_BTNH.dtype not in DTYPES:
-        raise ValueError(f"csa_attention_hopper takes 16-bit q with head dim in {HEAD_DIMS}, got "
-                         f"{q_BTNH.dtype} and head dim {H}")
+    _check_hopper("csa_attention_hopper", q_BTNH)
     scale = H ** -0.5 if scale is None else float(scale)
     base = compressed._Config(Lowering("pallas_gpu", interpret is not False), window, None, scale,
                               backward_blocks or compressed.CSA_DEFAULT_BLOCKS["pallas_gpu"])
     lo_BT = window_start(segment_ids_BT, B, T)
     slot_K = jnp.arange(1, indices_BTK.shape[2] + 1, dtype=jnp.int32)
     count_BT = jnp.max(jnp.where(indices_BTK >= 0, slot_K, 0), axis=2, initial=0).astype(jnp.int32)
-    return _csa(_Config(base, block_k, stages, split_scores, interpret), q_BTNH, kv_BTH, kv_comp_BCH,
-                indices_BTK, sinks_N, lo_BT, count_BT)
+    return _compressed(_Config(base, block_k, stages, split_scores, interpret), q_BTNH, kv_BTH, kv_comp_BCH,
+                       indices_BTK, sinks_N, lo_BT, count_BT)
+
+
+def hca_attention_hopper(q_BTNH: jax.Array, kv_BTH: jax.Array, kv_comp_BCH: jax.Array, sinks_N: jax.Array, *,
+                         window: int, ratio: int, scale: float | None = None,
+                         segment_ids_BT: jax.Array | None = None, block_k: int | None = None,
+                         stages: int | None = None, split_scores: bool = False, interpret=False,
+                         backward_blocks: BlockSizes | None = None) -> jax.Array:
+    """`compressed.hca_attention` with this Mosaic GPU forward (Hopper) and the Triton backward; same
+    arguments and result, and the same conditions as `csa_attention_hopper`."""
+    B, T, N, H = compressed._check_inputs(q_BTNH, kv_BTH, kv_comp_BCH, sinks_N, segment_ids_BT, window)
+    check_positive("ratio", ratio)
+    _check_hopper("hca_attention_hopper", q_BTNH)
+    scale = H ** -0.5 if scale is None else float(scale)
+    base = compressed._Config(Lowering("pallas_gpu", interpret is not False), window, ratio, scale,
+                              backward_blocks or compressed.HCA_DEFAULT_BLOCKS["pallas_gpu"])
+    lo_BT = window_start(segment_ids_BT, B, T)
+    count_BT = jnp.broadcast_to(compressed._visible_entries_T(T, kv_comp_BCH.shape[1], ratio), (B, T))
+    return _compressed(_Config(base, block_k, stages, split_scores, interpret), q_BTNH, kv_BTH, kv_comp_BCH,
+                       None, sinks_N, lo_BT, count_BT)
 
 
 def flops_per_token(heads: int, head_dim: int, window: int, topk: int) -> int:
@@ -381,4 +439,4 @@ def flops_per_token(heads: int, head_dim: int, window: int, topk: int) -> int:
     return 4 * heads * head_dim * (window + topk)
 
 
-__all__ = ["csa_attention_hopper", "forward", "runs_on_this_device", "flops_per_token"]
+__all__ = ["csa_attention_hopper", "hca_attention_hopper", "forward", "runs_on_this_device", "flops_per_token"]
