@@ -8,7 +8,10 @@ Per impl: median forward and forward+backward (grads w.r.t. tokens and the three
 TFLOP/s on the routed FLOPs (2 x tokens x top_k x D x F x 3 forward, 3x that for forward+backward), and
 the largest error of the output and the four gradients against impl "ragged" (jax.lax.ragged_dot), relative
 to the largest reference value. "pallas" is the Triton grouped matmul (pallas_kernels.grouped_matmul;
-interpret mode off GPU).
+interpret mode off GPU). Rows "impl" run the tokens into and out of the expert order as the layers did
+before session 11 (a gather whose gradient, and an output that, scatter-add into token rows); rows
+"routed/impl" run `layers.moe.routed_experts` itself (permutation gathers, a sum over each token's K
+copies), so the difference between the two is the dispatch's.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._timing import median_seconds  # noqa: E402
-from layers.moe import grouped_matmul  # noqa: E402
+from layers.moe import grouped_matmul, routed_experts  # noqa: E402
 from pallas_kernels import GroupedMatmulBlockSizes  # noqa: E402
 from pallas_kernels import grouped_matmul as pallas_grouped_matmul  # noqa: E402
 
@@ -36,8 +39,11 @@ TUNE = [(128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 32, 64, 4, 3), (64, 64,
 
 def experts(x_MD, gate_EDF, up_EDF, down_EFD, experts_MK, impl):
     """The expert MLP of layers.moe.Experts (unit routing weights), with the grouped matmul impl chosen
-    (a GroupedMatmulBlockSizes: the Pallas kernel with those tiles)."""
+    (a GroupedMatmulBlockSizes: the Pallas kernel with those tiles; "routed/IMPL": routed_experts itself)."""
     M, K = experts_MK.shape
+    if isinstance(impl, str) and impl.startswith("routed/"):
+        return routed_experts(x_MD, experts_MK, jnp.ones((M, K), x_MD.dtype), gate_EDF, up_EDF, down_EFD,
+                              act=jax.nn.silu, impl=impl.split("/")[1])
     if isinstance(impl, GroupedMatmulBlockSizes):
         gmm = lambda x, w, sizes: pallas_grouped_matmul(x, w, sizes, impl="pallas_gpu", block_sizes=impl)
     else:
@@ -65,7 +71,8 @@ def main(argv=None):
     parser.add_argument("--tune", action="store_true", help="also time the Pallas kernel with the TUNE tiles")
     args = parser.parse_args(argv)
     dtype = jnp.float32 if args.smoke else jnp.bfloat16
-    impls = ["ragged", "blocked", "pallas"] + ([GroupedMatmulBlockSizes(*t) for t in TUNE] if args.tune else [])
+    impls = (["ragged", "blocked", "pallas", "routed/blocked", "routed/pallas"]
+             + ([GroupedMatmulBlockSizes(*t) for t in TUNE] if args.tune else []))
     label = lambda impl: (impl if isinstance(impl, str) else
                           "pallas m{}n{}k{}w{}s{}".format(impl.block_m, impl.block_n, impl.block_k, impl.num_warps,
                                                           impl.num_stages))
