@@ -52,6 +52,10 @@ def main() -> None:
     p.add_argument("--remat", default=None, help="override model.remat (none|full|dots)")
     p.add_argument("--experts_matmul", default=None,
                    help="override model.experts_matmul, the routed experts' grouped matmul (auto|ragged|blocked|pallas)")
+    p.add_argument("--csa_dkv", default=None, help="override model.csa_dkv, CSA's Pallas backward into the "
+                   "selected entries (atomic|inverted|staged)")
+    p.add_argument("--indexer_fused_topk", action="store_true", help="set model.indexer_fused_topk: the "
+                   "Pallas indexer selects its top-k while scoring")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--peak_flops", type=float, default=989e12, help="peak FLOP/s of one device")
@@ -78,6 +82,10 @@ def main() -> None:
         config.model.remat = a.remat
     if a.experts_matmul:
         config.model.experts_matmul = a.experts_matmul
+    if a.csa_dkv:
+        config.model.csa_dkv = a.csa_dkv
+    if a.indexer_fused_topk:
+        config.model.indexer_fused_topk = True
     try:
         mesh = sharding.parse_mesh(a.mesh)
     except ValueError as e:

@@ -195,11 +195,14 @@ def top_k_entries(scores_BTC: jax.Array, k: int) -> jax.Array:
 
 
 class LightningIndexer(nnx.Module):
-    """Picks the `top_k` compressed entries each query attends to (see the module docstring)."""
+    """Picks the `top_k` compressed entries each query attends to (see the module docstring). `fused_topk`:
+    the Pallas path selects while scoring (`pallas_kernels.indexer_topk(fused=True)`)."""
 
     def __init__(self, d_model: int, q_rank: int, num_heads: int, head_dim: int, ratio: int, top_k: int, *,
-                 overlap: bool, rope: RopeSpec, rope_dim: int, eps: float = 1e-6, rngs: nnx.Rngs):
+                 overlap: bool, rope: RopeSpec, rope_dim: int, eps: float = 1e-6, fused_topk: bool = False,
+                 rngs: nnx.Rngs):
         self.num_heads, self.head_dim, self.ratio, self.top_k = num_heads, head_dim, ratio, top_k
+        self.fused_topk = bool(fused_topk)
         self.rope, self.rope_dim = rope, rope_dim
         self.compressor = Compressor(d_model, head_dim, ratio, overlap=overlap, rope=rope, rope_dim=rope_dim,
                                      eps=eps, fp4_cache=True, rngs=rngs)
@@ -216,7 +219,8 @@ class LightningIndexer(nnx.Module):
         q_BTNH, weights_BTN = self._queries(x_BTD, qr_BTQ, positions_BT)
         if kernel:   # a token's score sums over the index heads: only rows split over a mesh
             top = lambda q, keys, weights, seg: indexer_topk(q, keys, weights, ratio=self.ratio, topk=self.top_k,
-                                                             segment_ids_BT=seg, impl=kernel)
+                                                             segment_ids_BT=seg, impl=kernel,
+                                                             fused=self.fused_topk)
             rows = ("batch", None, None)
             in_axes = (rows + (None,), rows, rows, None if segment_ids_BT is None else ("batch", None))
             return partitioning.per_shard(top, in_axes, rows)(q_BTNH, keys_BCH.astype(q_BTNH.dtype), weights_BTN,

@@ -51,7 +51,7 @@ LAYER_OPTIONS = {
     "router": "softmax", "shared_expert_dim": 0, "routed_scale": 1.0, "router_softcap": 0.0,
     "swiglu_limit": 0.0, "shared_expert_clamp": False, "skip_output": "zero", "router_activation": "gelu",
     "router_input_norm": True, "router_dim": 0, "attention_impl": "xla", "experts_matmul": "auto",
-    "norm_eps": 1e-6,
+    "csa_dkv": "atomic", "indexer_fused_topk": False, "norm_eps": 1e-6,
     "activation": "silu",
     "msa_chunk_size": 64, "msa_top_k": 16, "msa_head_reduce": "mean", "msa_max_doc_len": 4096,
     "msa_query_offset": None,
@@ -264,7 +264,8 @@ def _compressed_build(cfg, i: int, kind: str, rngs: nnx.Rngs) -> CompressedAtten
         compress_ratio=_ratio(cfg, i, kind), overlap=kind == "csa", index_heads=option(cfg, "index_heads", i, 0),
         index_dim=option(cfg, "index_dim", i, 0),
         index_top_k=option(cfg, "index_top_k", i, 0) if kind == "csa" else 0, eps=option(cfg, "norm_eps", i),
-        impl=option(cfg, "attention_impl", i), layer=i, rngs=rngs)
+        impl=option(cfg, "attention_impl", i), csa_dkv=option(cfg, "csa_dkv", i),
+        fused_topk=option(cfg, "indexer_fused_topk", i), layer=i, rngs=rngs)
 
 
 def _entry_bytes(cfg, i: int, itemsize: int) -> int:

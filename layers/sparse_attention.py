@@ -35,6 +35,7 @@ from layers.partitioning import UNPARTITIONED, Partitioning
 from layers.rope import RopeSpec, apply_rope_tail
 from pallas_kernels import (compressed_decode_attention, csa_attention as csa_kernel, flash_attention,
                             hca_attention as hca_kernel)
+from pallas_kernels.compressed import CSA_DKV
 
 
 def window_visibility(num_tokens: int, window: int, segment_ids_BT: jax.Array | None = None) -> jax.Array:
@@ -101,17 +102,22 @@ def csa_attention(q_BTNH: jax.Array, kv_BTH: jax.Array, compressed_BCH: jax.Arra
 class CompressedAttention(nnx.Module):
     """The attention layer of the module docstring. `compress_ratio` 0: sliding window only; with a
     ratio and `index_top_k` 0: window + all visible entries (HCA); with `index_top_k` > 0: window + the
-    indexer's top-k entries (CSA). `overlap` makes the compressors pool overlapping windows."""
+    indexer's top-k entries (CSA). `overlap` makes the compressors pool overlapping windows. Under the
+    Pallas kernels, `csa_dkv` is CSA's backward path into the selected entries (`pallas_kernels.csa_attention`'s
+    `dkv`) and `fused_topk` the indexer's selection (`LightningIndexer`)."""
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int, *, q_rank: int, out_groups: int,
                  out_rank: int, window: int, rope: RopeSpec, rope_dim: int, compress_ratio: int = 0,
                  overlap: bool = False, index_heads: int = 0, index_dim: int = 0, index_top_k: int = 0,
-                 eps: float = 1e-6, impl: str = "xla", layer: int = 0, rngs: nnx.Rngs):
+                 eps: float = 1e-6, impl: str = "xla", csa_dkv: str = "atomic", fused_topk: bool = False,
+                 layer: int = 0, rngs: nnx.Rngs):
         if num_heads % out_groups:
             raise ValueError(f"num_heads={num_heads} is not divisible by out_groups={out_groups}")
         if impl not in IMPLS:
             raise ValueError(f"unknown attention_impl {impl!r}; expected one of {IMPLS}")
-        self.impl, self.layer = impl, layer
+        if csa_dkv not in CSA_DKV:
+            raise ValueError(f"unknown csa_dkv {csa_dkv!r}; expected one of {CSA_DKV}")
+        self.impl, self.layer, self.csa_dkv = impl, layer, csa_dkv
         D, N, H, G = d_model, num_heads, head_dim, out_groups
         self.num_heads, self.head_dim, self.out_groups, self.window = N, H, G, window
         self.rope, self.rope_dim, self.ratio, self.eps = rope, rope_dim, compress_ratio, eps
@@ -127,7 +133,8 @@ class CompressedAttention(nnx.Module):
         self.compressor = (Compressor(D, H, compress_ratio, overlap=overlap, rope=rope, rope_dim=rope_dim, eps=eps,
                                       rngs=rngs) if compress_ratio else None)
         self.indexer = (LightningIndexer(D, q_rank, index_heads, index_dim, compress_ratio, index_top_k,
-                                         overlap=overlap, rope=rope, rope_dim=rope_dim, eps=eps, rngs=rngs)
+                                         overlap=overlap, rope=rope, rope_dim=rope_dim, eps=eps,
+                                         fused_topk=fused_topk, rngs=rngs)
                         if compress_ratio and index_top_k else None)
 
     def mix(self, x_BTD: jax.Array, ctx: LayerContext) -> jax.Array:
@@ -279,7 +286,8 @@ class CompressedAttention(nnx.Module):
                                    partitioning=partitioning)
         if lowering:
             csa = lambda q, kv, entries, indices, sinks, seg: csa_kernel(
-                q, kv, entries, indices, sinks, window=self.window, scale=scale, segment_ids_BT=seg, impl=lowering)
+                q, kv, entries, indices, sinks, window=self.window, scale=scale, segment_ids_BT=seg, impl=lowering,
+                dkv=self.csa_dkv)
             return partitioning.per_shard(csa, (heads, rows, rows, rows, ("q_heads",), segment_axes), heads)(
                 q_BTNH, kv_BTH, entries_BCH, indices_BTK, sinks_N, segment_ids_BT)
         return csa_attention(q_BTNH, kv_BTH, entries_BCH, indices_BTK, sinks_N, **common)

@@ -139,14 +139,17 @@ def test_csa_with_every_visible_entry_is_hca():
     np.testing.assert_allclose(csa(q, kv, comp, jnp.asarray(indices), sinks), hca(q, kv, comp, sinks), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["csa", "hca", "sliding"])
-def test_layer_kernels_match_the_references_on_packed_segments(kind):
-    """attention_impl="pallas" (kernels in interpret mode, including the indexer's chunked top-k) against
-    the pure-JAX layer on two packed documents and right padding: outputs and parameter gradients."""
+@pytest.mark.parametrize("kind, csa_dkv, fused_topk", [("csa", "atomic", False), ("csa", "staged", True),
+                                                      ("hca", "atomic", False), ("sliding", "atomic", False)])
+def test_layer_kernels_match_the_references_on_packed_segments(kind, csa_dkv, fused_topk):
+    """attention_impl="pallas" (kernels in interpret mode, including the indexer's chunked or fused top-k,
+    and CSA's atomic or staged backward) against the pure-JAX layer on two packed documents and right
+    padding: outputs and parameter gradients."""
     attn = build(lambda: CompressedAttention(
         D, 4, H, q_rank=16, out_groups=2, out_rank=8, window=5, rope=ROPE, rope_dim=ROPE_DIM,
         compress_ratio=0 if kind == "sliding" else 4, overlap=kind == "csa", index_heads=3, index_dim=8,
-        index_top_k=3 if kind == "csa" else 0, eps=EPS, rngs=nnx.Rngs(0)), 12)
+        index_top_k=3 if kind == "csa" else 0, eps=EPS, csa_dkv=csa_dkv, fused_topk=fused_topk,
+        rngs=nnx.Rngs(0)), 12)
     T = 40
     x = normal(15, 2, T, D)
     segments = jnp.asarray(np.array([[1] * T, [1] * 13 + [2] * 24 + [0] * 3]), jnp.int32)
@@ -161,6 +164,12 @@ def test_layer_kernels_match_the_references_on_packed_segments(kind):
 
     ref, ref_grads = loss_and_grads("xla")
     out, grads = loss_and_grads("pallas")
+    if kind == "csa":   # the options reach the kernels
+        graphdef, params = nnx.split(attn, nnx.Param)
+        program = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(
+            x, positions, segment_ids_BT=segments))))(params))
+        assert ("name=indexer_topk_fused" in program) == fused_topk
+        assert ("name=csa_staged_dkv" in program) == (csa_dkv == "staged")
     def relative_error(a, b):   # against the array's scale (the indexer's gradients are all zero: the top-k cuts them)
         a, b = np.asarray(a), np.asarray(b)
         return float(np.abs(a - b).max() / (np.abs(b).max() or 1.0))
@@ -169,3 +178,10 @@ def test_layer_kernels_match_the_references_on_packed_segments(kind):
     assert relative_error(out, ref) < 1e-5
     for (path, g), (_, r) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(ref_grads)):
         assert relative_error(g.get_value(), r.get_value()) < 1e-5, path
+
+
+def test_unknown_csa_dkv_is_named():
+    with pytest.raises(ValueError, match="unknown csa_dkv 'fast'; expected one of"):
+        CompressedAttention(D, 4, H, q_rank=16, out_groups=2, out_rank=8, window=5, rope=ROPE, rope_dim=ROPE_DIM,
+                            compress_ratio=4, overlap=True, index_heads=3, index_dim=8, index_top_k=3, eps=EPS,
+                            csa_dkv="fast", rngs=nnx.Rngs(0))
