@@ -16,13 +16,15 @@ Attention kinds and the options they read (defaults in LAYER_OPTIONS):
                      conv_kernel_sizes, rope[kind]
     swa, csa, hca    one K=V vector per token over a window (+ compressed entries; the indexer's top-k for
                      csa): num_heads, head_dim, rope_dim, q_rank, out_groups, out_rank, window, csa_ratio,
-                     hca_ratio, index_heads, index_dim, index_top_k, rope[kind]
+                     hca_ratio, index_heads, index_dim, index_top_k, rope[kind]; under the Pallas kernels
+                     csa_dkv (CSA's backward path) and indexer_fused_topk
     msa              memory sparse attention (layers.msa; a router layer): num_heads, num_kv_heads, head_dims,
                      qk_norm, attn_scale, msa_chunk_size, msa_top_k, msa_head_reduce, msa_max_doc_len,
                      msa_query_offset (None: msa_max_doc_len), rope[msa]
 MLP kinds: dense (mlp_dims or mlp_dim, activation, swiglu_limit) and moe (num_experts, top_k, expert_dim,
 router: softmax | sigmoid | sqrt_softplus | hash | mlp_skip, shared_expert_dim, routed_scale,
-router_softcap, router_dim, skip_output, swiglu_limit, shared_expert_clamp).
+router_softcap, router_dim, skip_output, swiglu_limit, shared_expert_clamp, experts_matmul: the grouped
+matmul, layers.moe.GROUPED_MATMUL_IMPLS).
 """
 from __future__ import annotations
 
