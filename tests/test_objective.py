@@ -23,9 +23,9 @@ def test_training_loss_adds_the_weighted_mtp_loss():
     model = zoo.build(cfg)
     graphdef, params = nnx.split(model)
     inputs, targets = _batch(cfg.vocab_size)
-    train = float(make_loss_fn(graphdef, training=True)(params, inputs, targets))
-    val = float(make_loss_fn(graphdef)(params, inputs, targets))
-    logits, (mtp_logits,) = model.forward_with_mtp(inputs, targets)
+    train = float(jax.jit(make_loss_fn(graphdef, training=True))(params, inputs, targets))
+    val = float(jax.jit(make_loss_fn(graphdef))(params, inputs, targets))
+    logits, (mtp_logits,) = nnx.jit(lambda m, x, y: m.forward_with_mtp(x, y))(model, inputs, targets)
     next_token = float(cross_entropy(logits, targets)[0])
     # depth-1 MTP logits at row t predict targets[t + 1]
     mtp = float(cross_entropy(mtp_logits[:, :-1], targets[:, 1:])[0])
