@@ -205,8 +205,8 @@ def routed_experts(x_MD: jax.Array, experts_MK: jax.Array, weights_MK: jax.Array
     """y[m] = sum_k weights[m, k] * expert_{experts[m, k]}(x[m]), expert e computing
     down_e(act(gate_e x) * up_e x) with the `clamp_gate_up` clamp. The M*K (token, expert) pairs are sorted
     by expert and run as grouped matmuls (`grouped_matmul` with `impl`). A pair whose expert id lies outside
-    [0, E) adds nothing: an expert-parallel shard passes every token's ids minus its first expert and so computes
-    only the pairs of its own E experts. Returns [M, D] in the grouped matmul's dtype."""
+    [0, E) adds nothing: an expert-parallel shard passes every token's ids minus its first expert and so
+    computes only the pairs of its own E experts. Returns [M, D] in the grouped matmul's dtype."""
     M, K = experts_MK.shape
     E = gate_EDF.shape[0]
     expert_P = experts_MK.reshape(-1)                              # P = M * K (token, expert) pairs, m-major

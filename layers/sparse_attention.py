@@ -103,8 +103,8 @@ class CompressedAttention(nnx.Module):
     """The attention layer of the module docstring. `compress_ratio` 0: sliding window only; with a
     ratio and `index_top_k` 0: window + all visible entries (HCA); with `index_top_k` > 0: window + the
     indexer's top-k entries (CSA). `overlap` makes the compressors pool overlapping windows. Under the
-    Pallas kernels, `csa_dkv` is CSA's backward path into the selected entries (`pallas_kernels.csa_attention`'s
-    `dkv`) and `fused_topk` the indexer's selection (`LightningIndexer`)."""
+    Pallas kernels, `csa_dkv` is CSA's backward path into the selected entries (the `dkv` of
+    `pallas_kernels.csa_attention`) and `fused_topk` the indexer's selection (`LightningIndexer`)."""
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int, *, q_rank: int, out_groups: int,
                  out_rank: int, window: int, rope: RopeSpec, rope_dim: int, compress_ratio: int = 0,

@@ -21,9 +21,9 @@ backward applies.
 Per 64-key block at head dim 512 the tensor cores run 1.5x the useful FLOPs when both warpgroups compute the
 full scores (1x with `split_scores`, at the price of two hand-overs per block), and for CSA, with one ring
 slot (all that fits next to Q and the staging buffer), re-tiling a gathered block waits for the compute
-warpgroups to release the slot (HCA, which stages nothing, has two). Under the Mosaic GPU interpreter (jax 0.10, which has no run_state, no layout casts and no
-wgmma with a transposed or register operand) the two matmuls run as plain dots; everything else is the
-compiled path.
+warpgroups to release the slot (HCA, which stages nothing, has two). Under the Mosaic GPU interpreter
+(jax 0.10, which has no run_state, no layout casts and no wgmma with a transposed or register operand) the
+two matmuls run as plain dots; everything else is the compiled path.
 
 Shapes: B batch, T tokens, N heads (padded to a multiple of 64), H head dim, C compressed entries, K top-k
 slots (padded to whole key blocks with -1), W window.
