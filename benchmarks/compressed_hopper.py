@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._timing import median_seconds  # noqa: E402
 from benchmarks.attention import Shape, make_inputs, needed_flops  # noqa: E402
 from pallas_kernels import compressed_gpu, compressed_hopper  # noqa: E402
-from pallas_kernels.compressed import (CSA_DEFAULT_BLOCKS, HCA_DEFAULT_BLOCKS, _visible_entries_T,  # noqa: E402
-                                       csa_attention, csa_attention_reference, hca_attention,
-                                       hca_attention_reference)
+from pallas_kernels.compressed import (CSA_DEFAULT_BLOCKS, HCA_DEFAULT_BLOCKS, csa_attention,  # noqa: E402
+                                       csa_attention_reference, csa_slot_counts, hca_attention,
+                                       hca_attention_reference, hca_entry_counts)
 from pallas_kernels.common import window_start  # noqa: E402
 
 KINDS = ("csa", "hca")
@@ -43,11 +43,9 @@ def _operands(s: Shape, kind: str, segment_ids=None):
     lo = window_start(segment_ids, B, T)
     if kind == "csa":
         idx = x["indices"]
-        slot_K = jnp.arange(1, idx.shape[2] + 1, dtype=jnp.int32)
-        count = jnp.max(jnp.where(idx >= 0, slot_K, 0), axis=2, initial=0).astype(jnp.int32)
-        return (x["q"], x["kv"], x["csa_comp"], idx, x["sinks"], lo, count), {}
+        return (x["q"], x["kv"], x["csa_comp"], idx, x["sinks"], lo, csa_slot_counts(idx)), {}
     comp = x["hca_comp"]
-    count = jnp.broadcast_to(_visible_entries_T(T, comp.shape[1], s.hca_ratio), (B, T))
+    count = hca_entry_counts(B, T, comp.shape[1], s.hca_ratio)
     return (x["q"], x["kv"], comp, None, x["sinks"], lo, count), {"ratio": s.hca_ratio}
 
 

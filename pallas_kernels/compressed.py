@@ -116,6 +116,18 @@ def _visible_entries_T(num_tokens: int, num_entries: int, ratio: int) -> jax.Arr
     return visible_entries(jnp.arange(num_tokens, dtype=jnp.int32), ratio, num_entries, jnp.floor_divide)
 
 
+def csa_slot_counts(indices_BTK: jax.Array) -> jax.Array:
+    """The kernels' count_BT for CSA, int32 [B, T]: the top-k slots up to each token's last used one (the
+    indexer puts its -1 slots last; the kernels skip the key blocks after it and mask any -1 before it)."""
+    slot_K = jnp.arange(1, indices_BTK.shape[2] + 1, dtype=jnp.int32)
+    return jnp.max(jnp.where(indices_BTK >= 0, slot_K, 0), axis=2, initial=0).astype(jnp.int32)
+
+
+def hca_entry_counts(B: int, T: int, num_entries: int, ratio: int) -> jax.Array:
+    """The kernels' count_BT for HCA, int32 [B, T]: how many compressed entries each token sees."""
+    return jnp.broadcast_to(_visible_entries_T(T, num_entries, ratio), (B, T))
+
+
 # ----------------------------------------------------------------------- one custom VJP for CSA and HCA
 @dataclasses.dataclass(frozen=True)
 class _Config:
@@ -175,6 +187,12 @@ def _check_inputs(q_BTNH, kv_BTH, kv_comp_BCH, sinks_N, segment_ids_BT, window) 
     return B, T, N, H
 
 
+def _check_indices(indices_BTK, B: int, T: int) -> None:
+    """CSA's top-k indices: int32 [B, T, K]."""
+    check_array("indices", indices_BTK, 3, (jnp.int32,), "[B, T, K]")
+    check_dim("indices", indices_BTK, 0, B, "batch"), check_dim("indices", indices_BTK, 1, T, "tokens")
+
+
 def csa_attention(q_BTNH: jax.Array, kv_BTH: jax.Array, kv_comp_BCH: jax.Array, indices_BTK: jax.Array,
                   sinks_N: jax.Array, *, window: int, scale: float | None = None,
                   segment_ids_BT: jax.Array | None = None, impl: str = "auto", interpret=None,
@@ -196,18 +214,14 @@ def csa_attention(q_BTNH: jax.Array, kv_BTH: jax.Array, kv_comp_BCH: jax.Array, 
     B, T, N, H = _check_inputs(q_BTNH, kv_BTH, kv_comp_BCH, sinks_N, segment_ids_BT, window)
     if dkv not in CSA_DKV:
         raise ValueError(f"dkv must be one of {CSA_DKV}, got {dkv!r}")
-    check_array("indices", indices_BTK, 3, (jnp.int32,), "[B, T, K]")
-    check_dim("indices", indices_BTK, 0, B, "batch"), check_dim("indices", indices_BTK, 1, T, "tokens")
+    _check_indices(indices_BTK, B, T)
     scale = H ** -0.5 if scale is None else float(scale)
     lowering = resolve_lowering(impl, interpret)
     if lowering.impl == "xla":
         return csa_attention_reference(q_BTNH, kv_BTH, kv_comp_BCH, indices_BTK, sinks_N, window=window,
                                        scale=scale, segment_ids_BT=segment_ids_BT)
     blocks = block_sizes or CSA_DEFAULT_BLOCKS[lowering.impl]
-    lo_BT = window_start(segment_ids_BT, B, T)
-    # Slots after the last used one are skipped block-wise (the indexer puts its -1 slots last).
-    slot_K = jnp.arange(1, indices_BTK.shape[2] + 1, dtype=jnp.int32)
-    count_BT = jnp.max(jnp.where(indices_BTK >= 0, slot_K, 0), axis=2, initial=0).astype(jnp.int32)
+    lo_BT, count_BT = window_start(segment_ids_BT, B, T), csa_slot_counts(indices_BTK)
     return _compressed_kernel(_Config(lowering, window, None, scale, blocks, dkv), q_BTNH, kv_BTH, kv_comp_BCH,
                               indices_BTK, sinks_N, lo_BT, count_BT)
 
@@ -233,6 +247,6 @@ def hca_attention(q_BTNH: jax.Array, kv_BTH: jax.Array, kv_comp_BCH: jax.Array, 
                                        scale=scale, segment_ids_BT=segment_ids_BT)
     blocks = block_sizes or HCA_DEFAULT_BLOCKS[lowering.impl]
     lo_BT = window_start(segment_ids_BT, B, T)
-    count_BT = jnp.broadcast_to(_visible_entries_T(T, kv_comp_BCH.shape[1], ratio), (B, T))
+    count_BT = hca_entry_counts(B, T, kv_comp_BCH.shape[1], ratio)
     return _compressed_kernel(_Config(lowering, window, ratio, scale, blocks), q_BTNH, kv_BTH, kv_comp_BCH, None,
                               sinks_N, lo_BT, count_BT)

@@ -41,8 +41,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import compressed
-from pallas_kernels.common import (F32, BlockSizes, Lowering, cdiv, check_array, check_dim, check_positive,
-                                   first_entry, gpu_compute_capability, pad_axis, round_up, window_start)
+from pallas_kernels.common import (F32, BlockSizes, Lowering, cdiv, check_positive, first_entry,
+                                   gpu_compute_capability, pad_axis, round_up, window_start)
 from pallas_kernels.flash_hopper_common import LOG2E, column_part, smem_tiled
 
 ROWS = 64            # query heads per program (one wgmma M tile)
@@ -402,15 +402,12 @@ def csa_attention_hopper(q_BTNH: jax.Array, kv_BTH: jax.Array, kv_comp_BCH: jax.
     GPU) or `InterpretGPUParams()` (the Mosaic GPU interpreter, on CPU; the backward then runs the Triton
     kernels in interpret mode too)."""
     B, T, N, H = compressed._check_inputs(q_BTNH, kv_BTH, kv_comp_BCH, sinks_N, segment_ids_BT, window)
-    check_array("indices", indices_BTK, 3, (jnp.int32,), "[B, T, K]")
-    check_dim("indices", indices_BTK, 0, B, "batch"), check_dim("indices", indices_BTK, 1, T, "tokens")
+    compressed._check_indices(indices_BTK, B, T)
     _check_hopper("csa_attention_hopper", q_BTNH)
     scale = H ** -0.5 if scale is None else float(scale)
     base = compressed._Config(Lowering("pallas_gpu", interpret is not False), window, None, scale,
                               backward_blocks or compressed.CSA_DEFAULT_BLOCKS["pallas_gpu"])
-    lo_BT = window_start(segment_ids_BT, B, T)
-    slot_K = jnp.arange(1, indices_BTK.shape[2] + 1, dtype=jnp.int32)
-    count_BT = jnp.max(jnp.where(indices_BTK >= 0, slot_K, 0), axis=2, initial=0).astype(jnp.int32)
+    lo_BT, count_BT = window_start(segment_ids_BT, B, T), compressed.csa_slot_counts(indices_BTK)
     return _compressed(_Config(base, block_k, stages, split_scores, interpret), q_BTNH, kv_BTH, kv_comp_BCH,
                        indices_BTK, sinks_N, lo_BT, count_BT)
 
@@ -429,7 +426,7 @@ def hca_attention_hopper(q_BTNH: jax.Array, kv_BTH: jax.Array, kv_comp_BCH: jax.
     base = compressed._Config(Lowering("pallas_gpu", interpret is not False), window, ratio, scale,
                               backward_blocks or compressed.HCA_DEFAULT_BLOCKS["pallas_gpu"])
     lo_BT = window_start(segment_ids_BT, B, T)
-    count_BT = jnp.broadcast_to(compressed._visible_entries_T(T, kv_comp_BCH.shape[1], ratio), (B, T))
+    count_BT = compressed.hca_entry_counts(B, T, kv_comp_BCH.shape[1], ratio)
     return _compressed(_Config(base, block_k, stages, split_scores, interpret), q_BTNH, kv_BTH, kv_comp_BCH,
                        None, sinks_N, lo_BT, count_BT)
 

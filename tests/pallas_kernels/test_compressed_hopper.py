@@ -13,7 +13,8 @@ from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
 from pallas_kernels import compressed_hopper
 from pallas_kernels.common import F32, HIGHEST, window_start
-from pallas_kernels.compressed import csa_attention_reference, gather_rows, window_keys_reference
+from pallas_kernels.compressed import (csa_attention_reference, csa_slot_counts, gather_rows,
+                                       window_keys_reference)
 
 N, H, C, W, BLOCK_K = 40, 128, 9, 70, 64
 
@@ -49,8 +50,7 @@ def _check_forward(B, T, K, assert_close, split_scores=False):
     q, kv, kv_comp, indices, sinks, segment_ids = make_inputs(B, T, K)
     scale = 0.3
     lo = window_start(segment_ids, B, T)
-    slot_K = jnp.arange(1, K + 1, dtype=jnp.int32)
-    count = jnp.max(jnp.where(indices >= 0, slot_K, 0), axis=2, initial=0).astype(jnp.int32)
+    count = csa_slot_counts(indices)
     o, lse = compressed_hopper.forward(q, kv, kv_comp, indices, sinks, lo, count, window=W, scale=scale,
                                        block_k=BLOCK_K, stages=1, split_scores=split_scores,
                                        interpret=InterpretGPUParams())
