@@ -21,6 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from layers.moe import GROUPED_MATMUL_IMPLS  # noqa: E402
+from pallas_kernels.compressed import CSA_DKV  # noqa: E402
+
 
 def load_config(spec: str):
     path, _, preset = spec.partition(":")
@@ -50,10 +53,10 @@ def main() -> None:
     p.add_argument("--rules", default="fsdp_tensor_expert", help="a zoo.sharding.RULES preset (zoo.sharding.DEFAULT_RULES)")
     p.add_argument("--attention_impl", default=None, help="override model.attention_impl (xla|pallas|auto)")
     p.add_argument("--remat", default=None, help="override model.remat (none|full|dots)")
-    p.add_argument("--experts_matmul", default=None,
-                   help="override model.experts_matmul, the routed experts' grouped matmul (auto|ragged|blocked|pallas)")
-    p.add_argument("--csa_dkv", default=None, help="override model.csa_dkv, CSA's Pallas backward into the "
-                   "selected entries (atomic|inverted|staged)")
+    p.add_argument("--experts_matmul", default=None, choices=GROUPED_MATMUL_IMPLS,
+                   help="override model.experts_matmul, the routed experts' grouped matmul")
+    p.add_argument("--csa_dkv", default=None, choices=CSA_DKV,
+                   help="override model.csa_dkv, CSA's Pallas backward into the selected entries")
     p.add_argument("--indexer_fused_topk", action="store_true", help="set model.indexer_fused_topk: the "
                    "Pallas indexer selects its top-k while scoring")
     p.add_argument("--warmup", type=int, default=2)

@@ -41,10 +41,11 @@ from layers.attention import IMPLS, OUTPUT_GATES, Attention
 from layers.cca import CCA
 from layers.mlp import GatedMLP
 from layers.mlp_router import SKIP_OUTPUTS, SkipMoE
-from layers.moe import ROUTERS, MoE
+from layers.moe import GROUPED_MATMUL_IMPLS, ROUTERS, MoE
 from layers.msa import HEAD_REDUCTIONS, MemorySparseAttention
 from layers.rope import RopeSpec
 from layers.sparse_attention import CompressedAttention
+from pallas_kernels.compressed import CSA_DKV
 
 # Options a config may leave out, with the value they then take (every layer alike).
 LAYER_OPTIONS = {
@@ -457,3 +458,7 @@ def check_layers(cfg, per_layer_keys=()) -> None:
         _rope(cfg, kind)
         ATTENTION_KINDS[kind].check(cfg, i, kind)
         _check_mlp(cfg, i)
+        for key, allowed in (("experts_matmul", GROUPED_MATMUL_IMPLS), ("csa_dkv", CSA_DKV)):
+            if option(cfg, key, i) not in allowed:
+                raise ValueError(f"layer {i}: unknown model.{key} {option(cfg, key, i)!r}; expected one of "
+                                 f"{allowed}")

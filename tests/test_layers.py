@@ -174,8 +174,16 @@ def test_blocked_grouped_matmul_matches_ragged_dot(P, D, F, sizes):
 
 def test_grouped_matmul_rejects_bad_arguments():
     from flax import nnx
+
+    import zoo
+    from tests.sharding_runs import micro_config
     with pytest.raises(ValueError, match="unknown experts_matmul 'cutlass'"):
         Experts(4, 6, 5, matmul="cutlass", rngs=nnx.Rngs(0))
+    for key, value in (("experts_matmul", "cutlass"), ("csa_dkv", "fast")):   # named from the config
+        cfg = micro_config("deepseek_v4").model
+        cfg[key] = value
+        with pytest.raises(ValueError, match=f"layer 0: unknown model.{key} '{value}'"):
+            zoo.build(cfg)
     x, w, gs = jnp.ones((6, 4)), jnp.ones((3, 4, 5)), jnp.array([2, 2, 2])
     with pytest.raises(ValueError, match="unknown impl 'triton'"):
         grouped_matmul(x, w, gs, impl="triton")
