@@ -25,6 +25,7 @@ def _interrupted(signum, frame):
 signal.signal(signal.SIGINT, _interrupted)   # first thing: the imports below take seconds
 
 import re  # noqa: E402
+import warnings  # noqa: E402
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -119,6 +120,13 @@ def quiet_closed_event_loop(previous=sys.unraisablehook):
     return hook
 
 
+def quiet_unawaited_writes() -> None:
+    """Drops the `coroutine ... was never awaited` RuntimeWarnings that Python prints at exit when a
+    failed asynchronous checkpoint write leaves Orbax's other fragment writes unscheduled: the failure
+    itself is already reported in one line."""
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+
+
 def main(argv) -> None:
     sys.unraisablehook = quiet_closed_event_loop()
     if len(argv) > 1:
@@ -139,6 +147,7 @@ def run() -> None:
     maybe_initialize_distributed()
     # Imported here, after flag parsing, so `--help` and flag errors answer without loading Flax, Orbax
     # and the model code (seconds); there is no import cycle to avoid.
+    from zoo.checkpoints import CheckpointWriteError
     from zoo.train import NonFiniteLoss, enable_compilation_cache, train
 
     enable_compilation_cache()
@@ -152,6 +161,9 @@ def run() -> None:
         if _INIT_FROM.value is not None:
             config = init_from_config(config, _INIT_FROM.value)
         result = train(config, workdir, init_from=_INIT_FROM.value)
+    except CheckpointWriteError as e:
+        quiet_unawaited_writes()
+        fail(e)
     except (ValueError, OSError, ImportError, KeyError, NonFiniteLoss) as e:
         fail(e)
     if result.already_done:
