@@ -8,8 +8,8 @@ Per impl: median forward and forward+backward (grads w.r.t. tokens and the three
 TFLOP/s on the routed FLOPs (2 x tokens x top_k x D x F x 3 forward, 3x that for forward+backward), and
 the largest error of the output and the four gradients against impl "ragged" (jax.lax.ragged_dot), relative
 to the largest reference value. "pallas" is the Triton grouped matmul (pallas_kernels.grouped_matmul;
-interpret mode off GPU). Rows "impl" run the tokens into and out of the expert order as the layers did
-before session 11 (a gather whose gradient, and an output that, scatter-add into token rows); rows
+interpret mode off GPU). Rows "impl" run the tokens into and out of the expert order by the earlier
+dispatch (a gather whose gradient, and an output that, scatter-add into token rows); rows
 "routed/impl" run `layers.moe.routed_experts` itself (permutation gathers, a sum over each token's K
 copies), so the difference between the two is the dispatch's.
 """

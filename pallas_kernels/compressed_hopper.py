@@ -284,6 +284,13 @@ class _Config:
     interpret: object            # False, or the Mosaic GPU interpreter's params
 
 
+def _check_hopper(name: str, q_BTNH) -> None:
+    """The Hopper kernels' conditions on q: a 16-bit dtype and a head dim of HEAD_DIMS."""
+    H = q_BTNH.shape[-1]
+    if H not in HEAD_DIMS or q_BTNH.dtype not in DTYPES:
+        raise ValueError(f"{name} takes 16-bit q with head dim in {HEAD_DIMS}, got {q_BTNH.dtype} and head dim {H}")
+
+
 def runs_on_this_device() -> bool:
     """wgmma exists only on Hopper (compute capability 9.x)."""
     return gpu_compute_capability() == 9
@@ -304,9 +311,7 @@ def forward(q_BTNH, kv_BTH, comp_BCH, idx_BTK, sinks_N, lo_BT, count_BT, *, wind
     if interpret is not False and type(interpret).__name__ != "InterpretGPUParams":
         raise ValueError(f"interpret must be False or the Mosaic GPU interpreter's InterpretGPUParams(), got "
                          f"{interpret!r}")
-    if H not in HEAD_DIMS or q_BTNH.dtype not in DTYPES:
-        raise ValueError(f"the Hopper CSA forward takes head dim in {HEAD_DIMS} and 16-bit q, got {H} and "
-                         f"{q_BTNH.dtype}")
+    _check_hopper("the Hopper forward", q_BTNH)
     default_block_k, default_stages = default_tiles(H, hca)
     block_k, stages = block_k or default_block_k, stages or default_stages
     check_positive("block_k", block_k), check_positive("stages", stages)
@@ -384,12 +389,6 @@ def _compressed_backward(cfg: _Config, residuals, do_BTNH):
 
 
 _compressed.defvjp(_compressed_forward, _compressed_backward)
-
-
-def _check_hopper(name: str, q_BTNH) -> None:
-    H = q_BTNH.shape[-1]
-    if H not in HEAD_DIMS or q_BTNH.dtype not in DTYPES:
-        raise ValueError(f"{name} takes 16-bit q with head dim in {HEAD_DIMS}, got {q_BTNH.dtype} and head dim {H}")
 
 
 def csa_attention_hopper(q_BTNH: jax.Array, kv_BTH: jax.Array, kv_comp_BCH: jax.Array, indices_BTK: jax.Array,

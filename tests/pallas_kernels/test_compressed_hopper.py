@@ -3,8 +3,9 @@ output and log-sum-exp (what the backward consumes), heads padded to the 64-row 
 unused (-1), repeated and trailing top-k slots, a token that selects nothing; HCA's entry blocks from the
 segment's first entry to the visible count. The interpreter (jax 0.10) runs the TMA copies, the per-row
 gather, the re-tiling, the barriers and the softmax; it has no run_state and its wgmma takes neither a
-transposed nor a register operand, so the kernel's two matmuls run there as plain dots (`compressed_hopper._scores_interpreted`, `_accumulate_interpreted`); the lead checks
-the wgmma path on an H100 (benchmarks/compressed_hopper.py)."""
+transposed nor a register operand, so the kernel's two matmuls run there as plain dots
+(`compressed_hopper._scores_interpreted`, `_accumulate_interpreted`); the lead checks the wgmma path on an
+H100 (benchmarks/compressed_hopper.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
